@@ -1,0 +1,2 @@
+// Package clusterpool is a cluster-aware, drop-in replacement for pgxpool.
+package clusterpool
