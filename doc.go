@@ -1,2 +1,46 @@
 // Package clusterpool is a cluster-aware, drop-in replacement for pgxpool.
+//
+// A Go service that talks to a CockroachDB cluster (or any cluster of
+// Postgres-wire servers) swaps one line,
+//
+//	pool, err := pgxpool.New(ctx, connString)      // before
+//	pool, err := clusterpool.New(ctx, connString)  // after
+//
+// and the rest of its code compiles unchanged: *Pool has every method of
+// *pgxpool.Pool with the same signature.
+//
+// # Node identity
+//
+// The pool learns which node each connection reached without an extra round
+// trip: CockroachDB encodes its SQL instance ID in the BackendKeyData it sends
+// at connect (see DecodeProcessID) and announces itself with the crdb_version
+// parameter. On plain PostgreSQL the ProcessID is an operating-system process
+// ID, so the pool never decodes it: with several hosts in the connection
+// string it asks each new connection for the server's address (one query per
+// connection, never per acquire); with a single host it tracks nothing and
+// behaves exactly as pgxpool. Config.NodeIdentity and Config.IdentifyNode
+// choose another way.
+//
+// # Tracking
+//
+// Each connection's node is recorded when it connects and forgotten when it
+// closes; Pool.NodeStats reports, per node, the open, idle and acquired
+// connections and the node's health. Acquire and release take no pool-wide
+// lock and allocate nothing extra: the pool's per-connection state lives in
+// the connection itself (pgconn's CustomData), and releases are seen through a
+// pgxpool.ReleaseTracer rather than the AfterRelease hook, which would cost a
+// goroutine per release.
+//
+// # Configuration
+//
+// ParseConfig accepts every pgxpool connection string plus cluster_*
+// parameters (cluster_balance_interval, cluster_probe_interval,
+// cluster_max_retries, cluster_connect_rate, cluster_node_identity). Config
+// embeds *pgxpool.Config, so pgxpool settings and hooks are set as usual; the
+// pool chains its own hooks with the caller's, never replacing them.
+//
+// # Lifecycle
+//
+// New starts the pool's background work; Close stops it, waits for it to
+// exit, and then closes the connections as pgxpool does.
 package clusterpool

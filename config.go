@@ -1,0 +1,426 @@
+package clusterpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Defaults that ParseConfig fills in.
+const (
+	DefaultBalanceInterval = 5 * time.Second
+	DefaultProbeInterval   = 5 * time.Second
+	DefaultMaxRetries      = 5
+	DefaultConnectRate     = 10.0
+)
+
+// NodeIdentity says how the pool learns which node a connection reached.
+type NodeIdentity string
+
+const (
+	// NodeIdentityAuto (also the zero value "") reads the BackendKey on
+	// CockroachDB. On PostgreSQL it identifies nodes with one query at connect
+	// (as NodeIdentityQuery) when the connection string lists several distinct
+	// hosts, and otherwise tracks nothing: balancing is off and the pool behaves
+	// exactly as pgxpool.
+	NodeIdentityAuto NodeIdentity = "auto"
+
+	// NodeIdentityBackendKey decodes the node ID from the BackendKeyData that
+	// CockroachDB sends at connect: no round trip. A connection to a server that
+	// is not CockroachDB (no crdb_version parameter) is left untracked, because
+	// its BackendKey carries an operating-system process ID, not a node.
+	NodeIdentityBackendKey NodeIdentity = "backendkey"
+
+	// NodeIdentityQuery runs one query on each new connection,
+	//	SELECT host(inet_server_addr()), inet_server_port()
+	// and maps each distinct server address to a NodeID local to the pool
+	// (1, 2, 3... in discovery order). It costs one round trip per connection,
+	// never per acquire.
+	NodeIdentityQuery NodeIdentity = "query"
+
+	// NodeIdentityNone tracks no node: no balancing, no per-node stats; retries
+	// still apply.
+	NodeIdentityNone NodeIdentity = "none"
+)
+
+// IdentifyNodeParams are the parameters passed to Config.IdentifyNode.
+type IdentifyNodeParams struct {
+	// Conn is the new connection. It is not yet in the pool.
+	Conn *pgx.Conn
+}
+
+// Config is the configuration for a Pool. It must be created by ParseConfig
+// and can then be modified, like pgxpool.Config, which it embeds: every
+// pgxpool setting and hook (MaxConns, AfterConnect, ...) is set as usual.
+//
+// The cluster settings below are checked by NewWithConfig; an invalid value is
+// an error naming the field and the value.
+type Config struct {
+	*pgxpool.Config
+
+	// BalanceInterval is how often the balancer compares each node's
+	// connections with its target and retires the excess. ParseConfig sets
+	// DefaultBalanceInterval (5 s); zero also means the default. Negative is an
+	// error.
+	BalanceInterval time.Duration
+
+	// ProbeInterval is how often the pool opens one short-lived connection to
+	// discover nodes and their health. ParseConfig sets DefaultProbeInterval
+	// (5 s); zero also means the default. Negative is an error.
+	ProbeInterval time.Duration
+
+	// MaxRetries is how many times a failed query may be retried (so a call
+	// makes at most MaxRetries+1 attempts). ParseConfig sets DefaultMaxRetries
+	// (5). Zero means no retries: errors are returned as pgxpool returns them.
+	// Negative is an error.
+	MaxRetries int
+
+	// ConnectRate limits how many new connections per second the pool opens.
+	// The burst is the pool's MaxConns, so a cold start or a full refill is not
+	// slowed; a reconnect storm after a node restart is. ParseConfig sets
+	// DefaultConnectRate (10 per second). Zero (or +Inf) means no limit, as in
+	// pgxpool. Negative or NaN is an error.
+	ConnectRate float64
+
+	// NodeIdentity says how connections are mapped to nodes; see the
+	// NodeIdentity constants. The zero value "" means NodeIdentityAuto. It is
+	// ignored when IdentifyNode is set.
+	NodeIdentity NodeIdentity
+
+	// IdentifyNode, when set, replaces NodeIdentity: it is called once per new
+	// connection, before the user's AfterConnect. Its outcomes:
+	//
+	//	- (id, addr, nil) with id != 0: the connection is counted on node id;
+	//	  addr (may be empty) is shown in NodeStats.Addr.
+	//	- (0, _, nil): the connection is not assigned to any node.
+	//	- (_, _, err): the connection is closed and the connect fails with err.
+	IdentifyNode func(ctx context.Context, params IdentifyNodeParams) (id NodeID, addr string, err error)
+
+	// RetryPolicy: added by the retry issue (retry.go).
+}
+
+// Copy returns a deep copy of the config that is safe to use and modify, with
+// the same exception as pgxpool.Config.Copy (the tls.Config is shared).
+func (c *Config) Copy() *Config {
+	n := *c
+	if c.Config != nil {
+		n.Config = c.Config.Copy()
+	}
+	return &n
+}
+
+// Connection-string parameters read by ParseConfig.
+const (
+	paramPrefix          = "cluster_"
+	paramBalanceInterval = "cluster_balance_interval"
+	paramProbeInterval   = "cluster_probe_interval"
+	paramMaxRetries      = "cluster_max_retries"
+	paramConnectRate     = "cluster_connect_rate"
+	paramNodeIdentity    = "cluster_node_identity"
+)
+
+// ParseConfig builds a Config from connString. It accepts everything
+// pgxpool.ParseConfig accepts, plus these parameters, which are removed from
+// the string before pgx parses the rest (so they are never sent to the server
+// as run-time parameters):
+//
+//   - cluster_balance_interval: duration, 0 or more (default 5s)
+//   - cluster_probe_interval: duration, 0 or more (default 5s)
+//   - cluster_max_retries: integer, 0 or more (default 5; 0 turns retries off)
+//   - cluster_connect_rate: new connections per second, 0 or more (default 10;
+//     0 or "inf" means no limit)
+//   - cluster_node_identity: auto, backendkey, query or none (default auto)
+//
+// Any other parameter starting with "cluster_" is an error, so a misspelt
+// setting is not silently ignored. Errors name the parameter and its value,
+// never the rest of the connection string.
+//
+//	# Example URL
+//	postgres://app:secret@lb.example.com:26257/db?sslmode=verify-full&pool_max_conns=20&cluster_max_retries=3
+//
+//	# Example Keyword/Value
+//	host=lb.example.com port=26257 user=app dbname=db pool_max_conns=20 cluster_node_identity='backendkey'
+func ParseConfig(connString string) (*Config, error) {
+	rest, params, err := extractClusterParams(connString)
+	if err != nil {
+		return nil, err
+	}
+	poolConfig, err := pgxpool.ParseConfig(rest)
+	if err != nil {
+		return nil, err
+	}
+	config := &Config{
+		Config:          poolConfig,
+		BalanceInterval: DefaultBalanceInterval,
+		ProbeInterval:   DefaultProbeInterval,
+		MaxRetries:      DefaultMaxRetries,
+		ConnectRate:     DefaultConnectRate,
+		NodeIdentity:    NodeIdentityAuto,
+	}
+	for _, p := range params {
+		if err := config.setParam(p.key, p.value); err != nil {
+			return nil, err
+		}
+	}
+	return config, nil
+}
+
+// setParam applies one cluster_* connection-string parameter.
+func (c *Config) setParam(key, value string) error {
+	invalid := func(why any) error {
+		return fmt.Errorf("clusterpool: %s: invalid value %q: %v", key, value, why)
+	}
+	switch key {
+	case paramBalanceInterval, paramProbeInterval:
+		d, err := time.ParseDuration(value)
+		if err != nil {
+			return invalid(err)
+		}
+		if d < 0 {
+			return invalid("must not be negative")
+		}
+		if key == paramBalanceInterval {
+			c.BalanceInterval = d
+		} else {
+			c.ProbeInterval = d
+		}
+	case paramMaxRetries:
+		n, err := strconv.ParseInt(value, 10, 32)
+		if err != nil {
+			return invalid(err)
+		}
+		if n < 0 {
+			return invalid("must not be negative")
+		}
+		c.MaxRetries = int(n)
+	case paramConnectRate:
+		r, err := strconv.ParseFloat(value, 64)
+		if err != nil {
+			return invalid(err)
+		}
+		if r < 0 || math.IsNaN(r) {
+			return invalid("must be 0 (no limit) or more")
+		}
+		c.ConnectRate = r
+	case paramNodeIdentity:
+		id := NodeIdentity(strings.ToLower(value))
+		if !id.valid() {
+			return invalid("must be auto, backendkey, query or none")
+		}
+		c.NodeIdentity = id
+	default:
+		return fmt.Errorf("clusterpool: unknown connection parameter %q", key)
+	}
+	return nil
+}
+
+func (id NodeIdentity) valid() bool {
+	switch id {
+	case "", NodeIdentityAuto, NodeIdentityBackendKey, NodeIdentityQuery, NodeIdentityNone:
+		return true
+	}
+	return false
+}
+
+// validate checks the cluster settings; errors name the field and its value.
+func (c *Config) validate() error {
+	invalid := func(field string, value any, why string) error {
+		return fmt.Errorf("clusterpool: Config.%s: invalid value %v: %s", field, value, why)
+	}
+	switch {
+	case c.Config == nil:
+		return errors.New("clusterpool: Config.Config is nil: create the Config with ParseConfig")
+	case c.Config.ConnConfig == nil:
+		return errors.New("clusterpool: Config.ConnConfig is nil: create the Config with ParseConfig")
+	case c.BalanceInterval < 0:
+		return invalid("BalanceInterval", c.BalanceInterval, "must not be negative")
+	case c.ProbeInterval < 0:
+		return invalid("ProbeInterval", c.ProbeInterval, "must not be negative")
+	case c.MaxRetries < 0:
+		return invalid("MaxRetries", c.MaxRetries, "must not be negative")
+	case c.ConnectRate < 0 || math.IsNaN(c.ConnectRate):
+		return invalid("ConnectRate", c.ConnectRate, "must be 0 (no limit) or more")
+	case !c.NodeIdentity.valid():
+		return invalid("NodeIdentity", strconv.Quote(string(c.NodeIdentity)), "must be auto, backendkey, query or none")
+	}
+	return nil
+}
+
+// settings are a Config's cluster settings with the defaults applied, fixed
+// when the pool is created. Code in the package reads these, not Config.
+type settings struct {
+	balanceInterval time.Duration
+	probeInterval   time.Duration
+	maxRetries      int     // 0: no retries
+	connectRate     float64 // connections per second; +Inf: no limit
+	connectBurst    int     // tokens for a cold start: MaxConns
+	identity        NodeIdentity
+	identifyNode    func(context.Context, IdentifyNodeParams) (NodeID, string, error)
+	// multiHost is true when the connection string lists several distinct
+	// host:port pairs, i.e. the pool dials nodes directly and can place
+	// connections by reordering hosts.
+	multiHost bool
+}
+
+func (c *Config) settings() settings {
+	s := settings{
+		balanceInterval: c.BalanceInterval,
+		probeInterval:   c.ProbeInterval,
+		maxRetries:      c.MaxRetries,
+		connectRate:     c.ConnectRate,
+		connectBurst:    max(int(c.MaxConns), 1),
+		identity:        c.NodeIdentity,
+		identifyNode:    c.IdentifyNode,
+		multiHost:       distinctHosts(c.ConnConfig) > 1,
+	}
+	if s.balanceInterval == 0 {
+		s.balanceInterval = DefaultBalanceInterval
+	}
+	if s.probeInterval == 0 {
+		s.probeInterval = DefaultProbeInterval
+	}
+	if s.connectRate == 0 {
+		s.connectRate = math.Inf(1)
+	}
+	if s.identity == "" {
+		s.identity = NodeIdentityAuto
+	}
+	return s
+}
+
+// distinctHosts counts the distinct host:port pairs pgx may dial. Fallbacks
+// also hold TLS/plain variants of the same host (sslmode=prefer), which must
+// not count as other nodes.
+func distinctHosts(cc *pgx.ConnConfig) int {
+	seen := map[string]struct{}{hostPort(cc.Host, cc.Port): {}}
+	for _, f := range cc.Fallbacks {
+		seen[hostPort(f.Host, f.Port)] = struct{}{}
+	}
+	return len(seen)
+}
+
+func hostPort(host string, port uint16) string {
+	return host + ":" + strconv.Itoa(int(port))
+}
+
+type clusterParam struct{ key, value string }
+
+// extractClusterParams splits the cluster_* parameters out of connString and
+// returns the rest unchanged for pgxpool.ParseConfig. It follows pgconn's two
+// forms: a URL (postgres:// or postgresql://) and keyword/value pairs.
+func extractClusterParams(connString string) (string, []clusterParam, error) {
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		return extractFromURL(connString)
+	}
+	return extractFromKeywordValue(connString)
+}
+
+func extractFromURL(connString string) (string, []clusterParam, error) {
+	q := strings.IndexByte(connString, '?')
+	if q < 0 {
+		return connString, nil, nil
+	}
+	base, query := connString[:q], connString[q+1:]
+	fragment := ""
+	if h := strings.IndexByte(query, '#'); h >= 0 {
+		query, fragment = query[:h], query[h:]
+	}
+	var kept []string
+	var params []clusterParam
+	for _, item := range strings.Split(query, "&") {
+		rawKey, rawValue, _ := strings.Cut(item, "=")
+		key, err := url.QueryUnescape(rawKey)
+		if err != nil || !strings.HasPrefix(key, paramPrefix) {
+			// Not ours (or malformed): pgx reports its own errors.
+			kept = append(kept, item)
+			continue
+		}
+		value, err := url.QueryUnescape(rawValue)
+		if err != nil {
+			return "", nil, fmt.Errorf("clusterpool: %s: invalid URL escape in value", key)
+		}
+		params = append(params, clusterParam{key, value})
+	}
+	if len(params) == 0 {
+		return connString, nil, nil
+	}
+	rest := base
+	if len(kept) > 0 {
+		rest += "?" + strings.Join(kept, "&")
+	}
+	return rest + fragment, params, nil
+}
+
+// extractFromKeywordValue mirrors pgconn's keyword/value tokenizer: key, '='
+// with optional spaces around it, then a value that is either single-quoted
+// (backslash escapes, may contain spaces) or runs to the next space
+// (backslash escapes). Pairs that are not cluster_* are kept verbatim.
+func extractFromKeywordValue(connString string) (string, []clusterParam, error) {
+	var kept []string
+	var params []clusterParam
+	s := connString
+	for {
+		s = strings.TrimLeft(s, asciiSpace)
+		if s == "" {
+			break
+		}
+		start := s
+		eq := strings.IndexByte(s, '=')
+		if eq < 0 {
+			// Malformed: leave it to pgx, which reports it without secrets.
+			return connString, nil, nil
+		}
+		key := strings.TrimRight(s[:eq], asciiSpace)
+		s = strings.TrimLeft(s[eq+1:], asciiSpace)
+		var value strings.Builder
+		if strings.HasPrefix(s, "'") {
+			s = s[1:]
+			end := -1
+			for i := 0; i < len(s); i++ {
+				if s[i] == '\\' && i+1 < len(s) {
+					i++
+					value.WriteByte(s[i])
+					continue
+				}
+				if s[i] == '\'' {
+					end = i
+					break
+				}
+				value.WriteByte(s[i])
+			}
+			if end < 0 {
+				return connString, nil, nil // unterminated quote: pgx reports it
+			}
+			s = s[end+1:]
+		} else {
+			i := 0
+			for ; i < len(s) && !strings.ContainsRune(asciiSpace, rune(s[i])); i++ {
+				if s[i] == '\\' && i+1 < len(s) {
+					i++
+				}
+				value.WriteByte(s[i])
+			}
+			s = s[i:]
+		}
+		pair := start[:len(start)-len(s)]
+		if strings.HasPrefix(key, paramPrefix) {
+			params = append(params, clusterParam{key, value.String()})
+		} else {
+			kept = append(kept, pair)
+		}
+	}
+	if len(params) == 0 {
+		return connString, nil, nil
+	}
+	return strings.Join(kept, " "), params, nil
+}
+
+const asciiSpace = " \t\n\r\v\f"

@@ -1,0 +1,394 @@
+package clusterpool
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/multitracer"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Pool is a cluster-aware connection pool. It has every method of
+// *pgxpool.Pool with the same signature, so code written against
+// *pgxpool.Pool compiles against *Pool by changing the constructor.
+//
+// # Hooks
+//
+// Hooks set on the Config are chained with the pool's own, never replaced:
+//
+//   - BeforeConnect: the user's hook runs on the per-attempt copy of the
+//     connection config.
+//   - AfterConnect: the pool identifies the node first, then the user's hook
+//     runs; if the user's hook fails, the connection is forgotten and closed.
+//   - PrepareConn (or the deprecated BeforeAcquire): the pool first refuses
+//     connections marked for retirement or on an evicted node, returning
+//     (false, nil) so pgxpool destroys them and tries another; otherwise the
+//     user's hook decides.
+//   - BeforeClose: the user's hook runs first, while the connection is still
+//     counted on its node; then the pool forgets it.
+//
+// AfterRelease is never set by the pool: pgxpool runs every release in a new
+// goroutine when it is. The pool learns of releases through a
+// pgxpool.ReleaseTracer on ConnConfig.Tracer, combined with the user's tracer
+// (if any) through pgx's multitracer.
+//
+// A connection taken out of the pool with pgxpool.Conn.Hijack stays counted
+// on its node (the server still sees it) until the caller closes it; the
+// next NodeStats notices the close.
+type Pool struct {
+	pool     *pgxpool.Pool
+	config   *Config // the caller's config, copied; returned by ClusterConfig
+	settings settings
+	tracker  *tracker
+
+	// The caller's hooks, chained behind the pool's own.
+	userAfterConnect func(context.Context, *pgx.Conn) error
+	userPrepareConn  func(context.Context, *pgx.Conn) (bool, error)
+	userBeforeClose  func(*pgx.Conn)
+
+	// Background goroutines (balancer, probe) run under bgCtx; Close cancels
+	// it and waits on bgWG.
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	bgWG     sync.WaitGroup
+
+	closeOnce sync.Once
+}
+
+// New creates a Pool from a connection string. See ParseConfig for the format
+// and NewWithConfig for how connections are established.
+func New(ctx context.Context, connString string) (*Pool, error) {
+	config, err := ParseConfig(connString)
+	if err != nil {
+		return nil, err
+	}
+	return NewWithConfig(ctx, config)
+}
+
+// NewWithConfig creates a Pool. config must have been created by ParseConfig;
+// it is copied, so later changes to it have no effect. As with pgxpool, the
+// connections for MinConns are established in the background and connection
+// errors are not returned here: acquire a connection to check.
+func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
+	if config == nil {
+		return nil, fmt.Errorf("clusterpool: nil Config")
+	}
+	if err := config.validate(); err != nil {
+		return nil, err
+	}
+	p := &Pool{
+		config:   config.Copy(),
+		settings: config.settings(),
+		tracker:  newTracker(),
+	}
+	p.bgCtx, p.bgCancel = context.WithCancel(context.Background())
+
+	// pgxCfg is what pgxpool gets: the caller's config with our hooks chained in.
+	pgxCfg := config.Config.Copy()
+	p.userAfterConnect = pgxCfg.AfterConnect
+	p.userBeforeClose = pgxCfg.BeforeClose
+	p.userPrepareConn = pgxCfg.PrepareConn
+	if p.userPrepareConn == nil && pgxCfg.BeforeAcquire != nil {
+		beforeAcquire := pgxCfg.BeforeAcquire
+		p.userPrepareConn = func(ctx context.Context, conn *pgx.Conn) (bool, error) {
+			return beforeAcquire(ctx, conn), nil
+		}
+	}
+	pgxCfg.BeforeAcquire = nil
+	if p.tracking() {
+		pgxCfg.AfterConnect = p.afterConnect
+		pgxCfg.PrepareConn = p.prepareConn
+		pgxCfg.BeforeClose = p.beforeClose
+		pgxCfg.ConnConfig.Tracer = withReleaseTracer(pgxCfg.ConnConfig.Tracer, releaseTracer{p})
+	} else {
+		pgxCfg.PrepareConn = p.userPrepareConn
+	}
+	// BeforeConnect: the user's hook is kept as is (pgxCfg.BeforeConnect).
+
+	pool, err := pgxpool.NewWithConfig(ctx, pgxCfg)
+	if err != nil {
+		p.bgCancel()
+		return nil, err
+	}
+	p.pool = pool
+
+	// Background work (balancer, probe) starts here through p.goBackground.
+
+	return p, nil
+}
+
+// tracking reports whether the pool assigns connections to nodes at all.
+// Without it the pool is pgxpool plus retries: no hooks, no tracer.
+func (p *Pool) tracking() bool {
+	return p.settings.identifyNode != nil || p.settings.identity != NodeIdentityNone
+}
+
+// goBackground runs f in a goroutine that Close cancels (through ctx) and
+// waits for. Call it only from NewWithConfig, before the pool is returned.
+func (p *Pool) goBackground(f func(ctx context.Context)) {
+	p.bgWG.Add(1)
+	go func() {
+		defer p.bgWG.Done()
+		f(p.bgCtx)
+	}()
+}
+
+// afterConnect identifies the new connection's node, then runs the user's
+// AfterConnect.
+func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
+	id, addr, err := p.identify(ctx, conn)
+	if err != nil {
+		return err
+	}
+	var cs *connState
+	if id != 0 {
+		host := ""
+		if nc := conn.PgConn().Conn(); nc != nil && nc.RemoteAddr() != nil {
+			host = nc.RemoteAddr().String()
+		}
+		if addr == "" && p.settings.multiHost {
+			addr = host
+		}
+		cs = p.tracker.track(id, addr, host, conn, time.Now())
+	}
+	if p.userAfterConnect != nil {
+		if err := p.userAfterConnect(ctx, conn); err != nil {
+			p.tracker.untrack(cs)
+			return err
+		}
+	}
+	return nil
+}
+
+// identify returns the node conn reached, or 0 if it is not to be tracked.
+func (p *Pool) identify(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
+	if f := p.settings.identifyNode; f != nil {
+		return f(ctx, IdentifyNodeParams{Conn: conn})
+	}
+	crdb := isCockroachDB(conn.PgConn())
+	switch p.settings.identity {
+	case NodeIdentityBackendKey:
+		if crdb {
+			return DecodeProcessID(conn.PgConn().PID()), "", nil
+		}
+	case NodeIdentityAuto:
+		if crdb {
+			return DecodeProcessID(conn.PgConn().PID()), "", nil
+		}
+		if p.settings.multiHost {
+			return p.identifyByQuery(ctx, conn)
+		}
+	case NodeIdentityQuery:
+		return p.identifyByQuery(ctx, conn)
+	}
+	return 0, "", nil
+}
+
+// identifyQuery asks the server for its own address: one round trip, once
+// per connection. COALESCE covers Unix-socket connections, where both are NULL.
+const identifyQuery = "SELECT COALESCE(host(inet_server_addr()), ''), COALESCE(inet_server_port(), 0)"
+
+func (p *Pool) identifyByQuery(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
+	var host string
+	var port int
+	if err := conn.QueryRow(ctx, identifyQuery).Scan(&host, &port); err != nil {
+		return 0, "", fmt.Errorf("clusterpool: identifying the node of a new connection: %w", err)
+	}
+	if host == "" {
+		// A Unix socket: the server is the one at the socket path we dialled.
+		cfg := conn.Config()
+		host = cfg.Host
+		if port == 0 {
+			port = int(cfg.Port)
+		}
+	}
+	addr := hostPort(host, uint16(port))
+	return p.tracker.localID(addr), addr, nil
+}
+
+// prepareConn refuses connections to retire and connections on evicted
+// nodes, then asks the user's hook. Hot path: a map read from the
+// connection's own CustomData and two atomic loads, no lock.
+func (p *Pool) prepareConn(ctx context.Context, conn *pgx.Conn) (bool, error) {
+	cs := connStateOf(conn)
+	if cs != nil && cs.refused() {
+		return false, nil
+	}
+	if p.userPrepareConn != nil {
+		if sweeping(ctx) {
+			return true, nil // retireIdle releases it at once; the user's hook is for real acquires
+		}
+		ok, err := p.userPrepareConn(ctx, conn)
+		if !ok || err != nil {
+			return ok, err
+		}
+	}
+	if cs != nil {
+		cs.acquired()
+	}
+	return true, nil
+}
+
+// beforeClose runs the user's BeforeClose, then forgets the connection.
+func (p *Pool) beforeClose(conn *pgx.Conn) {
+	if p.userBeforeClose != nil {
+		p.userBeforeClose(conn)
+	}
+	p.tracker.untrack(connStateOf(conn))
+}
+
+type sweepKey struct{}
+
+func sweeping(ctx context.Context) bool { return ctx.Value(sweepKey{}) != nil }
+
+// retireIdle destroys the idle connections that are marked for retirement or
+// sit on an evicted node, now rather than at their next acquire, and returns
+// how many it destroyed. It briefly takes every idle connection out of the
+// pool (pgxpool.AcquireAllIdle) and puts the others back untouched; an
+// Acquire racing with it may open a new connection.
+func (p *Pool) retireIdle(ctx context.Context) int {
+	before := p.pool.Stat().TotalConns()
+	conns := p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true))
+	for _, c := range conns {
+		c.Release()
+	}
+	return int(max(before-p.pool.Stat().TotalConns(), 0))
+}
+
+// releaseTracer learns of every Release synchronously, with the *pgx.Conn,
+// without pgxpool's AfterRelease goroutine. It has to be a pgx.QueryTracer to
+// sit in ConnConfig.Tracer; its query methods do nothing.
+type releaseTracer struct{ p *Pool }
+
+func (releaseTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+
+func (releaseTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
+	if cs := connStateOf(data.Conn); cs != nil {
+		cs.released()
+	}
+}
+
+// withReleaseTracer installs rt next to the user's tracer, which keeps every
+// interface it implements (multitracer forwards each one).
+func withReleaseTracer(user pgx.QueryTracer, rt releaseTracer) pgx.QueryTracer {
+	if user == nil {
+		return rt
+	}
+	mt := multitracer.New(user)
+	mt.PoolReleaseTracers = append(mt.PoolReleaseTracers, rt)
+	return mt
+}
+
+// NodeStats returns a snapshot of every known node's connections and health,
+// sorted by ID. It is empty when nodes are not identified (plain PostgreSQL
+// with a single host, or NodeIdentityNone): the pool never reports an
+// operating-system process ID as a node.
+func (p *Pool) NodeStats() []NodeStats {
+	return p.tracker.snapshot()
+}
+
+// PgxPool returns the underlying pgxpool.Pool, for code that needs the
+// concrete pgxpool type. Connections acquired through it are still tracked,
+// but it neither retries nor balances on its own; do not Close it directly.
+func (p *Pool) PgxPool() *pgxpool.Pool { return p.pool }
+
+// ClusterConfig returns a copy of the Config used to create the pool.
+func (p *Pool) ClusterConfig() *Config { return p.config.Copy() }
+
+// Close stops the pool's background work and waits for it to exit, then
+// closes all connections as pgxpool.Pool.Close does: it blocks until every
+// acquired connection is released and closed. It is safe to call more than
+// once.
+func (p *Pool) Close() {
+	p.closeOnce.Do(func() {
+		p.bgCancel()
+		p.bgWG.Wait()
+		p.pool.Close()
+	})
+}
+
+// Acquire returns a connection from the pool.
+func (p *Pool) Acquire(ctx context.Context) (*pgxpool.Conn, error) {
+	return p.pool.Acquire(ctx)
+}
+
+// AcquireFunc acquires a connection and calls f with it, then releases it.
+// ctx only affects the acquire. See pgxpool.Pool.AcquireFunc.
+func (p *Pool) AcquireFunc(ctx context.Context, f func(*pgxpool.Conn) error) error {
+	return p.pool.AcquireFunc(ctx, f)
+}
+
+// AcquireAllIdle atomically acquires all currently idle connections, except
+// those the pool is retiring. See pgxpool.Pool.AcquireAllIdle.
+func (p *Pool) AcquireAllIdle(ctx context.Context) []*pgxpool.Conn {
+	return p.pool.AcquireAllIdle(ctx)
+}
+
+// Reset closes all connections but leaves the pool open. See
+// pgxpool.Pool.Reset.
+func (p *Pool) Reset() { p.pool.Reset() }
+
+// Config returns a copy of the pgxpool part of the config used to create the
+// pool, with the caller's own hooks and tracer (not the pool's chained ones),
+// as pgxpool.Pool.Config does. ClusterConfig returns the whole Config.
+func (p *Pool) Config() *pgxpool.Config { return p.config.Config.Copy() }
+
+// Stat returns pgxpool's statistics for the whole pool. NodeStats has them
+// per node.
+func (p *Pool) Stat() *pgxpool.Stat { return p.pool.Stat() }
+
+// Exec acquires a connection, executes sql and releases the connection.
+// See pgxpool.Pool.Exec.
+func (p *Pool) Exec(ctx context.Context, sql string, arguments ...any) (pgconn.CommandTag, error) {
+	return p.pool.Exec(ctx, sql, arguments...)
+}
+
+// Query acquires a connection and executes a query that returns rows; the
+// connection is released when the rows are closed. See pgxpool.Pool.Query.
+func (p *Pool) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	return p.pool.Query(ctx, sql, args...)
+}
+
+// QueryRow acquires a connection and executes a query expected to return at
+// most one row; the connection is released by Scan. See pgxpool.Pool.QueryRow.
+func (p *Pool) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	return p.pool.QueryRow(ctx, sql, args...)
+}
+
+// SendBatch acquires a connection and sends the batch on it. See
+// pgxpool.Pool.SendBatch.
+func (p *Pool) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults {
+	return p.pool.SendBatch(ctx, b)
+}
+
+// Begin acquires a connection and starts a transaction. See
+// pgxpool.Pool.Begin.
+func (p *Pool) Begin(ctx context.Context) (pgx.Tx, error) {
+	return p.pool.Begin(ctx)
+}
+
+// BeginTx acquires a connection and starts a transaction with txOptions. See
+// pgxpool.Pool.BeginTx.
+func (p *Pool) BeginTx(ctx context.Context, txOptions pgx.TxOptions) (pgx.Tx, error) {
+	return p.pool.BeginTx(ctx, txOptions)
+}
+
+// CopyFrom acquires a connection and copies rows into tableName. See
+// pgxpool.Pool.CopyFrom.
+func (p *Pool) CopyFrom(ctx context.Context, tableName pgx.Identifier, columnNames []string, rowSrc pgx.CopyFromSource) (int64, error) {
+	return p.pool.CopyFrom(ctx, tableName, columnNames, rowSrc)
+}
+
+// Ping acquires a connection and checks that the server answers. See
+// pgxpool.Pool.Ping.
+func (p *Pool) Ping(ctx context.Context) error {
+	return p.pool.Ping(ctx)
+}

@@ -1,0 +1,416 @@
+package clusterpool
+
+// The tracker records which connection is on which node. Contracts for the
+// rest of the package (balancer.go, probe.go, retry.go):
+//
+//   - connStateOf(conn) returns the *connState the pool stored in the
+//     connection's pgconn CustomData at AfterConnect, or nil when the
+//     connection is not assigned to a node. No lock, no map lookup under a lock.
+//   - connState.retire: set it to have the pool refuse the connection at its
+//     next acquire (PrepareConn returns false, pgxpool destroys it). Never close
+//     a pgx.Conn yourself: pgxpool owns it. Pool.retireIdle sweeps idle ones now.
+//   - node.evicted: while set, PrepareConn refuses every connection on the
+//     node (hot path: one atomic load). tracker.evict sets it and returns the
+//     node's idle connections (already marked retire); markHealthy clears it.
+//     A successful connect to the node (track) also marks it healthy and seen.
+//   - tracker.recordFailure(id, now) counts a connection-level failure; it
+//     returns true when the node just became unhealthy (and was evicted).
+//     Callers must not count the caller's own cancellation or deadline.
+//   - node counters retries, pruned, evictions: atomics the balancer and retry
+//     code increment; NodeStats reports them.
+//   - tracker.seen(id, now) records that something (probe, query) reached the
+//     node; tracker.expire(now, window) forgets nodes with no connections not
+//     seen within window (the balancer/probe chooses the window and calls it).
+//   - withAvoidNodes(ctx, ids...) / avoidNodesFrom(ctx): retry writes the nodes
+//     a call already failed on; placement (BeforeConnect) reads them.
+//   - tracker.snapshot(now) / Pool.NodeStats: counts per node, sorted by ID.
+//
+// Locks: tracker.mu protects the node map and changes only on connect, close,
+// probe and expiry, never on acquire or release. node.mu protects a node's
+// connection set and failure window. Acquire and release touch atomics only.
+// Lock order: tracker.mu before node.mu.
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// customDataKey is where a connection's *connState lives in pgconn's CustomData.
+const customDataKey = "clusterpool"
+
+// Failure window: this many connection-level failures within failureWindow
+// mark a node unhealthy. One failure alone does not, so a single broken
+// connection does not evict a healthy node; retry.go evicts at once on a clear
+// drain signal (57P01) by calling evict directly.
+const (
+	failureBurst  = 3
+	failureWindow = 10 * time.Second
+)
+
+type tracker struct {
+	mu sync.Mutex // protects the fields below
+	// nodes holds every node with connections or seen recently.
+	nodes map[NodeID]*node
+	// localIDs maps a server address to the local NodeID assigned to it in
+	// query mode (discovery order); lastLocalID is the last one handed out.
+	localIDs    map[string]NodeID
+	lastLocalID NodeID
+}
+
+type node struct {
+	id NodeID
+
+	conns    atomic.Int32 // connections open on this node and tracked
+	inUse    atomic.Int32 // of those, acquired by callers now
+	lastSeen atomic.Int64 // unix nanoseconds of the last sign of life
+	evicted  atomic.Bool  // refuse this node's connections at acquire
+	draining atomic.Bool  // the node said it is draining (probe)
+
+	// Counters the balancer and retry code increment; reported in NodeStats.
+	retries   atomic.Int64 // queries retried because of this node
+	pruned    atomic.Int64 // connections retired to rebalance
+	evictions atomic.Int64 // times the node was evicted
+
+	mu sync.Mutex // protects the fields below
+	// addr is the node's address when known (see NodeStats.Addr).
+	addr string
+	// connSet holds the node's tracked connections.
+	connSet map[*connState]struct{}
+	// failures and failuresSince count connection-level failures in the
+	// current window.
+	failures      int
+	failuresSince time.Time
+}
+
+// connState is the pool's record of one connection, stored in the
+// connection's CustomData so the hot path finds it without a lock.
+type connState struct {
+	node *node
+	// host is the address the connection was dialled at (remote IP:port), so
+	// placement can map connection-string hosts to nodes.
+	host string
+	conn *pgx.Conn
+
+	inUse  atomic.Bool // acquired by a caller now
+	retire atomic.Bool // refuse at the next acquire
+	closed atomic.Bool // untracked; set once
+}
+
+func newTracker() *tracker {
+	return &tracker{
+		nodes:    make(map[NodeID]*node),
+		localIDs: make(map[string]NodeID),
+	}
+}
+
+// connStateOf returns the connection's state, or nil if it is not tracked.
+func connStateOf(c *pgx.Conn) *connState {
+	if c == nil {
+		return nil
+	}
+	cs, _ := c.PgConn().CustomData()[customDataKey].(*connState)
+	return cs
+}
+
+// nodeLocked returns node id, creating it if needed.
+func (t *tracker) nodeLocked(id NodeID, now time.Time) *node {
+	n := t.nodes[id]
+	if n == nil {
+		n = &node{id: id, connSet: make(map[*connState]struct{})}
+		n.lastSeen.Store(now.UnixNano())
+		t.nodes[id] = n
+	}
+	return n
+}
+
+// node returns node id, or nil if unknown.
+func (t *tracker) node(id NodeID) *node {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.nodes[id]
+}
+
+// localID returns the local NodeID for a server address (query mode),
+// assigning the next one on first sight.
+func (t *tracker) localID(addr string) NodeID {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if id, ok := t.localIDs[addr]; ok {
+		return id
+	}
+	t.lastLocalID++
+	t.localIDs[addr] = t.lastLocalID
+	return t.lastLocalID
+}
+
+// track records a new connection on node id and stores its state in the
+// connection. A successful connect is proof of life: the node is marked seen
+// and healthy.
+func (t *tracker) track(id NodeID, addr, host string, conn *pgx.Conn, now time.Time) *connState {
+	t.mu.Lock()
+	n := t.nodeLocked(id, now)
+	cs := &connState{node: n, host: host, conn: conn}
+	n.mu.Lock()
+	if addr != "" {
+		n.addr = addr
+	}
+	n.connSet[cs] = struct{}{}
+	n.conns.Add(1)
+	n.mu.Unlock()
+	t.mu.Unlock()
+
+	n.lastSeen.Store(now.UnixNano())
+	t.markHealthy(id, now)
+	conn.PgConn().CustomData()[customDataKey] = cs
+	return cs
+}
+
+// untrack forgets a connection that is closing. It is idempotent: BeforeClose,
+// a failed AfterConnect and the closed-connection sweep may all call it.
+func (t *tracker) untrack(cs *connState) {
+	if cs == nil || !cs.closed.CompareAndSwap(false, true) {
+		return
+	}
+	n := cs.node
+	n.mu.Lock()
+	delete(n.connSet, cs)
+	n.mu.Unlock()
+	cs.released()
+	n.conns.Add(-1)
+}
+
+// acquired counts the connection as in use; called when PrepareConn hands it
+// out. Hot path: atomics only.
+func (cs *connState) acquired() {
+	if cs.inUse.CompareAndSwap(false, true) {
+		cs.node.inUse.Add(1)
+	}
+}
+
+// released counts the connection as idle again (Release) or gone (untrack).
+func (cs *connState) released() {
+	if cs.inUse.CompareAndSwap(true, false) {
+		cs.node.inUse.Add(-1)
+	}
+}
+
+// refused reports whether PrepareConn must refuse the connection.
+func (cs *connState) refused() bool {
+	return cs.retire.Load() || cs.node.evicted.Load()
+}
+
+// seen records a sign of life from node id (probe, connect, query).
+func (t *tracker) seen(id NodeID, now time.Time) {
+	t.mu.Lock()
+	n := t.nodeLocked(id, now)
+	t.mu.Unlock()
+	n.lastSeen.Store(now.UnixNano())
+}
+
+// evict marks node id unhealthy: its connections are refused at acquire until
+// markHealthy. It returns the node's idle connections, marked retire, so the
+// caller can sweep them (Pool.retireIdle). In-use ones are refused when they
+// come back while the node is still evicted.
+func (t *tracker) evict(id NodeID, now time.Time) []*connState {
+	n := t.node(id)
+	if n == nil {
+		return nil
+	}
+	if n.evicted.CompareAndSwap(false, true) {
+		n.evictions.Add(1)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var idle []*connState
+	for cs := range n.connSet {
+		if !cs.inUse.Load() {
+			cs.retire.Store(true)
+			idle = append(idle, cs)
+		}
+	}
+	return idle
+}
+
+// markHealthy clears node id's eviction and failure window.
+func (t *tracker) markHealthy(id NodeID, now time.Time) {
+	n := t.node(id)
+	if n == nil {
+		return
+	}
+	n.mu.Lock()
+	n.failures = 0
+	n.failuresSince = time.Time{}
+	n.mu.Unlock()
+	n.evicted.Store(false)
+}
+
+// recordFailure counts a connection-level failure on node id at now. It
+// returns true when the node just became unhealthy: failureBurst failures
+// within failureWindow. The node is then evicted; the caller sweeps its idle
+// connections if it wants them gone at once.
+func (t *tracker) recordFailure(id NodeID, now time.Time) bool {
+	n := t.node(id)
+	if n == nil {
+		return false
+	}
+	n.mu.Lock()
+	if n.failuresSince.IsZero() || now.Sub(n.failuresSince) > failureWindow {
+		n.failures, n.failuresSince = 0, now
+	}
+	n.failures++
+	tripped := n.failures == failureBurst
+	n.mu.Unlock()
+	if tripped && !n.evicted.Load() {
+		t.evict(id, now)
+		return true
+	}
+	return false
+}
+
+// expire forgets nodes that have no connections and have not been seen
+// since now-window, and returns their IDs. It keeps memory bounded however
+// many nodes come and go.
+func (t *tracker) expire(now time.Time, window time.Duration) []NodeID {
+	cutoff := now.Add(-window).UnixNano()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var gone []NodeID
+	for id, n := range t.nodes {
+		if n.conns.Load() == 0 && n.lastSeen.Load() < cutoff {
+			delete(t.nodes, id)
+			gone = append(gone, id)
+		}
+	}
+	if len(gone) > 0 {
+		for addr, id := range t.localIDs {
+			if _, ok := t.nodes[id]; !ok {
+				delete(t.localIDs, addr)
+			}
+		}
+	}
+	return gone
+}
+
+// nodeList returns the known nodes sorted by ID.
+func (t *tracker) nodeList() []*node {
+	t.mu.Lock()
+	nodes := make([]*node, 0, len(t.nodes))
+	for _, n := range t.nodes {
+		nodes = append(nodes, n)
+	}
+	t.mu.Unlock()
+	slices.SortFunc(nodes, func(a, b *node) int { return compareIDs(a.id, b.id) })
+	return nodes
+}
+
+func compareIDs(a, b NodeID) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// sweepClosed untracks connections whose pgconn has finished closing without
+// the pool's BeforeClose: hijacked connections the caller closed, and broken
+// ones the pool has not destroyed yet. Either way the server no longer counts
+// them.
+func (n *node) sweepClosed(t *tracker) {
+	var closed []*connState
+	n.mu.Lock()
+	for cs := range n.connSet {
+		select {
+		case <-cs.conn.PgConn().CleanupDone():
+			closed = append(closed, cs)
+		default:
+		}
+	}
+	n.mu.Unlock()
+	for _, cs := range closed {
+		t.untrack(cs)
+	}
+}
+
+// NodeStats is a snapshot of one node's connections and health, as returned
+// by Pool.NodeStats. Field names follow pgxpool.Stat.
+type NodeStats struct {
+	// ID is the node's ID: the CockroachDB SQL instance ID with BackendKey
+	// identity, a pool-local ID (1, 2, ... in discovery order) with query
+	// identity, or what Config.IdentifyNode returned.
+	ID NodeID
+	// Addr is the node's address when known: the server's address with query
+	// identity, the address dialled when the connection string lists the
+	// nodes' own hosts; empty behind a single load-balancer address.
+	Addr string
+
+	TotalConns    int32 // open connections on the node
+	IdleConns     int32 // of those, idle in the pool
+	AcquiredConns int32 // of those, acquired by callers
+
+	// Healthy is false while the node is evicted after failures or a drain
+	// signal; its connections are not handed out.
+	Healthy bool
+	// Draining is true when the node reported that it is draining.
+	Draining bool
+	// LastSeen is the last time a connect, probe or query reached the node.
+	LastSeen time.Time
+
+	Retries   int64 // queries retried because of a failure on this node
+	Pruned    int64 // connections retired by the balancer
+	Evictions int64 // times the node was evicted
+}
+
+// snapshot returns NodeStats for every known node, sorted by ID.
+func (t *tracker) snapshot() []NodeStats {
+	nodes := t.nodeList()
+	stats := make([]NodeStats, 0, len(nodes))
+	for _, n := range nodes {
+		n.sweepClosed(t)
+		n.mu.Lock()
+		addr := n.addr
+		n.mu.Unlock()
+		total, inUse := n.conns.Load(), n.inUse.Load()
+		inUse = min(max(inUse, 0), total) // the two loads are not atomic together
+		stats = append(stats, NodeStats{
+			ID:            n.id,
+			Addr:          addr,
+			TotalConns:    total,
+			IdleConns:     total - inUse,
+			AcquiredConns: inUse,
+			Healthy:       !n.evicted.Load(),
+			Draining:      n.draining.Load(),
+			LastSeen:      time.Unix(0, n.lastSeen.Load()),
+			Retries:       n.retries.Load(),
+			Pruned:        n.pruned.Load(),
+			Evictions:     n.evictions.Load(),
+		})
+	}
+	return stats
+}
+
+type avoidNodesKey struct{}
+
+// withAvoidNodes returns a context that asks placement to avoid the given
+// nodes (in addition to any ctx already names).
+func withAvoidNodes(ctx context.Context, ids ...NodeID) context.Context {
+	if len(ids) == 0 {
+		return ctx
+	}
+	prev := avoidNodesFrom(ctx)
+	all := make([]NodeID, 0, len(prev)+len(ids))
+	all = append(append(all, prev...), ids...)
+	return context.WithValue(ctx, avoidNodesKey{}, all)
+}
+
+// avoidNodesFrom returns the nodes ctx asks placement to avoid.
+func avoidNodesFrom(ctx context.Context) []NodeID {
+	ids, _ := ctx.Value(avoidNodesKey{}).([]NodeID)
+	return ids
+}
