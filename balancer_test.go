@@ -1,0 +1,331 @@
+package clusterpool
+
+import (
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"testing"
+	"time"
+)
+
+func TestBalanceTargets(t *testing.T) {
+	ids := func(n int) []NodeID {
+		s := make([]NodeID, n)
+		for i := range s {
+			s[i] = NodeID(i + 1)
+		}
+		return s
+	}
+	for _, tc := range []struct {
+		size  int
+		nodes []NodeID
+	}{
+		{30, ids(3)}, {30, ids(4)}, {31, ids(4)}, {2, ids(5)}, {0, ids(3)},
+		{12, ids(1)}, {7, []NodeID{5, 900, 1 << 40}}, {100, ids(7)},
+	} {
+		for seed := range uint64(20) {
+			got := balanceTargets(tc.size, tc.nodes, seed)
+			sum, lo, hi := 0, tc.size, 0
+			for _, id := range tc.nodes {
+				v, ok := got[id]
+				if !ok {
+					t.Fatalf("size %d nodes %v seed %d: node %d has no target", tc.size, tc.nodes, seed, id)
+				}
+				sum, lo, hi = sum+v, min(lo, v), max(hi, v)
+			}
+			if sum != tc.size || hi-lo > 1 || len(got) != len(tc.nodes) {
+				t.Fatalf("size %d nodes %v seed %d: targets %v: sum %d, spread %d", tc.size, tc.nodes, seed, got, sum, hi-lo)
+			}
+			// Stable: the same inputs, in any order, give the same targets.
+			shuffled := slices.Clone(tc.nodes)
+			rand.Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
+			if again := balanceTargets(tc.size, shuffled, seed); !maps.Equal(got, again) {
+				t.Fatalf("targets depend on node order: %v vs %v", got, again)
+			}
+		}
+	}
+	if balanceTargets(10, nil, 1) != nil {
+		t.Fatal("no nodes: want nil targets")
+	}
+}
+
+// The remainder must not go to the same node for every pool: across many
+// pools (seeds), each node gets the extra connection about equally often.
+func TestBalanceTargetsRemainderSpreadsAcrossPools(t *testing.T) {
+	nodes := []NodeID{1, 2, 3, 4}
+	extra := map[NodeID]int{}
+	const pools = 4000
+	for seed := range uint64(pools) {
+		for id, v := range balanceTargets(31, nodes, seed*0x9e3779b97f4a7c15+7) {
+			if v == 8 {
+				extra[id]++
+			}
+		}
+	}
+	for _, id := range nodes {
+		// 3 of 4 nodes get the extra: expect 3000 each; allow a wide margin.
+		if extra[id] < 2700 || extra[id] > 3300 {
+			t.Fatalf("node %d got the remainder in %d of %d pools: %v", id, extra[id], pools, extra)
+		}
+	}
+}
+
+// Adding a node moves the remainder only where it must: nodes that had the
+// extra connection and still get one keep it (rendezvous hashing).
+func TestBalanceTargetsStableWhenNodesChange(t *testing.T) {
+	for seed := range uint64(50) {
+		before := balanceTargets(14, []NodeID{1, 2, 3, 4, 5}, seed) // 2 each, 4 get an extra
+		after := balanceTargets(16, []NodeID{1, 2, 3, 4, 5}, seed)  // 3 each, 1 gets an extra
+		// The node with the extra at size 16 is the top-ranked one, which also
+		// had an extra at size 14.
+		for id, v := range after {
+			if v == 4 && before[id] != 3 {
+				t.Fatalf("seed %d: top-ranked node %d lost its extra: before %v after %v", seed, id, before, after)
+			}
+		}
+	}
+}
+
+func views(conns map[NodeID]int, ineligible ...NodeID) []nodeView {
+	var vs []nodeView
+	for _, id := range slices.Sorted(maps.Keys(conns)) {
+		vs = append(vs, nodeView{ID: id, Conns: conns[id], Eligible: !slices.Contains(ineligible, id), Refillable: true})
+	}
+	return vs
+}
+
+func TestPlanPrune(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		nodes   []nodeView
+		targets map[NodeID]int
+		want    map[NodeID]int
+	}{
+		{
+			name:    "balanced: nothing",
+			nodes:   views(map[NodeID]int{1: 10, 2: 10, 3: 10}),
+			targets: map[NodeID]int{1: 10, 2: 10, 3: 10},
+		},
+		{
+			name:    "off by one, remainder elsewhere: nothing (would only swap the extra)",
+			nodes:   views(map[NodeID]int{1: 8, 2: 8, 3: 7, 4: 7}),
+			targets: map[NodeID]int{1: 7, 2: 8, 3: 8, 4: 7},
+		},
+		{
+			name:    "new node: each old node sheds half its excess, rounded up",
+			nodes:   views(map[NodeID]int{1: 10, 2: 10, 3: 10, 4: 0}),
+			targets: map[NodeID]int{1: 8, 2: 7, 3: 8, 4: 7},
+			want:    map[NodeID]int{1: 1, 2: 2, 3: 1},
+		},
+		{
+			name:    "large excess halves",
+			nodes:   views(map[NodeID]int{1: 30, 2: 0, 3: 0}),
+			targets: map[NodeID]int{1: 10, 2: 10, 3: 10},
+			want:    map[NodeID]int{1: 10},
+		},
+		{
+			name:    "excess one but two above the emptiest node: sheds one",
+			nodes:   views(map[NodeID]int{1: 9, 2: 7, 3: 7, 4: 7}),
+			targets: map[NodeID]int{1: 8, 2: 7, 3: 8, 4: 7},
+			want:    map[NodeID]int{1: 1},
+		},
+		{
+			name:    "over target but nobody under: nothing (pruning would churn)",
+			nodes:   views(map[NodeID]int{1: 11, 2: 10, 3: 9}),
+			targets: map[NodeID]int{1: 10, 2: 10},
+		},
+		{
+			name:    "ineligible node sheds everything",
+			nodes:   views(map[NodeID]int{1: 5, 2: 5, 3: 5}, 3),
+			targets: map[NodeID]int{1: 8, 2: 7},
+			want:    map[NodeID]int{3: 5},
+		},
+		{
+			name: "under-target node not refillable: nothing",
+			nodes: []nodeView{
+				{ID: 1, Conns: 10, Eligible: true, Refillable: true},
+				{ID: 2, Conns: 10, Eligible: true, Refillable: true},
+				{ID: 3, Conns: 0, Eligible: true, Refillable: false},
+			},
+			targets: map[NodeID]int{1: 7, 2: 7, 3: 6},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := planPrune(tc.nodes, tc.targets)
+			if !maps.Equal(got, tc.want) {
+				t.Fatalf("planPrune = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// simulate runs balancing rounds where every pruned connection is replaced by
+// one placed by place (direct placement or a random load balancer) and
+// returns the rounds and the connections opened until max-min <= 1.
+func simulate(t *testing.T, counts map[NodeID]int, place func(counts, targets map[NodeID]int) NodeID) (rounds, opened int) {
+	t.Helper()
+	ids := slices.Sorted(maps.Keys(counts))
+	for rounds = 0; rounds < 200; rounds++ {
+		if isBalanced(counts, ids) {
+			return rounds, opened
+		}
+		plan := planBalance(views(counts), 42)
+		for id, k := range plan.Prune {
+			counts[id] -= k
+		}
+		for _, k := range plan.Prune {
+			for range k {
+				counts[place(counts, plan.Targets)]++
+				opened++
+			}
+		}
+	}
+	t.Fatalf("not balanced after %d rounds: %v", rounds, counts)
+	return
+}
+
+func TestPlanConvergesWithPlacement(t *testing.T) {
+	// Direct placement: the new connection goes to the node most below target.
+	place := func(counts, targets map[NodeID]int) NodeID {
+		best, bestGap := NodeID(0), 1<<30
+		for _, id := range slices.Sorted(maps.Keys(counts)) {
+			if gap := counts[id] - targets[id]; gap < bestGap {
+				best, bestGap = id, gap
+			}
+		}
+		return best
+	}
+	for _, tc := range []struct {
+		counts    map[NodeID]int
+		maxRounds int
+		minMoves  int
+	}{
+		{map[NodeID]int{1: 10, 2: 10, 3: 10, 4: 0}, 5, 7},
+		{map[NodeID]int{1: 30, 2: 0, 3: 0}, 5, 20},
+		{map[NodeID]int{1: 8, 2: 8, 3: 8, 4: 8, 5: 0}, 5, 6},
+	} {
+		name := fmt.Sprint(tc.counts)
+		rounds, opened := simulate(t, tc.counts, place)
+		t.Logf("%s: %d rounds, %d opened (min %d)", name, rounds, opened, tc.minMoves)
+		if rounds > tc.maxRounds || opened > 2*tc.minMoves {
+			t.Errorf("%s: %d rounds (max %d), %d opened (min moves %d)", name, rounds, tc.maxRounds, opened, tc.minMoves)
+		}
+	}
+}
+
+func TestPlanConvergesBehindRandomBalancer(t *testing.T) {
+	// redials is how many times a connection that landed on a node at or
+	// above its target is refused and dialled again (ValidateConnect with
+	// fallback copies of the load balancer's address); every dial counts as
+	// an opened connection, since the server accepted it.
+	for _, redials := range []int{0, 1, 3} {
+		rng := rand.New(rand.NewPCG(1, 2))
+		totalRounds, totalOpened, runs := 0, 0, 500
+		for range runs {
+			counts := map[NodeID]int{1: 10, 2: 10, 3: 10, 4: 0}
+			extra := 0
+			place := func(counts, targets map[NodeID]int) NodeID {
+				for i := 0; ; i++ {
+					id := NodeID(rng.IntN(4) + 1)
+					if i == redials || counts[id] < targets[id] {
+						return id
+					}
+					extra++
+				}
+			}
+			r, o := simulate(t, counts, place)
+			totalRounds += r
+			totalOpened += o + extra
+		}
+		// Each dial reaches the new node with probability 1/4, so about 4
+		// opens per useful move are unavoidable without direct placement.
+		t.Logf("random LB, 3+1 nodes, pool 30, %d redials: mean %.1f rounds, %.1f opened (min 7)",
+			redials, float64(totalRounds)/float64(runs), float64(totalOpened)/float64(runs))
+	}
+}
+
+func TestPlacementOrder(t *testing.T) {
+	nodes := map[NodeID]placementNode{
+		1: {Conns: 10, Target: 8, Eligible: true},
+		2: {Conns: 5, Target: 8, Eligible: true},
+		3: {Conns: 7, Target: 7, Eligible: true},
+		4: {Conns: 0, Target: 7, Eligible: false},
+		5: {Conns: 1, Target: 7, Eligible: true, Avoid: true},
+		6: {Conns: 6, Target: 7, Eligible: true},
+	}
+	// Hosts: node 1, unknown, node 2, node 3, node 4, node 5, node 6.
+	hosts := []NodeID{1, 0, 2, 3, 4, 5, 6}
+	got := placementOrder(hosts, nodes, 9)
+	// Under target, most under first: node 2 (-3), node 6 (-1); unknown host;
+	// at/over target, least over first: node 3 (0), node 1 (+2); then the
+	// ineligible and avoided ones in connection-string order (rotated by seed).
+	wantPrefix := []int{2, 6, 1, 3, 0}
+	if !slices.Equal(got[:5], wantPrefix) {
+		t.Fatalf("placementOrder = %v, want prefix %v", got, wantPrefix)
+	}
+	rest := slices.Sorted(slices.Values(got[5:]))
+	if !slices.Equal(rest, []int{4, 5}) {
+		t.Fatalf("placementOrder = %v: want hosts 4 and 5 last", got)
+	}
+	if len(placementOrder(nil, nodes, 1)) != 0 {
+		t.Fatal("no hosts: want empty order")
+	}
+}
+
+func TestConnectLimiter(t *testing.T) {
+	if newConnectLimiter(0, 30) != nil {
+		t.Fatal("rate 0: want no limiter")
+	}
+	lim := newConnectLimiter(5, 30)
+	now := time.Now()
+	// A cold start of a 30-connection pool is not slowed...
+	if !lim.AllowN(now, 30) {
+		t.Fatal("burst must cover MaxConns")
+	}
+	// ...but the next connections are.
+	if lim.AllowN(now, 1) {
+		t.Fatal("after the burst, connections must wait for the rate")
+	}
+	if !lim.AllowN(now.Add(time.Second), 5) || lim.AllowN(now.Add(time.Second), 1) {
+		t.Fatal("after 1 s at 5/s, exactly 5 more connections may start")
+	}
+}
+
+func TestJitter(t *testing.T) {
+	for _, u := range []float64{0, 0.5, 0.999} {
+		d := jitter(time.Second, u)
+		if d < 800*time.Millisecond || d >= 1200*time.Millisecond {
+			t.Fatalf("jitter(1s, %v) = %v", u, d)
+		}
+	}
+}
+
+func TestExpiryWindow(t *testing.T) {
+	for _, tc := range []struct {
+		n    int
+		want time.Duration // at 5 s intervals
+	}{
+		{1, 15 * time.Second}, // 3 balance intervals
+		{3, 144 * time.Second},
+		{10, 534 * time.Second},
+	} {
+		if got := expiryWindow(5*time.Second, 5*time.Second, tc.n); got != tc.want {
+			t.Errorf("expiryWindow(5s, 5s, %d) = %v, want %v", tc.n, got, tc.want)
+		}
+		// The probability that a live node is missed by every probe in the
+		// window (at the slowest jittered interval) is below 1e-4.
+		probes := float64(expiryWindow(5*time.Second, 5*time.Second, tc.n)) / float64(6*time.Second)
+		if miss := pow(1-1/float64(tc.n), probes); tc.n > 1 && miss >= expiryProbability {
+			t.Errorf("n=%d: miss probability %g", tc.n, miss)
+		}
+	}
+}
+
+func pow(x, y float64) float64 {
+	r := 1.0
+	for range int(y) {
+		r *= x
+	}
+	return r
+}
