@@ -1,0 +1,47 @@
+// Package clustertest runs a real local multi-node cluster for tests, with
+// fault injection, so that code written for a CockroachDB cluster behind a
+// load balancer can be tested on one machine in seconds.
+//
+// # Nodes
+//
+// Each node is a PostgreSQL server (its own data directory and port on
+// 127.0.0.1, durability off) behind a node proxy written in Go. The proxy
+// relays the Postgres wire protocol unchanged except for what makes the node
+// look like a CockroachDB gateway:
+//
+//   - BackendKeyData carries the node's ID in CockroachDB's encoding (see
+//     EncodeProcessID), so pgx's PgConn().PID() tells which node a connection
+//     reached;
+//   - a crdb_version ParameterStatus is sent before the first ReadyForQuery;
+//   - a CancelRequest with the rewritten key, reaching any node, is forwarded
+//     to the right server with its real key, so context cancellation works.
+//
+// Options.Postgres turns both off: the cluster then looks like plain
+// PostgreSQL servers behind a load balancer. Each proxy counts the client
+// connections open on it (Node.OpenConns), the server-side truth against
+// which a client pool's own bookkeeping can be checked.
+//
+// # Load balancer
+//
+// Cluster.DSN is one TCP address for the whole cluster. Each new connection
+// goes to a node that is Up, at random (seeded by Options.Seed) or round
+// robin. Cluster.HostsDSN lists every node's proxy instead.
+//
+// # Faults
+//
+// Node.Drain follows CockroachDB's node shutdown (57P01 for new connections,
+// then for existing ones after the connection wait), Node.Kill is a crash,
+// Node.Restart brings the node back with the same ID and address,
+// Node.Partition holds all bytes until Node.Heal, Node.SetLatency delays
+// each query round trip and Node.SetCapacity bounds the queries in flight,
+// which makes an over-connected node a real bottleneck.
+//
+// # Speed
+//
+// initdb runs once per machine (per PostgreSQL version and user): its data
+// directory is kept under Options.BaseDir and copied for each node. Nodes
+// start in parallel; a 3-node cluster starts in a fraction of a second.
+// When the process runs as root, PostgreSQL runs as the "postgres" OS user.
+//
+// Tests use New, which skips without PostgreSQL unless CLUSTERTEST_REQUIRE=1.
+package clustertest
