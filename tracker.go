@@ -166,7 +166,9 @@ func (t *tracker) track(id NodeID, addr, host string, conn *pgx.Conn, now time.T
 
 	n.lastSeen.Store(now.UnixNano())
 	t.markHealthy(id, now)
-	conn.PgConn().CustomData()[customDataKey] = cs
+	if conn != nil { // nil only in unit tests of the tracker
+		conn.PgConn().CustomData()[customDataKey] = cs
+	}
 	return cs
 }
 
@@ -326,6 +328,9 @@ func (n *node) sweepClosed(t *tracker) {
 	var closed []*connState
 	n.mu.Lock()
 	for cs := range n.connSet {
+		if cs.conn == nil {
+			continue
+		}
 		select {
 		case <-cs.conn.PgConn().CleanupDone():
 			closed = append(closed, cs)

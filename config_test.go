@@ -1,0 +1,250 @@
+package clusterpool
+
+import (
+	"math"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseConfigDefaults(t *testing.T) {
+	cfg, err := ParseConfig("postgres://u:pw@127.0.0.1:5432/db?sslmode=disable")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.BalanceInterval != DefaultBalanceInterval || cfg.ProbeInterval != DefaultProbeInterval ||
+		cfg.MaxRetries != DefaultMaxRetries || cfg.ConnectRate != DefaultConnectRate ||
+		cfg.NodeIdentity != NodeIdentityAuto {
+		t.Errorf("defaults not applied: %+v", cfg)
+	}
+}
+
+func TestParseConfigClusterParams(t *testing.T) {
+	tests := []struct {
+		name     string
+		conn     string
+		check    func(*Config) bool
+		wantRest string // the connection string pgx was given
+	}{
+		{
+			name:     "url",
+			conn:     "postgres://u:pw@h:5432/db?sslmode=disable&cluster_balance_interval=2s&application_name=x&cluster_max_retries=3",
+			check:    func(c *Config) bool { return c.BalanceInterval == 2*time.Second && c.MaxRetries == 3 },
+			wantRest: "postgres://u:pw@h:5432/db?sslmode=disable&application_name=x",
+		},
+		{
+			name:     "url only cluster params",
+			conn:     "postgresql://u@h/db?cluster_node_identity=query&cluster_connect_rate=2.5",
+			check:    func(c *Config) bool { return c.NodeIdentity == NodeIdentityQuery && c.ConnectRate == 2.5 },
+			wantRest: "postgresql://u@h/db",
+		},
+		{
+			name:     "url escaped value",
+			conn:     "postgres://u@h/db?cluster_probe_interval=1m%2030s&sslmode=disable",
+			check:    func(c *Config) bool { return false },
+			wantRest: "",
+		},
+		{
+			name:     "url escaped key",
+			conn:     "postgres://u@h/db?cluster%5Fprobe_interval=90s&sslmode=disable",
+			check:    func(c *Config) bool { return c.ProbeInterval == 90*time.Second },
+			wantRest: "postgres://u@h/db?sslmode=disable",
+		},
+		{
+			name:     "url multiple hosts",
+			conn:     "postgres://u@h1:1,h2:2/db?cluster_max_retries=0",
+			check:    func(c *Config) bool { return c.MaxRetries == 0 && len(c.ConnConfig.Fallbacks) > 0 },
+			wantRest: "postgres://u@h1:1,h2:2/db",
+		},
+		{
+			name:     "keyword/value",
+			conn:     "host=h user=u cluster_max_retries=7 dbname=db cluster_node_identity=none",
+			check:    func(c *Config) bool { return c.MaxRetries == 7 && c.NodeIdentity == NodeIdentityNone },
+			wantRest: "host=h user=u dbname=db",
+		},
+		{
+			name:     "keyword/value spaces around =",
+			conn:     "host = h cluster_balance_interval = 3s  user=u",
+			check:    func(c *Config) bool { return c.BalanceInterval == 3*time.Second },
+			wantRest: "host = h user=u",
+		},
+		{
+			name:     "keyword/value quoted",
+			conn:     `password='a b\'c cluster_max_retries=9' cluster_node_identity='BackendKey' host=h`,
+			check:    func(c *Config) bool { return c.MaxRetries == DefaultMaxRetries && c.NodeIdentity == NodeIdentityBackendKey },
+			wantRest: `password='a b\'c cluster_max_retries=9' host=h`,
+		},
+		{
+			name:     "keyword/value quoted cluster value with spaces",
+			conn:     `host=h cluster_balance_interval='1m 30s'`,
+			check:    func(c *Config) bool { return false },
+			wantRest: "",
+		},
+		{
+			name:     "connect rate inf",
+			conn:     "host=h cluster_connect_rate=inf",
+			check:    func(c *Config) bool { return math.IsInf(c.ConnectRate, 1) },
+			wantRest: "host=h",
+		},
+		{
+			name:     "zero values",
+			conn:     "host=h cluster_connect_rate=0 cluster_balance_interval=0s cluster_max_retries=0",
+			check:    func(c *Config) bool { return c.ConnectRate == 0 && c.BalanceInterval == 0 && c.MaxRetries == 0 },
+			wantRest: "host=h",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rest, _, err := extractClusterParams(tt.conn)
+			if err != nil {
+				t.Fatalf("extractClusterParams: %v", err)
+			}
+			cfg, err := ParseConfig(tt.conn)
+			if tt.wantRest == "" { // expected to fail: the value is not a duration
+				if err == nil {
+					t.Fatalf("ParseConfig succeeded, want an error")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ParseConfig: %v", err)
+			}
+			if rest != tt.wantRest {
+				t.Errorf("rest = %q, want %q", rest, tt.wantRest)
+			}
+			if !tt.check(cfg) {
+				t.Errorf("config not as expected: %+v", cfg)
+			}
+			if _, ok := cfg.ConnConfig.RuntimeParams["cluster_max_retries"]; ok {
+				t.Errorf("cluster parameter left in RuntimeParams")
+			}
+			for k := range cfg.ConnConfig.RuntimeParams {
+				if strings.HasPrefix(k, "cluster_") {
+					t.Errorf("cluster parameter %q left in RuntimeParams", k)
+				}
+			}
+		})
+	}
+}
+
+func TestParseConfigErrors(t *testing.T) {
+	const secret = "s3cr3tpw"
+	tests := []struct {
+		conn string
+		want []string // substrings of the error
+	}{
+		{"postgres://u:" + secret + "@h/db?cluster_max_retries=abc", []string{"cluster_max_retries", `"abc"`}},
+		{"postgres://u:" + secret + "@h/db?cluster_max_retries=-1", []string{"cluster_max_retries", `"-1"`, "negative"}},
+		{"postgres://u:" + secret + "@h/db?cluster_balance_interval=-5s", []string{"cluster_balance_interval", `"-5s"`, "negative"}},
+		{"postgres://u:" + secret + "@h/db?cluster_probe_interval=soon", []string{"cluster_probe_interval", `"soon"`}},
+		{"postgres://u:" + secret + "@h/db?cluster_connect_rate=-2", []string{"cluster_connect_rate", `"-2"`}},
+		{"postgres://u:" + secret + "@h/db?cluster_connect_rate=NaN", []string{"cluster_connect_rate", `"NaN"`}},
+		{"postgres://u:" + secret + "@h/db?cluster_node_identity=magic", []string{"cluster_node_identity", `"magic"`}},
+		{"postgres://u:" + secret + "@h/db?cluster_max_retires=3", []string{"unknown", "cluster_max_retires"}},
+		{"host=h password=" + secret + " cluster_max_retries=x", []string{"cluster_max_retries", `"x"`}},
+		{"host=h password='" + secret + "' cluster_bogus=1", []string{"cluster_bogus"}},
+		// pgx's own errors keep redacting the password.
+		{"postgres://u:" + secret + "@h/db?pool_max_conns=zz&cluster_max_retries=1", []string{"pool_max_conns"}},
+		{"host=h password=" + secret + " pool_max_conns=zz", []string{"pool_max_conns"}},
+	}
+	for _, tt := range tests {
+		_, err := ParseConfig(tt.conn)
+		if err == nil {
+			t.Errorf("ParseConfig(%q) succeeded, want an error", tt.conn)
+			continue
+		}
+		msg := err.Error()
+		for _, w := range tt.want {
+			if !strings.Contains(msg, w) {
+				t.Errorf("ParseConfig(%q) error %q does not contain %q", tt.conn, msg, w)
+			}
+		}
+		if strings.Contains(msg, secret) {
+			t.Errorf("ParseConfig error leaks the password: %q", msg)
+		}
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	base, err := ParseConfig("host=h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		modify func(*Config)
+		want   string // "" means valid
+	}{
+		{"defaults", func(*Config) {}, ""},
+		{"zeros", func(c *Config) { c.BalanceInterval, c.ProbeInterval, c.MaxRetries, c.ConnectRate, c.NodeIdentity = 0, 0, 0, 0, "" }, ""},
+		{"negative balance", func(c *Config) { c.BalanceInterval = -time.Second }, "Config.BalanceInterval: invalid value -1s"},
+		{"negative probe", func(c *Config) { c.ProbeInterval = -1 }, "Config.ProbeInterval"},
+		{"negative retries", func(c *Config) { c.MaxRetries = -1 }, "Config.MaxRetries: invalid value -1"},
+		{"negative rate", func(c *Config) { c.ConnectRate = -1 }, "Config.ConnectRate"},
+		{"NaN rate", func(c *Config) { c.ConnectRate = math.NaN() }, "Config.ConnectRate"},
+		{"bad identity", func(c *Config) { c.NodeIdentity = "nope" }, `Config.NodeIdentity: invalid value "nope"`},
+		{"nil pgxpool config", func(c *Config) { c.Config = nil }, "ParseConfig"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := base.Copy()
+			tt.modify(c)
+			err := c.validate()
+			switch {
+			case tt.want == "" && err != nil:
+				t.Errorf("validate() = %v, want nil", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Errorf("validate() = %v, want error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestConfigSettingsDefaults(t *testing.T) {
+	cfg, err := ParseConfig("host=h pool_max_conns=7")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.BalanceInterval, cfg.ProbeInterval, cfg.ConnectRate, cfg.NodeIdentity = 0, 0, 0, ""
+	s := cfg.settings()
+	if s.balanceInterval != DefaultBalanceInterval || s.probeInterval != DefaultProbeInterval ||
+		!math.IsInf(s.connectRate, 1) || s.connectBurst != 7 || s.identity != NodeIdentityAuto || s.multiHost {
+		t.Errorf("settings() = %+v", s)
+	}
+}
+
+func TestDistinctHosts(t *testing.T) {
+	tests := []struct {
+		conn string
+		want int
+	}{
+		{"host=h", 1},
+		{"host=h sslmode=prefer", 1}, // TLS and plain fallbacks to the same host
+		{"postgres://u@h1:1,h2:2/db", 2},
+		{"postgres://u@h1:1,h1:1/db", 1},
+		{"postgres://u@h1:1,h1:2,h2:1/db?sslmode=prefer", 3},
+	}
+	for _, tt := range tests {
+		cfg, err := ParseConfig(tt.conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := distinctHosts(cfg.ConnConfig); got != tt.want {
+			t.Errorf("distinctHosts(%q) = %d, want %d", tt.conn, got, tt.want)
+		}
+	}
+}
+
+func TestConfigCopy(t *testing.T) {
+	cfg, err := ParseConfig("host=h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := cfg.Copy()
+	c.MaxConns = 99
+	c.MaxRetries = 1
+	c.ConnConfig.Host = "other"
+	if cfg.MaxConns == 99 || cfg.MaxRetries == 1 || cfg.ConnConfig.Host == "other" {
+		t.Error("Copy shares state with the original")
+	}
+}
