@@ -141,3 +141,22 @@ func TestRoundRobin(t *testing.T) {
 		}
 	}
 }
+
+func TestInProcess(t *testing.T) {
+	c, err := Start(testCtx(t), Options{Nodes: 3, InProcess: true, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := testCtx(t)
+	for _, n := range c.Nodes() {
+		conn := connect(t, ctx, n.DSN())
+		if got := int(conn.PgConn().PID() >> 20); got != n.ID() {
+			t.Errorf("node %d: PID decodes to %d", n.ID(), got)
+		}
+		var one int
+		if err := conn.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {
+			t.Fatalf("SELECT 1: %v %d", err, one)
+		}
+	}
+}
