@@ -69,9 +69,11 @@ func TestParseConfigClusterParams(t *testing.T) {
 			wantRest: "host = h user=u",
 		},
 		{
-			name:     "keyword/value quoted",
-			conn:     `password='a b\'c cluster_max_retries=9' cluster_node_identity='BackendKey' host=h`,
-			check:    func(c *Config) bool { return c.MaxRetries == DefaultMaxRetries && c.NodeIdentity == NodeIdentityBackendKey },
+			name: "keyword/value quoted",
+			conn: `password='a b\'c cluster_max_retries=9' cluster_node_identity='BackendKey' host=h`,
+			check: func(c *Config) bool {
+				return c.MaxRetries == DefaultMaxRetries && c.NodeIdentity == NodeIdentityBackendKey
+			},
 			wantRest: `password='a b\'c cluster_max_retries=9' host=h`,
 		},
 		{
@@ -176,7 +178,9 @@ func TestConfigValidate(t *testing.T) {
 		want   string // "" means valid
 	}{
 		{"defaults", func(*Config) {}, ""},
-		{"zeros", func(c *Config) { c.BalanceInterval, c.ProbeInterval, c.MaxRetries, c.ConnectRate, c.NodeIdentity = 0, 0, 0, 0, "" }, ""},
+		{"zeros", func(c *Config) {
+			c.BalanceInterval, c.ProbeInterval, c.MaxRetries, c.ConnectRate, c.NodeIdentity = 0, 0, 0, 0, ""
+		}, ""},
 		{"negative balance", func(c *Config) { c.BalanceInterval = -time.Second }, "Config.BalanceInterval: invalid value -1s"},
 		{"negative probe", func(c *Config) { c.ProbeInterval = -1 }, "Config.ProbeInterval"},
 		{"negative retries", func(c *Config) { c.MaxRetries = -1 }, "Config.MaxRetries: invalid value -1"},
