@@ -2,10 +2,20 @@ package clusterpool
 
 import (
 	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"maps"
 	"math"
+	"math/rand/v2"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/time/rate"
 )
 
@@ -214,7 +224,11 @@ type placementNode struct {
 // be avoided. No host is dropped: when everything better fails, pgconn still
 // falls back to them. Ties are broken by a per-pool hash of the host's
 // position, so different pools do not all prefer the same host.
-func placementOrder(hostNodes []NodeID, nodes map[NodeID]placementNode, seed uint64) []int {
+//
+// hostPending[i] (may be nil) counts connects under way to host i; unmapped
+// hosts with fewer of them come first, so a cold start spreads over the hosts
+// before any of them is mapped.
+func placementOrder(hostNodes []NodeID, hostPending []int, nodes map[NodeID]placementNode, seed uint64) []int {
 	order := make([]int, len(hostNodes))
 	for i := range order {
 		order[i] = i
@@ -239,6 +253,11 @@ func placementOrder(hostNodes []NodeID, nodes map[NodeID]placementNode, seed uin
 		if c := cmp.Compare(ca, cb); c != 0 {
 			return c
 		}
+		if ca == 1 && hostPending != nil {
+			if c := cmp.Compare(hostPending[a], hostPending[b]); c != 0 {
+				return c
+			}
+		}
 		if ca == 0 || ca == 2 {
 			na, nb := nodes[hostNodes[a]], nodes[hostNodes[b]]
 			if c := cmp.Compare(na.Conns-na.Target, nb.Conns-nb.Target); c != 0 {
@@ -251,4 +270,503 @@ func placementOrder(hostNodes []NodeID, nodes map[NodeID]placementNode, seed uin
 		return cmp.Compare(nodeRank(seed, NodeID(a+1)), nodeRank(seed, NodeID(b+1)))
 	})
 	return order
+}
+
+// Placement and redial settings.
+const (
+	// maxRedials bounds how often a connection that landed on an over-target
+	// node behind a single load-balancer address is refused and dialled again.
+	maxRedials = 3
+	// reservationTTL bounds how long a connect under way counts towards the
+	// node placement chose for it; a connect that fails never reports back.
+	reservationTTL = 10 * time.Second
+	// closeTimeout bounds closing a pruned connection (a Terminate message).
+	closeTimeout = time.Second
+	// aliveCheckTimeout is how long checking an idle connection for a
+	// server-side close waits for bytes that are not expected to come.
+	aliveCheckTimeout = time.Millisecond
+)
+
+// balancer applies the decisions above to a Pool: it takes the connect-rate
+// token and orders hosts in BeforeConnect, refuses over-target connections in
+// ValidateConnect behind a single address, and prunes every BalanceInterval.
+type balancer struct {
+	p       *Pool
+	seed    uint64        // chosen once per pool; see balanceTargets
+	limiter *rate.Limiter // nil: no limit
+	// place reorders the connection string's hosts (several hosts); redial
+	// refuses over-target connections and dials again (one address, with
+	// node identity from the BackendKey, so no query is needed to decide).
+	place, redial bool
+
+	// Counters for tests and the README's numbers.
+	rounds  atomic.Int64 // balancing rounds run
+	probes  atomic.Int64 // probe connections the server accepted
+	redials atomic.Int64 // connections refused by ValidateConnect
+
+	mu sync.Mutex // protects the fields below
+	// hostNodes maps a dialled address ("ip:port") to the node behind it,
+	// learned from connections; bounded by the number of hosts dialled.
+	hostNodes map[string]NodeID
+	// reservations are connects under way, by host and chosen node.
+	reservations []reservation
+}
+
+type reservation struct {
+	host  string
+	node  NodeID // 0: host not mapped yet
+	until time.Time
+}
+
+func newBalancer(p *Pool) *balancer {
+	s := p.settings
+	b := &balancer{
+		p:         p,
+		seed:      rand.Uint64(),
+		limiter:   newConnectLimiter(s.connectRate, s.connectBurst),
+		hostNodes: make(map[string]NodeID),
+	}
+	if p.tracking() {
+		b.place = s.multiHost
+		b.redial = !s.multiHost && s.identifyNode == nil &&
+			(s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey)
+	}
+	return b
+}
+
+// install chains the balancer's BeforeConnect in front of the user's, which
+// runs last and so may still override the host order.
+func (b *balancer) install(cfg *pgxpool.Config) {
+	user := cfg.BeforeConnect
+	cfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
+		if err := b.beforeConnect(ctx, cc); err != nil {
+			return err
+		}
+		if user != nil {
+			return user(ctx, cc)
+		}
+		return nil
+	}
+}
+
+// start runs the balancing loop (and the probe) until the pool closes.
+func (b *balancer) start() {
+	if !b.p.tracking() {
+		return
+	}
+	b.p.goBackground(b.run)
+	b.p.goBackground(b.p.runProbe)
+}
+
+// beforeConnect takes a connect-rate token, without any lock held, then
+// places the connection.
+func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
+	if b.limiter != nil {
+		if err := b.limiter.Wait(ctx); err != nil {
+			return fmt.Errorf("clusterpool: waiting for the connect rate limit (%g/s): %w", float64(b.limiter.Limit()), err)
+		}
+	}
+	switch {
+	case b.place:
+		b.placeHosts(ctx, cc, time.Now())
+	case b.redial:
+		b.installRedial(cc)
+	}
+	return nil
+}
+
+// liveNodes returns, for connect-time decisions, each eligible node's
+// connections (plus connects under way to it) and the targets those imply.
+func (b *balancer) liveNodes(now time.Time, extra int) (map[NodeID]placementNode, int) {
+	nodes := b.p.tracker.nodeList()
+	b.mu.Lock()
+	b.purgeReservationsLocked(now)
+	pending := make(map[NodeID]int)
+	for _, r := range b.reservations {
+		pending[r.node]++
+	}
+	unmapped := pending[0]
+	b.mu.Unlock()
+
+	info := make(map[NodeID]placementNode, len(nodes))
+	total := extra + unmapped
+	var eligible []NodeID
+	for _, n := range nodes {
+		c := int(n.conns.Load()) + pending[n.id]
+		total += c
+		ok := !n.evicted.Load() && !n.draining.Load()
+		if ok {
+			eligible = append(eligible, n.id)
+		}
+		info[n.id] = placementNode{Conns: c, Eligible: ok}
+	}
+	targets := balanceTargets(total, eligible, b.seed)
+	for id, t := range targets {
+		n := info[id]
+		n.Target = t
+		info[id] = n
+	}
+	return info, total
+}
+
+func (b *balancer) purgeReservationsLocked(now time.Time) {
+	b.reservations = slices.DeleteFunc(b.reservations, func(r reservation) bool { return now.After(r.until) })
+}
+
+// placeHosts reorders cc's hosts (Host and Fallbacks) so the connection goes
+// to the least-connected healthy node first. Entries with the same host:port
+// (sslmode=prefer's TLS and plain attempts) stay together, in their order.
+func (b *balancer) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now time.Time) {
+	groups := hostGroups(cc)
+	if len(groups) < 2 {
+		return
+	}
+	info, _ := b.liveNodes(now, 1)
+	for _, id := range avoidNodesFrom(ctx) {
+		if n, ok := info[id]; ok {
+			n.Avoid = true
+			info[id] = n
+		}
+	}
+	hostNodes := make([]NodeID, len(groups))
+	hostPending := make([]int, len(groups))
+	b.mu.Lock()
+	for i, g := range groups {
+		hostNodes[i] = b.hostNodes[g.key]
+		for _, r := range b.reservations {
+			if r.host == g.key {
+				hostPending[i]++
+			}
+		}
+	}
+	order := placementOrder(hostNodes, hostPending, info, b.seed)
+	first := groups[order[0]].key
+	b.reservations = append(b.reservations, reservation{host: first, node: hostNodes[order[0]], until: now.Add(reservationTTL)})
+	b.mu.Unlock()
+
+	setHosts(cc, groups, order)
+	b.chainValidate(cc, func(ctx context.Context, pgConn *pgconn.PgConn) error {
+		b.connected(first, pgConn)
+		return nil
+	})
+}
+
+// hostGroup is one host:port of a connection string with its attempts.
+type hostGroup struct {
+	key     string // host:port
+	entries []*pgconn.FallbackConfig
+}
+
+// hostGroups splits cc's Host and Fallbacks by host:port. Entries with the
+// same host:port (sslmode=prefer's TLS and plain attempts) stay together, in
+// their order.
+func hostGroups(cc *pgx.ConnConfig) []*hostGroup {
+	var groups []*hostGroup
+	all := append([]*pgconn.FallbackConfig{{Host: cc.Host, Port: cc.Port, TLSConfig: cc.TLSConfig}}, cc.Fallbacks...)
+	for _, fb := range all {
+		key := hostPort(fb.Host, fb.Port)
+		i := slices.IndexFunc(groups, func(g *hostGroup) bool { return g.key == key })
+		if i < 0 {
+			groups = append(groups, &hostGroup{key: key})
+			i = len(groups) - 1
+		}
+		groups[i].entries = append(groups[i].entries, fb)
+	}
+	return groups
+}
+
+// setHosts writes groups into cc in the given order.
+func setHosts(cc *pgx.ConnConfig, groups []*hostGroup, order []int) {
+	var sorted []*pgconn.FallbackConfig
+	for _, i := range order {
+		sorted = append(sorted, groups[i].entries...)
+	}
+	cc.Host, cc.Port, cc.TLSConfig = sorted[0].Host, sorted[0].Port, sorted[0].TLSConfig
+	cc.Fallbacks = sorted[1:]
+}
+
+// connected drops the reservation a connect made and learns which node is
+// behind the address it reached.
+func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
+	var addr string
+	if nc := pgConn.Conn(); nc != nil && nc.RemoteAddr() != nil {
+		addr = nc.RemoteAddr().String()
+	}
+	var id NodeID
+	if isCockroachDB(pgConn) {
+		id = DecodeProcessID(pgConn.PID())
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if i := slices.IndexFunc(b.reservations, func(r reservation) bool { return r.host == reserved }); i >= 0 {
+		b.reservations = slices.Delete(b.reservations, i, i+1)
+	}
+	if id != 0 && addr != "" {
+		b.hostNodes[addr] = id
+	}
+}
+
+// learnHosts maps addresses to nodes from the pool's connections (the
+// query identity reveals the node only after ValidateConnect).
+func (b *balancer) learnHosts(nodes []*node) {
+	seen := make(map[string]NodeID)
+	for _, n := range nodes {
+		n.mu.Lock()
+		for cs := range n.connSet {
+			if cs.host != "" {
+				seen[cs.host] = n.id
+			}
+		}
+		n.mu.Unlock()
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for host, id := range seen {
+		b.hostNodes[host] = id
+	}
+}
+
+// chainValidate runs v, then the ValidateConnect already on cc (for example
+// target_session_attrs').
+func (b *balancer) chainValidate(cc *pgx.ConnConfig, v pgconn.ValidateConnectFunc) {
+	prev := cc.ValidateConnect
+	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
+		if err := v(ctx, pgConn); err != nil {
+			return err
+		}
+		if prev != nil {
+			return prev(ctx, pgConn)
+		}
+		return nil
+	}
+}
+
+// errOverTarget refuses a connection in ValidateConnect so pgconn dials the
+// next (identical) fallback. It never reaches the caller: the last attempt is
+// always accepted.
+var errOverTarget = errors.New("clusterpool: node is above its connection target; dialling again")
+
+// installRedial adds maxRedials copies of the single address as fallbacks and
+// a ValidateConnect that refuses a connection landing on a node at or above
+// its target while another healthy node is below it. The last copy is always
+// accepted, so the load balancer's choice stands after maxRedials refusals.
+// Behind a random balancer each dial is a fresh draw: this reaches the
+// under-filled node in fewer balancing rounds for the same number of
+// connections opened (see the README's numbers).
+func (b *balancer) installRedial(cc *pgx.ConnConfig) {
+	primary := &pgconn.FallbackConfig{Host: cc.Host, Port: cc.Port, TLSConfig: cc.TLSConfig}
+	copies := make([]*pgconn.FallbackConfig, 0, maxRedials+len(cc.Fallbacks))
+	for range maxRedials {
+		fb := *primary
+		copies = append(copies, &fb)
+	}
+	cc.Fallbacks = append(copies, cc.Fallbacks...)
+	attempt := 0 // pgconn tries the fallbacks one after another
+	b.chainValidate(cc, func(ctx context.Context, pgConn *pgconn.PgConn) error {
+		attempt++
+		if attempt > maxRedials || !isCockroachDB(pgConn) {
+			return nil
+		}
+		now := time.Now()
+		// A redial is a new connection for the server too: it needs a token
+		// of its own, and without one the connection is kept.
+		if b.overTarget(DecodeProcessID(pgConn.PID()), now) && (b.limiter == nil || b.limiter.AllowN(now, 1)) {
+			b.redials.Add(1)
+			return errOverTarget
+		}
+		return nil
+	})
+}
+
+// overTarget reports whether a new connection on node id would be above its
+// target while some other eligible node that can take it is below target.
+func (b *balancer) overTarget(id NodeID, now time.Time) bool {
+	info, _ := b.liveNodes(now, 1)
+	n, ok := info[id]
+	if !ok || !n.Eligible {
+		return false // a node nobody has seen yet is below any target
+	}
+	if n.Conns < n.Target {
+		return false
+	}
+	refill := b.refillWindow()
+	for oid, o := range info {
+		if oid == id || !o.Eligible || o.Conns >= o.Target {
+			continue
+		}
+		if o.Conns > 0 || b.recentlySeen(oid, now, refill) {
+			return true
+		}
+	}
+	return false
+}
+
+func (b *balancer) recentlySeen(id NodeID, now time.Time, within time.Duration) bool {
+	n := b.p.tracker.node(id)
+	return n != nil && now.Sub(time.Unix(0, n.lastSeen.Load())) <= within
+}
+
+// refillWindow is how long after a node was last seen a new connection can
+// be expected to reach it. Behind a random load balancer a live node without
+// connections is seen about every N probes; a node that just went away stays
+// refillable this long, so a short window limits pruning for nothing.
+func (b *balancer) refillWindow() time.Duration {
+	return 2 * max(b.p.settings.balanceInterval, b.p.settings.probeInterval)
+}
+
+// run is the balancing loop: one round every BalanceInterval ±20%.
+func (b *balancer) run(ctx context.Context) {
+	timer := time.NewTimer(jitter(b.p.settings.balanceInterval, rand.Float64()))
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		b.round(ctx, time.Now())
+		timer.Reset(jitter(b.p.settings.balanceInterval, rand.Float64()))
+	}
+}
+
+// round is one balancing round: refresh what is known about the nodes, plan,
+// and retire connections per the plan.
+func (b *balancer) round(ctx context.Context, now time.Time) balancePlan {
+	b.rounds.Add(1)
+	t := b.p.tracker
+	for _, s := range t.snapshot() { // also forgets connections closed behind the pool's back
+		if s.TotalConns > 0 {
+			t.seen(s.ID, now) // an open connection is proof of life
+		}
+	}
+	nodes := t.nodeList()
+	t.expire(now, expiryWindow(b.p.settings.balanceInterval, b.p.settings.probeInterval, max(len(nodes), 1)))
+	nodes = t.nodeList()
+	b.learnHosts(nodes)
+
+	refill := b.refillWindow()
+	views := make([]nodeView, 0, len(nodes))
+	for _, n := range nodes {
+		conns := int(n.conns.Load()) - n.markedToRetire()
+		views = append(views, nodeView{
+			ID:         n.id,
+			Conns:      max(conns, 0),
+			Eligible:   !n.evicted.Load() && !n.draining.Load(),
+			Refillable: conns > 0 || now.Sub(time.Unix(0, n.lastSeen.Load())) <= refill,
+		})
+	}
+	plan := planBalance(views, b.seed)
+	if b.settling(now) {
+		// Connections are being opened (a refill after the last round): their
+		// nodes are not known yet, so pruning now would overshoot.
+		plan.Prune = nil
+	}
+	b.retire(ctx, plan.Prune, now)
+	return plan
+}
+
+// settling reports whether connections are being opened right now.
+func (b *balancer) settling(now time.Time) bool {
+	st := b.p.pool.Stat()
+	if st.ConstructingConns() > 0 || st.TotalConns() < b.p.config.MinConns {
+		return true
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.purgeReservationsLocked(now)
+	return len(b.reservations) > 0
+}
+
+// markedToRetire counts the node's connections already marked to retire.
+func (n *node) markedToRetire() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	k := 0
+	for cs := range n.connSet {
+		if cs.retire.Load() {
+			k++
+		}
+	}
+	return k
+}
+
+// retire closes prune[id] connections of each node, idle ones at once, and
+// marks in-use ones to be refused at their next acquire. It also checks the
+// other idle connections for a close by the server (a node that went away
+// leaves idle connections that look open until used).
+//
+// A pruned idle connection is closed (Terminate) and then released: pgxpool
+// destroys a closed connection on release and starts its health check, which
+// tops the pool up to MinConns through BeforeConnect, i.e. placement.
+func (b *balancer) retire(ctx context.Context, prune map[NodeID]int, now time.Time) {
+	remaining := maps.Clone(prune)
+	conns := b.p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true))
+	var victims []*pgxpool.Conn
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		cs := connStateOf(c.Conn())
+		if cs != nil && remaining[cs.node.id] > 0 {
+			remaining[cs.node.id]--
+			victims = append(victims, c)
+			continue
+		}
+		// Each check waits about a millisecond for nothing; run them side
+		// by side and put each connection back as soon as it is checked.
+		wg.Go(func() {
+			if err := checkAlive(c.Conn().PgConn()); err != nil {
+				if cs != nil {
+					b.p.tracker.recordFailure(cs.node.id, now)
+				}
+				closeQuietly(c.Conn())
+			}
+			c.Release()
+		})
+	}
+	for _, c := range victims {
+		if cs := connStateOf(c.Conn()); cs != nil {
+			cs.node.pruned.Add(1)
+		}
+		closeQuietly(c.Conn())
+		c.Release()
+	}
+	wg.Wait()
+	for id, k := range remaining {
+		if k <= 0 {
+			continue
+		}
+		n := b.p.tracker.node(id)
+		if n == nil {
+			continue
+		}
+		n.mu.Lock()
+		for cs := range n.connSet {
+			if k == 0 {
+				break
+			}
+			if cs.inUse.Load() && cs.retire.CompareAndSwap(false, true) {
+				n.pruned.Add(1)
+				k--
+			}
+		}
+		n.mu.Unlock()
+	}
+}
+
+func closeQuietly(c *pgx.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+	defer cancel()
+	_ = c.Close(ctx) // the connection is going away either way
+}
+
+// checkAlive reports an error when the server has closed an idle connection
+// (or sent it a fatal error such as 57P01). It reads with a very short
+// deadline and sends nothing, as pgconn's deprecated CheckConn does; a timeout
+// means the connection is still open.
+func checkAlive(pgConn *pgconn.PgConn) error {
+	ctx, cancel := context.WithTimeout(context.Background(), aliveCheckTimeout)
+	defer cancel()
+	if _, err := pgConn.ReceiveMessage(ctx); err != nil && !pgconn.Timeout(err) {
+		return err
+	}
+	return nil
 }

@@ -44,6 +44,7 @@ type Pool struct {
 	config   *Config // the caller's config, copied; returned by ClusterConfig
 	settings settings
 	tracker  *tracker
+	balancer *balancer // connect rate, placement, pruning (balancer.go)
 
 	// The caller's hooks, chained behind the pool's own.
 	userAfterConnect func(context.Context, *pgx.Conn) error
@@ -107,7 +108,10 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	} else {
 		pgxCfg.PrepareConn = p.userPrepareConn
 	}
-	// BeforeConnect: the user's hook is kept as is (pgxCfg.BeforeConnect).
+	// BeforeConnect: the balancer's hook (rate limit, placement) runs first,
+	// then the user's, on the same per-attempt copy.
+	p.balancer = newBalancer(p)
+	p.balancer.install(pgxCfg)
 
 	pool, err := pgxpool.NewWithConfig(ctx, pgxCfg)
 	if err != nil {
@@ -116,7 +120,7 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	}
 	p.pool = pool
 
-	// Background work (balancer, probe) starts here through p.goBackground.
+	p.balancer.start() // the balancing loop and the probe
 
 	return p, nil
 }

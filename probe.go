@@ -1,8 +1,14 @@
 package clusterpool
 
 import (
+	"context"
+	"errors"
 	"math"
+	"math/rand/v2"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // expiryProbability is the chance we accept that a healthy node, reachable
@@ -35,4 +41,158 @@ func expiryWindow(balanceInterval, probeInterval time.Duration, nodes int) time.
 	}
 	probes := time.Duration((m + 1) * 1.2 * float64(probeInterval))
 	return max(3*balanceInterval, probes)
+}
+
+// Probe settings.
+const (
+	// maxProbeTimeout bounds one probe (connect, identify, gossip query).
+	maxProbeTimeout = 5 * time.Second
+	// unidentifiedProbes is how many probes in a row may reach a server that
+	// has no node identity (plain PostgreSQL behind one address) before the
+	// probe stops for good: there is nothing to discover.
+	unidentifiedProbes = 3
+	// gossipBackoff is how long the probe stops asking for the gossip tables
+	// after it was not allowed to read them (or they do not exist).
+	gossipBackoff = 10 * time.Minute
+)
+
+// gossipQuery reads CockroachDB's view of the cluster. It needs the
+// VIEWCLUSTERMETADATA privilege (or admin); without it the probe falls back
+// silently to what connections and probes see.
+const gossipQuery = `SELECT l.node_id, l.draining, COALESCE(l.membership, 'active'), COALESCE(n.is_live, false)
+FROM crdb_internal.gossip_liveness AS l LEFT JOIN crdb_internal.gossip_nodes AS n ON n.node_id = l.node_id`
+
+// probeState is the probe loop's memory between probes; only the loop
+// goroutine touches it.
+type probeState struct {
+	n            int       // probes started; rotates the first host
+	unidentified int       // probes in a row that found no node identity
+	gossipAfter  time.Time // do not query gossip before this
+}
+
+// runProbe opens one short-lived connection every ProbeInterval ±20% so the
+// pool learns of nodes it holds no connection to: a new node joins the
+// targets as soon as a probe reaches it, and a node no probe reaches for the
+// expiry window leaves them.
+func (p *Pool) runProbe(ctx context.Context) {
+	var st probeState
+	timer := time.NewTimer(jitter(p.settings.probeInterval, rand.Float64()))
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		if !p.probe(ctx, &st) {
+			return
+		}
+		timer.Reset(jitter(p.settings.probeInterval, rand.Float64()))
+	}
+}
+
+// probe runs one probe and reports whether probing should go on. The
+// connection is built from the pool's own connection config (same TLS,
+// credentials, DialFunc, user BeforeConnect) but is not a pool connection:
+// it is neither tracked nor rate limited, and it is closed at once. A failed
+// probe counts against no node: behind a load balancer it is not known which
+// node failed, and the pool's own connects report real failures.
+func (p *Pool) probe(ctx context.Context, st *probeState) bool {
+	ctx, cancel := context.WithTimeout(ctx, min(p.settings.probeInterval, maxProbeTimeout))
+	defer cancel()
+	cc := p.config.ConnConfig.Copy()
+	if groups := hostGroups(cc); len(groups) > 1 {
+		// Several hosts: visit them in turn, so every listed node is probed
+		// every len(groups) probes however connections are placed.
+		order := make([]int, len(groups))
+		for i := range order {
+			order[i] = (st.n + i) % len(groups)
+		}
+		setHosts(cc, groups, order)
+	}
+	st.n++
+	if p.config.BeforeConnect != nil {
+		if err := p.config.BeforeConnect(ctx, cc); err != nil {
+			return true
+		}
+	}
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		return true
+	}
+	defer closeQuietly(conn)
+	p.balancer.probes.Add(1)
+	id, _, err := p.identify(ctx, conn)
+	if err != nil {
+		return true
+	}
+	now := time.Now()
+	if id == 0 {
+		st.unidentified++
+		return st.unidentified < unidentifiedProbes
+	}
+	st.unidentified = 0
+	p.tracker.seen(id, now)
+	p.tracker.markHealthy(id, now)
+	if now.After(st.gossipAfter) {
+		if err := p.readGossip(ctx, conn, now); err != nil && !isTransient(err) {
+			st.gossipAfter = now.Add(gossipBackoff)
+		}
+	}
+	return true
+}
+
+// isTransient reports whether a gossip query error may go away by itself
+// (connection trouble, timeout) rather than mean "not allowed" or "no such
+// table", which stops gossip queries for gossipBackoff.
+func isTransient(err error) bool {
+	var pgErr *pgconn.PgError
+	return !errors.As(err, &pgErr)
+}
+
+// readGossip applies CockroachDB's liveness view: a draining or
+// decommissioning node leaves the targets (its idle connections are retired
+// by the next balancing round); a node gossip says is not live is evicted
+// until a connect or probe reaches it again; a live, active node the pool
+// already knows counts as seen, so it does not expire while the load
+// balancer happens to miss it. Nodes the pool has never reached are not
+// added: a node listed in gossip may be unreachable from this client, and
+// counting it would prune connections for a place they cannot go.
+func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) error {
+	rows, err := conn.Query(ctx, gossipQuery)
+	if err != nil {
+		return err
+	}
+	type entry struct {
+		id             int64
+		draining, live bool
+		membership     string
+	}
+	var entries []entry
+	for rows.Next() {
+		var e entry
+		if err := rows.Scan(&e.id, &e.draining, &e.membership, &e.live); err != nil {
+			rows.Close()
+			return err
+		}
+		entries = append(entries, e)
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for _, e := range entries {
+		n := p.tracker.node(NodeID(e.id))
+		if n == nil {
+			continue
+		}
+		leaving := e.draining || e.membership != "active"
+		n.draining.Store(leaving)
+		switch {
+		case !e.live:
+			p.tracker.evict(n.id, now)
+		case !leaving:
+			p.tracker.seen(n.id, now)
+		}
+	}
+	return nil
 }

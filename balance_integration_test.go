@@ -1,0 +1,280 @@
+package clusterpool
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
+)
+
+// Short intervals make a few seconds of a test stand for many rounds.
+const (
+	testBalanceInterval = 150 * time.Millisecond
+	testProbeInterval   = 100 * time.Millisecond
+)
+
+func balancedConfig(minConns, maxConns int32) func(*Config) {
+	return func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = minConns, maxConns
+		cfg.BalanceInterval = testBalanceInterval
+		cfg.ProbeInterval = testProbeInterval
+		cfg.ConnectRate = 0
+	}
+}
+
+// spreadOf describes the servers' counts: "" when every node of the
+// cluster holds within one of the others and the total is want (if >0).
+func spreadOf(c *clustertest.Cluster, want int) string {
+	counts := c.OpenConns()
+	lo, hi, sum := 1<<30, 0, 0
+	for _, n := range counts {
+		lo, hi, sum = min(lo, n), max(hi, n), sum+n
+	}
+	if hi-lo > 1 || (want > 0 && sum != want) {
+		return fmt.Sprintf("servers' counts %v (want spread <= 1, total %d)", counts, want)
+	}
+	return ""
+}
+
+func totalOpened(c *clustertest.Cluster) int64 {
+	var sum int64
+	for _, n := range c.Nodes() {
+		sum += n.TotalConns()
+	}
+	return sum
+}
+
+// poolOpened is the number of connections the servers accepted for the pool
+// itself: their total minus the probes' short-lived connections. Removed
+// nodes no longer count, so compare deltas taken while the node set is fixed.
+func poolOpened(c *clustertest.Cluster, p *Pool) int64 {
+	return totalOpened(c) - p.balancer.probes.Load()
+}
+
+func TestBalanceEvenAtStart(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	p := startPool(t, c.DSN(), balancedConfig(30, 30))
+	waitCond(t, func() string { return spreadOf(c, 30) })
+	// The pool's view equals the servers'.
+	waitCond(t, func() string {
+		if got, want := poolCounts(p), serverCounts(c); fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Sprintf("pool %v, servers %v", got, want)
+		}
+		return ""
+	})
+}
+
+// Behind one load-balancer address: a new node gets its share, a removed one
+// is dropped from the targets, and once balanced nothing moves.
+func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	p := startPool(t, c.DSN(), balancedConfig(30, 30))
+	waitCond(t, func() string { return spreadOf(c, 30) })
+
+	n4, err := c.AddNode(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := poolOpened(c, p)
+	waitCond(t, func() string {
+		if k := n4.OpenConns(); k < 7 || k > 8 {
+			return fmt.Sprintf("node 4 holds %d, want 7 or 8; %v", k, c.OpenConns())
+		}
+		return spreadOf(c, 30)
+	})
+	moves := n4.OpenConns()
+	opened := poolOpened(c, p) - before
+	t.Logf("scale-out behind a random load balancer: %d opened for %d moves", opened, moves)
+	// Each dial reaches the new node with probability 1/4 whatever the
+	// strategy, so about 4 opens per move are expected (see README); the
+	// bound here only catches runaway churn.
+	if opened > int64(8*moves) {
+		t.Errorf("opened %d connections for %d moves", opened, moves)
+	}
+	assertQuiet(t, c, p, 2*time.Second)
+
+	if err := c.RemoveNode(testCtx(t), 2); err != nil {
+		t.Fatal(err)
+	}
+	waitCond(t, func() string { return spreadOf(c, 30) })
+	waitCond(t, func() string {
+		for _, s := range p.NodeStats() {
+			if s.ID == 2 && s.TotalConns > 0 {
+				return fmt.Sprintf("pool still counts %d connections on removed node 2", s.TotalConns)
+			}
+		}
+		return ""
+	})
+	assertQuiet(t, c, p, 2*time.Second)
+}
+
+// assertQuiet checks that the pool opens no connection for d: with 150 ms
+// rounds that is over ten rounds in which a balanced pool must not
+// oscillate. The probes' connections are not the pool's; one may straddle
+// the start or the end of the period.
+func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool, d time.Duration) {
+	t.Helper()
+	before, newBefore := poolOpened(c, p), p.Stat().NewConnsCount()
+	time.Sleep(d) // a quiet period, not a wait for a condition
+	if opened, n := poolOpened(c, p)-before, p.Stat().NewConnsCount()-newBefore; opened > 1 || n != 0 {
+		t.Errorf("balanced pool opened %d connections (servers: %d) in %v of quiet: %v", n, opened, d, c.OpenConns())
+	}
+}
+
+// Below MaxConns (MinConns 12 of 30) under light load the pool is balanced
+// too: targets come from the pool's current size, not MaxConns.
+func TestBalanceBelowMaxConns(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	p := startPool(t, c.DSN(), balancedConfig(12, 30))
+	ctx := testCtx(t)
+	done := make(chan struct{})
+	defer close(done)
+	go func() { // light load: a couple of queries at a time
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			_, _ = p.Exec(ctx, "SELECT 1")
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	waitCond(t, func() string {
+		counts := c.OpenConns()
+		total := 0
+		for _, n := range counts {
+			total += n
+		}
+		if total < 12 {
+			return fmt.Sprintf("pool below MinConns: %v", counts)
+		}
+		return spreadOf(c, 0)
+	})
+}
+
+// After a node restart the pool reconnects no faster than ConnectRate,
+// beyond the burst.
+func TestBalanceConnectRateAfterRestart(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	const rate = 20.0
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(30, 30)(cfg)
+		cfg.ConnectRate = rate
+	})
+	waitCond(t, func() string { return spreadOf(c, 30) })
+	ctx := testCtx(t)
+	// Drain the limiter's burst by killing every node's connections twice
+	// over: then every later connect waits for a token.
+	for round := 0; round < 2; round++ {
+		for _, n := range c.Nodes() {
+			n.Kill()
+			if err := n.Restart(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		start, before := time.Now(), poolOpened(c, p)
+		// Use the pool so broken connections are noticed and replaced.
+		waitCond(t, func() string {
+			_, _ = p.Exec(ctx, "SELECT 1")
+			return spreadOf(c, 30)
+		})
+		elapsed := time.Since(start)
+		opened := poolOpened(c, p) - before
+		// A count bound, measured against the elapsed time: at most the
+		// burst (MaxConns) plus rate × elapsed. Redials take tokens too.
+		limit := 30 + rate*elapsed.Seconds() + 1
+		t.Logf("round %d: %d connections in %v (limit %.0f)", round, opened, elapsed, limit)
+		if float64(opened) > limit {
+			t.Errorf("opened %d connections in %v at %g/s", opened, elapsed, rate)
+		}
+	}
+}
+
+// Plain PostgreSQL behind one address: no node identity, so no balancing,
+// no probe after the first few, and queries work as with pgxpool.
+func TestBalanceOffOnPlainPostgres(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, Postgres: true, InProcess: true})
+	p := startPool(t, c.Nodes()[0].DSN(), balancedConfig(4, 4))
+	for range 20 {
+		if _, err := p.Exec(testCtx(t), "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s := p.NodeStats(); len(s) != 0 {
+		t.Fatalf("NodeStats on plain PostgreSQL = %v, want none", s)
+	}
+	// The probe gives up: the server's connection total stops growing.
+	waitCond(t, func() string {
+		before := totalOpened(c)
+		time.Sleep(5 * testProbeInterval)
+		if d := totalOpened(c) - before; d != 0 {
+			return fmt.Sprintf("%d connections opened while idle", d)
+		}
+		return ""
+	})
+}
+
+// gossipSetup creates crdb_internal.gossip_liveness and gossip_nodes on every
+// node's PostgreSQL with one row per node of the cluster, as CockroachDB
+// would show them. addresses are the nodes' proxy addresses.
+func gossipSetup(t *testing.T, c *clustertest.Cluster, draining map[int]bool) {
+	t.Helper()
+	ctx := testCtx(t)
+	var liveness, nodes []string
+	for _, n := range c.Nodes() {
+		liveness = append(liveness, fmt.Sprintf("(%d, %t, 'active')", n.ID(), draining[n.ID()]))
+		nodes = append(nodes, fmt.Sprintf("(%d, '%s', true)", n.ID(), n.Addr()))
+	}
+	for _, n := range c.Nodes() {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
+CREATE TABLE IF NOT EXISTS crdb_internal.gossip_liveness (node_id int, draining bool, membership text);
+CREATE TABLE IF NOT EXISTS crdb_internal.gossip_nodes (node_id int, address text, is_live bool);
+BEGIN;
+DELETE FROM crdb_internal.gossip_liveness; DELETE FROM crdb_internal.gossip_nodes;
+INSERT INTO crdb_internal.gossip_liveness VALUES ` + strings.Join(liveness, ",") + `;
+INSERT INTO crdb_internal.gossip_nodes VALUES ` + strings.Join(nodes, ",") + `;
+COMMIT;`
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			t.Fatal(err)
+		}
+		conn.Close(ctx)
+	}
+}
+
+// A node that gossip reports as draining leaves the targets and loses its
+// connections; when it stops draining it gets its share back.
+func TestBalanceGossipDraining(t *testing.T) {
+	if err := clustertest.Available(); err != nil {
+		t.Skip(err)
+	}
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	gossipSetup(t, c, nil)
+	p := startPool(t, c.DSN(), balancedConfig(30, 30))
+	waitCond(t, func() string { return spreadOf(c, 30) })
+
+	gossipSetup(t, c, map[int]bool{3: true})
+	waitCond(t, func() string {
+		if k := c.Node(3).OpenConns(); k != 0 {
+			return fmt.Sprintf("draining node 3 still holds %d", k)
+		}
+		if k := c.Node(1).OpenConns() + c.Node(2).OpenConns(); k != 30 {
+			return fmt.Sprintf("nodes 1 and 2 hold %d, want 30", k)
+		}
+		return ""
+	})
+	for _, s := range p.NodeStats() {
+		if s.ID == 3 && !s.Draining {
+			t.Errorf("NodeStats for node 3: Draining false")
+		}
+	}
+	gossipSetup(t, c, nil)
+	waitCond(t, func() string { return spreadOf(c, 30) })
+}
