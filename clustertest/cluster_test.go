@@ -8,7 +8,7 @@ import (
 )
 
 func TestBackendKeyAndVersion(t *testing.T) {
-	c := New(t, Options{Nodes: 3})
+	c := New(t, Options{Nodes: 2})
 	ctx := testCtx(t)
 	for _, n := range c.Nodes() {
 		conn := connect(t, ctx, n.DSN())
@@ -44,7 +44,7 @@ func TestPostgresMode(t *testing.T) {
 }
 
 func TestLongIDs(t *testing.T) {
-	c := New(t, Options{Nodes: 2, LongIDs: true, FirstID: 5000, InProcess: false})
+	c := New(t, Options{Nodes: 1, LongIDs: true, FirstID: 5000})
 	ctx := testCtx(t)
 	for _, n := range c.Nodes() {
 		conn := connect(t, ctx, n.DSN())
@@ -82,7 +82,7 @@ func TestEncodeProcessID(t *testing.T) {
 }
 
 func TestOpenConnsUpAndDown(t *testing.T) {
-	c := New(t, Options{Nodes: 2})
+	c := New(t, Options{Nodes: 1})
 	ctx := testCtx(t)
 	n := c.Node(1)
 	var conns []*pgx.Conn
@@ -92,7 +92,7 @@ func TestOpenConnsUpAndDown(t *testing.T) {
 	if got := n.OpenConns(); got != 5 {
 		t.Fatalf("OpenConns %d, want 5", got)
 	}
-	if got := c.OpenConns(); got[1] != 5 || got[2] != 0 {
+	if got := c.OpenConns(); got[1] != 5 || len(got) != 1 {
 		t.Fatalf("Cluster.OpenConns %v", got)
 	}
 	for _, conn := range conns[:3] {
@@ -109,8 +109,10 @@ func TestOpenConnsUpAndDown(t *testing.T) {
 	eventually(t, "2 open in total", func() bool { m := c.OpenConns(); return m[1]+m[2] == 2 })
 }
 
+// The balancer does not look at the servers, so in-process nodes do here:
+// 300 PostgreSQL backend forks would only make the test slow.
 func TestLoadBalancerSpread(t *testing.T) {
-	c := New(t, Options{Nodes: 3, Seed: 42})
+	c := New(t, Options{Nodes: 3, Seed: 42, InProcess: true})
 	ctx := testCtx(t)
 	const total = 300
 	for i := 0; i < total; i++ {
@@ -131,7 +133,7 @@ func TestLoadBalancerSpread(t *testing.T) {
 }
 
 func TestRoundRobin(t *testing.T) {
-	c := New(t, Options{Nodes: 3, Balancing: RoundRobin})
+	c := New(t, Options{Nodes: 3, Balancing: RoundRobin, InProcess: true})
 	ctx := testCtx(t)
 	for i := 0; i < 6; i++ {
 		conn := connect(t, ctx, c.DSN())

@@ -2,6 +2,7 @@ package clustertest
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"net"
 	"os"
@@ -36,7 +37,7 @@ func connectCancelling(t *testing.T, ctx context.Context, dsn string) *pgx.Conn 
 }
 
 func TestCancelThroughProxy(t *testing.T) {
-	c := New(t, Options{Nodes: 3, Seed: 7})
+	c := New(t, Options{Nodes: 2, Seed: 7})
 	ctx := testCtx(t)
 	// Through a node proxy, and through the load balancer, which may send
 	// the CancelRequest to another node's proxy: it must be forwarded.
@@ -103,7 +104,7 @@ func TestDrain(t *testing.T) {
 }
 
 func TestDrainIdleConnection(t *testing.T) {
-	c := New(t, Options{Nodes: 1})
+	c := New(t, Options{Nodes: 1, InProcess: true})
 	ctx := testCtx(t)
 	n := c.Node(1)
 	conn, err := pgconn.Connect(ctx, n.DSN())
@@ -404,5 +405,63 @@ func TestPostgresFailsToStart(t *testing.T) {
 		if strings.HasPrefix(e.Name(), "clustertest-") && !strings.HasPrefix(e.Name(), "clustertest-template-") {
 			t.Errorf("left behind %s", e.Name())
 		}
+	}
+}
+
+// TestCancelForwardedFromAnotherNode sends the CancelRequest for a query on
+// node 1 to node 2's proxy, as a load balancer may: CockroachDB forwards it
+// to the node named in the key, and so must the proxies, in both modes.
+func TestCancelForwardedFromAnotherNode(t *testing.T) {
+	for _, postgres := range []bool{false, true} {
+		c := New(t, Options{Nodes: 2, Postgres: postgres})
+		ctx := testCtx(t)
+		conn := connectCancelling(t, ctx, c.Node(1).DSN())
+		pgc := conn.PgConn()
+		go func() {
+			// Wait until the sleep runs on the server, then cancel it via node 2.
+			watcher := connect(t, ctx, c.Node(1).PostgresDSN())
+			for {
+				var n int
+				if err := watcher.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'").Scan(&n); err != nil || n > 0 {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			req := make([]byte, 12, 16)
+			binary.BigEndian.PutUint32(req[0:], uint32(12+len(pgc.SecretKey())))
+			binary.BigEndian.PutUint32(req[4:], cancelRequestCode)
+			binary.BigEndian.PutUint32(req[8:], pgc.PID())
+			req = append(req, pgc.SecretKey()...)
+			nc, err := net.Dial("tcp", c.Node(2).Addr())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer nc.Close()
+			nc.Write(req)
+			nc.Read(make([]byte, 1)) // until the proxy closes it
+		}()
+		_, err := conn.Exec(ctx, "SELECT pg_sleep(30)")
+		if sqlState(err) != "57014" {
+			t.Fatalf("Postgres=%v: pg_sleep ended with %v, want SQLSTATE 57014", postgres, err)
+		}
+	}
+}
+
+// TestSSLRequest connects with sslmode=prefer: the proxy relays the
+// SSLRequest and the server's refusal; a draining node answers it itself.
+func TestSSLRequest(t *testing.T) {
+	c := New(t, Options{Nodes: 1})
+	ctx := testCtx(t)
+	n := c.Node(1)
+	dsn := strings.Replace(n.DSN(), "sslmode=disable", "sslmode=prefer", 1)
+	conn := connect(t, ctx, dsn)
+	if id := conn.PgConn().PID() >> 20; id != 1 {
+		t.Fatalf("PID decodes to %d", id)
+	}
+	go n.Drain(ctx, time.Hour) // held open by conn
+	eventually(t, "draining", func() bool { return n.State() == Draining })
+	if _, err := pgconn.Connect(ctx, dsn); sqlState(err) != "57P01" {
+		t.Fatalf("sslmode=prefer to a draining node: %v, want 57P01", err)
 	}
 }
