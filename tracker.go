@@ -66,7 +66,6 @@ type node struct {
 	id NodeID
 
 	conns    atomic.Int32 // connections open on this node and tracked
-	inUse    atomic.Int32 // of those, acquired by callers now
 	lastSeen atomic.Int64 // unix nanoseconds of the last sign of life
 	evicted  atomic.Bool  // refuse this node's connections at acquire
 	draining atomic.Bool  // the node said it is draining (probe)
@@ -96,7 +95,11 @@ type connState struct {
 	host string
 	conn *pgx.Conn
 
-	inUse  atomic.Bool // acquired by a caller now
+	// inUse is true while a caller holds the connection. It is the only
+	// in-use count: acquire and release each store one flag in the
+	// connection's own state, and NodeStats sums the flags, so the hot path
+	// never writes memory shared between connections.
+	inUse  atomic.Bool
 	retire atomic.Bool // refuse at the next acquire
 	closed atomic.Bool // untracked; set once
 }
@@ -182,24 +185,15 @@ func (t *tracker) untrack(cs *connState) {
 	n.mu.Lock()
 	delete(n.connSet, cs)
 	n.mu.Unlock()
-	cs.released()
 	n.conns.Add(-1)
 }
 
-// acquired counts the connection as in use; called when PrepareConn hands it
-// out. Hot path: atomics only.
-func (cs *connState) acquired() {
-	if cs.inUse.CompareAndSwap(false, true) {
-		cs.node.inUse.Add(1)
-	}
-}
+// acquired marks the connection in use; called when PrepareConn hands it
+// out. Hot path: one atomic store.
+func (cs *connState) acquired() { cs.inUse.Store(true) }
 
-// released counts the connection as idle again (Release) or gone (untrack).
-func (cs *connState) released() {
-	if cs.inUse.CompareAndSwap(true, false) {
-		cs.node.inUse.Add(-1)
-	}
-}
+// released marks the connection idle again; called by the release tracer.
+func (cs *connState) released() { cs.inUse.Store(false) }
 
 // refused reports whether PrepareConn must refuse the connection.
 func (cs *connState) refused() bool {
@@ -380,9 +374,13 @@ func (t *tracker) snapshot() []NodeStats {
 		n.sweepClosed(t)
 		n.mu.Lock()
 		addr := n.addr
+		total, inUse := int32(len(n.connSet)), int32(0)
+		for cs := range n.connSet {
+			if cs.inUse.Load() {
+				inUse++
+			}
+		}
 		n.mu.Unlock()
-		total, inUse := n.conns.Load(), n.inUse.Load()
-		inUse = min(max(inUse, 0), total) // the two loads are not atomic together
 		stats = append(stats, NodeStats{
 			ID:            n.id,
 			Addr:          addr,
