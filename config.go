@@ -104,7 +104,10 @@ type Config struct {
 	//	- (_, _, err): the connection is closed and the connect fails with err.
 	IdentifyNode func(ctx context.Context, params IdentifyNodeParams) (id NodeID, addr string, err error)
 
-	// RetryPolicy: added by the retry issue (retry.go).
+	// RetryPolicy decides whether a failed attempt is retried, within
+	// MaxRetries and the caller's context. Nil means DefaultRetryPolicy; wrap
+	// that to retry less. See the Pool documentation for the policy.
+	RetryPolicy RetryPolicy
 }
 
 // Copy returns a deep copy of the config that is safe to use and modify, with

@@ -39,6 +39,65 @@ import (
 // A connection taken out of the pool with pgxpool.Conn.Hijack stays counted
 // on its node (the server still sees it) until the caller closes it; the
 // next NodeStats notices the close.
+//
+// # Retries
+//
+// Exec, Query, QueryRow, SendBatch, CopyFrom, Begin, BeginTx, BeginFunc and
+// BeginTxFunc retry a failed attempt when, and only when, repeating it cannot
+// apply work twice. Errors are classified by type and SQLSTATE (Classify),
+// never by message text:
+//
+//   - Not sent (pgconn.SafeToRetry, or a failed connect): retried.
+//   - 40001 (serialization failure, "restart transaction"): the server
+//     aborted the work; retried after a backoff.
+//   - Connection failures (closed, EOF, reset, refused, network errors,
+//     57P01 including CockroachDB's "server is not accepting clients",
+//     57P02, 57P03, class 08): the connection is destroyed and the node is
+//     evicted (below); the work is retried on a different node if it was not
+//     sent, is read-only, or is marked with WithIdempotent.
+//   - Outcome unknown (40003, a connection lost after a write was sent, a
+//     COMMIT whose answer was lost): never retried unless marked with
+//     WithIdempotent; the error matches ErrOutcomeUnknown.
+//   - Anything else, and the caller's own context errors: returned at once.
+//
+// A call makes at most Config.MaxRetries+1 attempts (cluster_max_retries,
+// default 5; 0 turns retries off, as does WithoutRetry for one call).
+// Retries on another node go at once; retries on the same node (only one
+// healthy node left) and after 40001 back off exponentially with jitter,
+// 25 ms doubling to at most 1 s, and never sleep past the context's
+// deadline: the call returns the error instead. A retry prefers a
+// connection on a node that has not failed; new connections it opens are
+// placed away from failed nodes when the connection string lists several
+// hosts. When retries do not hide a failure, the error is a *RetryError
+// naming the attempts and nodes and wrapping the last error, so errors.Is
+// and errors.As still find the *pgconn.PgError and context errors; a single
+// attempt's ordinary error is returned unchanged. Config.RetryPolicy
+// replaces DefaultRetryPolicy within these bounds.
+//
+// What each method retries: Exec and QueryRow the whole statement (a failed
+// Scan re-runs the query; QueryRow runs the query when Scan is called);
+// Query until its first row, or the end of an empty result, has arrived
+// (Query reads it before returning; later errors are reported by Rows, as
+// with pgxpool); Begin and BeginTx the BEGIN; SendBatch and CopyFrom only
+// getting a connection (a batch's results are read one by one by the
+// caller, and a CopyFromSource cannot be rewound); BeginFunc and
+// BeginTxFunc the whole transaction, on 40001 or a connection lost before
+// COMMIT, like CockroachDB's client-side retry loop.
+//
+// Read-only work is: a transaction begun with pgx.ReadOnly access mode, and
+// a statement that a deliberately narrow textual rule accepts — a single
+// SELECT, SHOW or VALUES with no INTO, FOR, INSERT, UPDATE, DELETE, UPSERT,
+// MERGE, nextval or setval, calling no function other than a few known
+// built-ins (count, max, coalesce, now, ...). "SELECT f()" and WITH queries
+// are not read-only by this rule, since they may write; mark such work with
+// WithIdempotent if it is safe to repeat.
+//
+// Drain-aware eviction: on the first connection failure on node N (57P01
+// from a draining CockroachDB node, or a lost connection) the pool evicts N:
+// its idle connections are destroyed at once, its in-use ones when they are
+// released, and none of N's connections is handed out until N proves healthy
+// again (a successful connect or probe). A caller's own cancellation or
+// deadline never counts against a node.
 type Pool struct {
 	pool     *pgxpool.Pool
 	config   *Config // the caller's config, copied; returned by ClusterConfig
@@ -352,43 +411,43 @@ func (p *Pool) Stat() *pgxpool.Stat { return p.pool.Stat() }
 // Exec acquires a connection, executes sql and releases the connection.
 // See pgxpool.Pool.Exec.
 func (p *Pool) Exec(ctx context.Context, sql string, arguments ...any) (pgconn.CommandTag, error) {
-	return p.pool.Exec(ctx, sql, arguments...)
+	return p.exec(ctx, sql, arguments)
 }
 
 // Query acquires a connection and executes a query that returns rows; the
 // connection is released when the rows are closed. See pgxpool.Pool.Query.
 func (p *Pool) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
-	return p.pool.Query(ctx, sql, args...)
+	return p.query(ctx, sql, args)
 }
 
 // QueryRow acquires a connection and executes a query expected to return at
 // most one row; the connection is released by Scan. See pgxpool.Pool.QueryRow.
 func (p *Pool) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
-	return p.pool.QueryRow(ctx, sql, args...)
+	return &retryRow{p: p, ctx: ctx, sql: sql, args: args}
 }
 
 // SendBatch acquires a connection and sends the batch on it. See
 // pgxpool.Pool.SendBatch.
 func (p *Pool) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults {
-	return p.pool.SendBatch(ctx, b)
+	return p.sendBatch(ctx, b)
 }
 
 // Begin acquires a connection and starts a transaction. See
 // pgxpool.Pool.Begin.
 func (p *Pool) Begin(ctx context.Context) (pgx.Tx, error) {
-	return p.pool.Begin(ctx)
+	return p.beginTx(ctx, pgx.TxOptions{})
 }
 
 // BeginTx acquires a connection and starts a transaction with txOptions. See
 // pgxpool.Pool.BeginTx.
 func (p *Pool) BeginTx(ctx context.Context, txOptions pgx.TxOptions) (pgx.Tx, error) {
-	return p.pool.BeginTx(ctx, txOptions)
+	return p.beginTx(ctx, txOptions)
 }
 
 // CopyFrom acquires a connection and copies rows into tableName. See
 // pgxpool.Pool.CopyFrom.
 func (p *Pool) CopyFrom(ctx context.Context, tableName pgx.Identifier, columnNames []string, rowSrc pgx.CopyFromSource) (int64, error) {
-	return p.pool.CopyFrom(ctx, tableName, columnNames, rowSrc)
+	return p.copyFrom(ctx, tableName, columnNames, rowSrc)
 }
 
 // Ping acquires a connection and checks that the server answers. See

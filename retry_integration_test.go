@@ -1,0 +1,565 @@
+package clusterpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+)
+
+// retryLoadEnv overrides how long the retry tests keep their load running
+// (a Go duration). The default keeps the suite fast; the issue's 20–30 s
+// runs are CLUSTERPOOL_RETRY_LOAD=25s go test -race -run 'TestRetry$' .
+const (
+	retryLoadEnv     = "CLUSTERPOOL_RETRY_LOAD"
+	retryLoadDefault = 6 * time.Second
+	loadWorkers      = 32
+	loadKeys         = 200
+	opTimeout        = 20 * time.Second // generous: the machine is loaded
+)
+
+func retryLoad(t testing.TB) time.Duration {
+	if s := os.Getenv(retryLoadEnv); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			t.Fatalf("%s=%q: want a positive duration", retryLoadEnv, s)
+		}
+		return d
+	}
+	return retryLoadDefault
+}
+
+// newKVCluster starts a cluster whose every node has the kv and ids tables:
+// the nodes are separate PostgreSQL servers with separate data.
+func newKVCluster(t testing.TB, nodes int) *clustertest.Cluster {
+	t.Helper()
+	c := clustertest.New(t, clustertest.Options{Nodes: nodes})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, n := range c.Nodes() {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = conn.Exec(ctx, `
+			CREATE TABLE IF NOT EXISTS kv (k INT PRIMARY KEY, v INT NOT NULL);
+			CREATE TABLE IF NOT EXISTS ids (worker INT NOT NULL, seq INT NOT NULL)`)
+		conn.Close(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c
+}
+
+func newRetryPool(t testing.TB, dsn string, maxConns int32) *Pool {
+	t.Helper()
+	cfg, err := ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = maxConns
+	cfg.MinConns = maxConns
+	// Long lifetimes: retries and eviction, not connection churn, must hide
+	// the faults.
+	cfg.MaxConnLifetime = time.Hour
+	p, err := NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+func newPlainPool(t testing.TB, dsn string, maxConns int32) *pgxpool.Pool {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = maxConns
+	cfg.MinConns = maxConns
+	cfg.MaxConnLifetime = time.Hour
+	p, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+// db is what the load needs from *Pool and *pgxpool.Pool alike.
+type db interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func beginFunc(ctx context.Context, d db, fn func(pgx.Tx) error) error {
+	if p, ok := d.(*Pool); ok {
+		return p.BeginFunc(ctx, fn)
+	}
+	return pgx.BeginFunc(ctx, d.(*pgxpool.Pool), fn)
+}
+
+const upsertSQL = `INSERT INTO kv (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v`
+
+// kvOp is one read or idempotent write, chosen by i: QueryRow, Exec, Query
+// and BeginFunc in turn.
+func kvOp(ctx context.Context, d db, i int, rng *rand.Rand) error {
+	k := rng.IntN(loadKeys)
+	switch i % 4 {
+	case 0:
+		var v int
+		err := d.QueryRow(ctx, "SELECT v FROM kv WHERE k = $1", k).Scan(&v)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		return err
+	case 1:
+		_, err := d.Exec(WithIdempotent(ctx), upsertSQL, k, i)
+		return err
+	case 2:
+		rows, err := d.Query(ctx, "SELECT k, v FROM kv WHERE k >= $1 ORDER BY k LIMIT 5", k)
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+		}
+		return rows.Err()
+	default:
+		return beginFunc(WithIdempotent(ctx), d, func(tx pgx.Tx) error {
+			var v int
+			err := tx.QueryRow(ctx, "SELECT v FROM kv WHERE k = $1", k).Scan(&v)
+			if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+				return err
+			}
+			_, err = tx.Exec(ctx, upsertSQL, k, v+1)
+			return err
+		})
+	}
+}
+
+// loadResult is what callers saw during a load run.
+type loadResult struct {
+	mu   sync.Mutex
+	ops  int
+	errs []error
+	lat  []time.Duration
+}
+
+func (r *loadResult) add(d time.Duration, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ops++
+	r.lat = append(r.lat, d)
+	if err != nil {
+		r.errs = append(r.errs, err)
+	}
+}
+
+func (r *loadResult) p99() time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.lat) == 0 {
+		return 0
+	}
+	lat := slices.Clone(r.lat)
+	slices.Sort(lat)
+	return lat[(len(lat)*99)/100]
+}
+
+func (r *loadResult) summary() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d ops, %d errors", r.ops, len(r.errs))
+	for i, err := range r.errs {
+		if i == 5 {
+			fmt.Fprintf(&b, "\n\t...")
+			break
+		}
+		fmt.Fprintf(&b, "\n\t%v", err)
+	}
+	return b.String()
+}
+
+// runLoad runs loadWorkers workers doing kvOp on d until stop is closed, then
+// returns what they saw. Each operation has its own context: stopping the
+// load never cancels an operation in flight.
+func runLoad(d db, stop <-chan struct{}) *loadResult {
+	res := &loadResult{}
+	var wg sync.WaitGroup
+	for w := range loadWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 1))
+			for i := w; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+				start := time.Now()
+				err := kvOp(ctx, d, i, rng)
+				res.add(time.Since(start), err)
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	return res
+}
+
+// faultCtx bounds a fault step (Drain, Restart).
+func faultCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// rollingRestart drains (2 s connection wait) and restarts each node in
+// turn, spread over total.
+func rollingRestart(t testing.TB, c *clustertest.Cluster, total time.Duration) {
+	nodes := c.Nodes()
+	gap := total / time.Duration(len(nodes)+1)
+	for _, n := range nodes {
+		time.Sleep(gap)
+		if err := n.Drain(faultCtx(t), 2*time.Second); err != nil {
+			t.Fatalf("drain node %d: %v", n.ID(), err)
+		}
+		if err := n.Restart(faultCtx(t)); err != nil {
+			t.Fatalf("restart node %d: %v", n.ID(), err)
+		}
+	}
+	time.Sleep(gap)
+}
+
+// crash kills one node a third of the way through total and restarts it two
+// thirds of the way through.
+func crash(t testing.TB, n *clustertest.Node, total time.Duration) {
+	time.Sleep(total / 3)
+	n.Kill()
+	time.Sleep(total / 3)
+	if err := n.Restart(faultCtx(t)); err != nil {
+		t.Fatalf("restart node %d: %v", n.ID(), err)
+	}
+	time.Sleep(total / 3)
+}
+
+// withLoad runs the load on each of dbs while fault runs, and returns what
+// each load saw.
+func withLoad(fault func(), dbs ...db) []*loadResult {
+	stop := make(chan struct{})
+	results := make([]*loadResult, len(dbs))
+	var wg sync.WaitGroup
+	for i, d := range dbs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = runLoad(d, stop)
+		}()
+	}
+	fault()
+	close(stop)
+	wg.Wait()
+	return results
+}
+
+// TestRetry runs the retry scenarios on one shared 3-node cluster (starting
+// one costs seconds on a loaded machine); each scenario starts with every
+// node up and its own pool. AllNodesDown runs last.
+func TestRetry(t *testing.T) {
+	c := newKVCluster(t, 3)
+	for _, tc := range []struct {
+		name string
+		test func(*testing.T, *clustertest.Cluster)
+	}{
+		{"RollingRestart", testRetryRollingRestart},
+		{"KillNode", testRetryKillNode},
+		{"NonIdempotentKill", testRetryNonIdempotentKill},
+		{"CallerCancel", testRetryCallerCancel},
+		{"AllNodesDown", testRetryAllNodesDown},
+	} {
+		for _, n := range c.Nodes() {
+			if err := n.Restart(faultCtx(t)); err != nil {
+				t.Fatalf("restart node %d: %v", n.ID(), err)
+			}
+		}
+		t.Run(tc.name, func(t *testing.T) { tc.test(t, c) })
+	}
+}
+
+func testRetryRollingRestart(t *testing.T, c *clustertest.Cluster) {
+	p := newRetryPool(t, c.DSN(), 12)
+	res := withLoad(func() { rollingRestart(t, c, retryLoad(t)) }, p)[0]
+	t.Logf("rolling restart: %s; p99 %v; nodes %+v", res.summary(), res.p99(), p.NodeStats())
+	if len(res.errs) != 0 || res.ops == 0 {
+		t.Errorf("callers saw errors during a rolling restart: %s", res.summary())
+	}
+}
+
+func testRetryKillNode(t *testing.T, c *clustertest.Cluster) {
+	p := newRetryPool(t, c.DSN(), 12)
+	res := withLoad(func() { crash(t, c.Node(2), retryLoad(t)) }, p)[0]
+	t.Logf("crash: %s; p99 %v; nodes %+v", res.summary(), res.p99(), p.NodeStats())
+	if len(res.errs) != 0 || res.ops == 0 {
+		t.Errorf("callers saw errors when a node crashed: %s", res.summary())
+	}
+	var evicted bool
+	for _, s := range p.NodeStats() {
+		evicted = evicted || s.ID == 2 && s.Evictions > 0
+	}
+	if !evicted {
+		t.Errorf("node 2 was never evicted: %+v", p.NodeStats())
+	}
+}
+
+// testRetryNonIdempotentKill inserts rows with unique (worker, seq) keys and
+// no retry mark while a node crashes: every insert the caller saw succeed is
+// applied exactly once, none twice, every failure that left its row applied
+// says its outcome is unknown, and no failure that says it is known applied.
+func testRetryNonIdempotentKill(t *testing.T, c *clustertest.Cluster) {
+	p := newRetryPool(t, c.DSN(), 12)
+	ctx := faultCtx(t)
+	for _, n := range c.Nodes() {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = conn.Exec(ctx, "TRUNCATE ids")
+		conn.Close(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	type outcome struct {
+		err error
+	}
+	var mu sync.Mutex
+	outcomes := make(map[[2]int]outcome)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range loadWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for seq := 0; ; seq++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+				_, err := p.Exec(ctx, "INSERT INTO ids (worker, seq) VALUES ($1, $2)", w, seq)
+				cancel()
+				mu.Lock()
+				outcomes[[2]int{w, seq}] = outcome{err}
+				mu.Unlock()
+			}
+		}()
+	}
+	crash(t, c.Node(2), retryLoad(t))
+	close(stop)
+	wg.Wait()
+
+	// The union of every node's table.
+	applied := make(map[[2]int]int)
+	for _, n := range c.Nodes() {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rows, _ := conn.Query(ctx, "SELECT worker, seq FROM ids")
+		var key [2]int
+		_, err = pgx.ForEachRow(rows, []any{&key[0], &key[1]}, func() error {
+			applied[key]++
+			return nil
+		})
+		conn.Close(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var ok, unknown, failed int
+	for key, o := range outcomes {
+		n := applied[key]
+		switch {
+		case n > 1:
+			t.Errorf("insert %v applied %d times (error %v)", key, n, o.err)
+		case o.err == nil:
+			ok++
+			if n != 1 {
+				t.Errorf("insert %v succeeded but is not in any table", key)
+			}
+		case errors.Is(o.err, ErrOutcomeUnknown):
+			unknown++
+		default:
+			failed++
+			if n != 0 {
+				t.Errorf("insert %v failed with a known outcome but was applied: %v", key, o.err)
+			}
+		}
+	}
+	for key := range applied {
+		if _, ok := outcomes[key]; !ok {
+			t.Errorf("row %v applied but never inserted", key)
+		}
+	}
+	t.Logf("non-idempotent inserts: %d ok, %d outcome unknown, %d failed", ok, unknown, failed)
+	if ok == 0 {
+		t.Error("no insert succeeded")
+	}
+}
+
+// testRetryCallerCancel: callers cancelling their own contexts (before and
+// during queries) under load never make a node unhealthy.
+func testRetryCallerCancel(t *testing.T, c *clustertest.Cluster) {
+	p := newRetryPool(t, c.DSN(), 12)
+
+	var canceled atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range loadWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 2))
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rng.IntN(30))*time.Millisecond)
+				var err error
+				if i%2 == 0 {
+					_, err = p.Exec(ctx, "SELECT pg_sleep(0.02)")
+				} else {
+					err = p.BeginFunc(ctx, func(tx pgx.Tx) error {
+						_, err := tx.Exec(ctx, "SELECT pg_sleep(0.01)")
+						return err
+					})
+				}
+				cancel()
+				if err != nil {
+					if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+						t.Errorf("unexpected error: %v", err)
+					}
+					canceled.Add(1)
+				}
+			}
+		}()
+	}
+	time.Sleep(min(retryLoad(t)/2, 3*time.Second))
+	close(stop)
+	wg.Wait()
+
+	if canceled.Load() == 0 {
+		t.Fatal("no call was cancelled; the test tested nothing")
+	}
+	for _, s := range p.NodeStats() {
+		if !s.Healthy || s.Evictions != 0 || s.Retries != 0 {
+			t.Errorf("node %d counted the callers' cancellations: %+v", s.ID, s)
+		}
+	}
+	// And the pool still works.
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+		t.Error(err)
+	}
+	t.Logf("%d calls cancelled by their callers; nodes %+v", canceled.Load(), p.NodeStats())
+}
+
+// testRetryAllNodesDown: with every node down, each call returns by its
+// context deadline with an error that names the attempts and the nodes.
+func testRetryAllNodesDown(t *testing.T, c *clustertest.Cluster) {
+	p := newRetryPool(t, c.DSN(), 6)
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes() {
+		n.Kill()
+	}
+
+	const callTimeout = 2 * time.Second
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 2 {
+				ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+				done := make(chan error, 1)
+				go func() {
+					if (w+i)%2 == 0 {
+						_, err := p.Exec(WithIdempotent(ctx), upsertSQL, w, i)
+						done <- err
+					} else {
+						done <- p.QueryRow(ctx, "SELECT v FROM kv WHERE k = $1", w).Scan(new(int))
+					}
+				}()
+				select {
+				case err := <-done:
+					var re *RetryError
+					switch {
+					case err == nil:
+						t.Error("a call succeeded with every node down")
+					case !errors.As(err, &re):
+						t.Errorf("error is not a *RetryError: %v", err)
+					case !strings.Contains(err.Error(), "attempt") || !strings.Contains(err.Error(), "on nodes"):
+						t.Errorf("error does not name attempts and nodes: %v", err)
+					case w == 0:
+						t.Logf("call %d: %v", i, err)
+					}
+				case <-time.After(callTimeout + 15*time.Second):
+					t.Error("a call did not return by its context deadline (plus a generous margin)")
+				}
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// TestRetryReport prints the README's numbers: errors seen by callers and
+// p99 latency, for clusterpool and plain pgxpool side by side on the same
+// cluster under the same faults. It runs only with CLUSTERPOOL_REPORT=1.
+func TestRetryReport(t *testing.T) {
+	if os.Getenv("CLUSTERPOOL_REPORT") != "1" {
+		t.Skip("set CLUSTERPOOL_REPORT=1 to print the numbers for the README")
+	}
+	c := newKVCluster(t, 3)
+	cp := newRetryPool(t, c.DSN(), 12)
+	pp := newPlainPool(t, c.DSN(), 12)
+	d := retryLoad(t)
+
+	report := func(name string, res []*loadResult) {
+		t.Logf("%-16s clusterpool: %6d ops %4d errors p99 %8v | pgxpool: %6d ops %4d errors p99 %8v",
+			name, res[0].ops, len(res[0].errs), res[0].p99().Round(time.Millisecond),
+			res[1].ops, len(res[1].errs), res[1].p99().Round(time.Millisecond))
+	}
+	report("steady", withLoad(func() { time.Sleep(d / 2) }, cp, pp))
+	report("rolling restart", withLoad(func() { rollingRestart(t, c, d) }, cp, pp))
+	report("crash (Kill)", withLoad(func() { crash(t, c.Node(2), d) }, cp, pp))
+}
