@@ -1,0 +1,118 @@
+package clusterpool_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"time"
+
+	"github.com/clusterpool/clusterpool"
+	"github.com/clusterpool/clusterpool/clustertest"
+)
+
+// The one-line swap from pgxpool: the rest of the code is unchanged. The
+// cluster here is clustertest's in-process one, so the example runs anywhere;
+// in production connString names the cluster's load balancer.
+func Example() {
+	ctx := context.Background()
+	cluster, err := clustertest.Start(ctx, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer cluster.Close()
+	connString := cluster.DSN() + "&pool_max_conns=6&pool_min_conns=6"
+
+	// Before: pool, err := pgxpool.New(ctx, connString)
+	pool, err := clusterpool.New(ctx, connString)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close()
+
+	var n int
+	if err := pool.QueryRow(ctx, "SELECT 1").Scan(&n); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("SELECT 1 returned", n)
+
+	// MinConns are opened in the background; wait for them, then see where
+	// they went.
+	nodes, conns := waitForConns(pool, 6)
+	fmt.Printf("%d connections on %d nodes\n", conns, nodes)
+	// Output:
+	// SELECT 1 returned 1
+	// 6 connections on 3 nodes
+}
+
+// waitForConns polls NodeStats until the pool's connections add up to want.
+func waitForConns(pool *clusterpool.Pool, want int32) (nodes int, conns int32) {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		nodes, conns = 0, 0
+		for _, s := range pool.NodeStats() {
+			if s.TotalConns > 0 {
+				nodes++
+				conns += s.TotalConns
+			}
+		}
+		if conns == want || time.Now().After(deadline) {
+			return nodes, conns
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func ExamplePool_NodeStats() {
+	ctx := context.Background()
+	cluster, err := clustertest.Start(ctx, clustertest.Options{Nodes: 2, FirstID: 7, InProcess: true})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer cluster.Close()
+
+	pool, err := clusterpool.New(ctx, cluster.Node(8).DSN())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close()
+
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, s := range pool.NodeStats() {
+		fmt.Printf("node %d: %d open, %d acquired, %d idle, healthy %v\n",
+			s.ID, s.TotalConns, s.AcquiredConns, s.IdleConns, s.Healthy)
+	}
+	conn.Release()
+	// Output:
+	// node 8: 1 open, 1 acquired, 0 idle, healthy true
+}
+
+func ExampleParseConfig() {
+	cfg, err := clusterpool.ParseConfig("postgres://app:secret@lb.example.com:26257/app?sslmode=disable" +
+		"&pool_max_conns=20&cluster_max_retries=3&cluster_node_identity=backendkey")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(cfg.MaxConns, cfg.MaxRetries, cfg.NodeIdentity, cfg.BalanceInterval)
+	// The cluster_* parameters never reach the server.
+	_, sent := cfg.ConnConfig.RuntimeParams["cluster_max_retries"]
+	fmt.Println(sent)
+
+	// Errors name the parameter and the value, not the connection string.
+	_, err = clusterpool.ParseConfig("postgres://app:secret@lb.example.com/app?cluster_max_retries=many")
+	fmt.Println(err)
+	// Output:
+	// 20 3 backendkey 5s
+	// false
+	// clusterpool: cluster_max_retries: invalid value "many": strconv.ParseInt: parsing "many": invalid syntax
+}
+
+func ExampleDecodeProcessID() {
+	fmt.Println(clusterpool.DecodeProcessID(0x0030_1234)) // short form: node 3, low 20 bits random
+	fmt.Println(clusterpool.DecodeProcessID(0x8000_1388)) // long form: instance 5000
+	// Output:
+	// 3
+	// 5000
+}
