@@ -37,7 +37,7 @@ func TestTrackerCounts(t *testing.T) {
 	}
 
 	a1.released()
-	a1.released() // idempotent
+	a1.released()  // idempotent
 	tr.untrack(b1) // closed while in use: leaves both counts
 	tr.untrack(b1)
 	b1.released() // a release after the close changes nothing
