@@ -1,0 +1,226 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/clusterpool/clusterpool"
+	"github.com/clusterpool/clusterpool/clustertest"
+)
+
+// Settings given to clusterpool. The library's defaults (5 s) suit services;
+// the benchmark's runs last seconds, so it asks for shorter intervals to let
+// each scenario converge within its duration.
+const (
+	benchBalanceInterval = 250 * time.Millisecond
+	benchProbeInterval   = 250 * time.Millisecond
+)
+
+const (
+	pgxpoolKind     = "pgxpool"
+	clusterpoolKind = "clusterpool"
+)
+
+var poolKinds = []string{pgxpoolKind, clusterpoolKind}
+
+// connCounter reports connections per node and how many were opened.
+type connCounter interface {
+	openConns() map[int]int
+	opened() int64
+}
+
+// clusterCounter reads the servers' own counts from the embedded cluster:
+// the ground truth, independent of what either pool believes.
+type clusterCounter struct{ c *clustertest.Cluster }
+
+func (cc clusterCounter) openConns() map[int]int { return cc.c.OpenConns() }
+
+func (cc clusterCounter) opened() int64 {
+	var t int64
+	for _, n := range cc.c.Nodes() {
+		t += n.TotalConns()
+	}
+	return t
+}
+
+// hookCounter counts connections per node from the pool's AfterConnect and
+// BeforeClose hooks, for a real cluster (-dsn) whose servers the benchmark
+// cannot ask. The node is read from CockroachDB's BackendKey, or else from
+// the server's address (one query per new connection, for both pools alike).
+type hookCounter struct {
+	total atomic.Int64
+
+	mu     sync.Mutex // protects the fields below
+	byConn map[*pgx.Conn]int
+	ids    map[string]int // server address → node number
+}
+
+func newHookCounter() *hookCounter {
+	return &hookCounter{byConn: make(map[*pgx.Conn]int), ids: make(map[string]int)}
+}
+
+func (h *hookCounter) install(cfg *pgxpool.Config) {
+	after, before := cfg.AfterConnect, cfg.BeforeClose
+	cfg.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error {
+		id, err := h.identify(ctx, conn)
+		if err != nil {
+			return err
+		}
+		h.total.Add(1)
+		h.mu.Lock()
+		h.byConn[conn] = id
+		h.mu.Unlock()
+		if after != nil {
+			return after(ctx, conn)
+		}
+		return nil
+	}
+	cfg.BeforeClose = func(conn *pgx.Conn) {
+		h.mu.Lock()
+		delete(h.byConn, conn)
+		h.mu.Unlock()
+		if before != nil {
+			before(conn)
+		}
+	}
+}
+
+func (h *hookCounter) identify(ctx context.Context, conn *pgx.Conn) (int, error) {
+	pc := conn.PgConn()
+	if pc.ParameterStatus("crdb_version") != "" {
+		if id := clusterpool.DecodeProcessID(pc.PID()); id != 0 {
+			return int(id), nil
+		}
+	}
+	var host string
+	var port int32
+	if err := conn.QueryRow(ctx, "SELECT host(inet_server_addr()), inet_server_port()").Scan(&host, &port); err != nil {
+		return 0, fmt.Errorf("clusterbench: identifying the server: %w", err)
+	}
+	addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	id, ok := h.ids[addr]
+	if !ok {
+		id = len(h.ids) + 1
+		h.ids[addr] = id
+	}
+	return id, nil
+}
+
+func (h *hookCounter) openConns() map[int]int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	m := make(map[int]int)
+	for _, id := range h.byConn {
+		m[id]++
+	}
+	return m
+}
+
+func (h *hookCounter) opened() int64 { return h.total.Load() }
+
+// poolParams is the pool both sides get, so the comparison is fair.
+type poolParams struct {
+	dsn  string
+	size int // MinConns = MaxConns: the pool opens all its connections at start
+	// hooks, when set, counts connections per node (-dsn runs only).
+	hooks *hookCounter
+}
+
+// newPool opens a pool of the given kind.
+func newPool(ctx context.Context, kind string, p poolParams) (db, error) {
+	size := int32(p.size)
+	switch kind {
+	case pgxpoolKind:
+		cfg, err := pgxpool.ParseConfig(p.dsn)
+		if err != nil {
+			return nil, err
+		}
+		cfg.MaxConns, cfg.MinConns = size, size
+		if p.hooks != nil {
+			p.hooks.install(cfg)
+		}
+		return pgxpool.NewWithConfig(ctx, cfg)
+	case clusterpoolKind:
+		cfg, err := clusterpool.ParseConfig(p.dsn)
+		if err != nil {
+			return nil, err
+		}
+		cfg.MaxConns, cfg.MinConns = size, size
+		cfg.BalanceInterval = benchBalanceInterval
+		cfg.ProbeInterval = benchProbeInterval
+		if p.hooks != nil {
+			p.hooks.install(cfg.Config)
+		}
+		return clusterpool.NewWithConfig(ctx, cfg)
+	}
+	return nil, fmt.Errorf("clusterbench: unknown pool kind %q", kind)
+}
+
+// clusterpoolSettings describes the settings clusterpool runs with, for the
+// output: the benchmark's intervals plus the library's defaults.
+func clusterpoolSettings() map[string]string {
+	cfg, err := clusterpool.ParseConfig("postgres://localhost/")
+	if err != nil {
+		return map[string]string{"error": err.Error()}
+	}
+	return map[string]string{
+		"cluster_balance_interval": benchBalanceInterval.String(),
+		"cluster_probe_interval":   benchProbeInterval.String(),
+		"cluster_max_retries":      strconv.Itoa(cfg.MaxRetries),
+		"cluster_connect_rate":     strconv.FormatFloat(cfg.ConnectRate, 'g', -1, 64),
+	}
+}
+
+// ensureKV creates the benchmark's table on one node, straight to its
+// server so the proxy's connection counts are not disturbed. Every node is a
+// separate database, so each needs it.
+func ensureKV(ctx context.Context, n *clustertest.Node) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, n.PostgresDSN())
+	if err != nil {
+		return fmt.Errorf("clusterbench: node %d: %w", n.ID(), err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, createKV); err != nil {
+		return fmt.Errorf("clusterbench: node %d: %w", n.ID(), err)
+	}
+	return nil
+}
+
+// checkDSN connects once to a user's cluster, within its connect timeout
+// (10 s if the DSN sets none), so that an unreachable address fails fast with
+// a clear message.
+func checkDSN(ctx context.Context, dsn string) error {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return fmt.Errorf("invalid -dsn: %w", err)
+	}
+	timeout := cfg.ConnectTimeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+		cfg.ConnectTimeout = timeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout+time.Second)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("cannot connect to -dsn host %s port %d within %v: %w", cfg.Host, cfg.Port, timeout, err)
+	}
+	defer conn.Close(context.Background())
+	_, err = conn.Exec(ctx, createKV)
+	if err != nil {
+		return fmt.Errorf("creating the benchmark's table kv on -dsn: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,298 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/clusterpool/clusterpool/internal/fakepg"
+)
+
+// runJSON runs the command with -json and decodes its results.
+func runJSON(t *testing.T, ctx context.Context, args ...string) (*Results, string, int) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	code := run(ctx, append([]string{"-json"}, args...), &stdout, &stderr)
+	if code != 0 {
+		return nil, stderr.String(), code
+	}
+	var res Results
+	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
+		t.Fatalf("stdout is not JSON: %v\n%s", err, stdout.String())
+	}
+	return &res, stderr.String(), code
+}
+
+func checkSane(t *testing.T, res *Results, want []string) {
+	t.Helper()
+	if len(res.Scenarios) != len(want) {
+		t.Fatalf("got %d scenarios, want %v", len(res.Scenarios), want)
+	}
+	for i, s := range res.Scenarios {
+		if s.Name != want[i] {
+			t.Errorf("scenario %d is %q, want %q", i, s.Name, want[i])
+		}
+		if len(s.Pools) != 2 || s.Pools[0].Pool != pgxpoolKind || s.Pools[1].Pool != clusterpoolKind {
+			t.Fatalf("%s: pools %+v, want pgxpool then clusterpool", s.Name, s.Pools)
+		}
+		for _, p := range s.Pools {
+			where := s.Name + "/" + p.Pool
+			if p.Ops <= 0 || p.Errors < 0 || p.Errors > p.Ops {
+				t.Errorf("%s: ops %d, errors %d", where, p.Ops, p.Errors)
+			}
+			l := p.Latency
+			if !(0 < l.P50 && l.P50 <= l.P90 && l.P90 <= l.P99 && l.P99 <= l.Max) {
+				t.Errorf("%s: percentiles out of order: %+v", where, l)
+			}
+			if len(p.Samples) == 0 {
+				t.Errorf("%s: no samples", where)
+			}
+			for _, sm := range p.Samples {
+				for id, n := range sm.Conns {
+					if n < 0 {
+						t.Errorf("%s: node %d has %d connections at %.1fs", where, id, n, sm.T)
+					}
+				}
+			}
+			// Counts add up: the servers' per-node counts sum to the pool's total.
+			if got := sum(p.FinalNodeConns); got != p.FinalPoolConns {
+				t.Errorf("%s: servers hold %d connections (%v), the pool %d", where, got, p.FinalNodeConns, p.FinalPoolConns)
+			}
+			if p.ConnsOpened < int64(p.FinalPoolConns) {
+				t.Errorf("%s: %d connections opened but %d open", where, p.ConnsOpened, p.FinalPoolConns)
+			}
+			if len(p.Metrics) == 0 {
+				t.Errorf("%s: no metrics", where)
+			}
+		}
+		for _, m := range s.Pools[1].Metrics {
+			if s.Pools[0].metric(m.Name) == nil {
+				t.Errorf("%s: metric %s missing for pgxpool", s.Name, m.Name)
+			}
+			if _, ok := s.Ratios[m.Name]; !ok {
+				t.Errorf("%s: no ratio for %s", s.Name, m.Name)
+			}
+			if m.Better != "lower" && m.Better != "higher" {
+				t.Errorf("%s: metric %s has direction %q", s.Name, m.Name, m.Better)
+			}
+		}
+	}
+}
+
+func checkReport(t *testing.T, res *Results, dir string) {
+	t.Helper()
+	html, err := os.ReadFile(filepath.Join(dir, "index.html"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(string(html), "<svg"); got != len(res.Scenarios) {
+		t.Errorf("report has %d plots, want one per scenario (%d)", got, len(res.Scenarios))
+	}
+	for _, bad := range []string{"<script", "http://", "https://"} {
+		if strings.Contains(strings.ReplaceAll(string(html), `xmlns="http://www.w3.org/2000/svg"`, ""), bad) {
+			t.Errorf("report is not self-contained: it contains %q", bad)
+		}
+	}
+	for _, s := range res.Scenarios {
+		svg, err := os.ReadFile(filepath.Join(dir, s.Name+".svg"))
+		if err != nil || !strings.HasPrefix(string(svg), "<svg") {
+			t.Errorf("%s.svg: %v", s.Name, err)
+		}
+	}
+}
+
+func TestEveryScenarioInProcess(t *testing.T) {
+	// Cluster directories go under TMPDIR; none may be left behind.
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
+	out := filepath.Join(t.TempDir(), "report")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, stderr, code := runJSON(t, ctx, "-backend", "inprocess", "-duration", "1500ms", "-seed", "7", "-out", out)
+	if code != 0 {
+		t.Fatalf("exit code %d\n%s", code, stderr)
+	}
+	if first, _, _ := strings.Cut(stderr, "\n"); !strings.Contains(first, "in-process") {
+		t.Errorf("first line does not say the backend is in-process: %q", first)
+	}
+	if res.Seed != 7 || res.Backend != "in-process" || res.Workers != 24 || res.Nodes != 3 {
+		t.Errorf("header: seed %d backend %q workers %d nodes %d", res.Seed, res.Backend, res.Workers, res.Nodes)
+	}
+	var names []string
+	for _, s := range scenarios {
+		names = append(names, s.name)
+	}
+	checkSane(t, res, names)
+	checkReport(t, res, out)
+	if left, _ := filepath.Glob(filepath.Join(tmp, "clustertest-*")); len(left) > 0 {
+		t.Errorf("cluster directories left behind: %v", left)
+	}
+}
+
+func TestRealPostgres(t *testing.T) {
+	if err := clustertest.Available(); err != nil {
+		if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
+			t.Fatal(err)
+		}
+		t.Skip(err)
+	}
+	out := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	res, stderr, code := runJSON(t, ctx, "-backend", "postgres", "-scenario", "balance", "-duration", "1500ms", "-out", out)
+	if code != 0 {
+		t.Fatalf("exit code %d\n%s", code, stderr)
+	}
+	if res.Backend != "postgres" {
+		t.Errorf("backend %q", res.Backend)
+	}
+	checkSane(t, res, []string{"balance"})
+	checkReport(t, res, out)
+}
+
+func TestDSNRunsOnlyNonDestructiveScenarios(t *testing.T) {
+	srv, err := fakepg.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dsn := "postgres://postgres@" + srv.Addr() + "/postgres?sslmode=disable"
+	res, stderr, code := runJSON(t, ctx, "-dsn", dsn, "-duration", "900ms", "-workers", "4", "-out", t.TempDir())
+	if code != 0 {
+		t.Fatalf("exit code %d\n%s", code, stderr)
+	}
+	checkSane(t, res, []string{"balance", "overhead"})
+	if strings.Join(res.Skipped, ",") != "scale-out,rolling-restart,crash,hot-spot" {
+		t.Errorf("skipped %v", res.Skipped)
+	}
+	if !strings.Contains(stderr, "skipped scale-out, rolling-restart, crash, hot-spot") {
+		t.Errorf("does not say what it skipped:\n%s", stderr)
+	}
+}
+
+func TestUnreachableDSN(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	// Port 1 on localhost refuses at once; the connect timeout bounds the rest.
+	code := run(context.Background(), []string{"-dsn", "postgres://u:secret@127.0.0.1:1/db?connect_timeout=3"}, &stdout, &stderr)
+	if code != 1 {
+		t.Fatalf("exit code %d, want 1\n%s", code, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "cannot connect to -dsn host 127.0.0.1 port 1") {
+		t.Errorf("unclear error: %s", stderr.String())
+	}
+	if strings.Contains(stderr.String()+stdout.String(), "secret") {
+		t.Error("the password was printed")
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	for _, args := range [][]string{
+		{"-nope"},
+		{"-scenario", "balance,warp-speed"},
+		{"-scenario", ""},
+		{"-duration", "0s"},
+		{"-duration", "soon"},
+		{"-nodes", "0"},
+		{"-workers", "-1"},
+		{"-backend", "oracle"},
+		{"extra-argument"},
+	} {
+		var stdout, stderr bytes.Buffer
+		if code := run(context.Background(), args, &stdout, &stderr); code != 2 {
+			t.Errorf("%v: exit code %d, want 2", args, code)
+		}
+		if !strings.Contains(stderr.String(), "usage: clusterbench") {
+			t.Errorf("%v: no usage on stderr:\n%s", args, stderr.String())
+		}
+	}
+}
+
+func TestInterruptClosesTheCluster(t *testing.T) {
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
+	ctx, cancel := context.WithCancel(context.Background())
+	var stdout, stderr syncBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"-backend", "inprocess", "-scenario", "crash", "-duration", "1m", "-out", t.TempDir()}, &stdout, &stderr)
+	}()
+	// Interrupt once the load runs (its progress line is out).
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(stdout.String(), "running for") && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case code := <-done:
+		if code != 130 {
+			t.Errorf("exit code %d, want 130\n%s", code, stderr.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("run did not stop after the interrupt")
+	}
+	if left, _ := filepath.Glob(filepath.Join(tmp, "clustertest-*")); len(left) > 0 {
+		t.Errorf("cluster directories left behind: %v", left)
+	}
+}
+
+func TestSettledAt(t *testing.T) {
+	s := func(t float64, a, b int) Sample { return Sample{T: t, Conns: map[int]int{1: a, 2: b}} }
+	nodes := []int{1, 2}
+	for _, tc := range []struct {
+		name    string
+		samples []Sample
+		want    float64 // -1: never
+	}{
+		{"balanced from the start", []Sample{s(0, 5, 5), s(1, 5, 5)}, 0},
+		{"balances later", []Sample{s(0, 8, 2), s(1, 6, 4), s(2, 5, 5), s(3, 5, 5)}, 2},
+		{"balanced then not", []Sample{s(0, 5, 5), s(1, 8, 2)}, -1},
+		{"dip in total resets", []Sample{s(0, 5, 5), s(1, 4, 4), s(2, 5, 5)}, 2},
+		{"never", []Sample{s(0, 8, 2), s(1, 8, 2)}, -1},
+	} {
+		got := settledAt(tc.samples, 0, nodes, 10)
+		if (got == nil) != (tc.want < 0) || (got != nil && *got != tc.want) {
+			t.Errorf("%s: got %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestPercentiles(t *testing.T) {
+	var d []time.Duration
+	for i := 100; i >= 1; i-- {
+		d = append(d, time.Duration(i)*time.Millisecond)
+	}
+	l := percentiles(d)
+	if l.P50 != 50 || l.P90 != 90 || l.P99 != 99 || l.Max != 100 {
+		t.Errorf("percentiles = %+v", l)
+	}
+	if (percentiles(nil) != Latency{}) {
+		t.Error("percentiles of nothing should be zero")
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and one reader.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

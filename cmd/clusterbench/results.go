@@ -1,0 +1,246 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Results is everything one run measured; -json prints it as is.
+type Results struct {
+	Date     string            `json:"date"` // UTC, RFC 3339
+	Backend  string            `json:"backend"`
+	Seed     int64             `json:"seed"`
+	Nodes    int               `json:"nodes"`
+	Workers  int               `json:"workers"`
+	Duration string            `json:"duration"` // per scenario per pool
+	Settings map[string]string `json:"settings"` // clusterpool settings used
+	// Features lists what the clusterpool build under test does, so numbers
+	// from different stages of the library can be told apart.
+	Features  []string         `json:"features"`
+	Scenarios []ScenarioResult `json:"scenarios"`
+	Skipped   []string         `json:"skipped,omitempty"`
+	Report    string           `json:"report,omitempty"` // path of the HTML report
+}
+
+// ScenarioResult holds one scenario, run once per pool on the same cluster set-up.
+type ScenarioResult struct {
+	Name        string       `json:"name"`
+	Description string       `json:"description"`
+	Pools       []PoolResult `json:"pools"` // pgxpool first, then clusterpool
+	// Ratios are clusterpool ÷ pgxpool for each metric, by metric name; null
+	// when undefined (pgxpool's value is 0 or one side has no value).
+	Ratios map[string]*float64 `json:"ratios"`
+}
+
+// PoolResult is one pool's run of one scenario.
+type PoolResult struct {
+	Pool      string   `json:"pool"` // "pgxpool" or "clusterpool"
+	Ops       int64    `json:"ops"`
+	Errors    int64    `json:"errors"`
+	OpsPerSec float64  `json:"ops_per_sec"`
+	Latency   Latency  `json:"latency_ms"`
+	Metrics   []Metric `json:"metrics"`
+	// Samples are the servers' open connections per node over time.
+	Samples []Sample `json:"samples"`
+	Events  []Event  `json:"events,omitempty"`
+	// FinalNodeConns are the servers' per-node counts after the load stopped,
+	// and FinalPoolConns the pool's own total at the same moment: the two
+	// agree unless a connection was opening or closing.
+	FinalNodeConns map[int]int `json:"final_node_conns"`
+	FinalPoolConns int         `json:"final_pool_conns"`
+	// ConnsOpened is how many connections the servers accepted during the run.
+	ConnsOpened int64 `json:"conns_opened"`
+	// LastErrorAt is when the last caller error happened (s); 0 if none.
+	LastErrorAt float64 `json:"last_error_s"`
+	// ErrorExamples are a few distinct error messages callers saw.
+	ErrorExamples []string `json:"error_examples,omitempty"`
+}
+
+// Latency percentiles of every operation, failed ones included, in milliseconds.
+type Latency struct {
+	P50 float64 `json:"p50"`
+	P90 float64 `json:"p90"`
+	P99 float64 `json:"p99"`
+	Max float64 `json:"max"`
+}
+
+// Metric is one figure of a scenario. Value is null when the event never
+// happened (e.g. pgxpool never balanced).
+type Metric struct {
+	Name   string   `json:"name"`
+	Label  string   `json:"label"`
+	Unit   string   `json:"unit"`
+	Value  *float64 `json:"value"`
+	Better string   `json:"better"` // "lower" or "higher"
+}
+
+// Sample is the servers' open connections per node at T seconds into the run.
+type Sample struct {
+	T     float64     `json:"t"`
+	Conns map[int]int `json:"conns"`
+}
+
+// Event marks something the scenario did to the cluster, at T seconds.
+type Event struct {
+	T     float64 `json:"t"`
+	Label string  `json:"label"`
+}
+
+func value(v float64) *float64 { return &v }
+
+func (r *PoolResult) metric(name string) *Metric {
+	for i := range r.Metrics {
+		if r.Metrics[i].Name == name {
+			return &r.Metrics[i]
+		}
+	}
+	return nil
+}
+
+// computeRatios fills s.Ratios: clusterpool ÷ pgxpool for every metric.
+func (s *ScenarioResult) computeRatios() {
+	s.Ratios = make(map[string]*float64)
+	if len(s.Pools) != 2 {
+		return
+	}
+	base, other := &s.Pools[0], &s.Pools[1]
+	for _, m := range other.Metrics {
+		b := base.metric(m.Name)
+		if b == nil || b.Value == nil || m.Value == nil || *b.Value == 0 {
+			s.Ratios[m.Name] = nil
+			continue
+		}
+		s.Ratios[m.Name] = value(*m.Value / *b.Value)
+	}
+}
+
+// formatValue prints a metric value with its unit; "never" for null.
+func formatValue(m Metric) string {
+	if m.Value == nil {
+		return "never"
+	}
+	v := *m.Value
+	switch m.Unit {
+	case "ms":
+		if v >= 100 {
+			return fmt.Sprintf("%.0f ms", v)
+		}
+		return fmt.Sprintf("%.2f ms", v)
+	case "s":
+		return fmt.Sprintf("%.2f s", v)
+	case "ops/s":
+		return fmt.Sprintf("%.0f ops/s", v)
+	case "x":
+		return fmt.Sprintf("%.2f", v)
+	case "":
+		if v == math.Trunc(v) {
+			return fmt.Sprintf("%.0f", v)
+		}
+		return fmt.Sprintf("%.2f", v)
+	default:
+		if v == math.Trunc(v) {
+			return fmt.Sprintf("%.0f %s", v, m.Unit)
+		}
+		return fmt.Sprintf("%.1f %s", v, m.Unit)
+	}
+}
+
+func formatRatio(r *float64) string {
+	if r == nil {
+		return "–"
+	}
+	return fmt.Sprintf("×%.2f", *r)
+}
+
+// writeTable prints the results table: one row per metric, pgxpool and
+// clusterpool side by side with their ratio.
+func writeTable(w io.Writer, res *Results) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "scenario\tmetric\tpgxpool\tclusterpool\tratio\t")
+	for _, s := range res.Scenarios {
+		if len(s.Pools) != 2 {
+			continue
+		}
+		for i, m := range s.Pools[1].Metrics {
+			name := ""
+			if i == 0 {
+				name = s.Name
+			}
+			base := "–"
+			if b := s.Pools[0].metric(m.Name); b != nil {
+				base = formatValue(*b)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", name, m.Label, base, formatValue(m), formatRatio(s.Ratios[m.Name]))
+		}
+	}
+	tw.Flush()
+}
+
+// percentiles returns the latency percentiles of d (which it sorts).
+func percentiles(d []time.Duration) Latency {
+	if len(d) == 0 {
+		return Latency{}
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	at := func(q float64) float64 {
+		i := int(math.Ceil(q*float64(len(d)))) - 1
+		i = max(0, min(i, len(d)-1))
+		return float64(d[i]) / float64(time.Millisecond)
+	}
+	return Latency{P50: at(0.50), P90: at(0.90), P99: at(0.99), Max: at(1)}
+}
+
+// spread is max − min of the counts over the given nodes (missing = 0).
+func spread(conns map[int]int, nodes []int) int {
+	if len(nodes) == 0 {
+		return 0
+	}
+	lo, hi := math.MaxInt, math.MinInt
+	for _, id := range nodes {
+		n := conns[id]
+		lo, hi = min(lo, n), max(hi, n)
+	}
+	return hi - lo
+}
+
+func sum(conns map[int]int) int {
+	t := 0
+	for _, n := range conns {
+		t += n
+	}
+	return t
+}
+
+// settledAt returns the time of the first sample at or after from from which
+// on every sample has spread ≤ 1 over nodes and holds at least want
+// connections; nil if that never happens before the run ends.
+func settledAt(samples []Sample, from float64, nodes []int, want int) *float64 {
+	var at *float64
+	for _, s := range samples {
+		if s.T < from {
+			continue
+		}
+		ok := spread(s.Conns, nodes) <= 1 && sum(s.Conns) >= want
+		if ok && at == nil {
+			at = value(s.T)
+		} else if !ok {
+			at = nil
+		}
+	}
+	return at
+}
+
+func nodeIDs(from, to int) []int {
+	var ids []int
+	for id := from; id <= to; id++ {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+func joinLines(lines []string) string { return strings.Join(lines, "\n") }

@@ -1,0 +1,239 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+)
+
+// options are the command's flags.
+type options struct {
+	scenarios []string
+	duration  time.Duration
+	nodes     int
+	workers   int
+	seed      int64
+	outDir    string
+	json      bool
+	dsn       string
+	backend   string
+}
+
+const (
+	backendAuto      = "auto"
+	backendPostgres  = "postgres"
+	backendInProcess = "inprocess"
+)
+
+const usageText = `usage: clusterbench [flags]
+
+Runs each scenario with plain pgxpool and with clusterpool on the same local
+cluster (3 PostgreSQL servers behind CockroachDB-like node proxies and a
+random TCP load balancer, from the clustertest package), prints a table of
+results with ratios to pgxpool, and writes an HTML report with plots.
+Without PostgreSQL on the machine it uses an in-process Postgres-wire
+backend instead, and says so.
+
+Scenarios: %s
+
+Flags:
+`
+
+// run is the whole command; it returns the process exit code: 0 on success,
+// 1 on failure, 2 on bad usage, 130 when interrupted.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var names []string
+	for _, s := range scenarios {
+		names = append(names, s.name)
+	}
+	fs := flag.NewFlagSet("clusterbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), usageText, strings.Join(names, ", "))
+		fs.PrintDefaults()
+	}
+	var o options
+	scenarioFlag := fs.String("scenario", "all", "comma-separated scenarios to run, or all")
+	fs.DurationVar(&o.duration, "duration", 5*time.Second, "how long each scenario runs, for each pool")
+	fs.IntVar(&o.nodes, "nodes", 3, "nodes in the embedded cluster")
+	fs.IntVar(&o.workers, "workers", 24, "concurrent callers; the pool size is the same (MinConns = MaxConns)")
+	fs.Int64Var(&o.seed, "seed", 0, "seed for the load balancer and the workload; 0 picks one (always printed)")
+	fs.StringVar(&o.outDir, "out", "clusterbench-report", "directory for the HTML report (index.html and one SVG per scenario)")
+	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
+	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead (only the non-destructive scenarios: balance, overhead)")
+	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	usageErr := func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "clusterbench: "+format+"\n", a...)
+		fs.Usage()
+		return 2
+	}
+	if fs.NArg() > 0 {
+		return usageErr("unexpected argument %q", fs.Arg(0))
+	}
+	switch {
+	case o.duration <= 0:
+		return usageErr("-duration must be positive")
+	case o.nodes < 1 || o.nodes > 100:
+		return usageErr("-nodes must be between 1 and 100")
+	case o.workers < 1 || o.workers > 10000:
+		return usageErr("-workers must be between 1 and 10000")
+	case o.backend != backendAuto && o.backend != backendPostgres && o.backend != backendInProcess:
+		return usageErr("-backend must be auto, postgres or inprocess, not %q", o.backend)
+	}
+	for _, n := range strings.Split(*scenarioFlag, ",") {
+		n = strings.TrimSpace(n)
+		switch {
+		case n == "all":
+			o.scenarios = append(o.scenarios, names...)
+		case n == "":
+		case slices.Contains(names, n):
+			o.scenarios = append(o.scenarios, n)
+		default:
+			return usageErr("unknown scenario %q", n)
+		}
+	}
+	o.scenarios = dedupe(o.scenarios)
+	if len(o.scenarios) == 0 {
+		return usageErr("no scenario given")
+	}
+	if o.seed == 0 {
+		o.seed = rand.Int64N(1<<31-1) + 1
+	}
+
+	// Notes and progress go where the results do not.
+	log := stdout
+	if o.json {
+		log = stderr
+	}
+	res := &Results{
+		Date:     time.Now().UTC().Format(time.RFC3339),
+		Seed:     o.seed,
+		Nodes:    o.nodes,
+		Workers:  o.workers,
+		Duration: o.duration.String(),
+		Settings: clusterpoolSettings(),
+	}
+	h := &harness{opts: o}
+
+	// The first line says what the benchmark runs on.
+	switch {
+	case o.dsn != "":
+		res.Backend = "dsn"
+		h.counterIsHooks = true
+		var run []string
+		for _, n := range o.scenarios {
+			if s, _ := scenarioByName(n); s.destructive {
+				res.Skipped = append(res.Skipped, n)
+			} else {
+				run = append(run, n)
+			}
+		}
+		o.scenarios, h.opts.scenarios = run, run
+		fmt.Fprintf(log, "clusterbench: real cluster from -dsn; per-node counts from the pools' own hooks; seed %d\n", o.seed)
+		if len(res.Skipped) > 0 {
+			fmt.Fprintf(log, "clusterbench: skipped %s: they kill, drain or add nodes, which only the embedded cluster allows\n", strings.Join(res.Skipped, ", "))
+		}
+		if len(o.scenarios) == 0 {
+			fmt.Fprintln(stderr, "clusterbench: nothing left to run against -dsn (only balance and overhead can)")
+			return 2
+		}
+		if err := checkDSN(ctx, o.dsn); err != nil {
+			fmt.Fprintf(stderr, "clusterbench: %v\n", err)
+			return 1
+		}
+	case o.backend == backendInProcess:
+		res.Backend = "in-process"
+		h.inProcess = true
+		fmt.Fprintf(log, "clusterbench: embedded %d-node cluster on the in-process Postgres-wire backend (internal/fakepg, -backend inprocess), not PostgreSQL; seed %d\n", o.nodes, o.seed)
+	default:
+		if err := clustertest.Available(); err != nil {
+			if o.backend == backendPostgres {
+				fmt.Fprintf(stderr, "clusterbench: %v\n", err)
+				return 1
+			}
+			res.Backend = "in-process"
+			h.inProcess = true
+			fmt.Fprintf(log, "clusterbench: PostgreSQL not found, so the embedded %d-node cluster runs on the in-process Postgres-wire backend (internal/fakepg) instead; seed %d\n", o.nodes, o.seed)
+			fmt.Fprintf(log, "clusterbench: (%v)\n", err)
+		} else {
+			res.Backend = "postgres"
+			fmt.Fprintf(log, "clusterbench: embedded %d-node cluster of PostgreSQL servers behind CockroachDB-like proxies and a random load balancer (clustertest); seed %d\n", o.nodes, o.seed)
+		}
+	}
+	fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool; clusterpool with %s\n",
+		o.workers, o.workers, o.duration, settingsLine(res.Settings))
+
+	h.prog = newProgress(log, time.Duration(2*len(o.scenarios))*o.duration)
+	for _, name := range o.scenarios {
+		s, _ := scenarioByName(name)
+		sr, err := h.runScenario(ctx, s)
+		if err != nil {
+			if ctx.Err() != nil {
+				fmt.Fprintln(stderr, "\nclusterbench: interrupted; the embedded cluster is closed")
+				return 130
+			}
+			fmt.Fprintf(stderr, "clusterbench: %v\n", err)
+			return 1
+		}
+		res.Scenarios = append(res.Scenarios, sr)
+	}
+
+	path, err := writeReport(o.outDir, res)
+	if err != nil {
+		fmt.Fprintf(stderr, "clusterbench: writing the report: %v\n", err)
+		return 1
+	}
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	res.Report = path
+	if o.json {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(res); err != nil {
+			fmt.Fprintf(stderr, "clusterbench: %v\n", err)
+			return 1
+		}
+	} else {
+		fmt.Fprintln(stdout)
+		writeTable(stdout, res)
+		fmt.Fprintln(stdout)
+	}
+	fmt.Fprintf(log, "report: %s\n", path)
+	return 0
+}
+
+func settingsLine(s map[string]string) string {
+	var parts []string
+	for k, v := range s {
+		parts = append(parts, k+"="+v)
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, " ")
+}
+
+func dedupe(s []string) []string {
+	var out []string
+	for _, x := range s {
+		if !slices.Contains(out, x) {
+			out = append(out, x)
+		}
+	}
+	return out
+}
