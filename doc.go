@@ -31,6 +31,24 @@
 // pgxpool.ReleaseTracer rather than the AfterRelease hook, which would cost a
 // goroutine per release.
 //
+// # Balancing and discovery
+//
+// Every Config.BalanceInterval the pool spreads its current size over the
+// healthy nodes (targets differ by at most one) and retires about half of
+// each over-target node's excess, idle connections only. New connections are
+// rate-limited (Config.ConnectRate) and, when the connection string lists the
+// nodes' own hosts, placed on the least-connected node. A short-lived probe
+// connection every Config.ProbeInterval finds new nodes; nodes nothing has
+// seen for a while leave the targets.
+//
+// # Retries
+//
+// Exec, Query, QueryRow, Begin and the other query methods retry work that a
+// failed node could not have applied (not sent, 40001, read-only, or marked
+// with WithIdempotent) on another node, at most Config.MaxRetries times, and
+// never re-run work whose outcome is unknown. The Pool documentation gives the
+// whole policy.
+//
 // # Configuration
 //
 // ParseConfig accepts every pgxpool connection string plus cluster_*

@@ -20,8 +20,9 @@ import (
 //
 // Hooks set on the Config are chained with the pool's own, never replaced:
 //
-//   - BeforeConnect: the user's hook runs on the per-attempt copy of the
-//     connection config.
+//   - BeforeConnect: the pool's hook (a connect-rate token, then host
+//     placement) runs first, then the user's, on the same per-attempt copy
+//     of the connection config.
 //   - AfterConnect: the pool identifies the node first, then the user's hook
 //     runs; if the user's hook fails, the connection is forgotten and closed.
 //   - PrepareConn (or the deprecated BeforeAcquire): the pool first refuses
@@ -104,6 +105,7 @@ type Pool struct {
 	settings settings
 	tracker  *tracker
 	balancer *balancer // connect rate, placement, pruning (balancer.go)
+	obs      *observer // events and cluster-wide counters (tracer.go)
 
 	// The caller's hooks, chained behind the pool's own.
 	userAfterConnect func(context.Context, *pgx.Conn) error
@@ -145,6 +147,8 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 		settings: config.settings(),
 		tracker:  newTracker(),
 	}
+	p.obs = newObserver(p, config.Tracer)
+	p.tracker.obs = p.obs
 	p.bgCtx, p.bgCancel = context.WithCancel(context.Background())
 
 	// pgxCfg is what pgxpool gets: the caller's config with our hooks chained in.
