@@ -108,6 +108,15 @@ type Config struct {
 	// MaxRetries and the caller's context. Nil means DefaultRetryPolicy; wrap
 	// that to retry less. See the Pool documentation for the policy.
 	RetryPolicy RetryPolicy
+
+	// Tracer receives the pool's own events (nodes added, removed, evicted
+	// or draining, pruning, retries, probes, connect throttling). It is
+	// inspected once, by NewWithConfig, for NodeTracer, PruneTracer,
+	// RetryTracer, ProbeTracer and ConnectTracer; CombineTracers joins
+	// several. Nil means no tracing, at no cost. A value that implements
+	// none of them is an error. It is not installed as ConnConfig.Tracer:
+	// to trace queries too, set the same value there.
+	Tracer any
 }
 
 // Copy returns a deep copy of the config that is safe to use and modify, with
@@ -251,6 +260,8 @@ func (c *Config) validate() error {
 		return invalid("MaxRetries", c.MaxRetries, "must not be negative")
 	case c.ConnectRate < 0 || math.IsNaN(c.ConnectRate):
 		return invalid("ConnectRate", c.ConnectRate, "must be 0 (no limit) or more")
+	case c.Tracer != nil && !implementsTracer(c.Tracer):
+		return invalid("Tracer", fmt.Sprintf("of type %T", c.Tracer), "implements none of NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer")
 	case !c.NodeIdentity.valid():
 		return invalid("NodeIdentity", strconv.Quote(string(c.NodeIdentity)), "must be auto, backendkey, query or none")
 	}

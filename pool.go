@@ -105,6 +105,7 @@ type Pool struct {
 	settings settings
 	tracker  *tracker
 	balancer *balancer // connect rate, placement, pruning (balancer.go)
+	obs      *observer // events and cluster-wide counters (tracer.go)
 
 	// The caller's hooks, chained behind the pool's own.
 	userAfterConnect func(context.Context, *pgx.Conn) error
@@ -146,6 +147,8 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 		settings: config.settings(),
 		tracker:  newTracker(),
 	}
+	p.obs = newObserver(p, config.Tracer)
+	p.tracker.obs = p.obs
 	p.bgCtx, p.bgCancel = context.WithCancel(context.Background())
 
 	// pgxCfg is what pgxpool gets: the caller's config with our hooks chained in.

@@ -53,6 +53,8 @@ const (
 )
 
 type tracker struct {
+	obs *observer // reports node events (tracer.go); nil in unit tests
+
 	mu sync.Mutex // protects the fields below
 	// nodes holds every node with connections or seen recently.
 	nodes map[NodeID]*node
@@ -166,6 +168,7 @@ func (t *tracker) track(id NodeID, addr, host string, conn *pgx.Conn, now time.T
 	n.conns.Add(1)
 	n.mu.Unlock()
 	t.mu.Unlock()
+	t.obs.nodeSeen(n, addr)
 
 	n.lastSeen.Store(now.UnixNano())
 	t.markHealthy(id, now)
@@ -205,6 +208,7 @@ func (t *tracker) seen(id NodeID, now time.Time) {
 	t.mu.Lock()
 	n := t.nodeLocked(id, now)
 	t.mu.Unlock()
+	t.obs.nodeSeen(n, "")
 	n.lastSeen.Store(now.UnixNano())
 }
 
@@ -219,6 +223,7 @@ func (t *tracker) evict(id NodeID, now time.Time) []*connState {
 	}
 	if n.evicted.CompareAndSwap(false, true) {
 		n.evictions.Add(1)
+		t.obs.nodeHealth(id, false)
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -242,7 +247,9 @@ func (t *tracker) markHealthy(id NodeID, now time.Time) {
 	n.failures = 0
 	n.failuresSince = time.Time{}
 	n.mu.Unlock()
-	n.evicted.Store(false)
+	if n.evicted.Swap(false) {
+		t.obs.nodeHealth(id, true)
+	}
 }
 
 // recordFailure counts a connection-level failure on node id at now. It

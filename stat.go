@@ -1,0 +1,92 @@
+package clusterpool
+
+import "time"
+
+// ClusterStat is a snapshot of the pool's cluster-wide counters, as returned
+// by Pool.ClusterStat. Every counter only grows over the pool's life, so it
+// fits a monitoring counter; NodeStats has the current per-node state, whose
+// counters go with a node when it expires. pgxpool's own statistics are in
+// Pool.Stat.
+type ClusterStat struct {
+	retryAttempts     int64
+	retryOutcomes     [len(RetryOutcomes) + 1]int64
+	pruned            int64
+	evictions         int64
+	probes            int64
+	probeFailures     int64
+	redials           int64
+	connectsThrottled int64
+	connectWait       time.Duration
+	nodesAdded        int64
+	nodesRemoved      int64
+}
+
+// ClusterStat returns a snapshot of the pool's cluster-wide counters. Each
+// counter is read atomically, but not all of them at the same instant.
+func (p *Pool) ClusterStat() *ClusterStat {
+	c := &p.obs.counters
+	s := &ClusterStat{
+		retryAttempts:     c.retryAttempts.Load(),
+		pruned:            c.pruned.Load(),
+		evictions:         c.evictions.Load(),
+		probes:            c.probes.Load(),
+		probeFailures:     c.probeFailures.Load(),
+		connectsThrottled: c.connectsThrottled.Load(),
+		connectWait:       time.Duration(c.connectWait.Load()),
+		nodesAdded:        c.nodesAdded.Load(),
+		nodesRemoved:      c.nodesRemoved.Load(),
+	}
+	for i := range c.retryOutcomes {
+		s.retryOutcomes[i] = c.retryOutcomes[i].Load()
+	}
+	if b := p.balancer; b != nil {
+		s.redials = b.redials.Load()
+	}
+	return s
+}
+
+// RetryAttempts returns how many failed attempts were retried.
+func (s *ClusterStat) RetryAttempts() int64 { return s.retryAttempts }
+
+// RetryOutcome returns how many calls ended with outcome o; see
+// RetryOutcome for which calls count.
+func (s *ClusterStat) RetryOutcome(o RetryOutcome) int64 {
+	if int(o) >= len(s.retryOutcomes) {
+		return 0
+	}
+	return s.retryOutcomes[o]
+}
+
+// PrunedConns returns how many connections the balancer retired (closed
+// when idle, or marked to close at release when in use).
+func (s *ClusterStat) PrunedConns() int64 { return s.pruned }
+
+// Evictions returns how many times a node was evicted: marked unhealthy
+// after a drain signal, connection failures or gossip saying it is not live.
+func (s *ClusterStat) Evictions() int64 { return s.evictions }
+
+// Probes returns how many probes were made, successful or not.
+func (s *ClusterStat) Probes() int64 { return s.probes }
+
+// ProbeFailures returns how many probes failed to connect to or identify a
+// node.
+func (s *ClusterStat) ProbeFailures() int64 { return s.probeFailures }
+
+// Redials returns how many new connections were refused and dialled again
+// because they landed on a node above its target behind a load balancer.
+func (s *ClusterStat) Redials() int64 { return s.redials }
+
+// ThrottledConnects returns how many new connections waited for the connect
+// rate limit (Config.ConnectRate).
+func (s *ClusterStat) ThrottledConnects() int64 { return s.connectsThrottled }
+
+// ConnectWaitDuration returns the total time new connections waited for the
+// connect rate limit.
+func (s *ClusterStat) ConnectWaitDuration() time.Duration { return s.connectWait }
+
+// NodesAdded returns how many times the pool learned of a node, counting a
+// node again when it comes back after expiring.
+func (s *ClusterStat) NodesAdded() int64 { return s.nodesAdded }
+
+// NodesRemoved returns how many times the pool forgot a node that expired.
+func (s *ClusterStat) NodesRemoved() int64 { return s.nodesRemoved }
