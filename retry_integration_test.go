@@ -56,7 +56,9 @@ func newKVCluster(t testing.TB, nodes int) *clustertest.Cluster {
 		}
 		_, err = conn.Exec(ctx, `
 			CREATE TABLE IF NOT EXISTS kv (k INT PRIMARY KEY, v INT NOT NULL);
-			CREATE TABLE IF NOT EXISTS ids (worker INT NOT NULL, seq INT NOT NULL)`)
+			CREATE TABLE IF NOT EXISTS ids (worker INT NOT NULL, seq INT NOT NULL);
+			CREATE OR REPLACE FUNCTION fail_with(code text) RETURNS int LANGUAGE plpgsql AS
+				$$ BEGIN RAISE EXCEPTION 'fail_with %', code USING ERRCODE = code; END $$`)
 		conn.Close(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -67,6 +69,11 @@ func newKVCluster(t testing.TB, nodes int) *clustertest.Cluster {
 
 func newRetryPool(t testing.TB, dsn string, maxConns int32) *Pool {
 	t.Helper()
+	return newRetryPoolWith(t, dsn, maxConns, nil)
+}
+
+func newRetryPoolWith(t testing.TB, dsn string, maxConns int32, configure func(*Config)) *Pool {
+	t.Helper()
 	cfg, err := ParseConfig(dsn)
 	if err != nil {
 		t.Fatal(err)
@@ -76,6 +83,9 @@ func newRetryPool(t testing.TB, dsn string, maxConns int32) *Pool {
 	// Long lifetimes: retries and eviction, not connection churn, must hide
 	// the faults.
 	cfg.MaxConnLifetime = time.Hour
+	if configure != nil {
+		configure(cfg)
+	}
 	p, err := NewWithConfig(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -106,6 +116,7 @@ type db interface {
 	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults
 }
 
 func beginFunc(ctx context.Context, d db, fn func(pgx.Tx) error) error {
@@ -117,11 +128,11 @@ func beginFunc(ctx context.Context, d db, fn func(pgx.Tx) error) error {
 
 const upsertSQL = `INSERT INTO kv (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v`
 
-// kvOp is one read or idempotent write, chosen by i: QueryRow, Exec, Query
-// and BeginFunc in turn.
+// kvOp is one read or idempotent write, chosen by i: QueryRow, Exec, Query,
+// BeginFunc and SendBatch in turn.
 func kvOp(ctx context.Context, d db, i int, rng *rand.Rand) error {
 	k := rng.IntN(loadKeys)
-	switch i % 4 {
+	switch i % 5 {
 	case 0:
 		var v int
 		err := d.QueryRow(ctx, "SELECT v FROM kv WHERE k = $1", k).Scan(&v)
@@ -140,6 +151,17 @@ func kvOp(ctx context.Context, d db, i int, rng *rand.Rand) error {
 		for rows.Next() {
 		}
 		return rows.Err()
+	case 3:
+		b := &pgx.Batch{}
+		b.Queue("SELECT count(*) FROM kv WHERE k < $1", k)
+		b.Queue(upsertSQL, k, i)
+		br := d.SendBatch(WithIdempotent(ctx), b)
+		var n int
+		err := br.QueryRow().Scan(&n)
+		if err == nil {
+			_, err = br.Exec()
+		}
+		return errors.Join(err, br.Close())
 	default:
 		return beginFunc(WithIdempotent(ctx), d, func(tx pgx.Tx) error {
 			var v int
@@ -294,6 +316,7 @@ func TestRetry(t *testing.T) {
 		{"KillNode", testRetryKillNode},
 		{"NonIdempotentKill", testRetryNonIdempotentKill},
 		{"CallerCancel", testRetryCallerCancel},
+		{"SQLSTATE", testRetrySQLState},
 		{"AllNodesDown", testRetryAllNodesDown},
 	} {
 		for _, n := range c.Nodes() {
@@ -562,4 +585,88 @@ func TestRetryReport(t *testing.T) {
 	report("steady", withLoad(func() { time.Sleep(d / 2) }, cp, pp))
 	report("rolling restart", withLoad(func() { rollingRestart(t, c, d) }, cp, pp))
 	report("crash (Kill)", withLoad(func() { crash(t, c.Node(2), d) }, cp, pp))
+}
+
+// testRetrySQLState checks the policy against errors raised by a real
+// server: 40001 is retried (BeginFunc re-runs the function), 40003 only when
+// idempotent, other errors never, WithoutRetry and Config.RetryPolicy turn
+// retries off, and the errors keep their *pgconn.PgError.
+func testRetrySQLState(t *testing.T, c *clustertest.Cluster) {
+	const maxRetries = 2
+	p := newRetryPoolWith(t, c.DSN(), 4, func(cfg *Config) { cfg.MaxRetries = maxRetries })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	// check wants err to carry SQLSTATE code after attempts attempts
+	// (1: returned unchanged, not a *RetryError).
+	check := func(name string, err error, code string, attempts int, unknown bool) {
+		t.Helper()
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || pe.Code != code {
+			t.Errorf("%s: error %v does not carry SQLSTATE %s", name, err, code)
+		}
+		var re *RetryError
+		switch {
+		case attempts == 1 && !unknown && errors.As(err, &re):
+			t.Errorf("%s: a single attempt's error was wrapped: %v", name, err)
+		case (attempts > 1 || unknown) && (!errors.As(err, &re) || re.Attempts != attempts):
+			t.Errorf("%s: want %d attempts, got %v", name, attempts, err)
+		}
+		if errors.Is(err, ErrOutcomeUnknown) != unknown {
+			t.Errorf("%s: errors.Is(ErrOutcomeUnknown) = %v, want %v: %v", name, !unknown, unknown, err)
+		}
+	}
+
+	_, err := p.Exec(ctx, "SELECT fail_with('40001')")
+	check("Exec 40001", err, "40001", maxRetries+1, false)
+	err = p.QueryRow(ctx, "SELECT fail_with('40001')").Scan(new(int))
+	check("QueryRow 40001", err, "40001", maxRetries+1, false)
+	_, err = p.Query(ctx, "SELECT fail_with('40001')")
+	check("Query 40001", err, "40001", maxRetries+1, false)
+	b := &pgx.Batch{}
+	b.Queue("SELECT fail_with('40001')")
+	br := p.SendBatch(ctx, b)
+	_, err = br.Exec()
+	br.Close()
+	check("SendBatch 40001", err, "40001", maxRetries+1, false)
+
+	_, err = p.Exec(WithoutRetry(ctx), "SELECT fail_with('40001')")
+	check("WithoutRetry 40001", err, "40001", 1, false)
+	_, err = p.Exec(ctx, "SELECT fail_with('40003')")
+	check("Exec 40003", err, "40003", 1, true)
+	_, err = p.Exec(WithIdempotent(ctx), "SELECT fail_with('40003')")
+	check("idempotent Exec 40003", err, "40003", maxRetries+1, true)
+	_, err = p.Exec(WithIdempotent(ctx), "SELECT fail_with('23505')")
+	check("Exec 23505", err, "23505", 1, false)
+
+	// BeginFunc re-runs the function after 40001 until it succeeds.
+	calls := 0
+	err = p.BeginFunc(ctx, func(tx pgx.Tx) error {
+		calls++
+		sql := "SELECT 1"
+		if calls < 3 {
+			sql = "SELECT fail_with('40001')"
+		}
+		_, err := tx.Exec(ctx, sql)
+		return err
+	})
+	if err != nil || calls != 3 {
+		t.Errorf("BeginFunc: %v after %d calls, want success after 3", err, calls)
+	}
+	// A non-database error from the function is returned as is, once.
+	errMine := errors.New("mine")
+	calls = 0
+	err = p.BeginFunc(ctx, func(tx pgx.Tx) error { calls++; return errMine })
+	if err != errMine || calls != 1 {
+		t.Errorf("BeginFunc: %v after %d calls, want errMine after 1", err, calls)
+	}
+
+	// A policy that never retries 40001.
+	noRestart := newRetryPoolWith(t, c.DSN(), 2, func(cfg *Config) {
+		cfg.RetryPolicy = func(ctx context.Context, p RetryParams) bool {
+			return p.Class != ClassRestartTxn && DefaultRetryPolicy(ctx, p)
+		}
+	})
+	_, err = noRestart.Exec(ctx, "SELECT fail_with('40001')")
+	check("RetryPolicy 40001", err, "40001", 1, false)
 }
