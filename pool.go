@@ -257,12 +257,14 @@ func (p *Pool) identify(ctx context.Context, conn *pgx.Conn) (NodeID, string, er
 
 // identifyQuery asks the server for its own address: one round trip, once
 // per connection. COALESCE covers Unix-socket connections, where both are NULL.
+// It runs with the simple protocol so it takes no slot in the connection's
+// statement cache.
 const identifyQuery = "SELECT COALESCE(host(inet_server_addr()), ''), COALESCE(inet_server_port(), 0)"
 
 func (p *Pool) identifyByQuery(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
 	var host string
 	var port int
-	if err := conn.QueryRow(ctx, identifyQuery).Scan(&host, &port); err != nil {
+	if err := conn.QueryRow(ctx, identifyQuery, pgx.QueryExecModeSimpleProtocol).Scan(&host, &port); err != nil {
 		return 0, "", fmt.Errorf("clusterpool: identifying the node of a new connection: %w", err)
 	}
 	if host == "" {
