@@ -195,10 +195,10 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 
 	final, poolTotal := settleCounts(ctx, t.counter, pool)
 	smp.take()
+	samples := smp.finish() // before Close, which the plot should not show
 	opened := t.counter.opened() - opened0
 	pool.Close()
 	poolClosed = true
-	samples := smp.finish()
 
 	ev.mu.Lock()
 	evs := append([]Event(nil), ev.list...)

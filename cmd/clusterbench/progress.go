@@ -43,7 +43,7 @@ func (p *progress) begin(scenario, label string, d time.Duration) {
 	defer p.mu.Unlock()
 	p.cur = fmt.Sprintf("%-15s %s", scenario, label)
 	if !p.terminal {
-		fmt.Fprintf(p.w, "%s: running for %v\n", p.cur, d)
+		fmt.Fprintf(p.w, "%s: running for %v\n", p.cur, d.Round(10*time.Millisecond))
 	}
 }
 

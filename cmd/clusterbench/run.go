@@ -70,7 +70,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.Int64Var(&o.seed, "seed", 0, "seed for the load balancer and the workload; 0 picks one (always printed)")
 	fs.StringVar(&o.outDir, "out", "clusterbench-report", "directory for the HTML report (index.html and one SVG per scenario)")
 	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
-	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead (only the non-destructive scenarios: balance, overhead)")
+	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead: only the non-destructive scenarios (balance, overhead) run, and table kv is created if missing")
 	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

@@ -85,14 +85,14 @@ var scenarios = []scenario{
 	},
 	{
 		name:        "scale-out",
-		description: "A node is added a third of the way into the run. Rounds (balance intervals) and connections opened until the new node holds its share (spread ≤ 1 over all nodes).",
+		description: "A node is added a fifth of the way into the run (the dashed line marks when it is up and routable). Rounds (balance intervals) and connections opened until the new node holds its share (spread ≤ 1 over all nodes).",
 		destructive: true,
 		plan: func(h *harness) runPlan {
 			d := h.opts.duration
 			return runPlan{
 				nodes: h.opts.nodes, poolSize: h.opts.workers, workload: kvMix,
 				script: func(ctx context.Context, c *clustertest.Cluster, mark func(string)) error {
-					if !sleepUntil(ctx, d/3) {
+					if !sleepUntil(ctx, d/5) {
 						return nil
 					}
 					n, err := c.AddNode(ctx)
