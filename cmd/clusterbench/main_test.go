@@ -265,6 +265,24 @@ func TestSettledAt(t *testing.T) {
 	}
 }
 
+func TestMinMoves(t *testing.T) {
+	for _, tc := range []struct {
+		conns map[int]int
+		want  int
+	}{
+		{map[int]int{1: 8, 2: 8, 3: 8}, 0},
+		{map[int]int{1: 9, 2: 8, 3: 7}, 1},
+		{map[int]int{1: 10, 2: 7, 3: 7}, 2},
+		{map[int]int{1: 9, 2: 9, 3: 6}, 2}, // targets 8, 8, 8
+		{map[int]int{1: 9, 2: 9, 3: 7}, 1}, // 25: targets 9, 8, 8
+		{map[int]int{1: 12, 2: 12}, 8},     // node 3 empty
+	} {
+		if got := minMoves(tc.conns, []int{1, 2, 3}); got != tc.want {
+			t.Errorf("minMoves(%v) = %d, want %d", tc.conns, got, tc.want)
+		}
+	}
+}
+
 func TestPercentiles(t *testing.T) {
 	var d []time.Duration
 	for i := 100; i >= 1; i-- {
