@@ -338,39 +338,46 @@ func extractClusterParams(connString string) (string, []clusterParam, error) {
 }
 
 func extractFromURL(connString string) (string, []clusterParam, error) {
-	q := strings.IndexByte(connString, '?')
+	// Like pgx (and libpq), only a '/' ends the search for the userinfo: a
+	// '@' before it ends a user:password that may itself contain '?'.
+	afterUser := len("postgres://")
+	if strings.HasPrefix(connString, "postgresql://") {
+		afterUser = len("postgresql://")
+	}
+	if i := strings.IndexAny(connString[afterUser:], "@/"); i >= 0 && connString[afterUser+i] == '@' {
+		afterUser += i + 1
+	}
+	q := strings.IndexByte(connString[afterUser:], '?')
 	if q < 0 {
 		return connString, nil, nil
 	}
+	q += afterUser
 	base, query := connString[:q], connString[q+1:]
-	fragment := ""
-	if h := strings.IndexByte(query, '#'); h >= 0 {
-		query, fragment = query[:h], query[h:]
-	}
 	var kept []string
 	var params []clusterParam
 	for _, item := range strings.Split(query, "&") {
 		rawKey, rawValue, _ := strings.Cut(item, "=")
-		key, err := url.QueryUnescape(rawKey)
+		// pgx decodes %XX but not '+', and ignores spaces around a key.
+		key, err := url.PathUnescape(rawKey)
+		key = strings.TrimSpace(key)
 		if err != nil || !strings.HasPrefix(key, paramPrefix) {
 			// Not ours (or malformed): pgx reports its own errors.
 			kept = append(kept, item)
 			continue
 		}
-		value, err := url.QueryUnescape(rawValue)
+		value, err := url.PathUnescape(rawValue)
 		if err != nil {
 			return "", nil, fmt.Errorf("clusterpool: %s: invalid URL escape in value", key)
 		}
-		params = append(params, clusterParam{key, value})
+		params = append(params, clusterParam{key, strings.TrimSpace(value)})
 	}
 	if len(params) == 0 {
 		return connString, nil, nil
 	}
-	rest := base
-	if len(kept) > 0 {
-		rest += "?" + strings.Join(kept, "&")
+	if len(kept) == 0 {
+		return base, params, nil
 	}
-	return rest + fragment, params, nil
+	return base + "?" + strings.Join(kept, "&"), params, nil
 }
 
 // extractFromKeywordValue mirrors pgconn's keyword/value tokenizer: key, '='
