@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"net/url"
 	"reflect"
 	"runtime"
@@ -669,4 +670,28 @@ func TestNewWithConfigErrors(t *testing.T) {
 	if _, err := New(context.Background(), "postgres://u:topsecret@h/db?cluster_x=1"); err == nil || strings.Contains(err.Error(), "topsecret") {
 		t.Errorf("New = %v", err)
 	}
+}
+
+// TestWrapPgxpoolConfig: a Config built around an existing pgxpool.Config
+// (cluster fields left zero) works, with the documented zero meanings.
+func TestWrapPgxpoolConfig(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	pgxCfg, err := pgxpool.ParseConfig(c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pgxCfg.MaxConns = 3
+	ctx := testCtx(t)
+	p, err := NewWithConfig(ctx, &Config{Config: pgxCfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.settings; s.balanceInterval != DefaultBalanceInterval || s.maxRetries != 0 || !math.IsInf(s.connectRate, 1) {
+		t.Errorf("settings from zero fields: %+v", s)
+	}
+	waitCond(t, countsMatch(p, c))
 }
