@@ -1,0 +1,207 @@
+// Package clusterslog logs a clusterpool.Pool's events with log/slog.
+//
+//	cfg, err := clusterpool.ParseConfig(connString)
+//	...
+//	cfg.Tracer = clusterslog.New(logger)
+//	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+//
+// Each event is one record with structured attributes (node IDs, counts,
+// durations, error classes). Levels follow how much an operator wants to
+// see them:
+//
+//   - Debug: balancing (connections pruned to rebalance, throttled
+//     connects), probes, and each retried attempt.
+//   - Info: nodes added, removed, healthy again, draining; connections
+//     pruned from an unavailable node; a call that succeeded after retries
+//     or whose context ended between attempts.
+//   - Warn: a node evicted (unhealthy), a call that gave up after retries,
+//     and one not retried because its outcome is unknown.
+//
+// Records never carry a password or a connection string: the events hold
+// node IDs, addresses (host:port) and driver errors, which pgx writes
+// without secrets.
+//
+// The handler's Enabled is asked first, so events below the logger's level
+// cost no attribute building. The context passed to the logger is the one
+// the pool passed to the tracer: the caller's for retries and throttled
+// connects, so a handler can add request attributes from it.
+package clusterslog
+
+import (
+	"context"
+	"log/slog"
+
+	"github.com/clusterpool/clusterpool"
+)
+
+// Tracer logs a pool's events. It implements every tracer interface of
+// clusterpool; set it as clusterpool.Config.Tracer, alone or with
+// clusterpool.CombineTracers.
+type Tracer struct {
+	logger *slog.Logger
+}
+
+// New returns a Tracer that logs to logger. A nil logger is an error of
+// the caller's: there is no default logger.
+func New(logger *slog.Logger) *Tracer {
+	return &Tracer{logger: logger}
+}
+
+var (
+	_ clusterpool.NodeTracer    = (*Tracer)(nil)
+	_ clusterpool.PruneTracer   = (*Tracer)(nil)
+	_ clusterpool.RetryTracer   = (*Tracer)(nil)
+	_ clusterpool.ProbeTracer   = (*Tracer)(nil)
+	_ clusterpool.ConnectTracer = (*Tracer)(nil)
+)
+
+// Attribute keys.
+const (
+	keyNode     = "node"
+	keyAddr     = "addr"
+	keyCount    = "count"
+	keyReason   = "reason"
+	keyAttempt  = "attempt"
+	keyAttempts = "attempts"
+	keyNodes    = "nodes"
+	keyClass    = "error_class"
+	keyStage    = "stage"
+	keyDelay    = "delay"
+	keyOutcome  = "outcome"
+	keyWaited   = "waited"
+	keyLimit    = "limit_per_second"
+	keyErr      = "err"
+)
+
+func (t *Tracer) log(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) {
+	t.logger.LogAttrs(ctx, level, msg, attrs...)
+}
+
+func (t *Tracer) enabled(ctx context.Context, level slog.Level) bool {
+	return t.logger.Enabled(ctx, level)
+}
+
+func nodeAttr(id clusterpool.NodeID) slog.Attr { return slog.Int64(keyNode, int64(id)) }
+
+func errAttr(err error) slog.Attr { return slog.String(keyErr, err.Error()) }
+
+// TraceNodeAdded logs at Info.
+func (t *Tracer) TraceNodeAdded(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceNodeAddedData) {
+	if !t.enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	attrs := []slog.Attr{nodeAttr(data.Node)}
+	if data.Addr != "" {
+		attrs = append(attrs, slog.String(keyAddr, data.Addr))
+	}
+	t.log(ctx, slog.LevelInfo, "clusterpool: node added", attrs...)
+}
+
+// TraceNodeRemoved logs at Info.
+func (t *Tracer) TraceNodeRemoved(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceNodeRemovedData) {
+	t.log(ctx, slog.LevelInfo, "clusterpool: node removed (expired)", nodeAttr(data.Node))
+}
+
+// TraceNodeHealth logs an eviction at Warn and a recovery at Info.
+func (t *Tracer) TraceNodeHealth(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceNodeHealthData) {
+	if data.Healthy {
+		t.log(ctx, slog.LevelInfo, "clusterpool: node healthy again", nodeAttr(data.Node))
+		return
+	}
+	t.log(ctx, slog.LevelWarn, "clusterpool: node evicted", nodeAttr(data.Node))
+}
+
+// TraceNodeDraining logs at Info.
+func (t *Tracer) TraceNodeDraining(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceNodeDrainingData) {
+	msg := "clusterpool: node draining"
+	if !data.Draining {
+		msg = "clusterpool: node no longer draining"
+	}
+	t.log(ctx, slog.LevelInfo, msg, nodeAttr(data.Node))
+}
+
+// TracePrune logs a rebalance at Debug and pruning from an unavailable node
+// at Info.
+func (t *Tracer) TracePrune(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TracePruneData) {
+	level := slog.LevelDebug
+	if data.Reason == clusterpool.PruneNodeUnavailable {
+		level = slog.LevelInfo
+	}
+	if !t.enabled(ctx, level) {
+		return
+	}
+	t.log(ctx, level, "clusterpool: connections pruned",
+		nodeAttr(data.Node), slog.Int(keyCount, data.Count), slog.String(keyReason, data.Reason.String()))
+}
+
+// TraceRetry logs at Debug.
+func (t *Tracer) TraceRetry(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceRetryData) {
+	if !t.enabled(ctx, slog.LevelDebug) {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.Int(keyAttempt, data.Attempt),
+		nodeAttr(data.Node),
+		slog.String(keyClass, data.Class.String()),
+		slog.String(keyStage, data.Stage.String()),
+		slog.Duration(keyDelay, data.Delay),
+	}
+	if data.Err != nil {
+		attrs = append(attrs, errAttr(data.Err))
+	}
+	t.log(ctx, slog.LevelDebug, "clusterpool: retrying", attrs...)
+}
+
+// TraceRetryEnd logs a success or an interruption at Info and a give-up or
+// an unknown outcome at Warn.
+func (t *Tracer) TraceRetryEnd(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceRetryEndData) {
+	level, msg := slog.LevelWarn, "clusterpool: gave up retrying"
+	switch data.Outcome {
+	case clusterpool.RetrySucceeded:
+		level, msg = slog.LevelInfo, "clusterpool: succeeded after retries"
+	case clusterpool.RetryInterrupted:
+		level, msg = slog.LevelInfo, "clusterpool: retries interrupted by the caller's context"
+	case clusterpool.RetryOutcomeUnknown:
+		msg = "clusterpool: not retried, outcome unknown"
+	}
+	if !t.enabled(ctx, level) {
+		return
+	}
+	nodes := make([]int64, len(data.Nodes))
+	for i, id := range data.Nodes {
+		nodes[i] = int64(id)
+	}
+	attrs := []slog.Attr{
+		slog.String(keyOutcome, data.Outcome.String()),
+		slog.Int(keyAttempts, data.Attempts),
+		slog.Any(keyNodes, nodes),
+	}
+	if data.Err != nil {
+		attrs = append(attrs, slog.String(keyClass, data.Class.String()), errAttr(data.Err))
+	}
+	t.log(ctx, level, msg, attrs...)
+}
+
+// TraceProbe logs at Debug.
+func (t *Tracer) TraceProbe(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceProbeData) {
+	if !t.enabled(ctx, slog.LevelDebug) {
+		return
+	}
+	if data.Err != nil {
+		t.log(ctx, slog.LevelDebug, "clusterpool: probe failed", errAttr(data.Err))
+		return
+	}
+	t.log(ctx, slog.LevelDebug, "clusterpool: probe", nodeAttr(data.Node))
+}
+
+// TraceConnectThrottled logs at Debug.
+func (t *Tracer) TraceConnectThrottled(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceConnectThrottledData) {
+	if !t.enabled(ctx, slog.LevelDebug) {
+		return
+	}
+	attrs := []slog.Attr{slog.Duration(keyWaited, data.Waited), slog.Float64(keyLimit, data.Limit)}
+	if data.Err != nil {
+		attrs = append(attrs, errAttr(data.Err))
+	}
+	t.log(ctx, slog.LevelDebug, "clusterpool: new connection throttled", attrs...)
+}

@@ -1,0 +1,221 @@
+package clusterslog_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool"
+	"github.com/clusterpool/clusterpool/clusterslog"
+	"github.com/clusterpool/clusterpool/clustertest"
+)
+
+// syncBuffer is a bytes.Buffer safe for the pool's goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// records parses the JSON lines written so far.
+func (b *syncBuffer) records(t *testing.T) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, line := range strings.Split(strings.TrimSpace(b.String()), "\n") {
+		if line == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("bad JSON line %q: %v", line, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func newLogger(level slog.Level) (*slog.Logger, *syncBuffer) {
+	buf := &syncBuffer{}
+	return slog.New(slog.NewJSONHandler(buf, &slog.HandlerOptions{Level: level})), buf
+}
+
+func TestLevelsAndAttributes(t *testing.T) {
+	ctx := context.Background()
+	boom := errors.New("boom")
+	tests := []struct {
+		name  string
+		emit  func(*clusterslog.Tracer)
+		level string
+		msg   string
+		attrs map[string]any
+	}{
+		{"added", func(tr *clusterslog.Tracer) {
+			tr.TraceNodeAdded(ctx, nil, clusterpool.TraceNodeAddedData{Node: 3, Addr: "10.0.0.3:26257"})
+		}, "INFO", "clusterpool: node added", map[string]any{"node": 3.0, "addr": "10.0.0.3:26257"}},
+		{"removed", func(tr *clusterslog.Tracer) {
+			tr.TraceNodeRemoved(ctx, nil, clusterpool.TraceNodeRemovedData{Node: 4})
+		}, "INFO", "clusterpool: node removed (expired)", map[string]any{"node": 4.0}},
+		{"evicted", func(tr *clusterslog.Tracer) {
+			tr.TraceNodeHealth(ctx, nil, clusterpool.TraceNodeHealthData{Node: 2})
+		}, "WARN", "clusterpool: node evicted", map[string]any{"node": 2.0}},
+		{"healthy", func(tr *clusterslog.Tracer) {
+			tr.TraceNodeHealth(ctx, nil, clusterpool.TraceNodeHealthData{Node: 2, Healthy: true})
+		}, "INFO", "clusterpool: node healthy again", map[string]any{"node": 2.0}},
+		{"draining", func(tr *clusterslog.Tracer) {
+			tr.TraceNodeDraining(ctx, nil, clusterpool.TraceNodeDrainingData{Node: 5, Draining: true})
+		}, "INFO", "clusterpool: node draining", map[string]any{"node": 5.0}},
+		{"rebalance", func(tr *clusterslog.Tracer) {
+			tr.TracePrune(ctx, nil, clusterpool.TracePruneData{Node: 1, Count: 2, Reason: clusterpool.PruneRebalance})
+		}, "DEBUG", "clusterpool: connections pruned", map[string]any{"node": 1.0, "count": 2.0, "reason": "rebalance"}},
+		{"prune unavailable", func(tr *clusterslog.Tracer) {
+			tr.TracePrune(ctx, nil, clusterpool.TracePruneData{Node: 1, Count: 4, Reason: clusterpool.PruneNodeUnavailable})
+		}, "INFO", "clusterpool: connections pruned", map[string]any{"count": 4.0, "reason": "node_unavailable"}},
+		{"retry", func(tr *clusterslog.Tracer) {
+			tr.TraceRetry(ctx, nil, clusterpool.TraceRetryData{Attempt: 1, Node: 2, Err: boom, Class: clusterpool.ClassConnection, Stage: clusterpool.StageStatement})
+		}, "DEBUG", "clusterpool: retrying", map[string]any{"attempt": 1.0, "node": 2.0, "error_class": "connection", "stage": "statement", "err": "boom"}},
+		{"retry succeeded", func(tr *clusterslog.Tracer) {
+			tr.TraceRetryEnd(ctx, nil, clusterpool.TraceRetryEndData{Outcome: clusterpool.RetrySucceeded, Attempts: 2, Nodes: []clusterpool.NodeID{2}})
+		}, "INFO", "clusterpool: succeeded after retries", map[string]any{"outcome": "succeeded", "attempts": 2.0, "nodes": []any{2.0}}},
+		{"gave up", func(tr *clusterslog.Tracer) {
+			tr.TraceRetryEnd(ctx, nil, clusterpool.TraceRetryEndData{Outcome: clusterpool.RetryGaveUp, Attempts: 6, Nodes: []clusterpool.NodeID{1, 2}, Err: boom, Class: clusterpool.ClassConnection})
+		}, "WARN", "clusterpool: gave up retrying", map[string]any{"outcome": "gave_up", "attempts": 6.0, "error_class": "connection"}},
+		{"unknown", func(tr *clusterslog.Tracer) {
+			tr.TraceRetryEnd(ctx, nil, clusterpool.TraceRetryEndData{Outcome: clusterpool.RetryOutcomeUnknown, Attempts: 1, Err: boom, Class: clusterpool.ClassAmbiguous})
+		}, "WARN", "clusterpool: not retried, outcome unknown", map[string]any{"outcome": "outcome_unknown"}},
+		{"interrupted", func(tr *clusterslog.Tracer) {
+			tr.TraceRetryEnd(ctx, nil, clusterpool.TraceRetryEndData{Outcome: clusterpool.RetryInterrupted, Attempts: 3, Err: boom})
+		}, "INFO", "clusterpool: retries interrupted by the caller's context", map[string]any{"outcome": "interrupted"}},
+		{"probe", func(tr *clusterslog.Tracer) {
+			tr.TraceProbe(ctx, nil, clusterpool.TraceProbeData{Node: 7})
+		}, "DEBUG", "clusterpool: probe", map[string]any{"node": 7.0}},
+		{"probe failed", func(tr *clusterslog.Tracer) {
+			tr.TraceProbe(ctx, nil, clusterpool.TraceProbeData{Err: boom})
+		}, "DEBUG", "clusterpool: probe failed", map[string]any{"err": "boom"}},
+		{"throttled", func(tr *clusterslog.Tracer) {
+			tr.TraceConnectThrottled(ctx, nil, clusterpool.TraceConnectThrottledData{Waited: 250 * time.Millisecond, Limit: 10})
+		}, "DEBUG", "clusterpool: new connection throttled", map[string]any{"waited": float64(250 * time.Millisecond), "limit_per_second": 10.0}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			logger, buf := newLogger(slog.LevelDebug)
+			tt.emit(clusterslog.New(logger))
+			recs := buf.records(t)
+			if len(recs) != 1 {
+				t.Fatalf("%d records, want 1: %s", len(recs), buf)
+			}
+			r := recs[0]
+			if r["level"] != tt.level || r["msg"] != tt.msg {
+				t.Errorf("level %v msg %q, want %s %q", r["level"], r["msg"], tt.level, tt.msg)
+			}
+			for k, want := range tt.attrs {
+				if got := r[k]; fmt.Sprint(got) != fmt.Sprint(want) {
+					t.Errorf("%s = %v, want %v", k, got, want)
+				}
+			}
+
+			// Above the record's level nothing is written.
+			logger, buf = newLogger(slog.LevelError)
+			tt.emit(clusterslog.New(logger))
+			if s := buf.String(); s != "" {
+				t.Errorf("written above its level: %s", s)
+			}
+		})
+	}
+}
+
+// On a real cluster: node IDs appear in the records, an eviction is a
+// warning, and the password in the connection string never appears.
+func TestLogsOnCluster(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	const password = "s3cret-pw"
+	dsn := strings.Replace(c.DSN(), "postgres://postgres@", "postgres://postgres:"+password+"@", 1)
+	if dsn == c.DSN() {
+		t.Fatalf("unexpected DSN form %q", c.DSN())
+	}
+	cfg, err := clusterpool.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logger, buf := newLogger(slog.LevelDebug)
+	cfg.Tracer = clusterslog.New(logger)
+	cfg.MinConns, cfg.MaxConns = 6, 6
+	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+	cfg.ConnectRate = 0
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+
+	waitFor(t, "three nodes added", func() bool { return len(find(buf.records(t), "clusterpool: node added")) == 3 })
+
+	c.Node(2).Kill()
+	// Read-only statements are retried elsewhere; one of them meets node 2.
+	waitFor(t, "node 2 evicted", func() bool {
+		var one int
+		_ = pool.QueryRow(ctx, "SELECT 1").Scan(&one)
+		for _, r := range find(buf.records(t), "clusterpool: node evicted") {
+			if r["node"] == 2.0 && r["level"] == "WARN" {
+				return true
+			}
+		}
+		return false
+	})
+	// New connects to a dead node fail with errors that name the user and
+	// the address, never the password.
+	pool.Reset()
+	for range 10 {
+		var one int
+		_ = pool.QueryRow(ctx, "SELECT 1").Scan(&one)
+	}
+	out := buf.String()
+	if strings.Contains(out, password) {
+		t.Errorf("the log contains the password:\n%s", out)
+	}
+	if !strings.Contains(out, `"node":2`) {
+		t.Errorf("no record names node 2:\n%s", out)
+	}
+	t.Logf("%d records", len(buf.records(t)))
+}
+
+func find(recs []map[string]any, msg string) []map[string]any {
+	var out []map[string]any
+	for _, r := range recs {
+		if r["msg"] == msg {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// waitFor polls cond every 20 ms for up to 20 s; the machine may be loaded.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
