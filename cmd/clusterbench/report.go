@@ -49,6 +49,15 @@ func reportHTML(res *Results) string {
 	if len(res.Skipped) > 0 {
 		fmt.Fprintf(&b, "<p class=\"note\">Skipped (they would disturb a real cluster): %s.</p>\n", e(strings.Join(res.Skipped, ", ")))
 	}
+	b.WriteString("<p>Scenarios:")
+	for i, s := range res.Scenarios {
+		sep := ","
+		if i == 0 {
+			sep = ""
+		}
+		fmt.Fprintf(&b, "%s <a href=\"#%s\">%s</a>", sep, e(s.Name), e(s.Name))
+	}
+	b.WriteString(".</p>\n")
 	for _, s := range res.Scenarios {
 		fmt.Fprintf(&b, "<h2 id=\"%s\">%s</h2>\n<p>%s</p>\n", e(s.Name), e(s.Name), e(s.Description))
 		if len(s.Pools) != 2 {
@@ -115,7 +124,7 @@ func compare(base, m Metric) int {
 		return 0
 	}
 	d := *m.Value - *base.Value
-	if math.Abs(d) <= 0.02*math.Max(math.Abs(*base.Value), math.Abs(*m.Value)) {
+	if math.Abs(d) <= 0.1*math.Max(math.Abs(*base.Value), math.Abs(*m.Value)) {
 		return 0
 	}
 	if (d < 0) == (m.Better == "lower") {

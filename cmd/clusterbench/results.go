@@ -13,6 +13,7 @@ import (
 // Results is everything one run measured; -json prints it as is.
 type Results struct {
 	Date     string            `json:"date"` // UTC, RFC 3339
+	Args     []string          `json:"args"` // the command line, to run it again
 	Backend  string            `json:"backend"`
 	Seed     int64             `json:"seed"`
 	Nodes    int               `json:"nodes"`

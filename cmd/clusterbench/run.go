@@ -123,6 +123,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	res := &Results{
 		Date:     time.Now().UTC().Format(time.RFC3339),
+		Args:     append([]string{}, args...),
 		Seed:     o.seed,
 		Nodes:    o.nodes,
 		Workers:  o.workers,
@@ -216,6 +217,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout)
 	}
 	fmt.Fprintf(log, "report: %s\n", path)
+	fmt.Fprintf(log, "same cluster decisions and workload again: add -seed %d\n", o.seed)
 	return 0
 }
 
