@@ -690,6 +690,7 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 	if n != nil {
 		n.retries.Add(1)
 	}
+	l.p.obs.retrying(ctx, params, delay)
 	if serr := sleepCtx(ctx, delay); serr != nil {
 		return l.giveUp(err, unknown, serr)
 	}
@@ -699,6 +700,7 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 // giveUp returns the error for the caller: the driver's error unchanged when
 // there was a single attempt with a known outcome, else a *RetryError.
 func (l *retryLoop) giveUp(err error, unknown bool, interrupted error) error {
+	l.traceGiveUp(err, unknown, interrupted)
 	if l.attempts == 1 && !unknown && interrupted == nil {
 		return err
 	}
@@ -746,6 +748,7 @@ func (p *Pool) exec(ctx context.Context, sql string, args []any) (pgconn.Command
 		tag, err := c.Exec(ctx, sql, args...)
 		if err == nil {
 			c.Release()
+			l.traceSuccess()
 			return tag, nil
 		}
 		if err := l.attemptFailed(c, err, StageStatement, readOnlySQL(sql)); err != nil {
@@ -776,6 +779,7 @@ func (r *retryRow) Scan(dest ...any) error {
 		err = c.QueryRow(r.ctx, r.sql, r.args...).Scan(dest...)
 		if err == nil || errors.Is(err, pgx.ErrNoRows) {
 			c.Release()
+			l.traceSuccess()
 			return err
 		}
 		if err := l.attemptFailed(c, err, StageStatement, readOnlySQL(r.sql)); err != nil {
@@ -803,6 +807,7 @@ func (p *Pool) query(ctx context.Context, sql string, args []any) (pgx.Rows, err
 			r := &retryRows{Rows: rows, c: c, peeked: true}
 			r.first = rows.Next()
 			if r.first || rows.Err() == nil {
+				l.traceSuccess()
 				return r, nil
 			}
 			err = rows.Err()
@@ -889,6 +894,7 @@ func (p *Pool) beginTx(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error) 
 		}
 		tx, err := c.BeginTx(ctx, opts)
 		if err == nil {
+			l.traceSuccess()
 			return &poolTx{Tx: tx, c: c}, nil
 		}
 		if err := l.attemptFailed(c, err, StageStatement, true); err != nil {
@@ -971,6 +977,7 @@ func (p *Pool) BeginTxFunc(ctx context.Context, txOptions pgx.TxOptions, fn func
 		err = tx.Commit(ctx)
 		if err == nil {
 			c.Release()
+			l.traceSuccess()
 			return nil
 		}
 		if err := l.attemptFailed(c, err, StageCommit, readOnly); err != nil {
@@ -1044,13 +1051,17 @@ func (br *poolBatchResults) first(read func() error) error {
 	for {
 		err := read()
 		if err == nil || br.delivered {
+			if !br.delivered {
+				br.l.traceSuccess()
+			}
 			br.delivered = true
 			return err
 		}
 		switch Classify(err) {
 		case ClassNotSent, ClassRestartTxn, ClassConnection, ClassAmbiguous, ClassCanceled:
 		default:
-			br.delivered = true // e.g. pgx.ErrNoRows: the batch goes on
+			br.l.traceSuccess() // e.g. pgx.ErrNoRows: the batch goes on
+			br.delivered = true
 			return err
 		}
 		br.BatchResults.Close()
@@ -1151,6 +1162,7 @@ func (p *Pool) copyFrom(ctx context.Context, tableName pgx.Identifier, columnNam
 			continue
 		}
 		defer c.Release()
+		l.traceSuccess() // the retried part, getting a connection, succeeded
 		return c.Conn().CopyFrom(ctx, tableName, columnNames, rowSrc)
 	}
 }

@@ -581,6 +581,11 @@ func TestRetryReport(t *testing.T) {
 		t.Logf("%-16s clusterpool: %6d ops %4d errors p99 %8v | pgxpool: %6d ops %4d errors p99 %8v",
 			name, res[0].ops, len(res[0].errs), res[0].p99().Round(time.Millisecond),
 			res[1].ops, len(res[1].errs), res[1].p99().Round(time.Millisecond))
+		for i, r := range res {
+			if len(r.errs) > 0 {
+				t.Logf("  %s errors, first of them: %s", [...]string{"clusterpool", "pgxpool"}[i], r.summary())
+			}
+		}
 	}
 	report("steady", withLoad(func() { time.Sleep(d / 2) }, cp, pp))
 	report("rolling restart", withLoad(func() { rollingRestart(t, c, d) }, cp, pp))
@@ -661,6 +666,20 @@ func testRetrySQLState(t *testing.T, c *clustertest.Cluster) {
 		t.Errorf("BeginFunc: %v after %d calls, want errMine after 1", err, calls)
 	}
 
+	// Retries are traced: two retries, then the end of the call.
+	tr := &retryTrace{}
+	traced := newRetryPoolWith(t, c.DSN(), 2, func(cfg *Config) {
+		cfg.MaxRetries = maxRetries
+		cfg.Tracer = tr
+	})
+	_, err = traced.Exec(ctx, "SELECT fail_with('40001')")
+	check("traced Exec 40001", err, "40001", maxRetries+1, false)
+	tr.mu.Lock()
+	if tr.retries != maxRetries || len(tr.ends) != 1 || tr.ends[0].Outcome != RetryGaveUp || tr.ends[0].Attempts != maxRetries+1 {
+		t.Errorf("traced %d retries and ends %+v; want %d retries and one gave_up end", tr.retries, tr.ends, maxRetries)
+	}
+	tr.mu.Unlock()
+
 	// A policy that never retries 40001.
 	noRestart := newRetryPoolWith(t, c.DSN(), 2, func(cfg *Config) {
 		cfg.RetryPolicy = func(ctx context.Context, p RetryParams) bool {
@@ -669,4 +688,22 @@ func testRetrySQLState(t *testing.T, c *clustertest.Cluster) {
 	})
 	_, err = noRestart.Exec(ctx, "SELECT fail_with('40001')")
 	check("RetryPolicy 40001", err, "40001", 1, false)
+}
+
+type retryTrace struct {
+	mu      sync.Mutex
+	retries int
+	ends    []TraceRetryEndData
+}
+
+func (r *retryTrace) TraceRetry(context.Context, *Pool, TraceRetryData) {
+	r.mu.Lock()
+	r.retries++
+	r.mu.Unlock()
+}
+
+func (r *retryTrace) TraceRetryEnd(_ context.Context, _ *Pool, data TraceRetryEndData) {
+	r.mu.Lock()
+	r.ends = append(r.ends, data)
+	r.mu.Unlock()
 }
