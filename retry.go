@@ -611,6 +611,13 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 		class = ClassConnection
 	}
 
+	if class == ClassConnection && stage == StageTx && c != nil && !c.Conn().IsClosed() {
+		// A BeginFunc function returned a network error while the
+		// transaction's own connection is fine: it came from something
+		// else the function talked to, not from this node.
+		class = ClassPermanent
+	}
+
 	var n *node
 	if c != nil {
 		if cs := connStateOf(c.Conn()); cs != nil {
@@ -963,7 +970,7 @@ func (p *Pool) BeginTxFunc(ctx context.Context, txOptions pgx.TxOptions, fn func
 			}
 			continue
 		}
-		if err := fn(tx); err != nil {
+		if err := callTxFunc(ctx, c, tx, fn); err != nil {
 			if !c.Conn().IsClosed() {
 				// The rollback's own error does not matter: a connection
 				// left in a transaction is destroyed on release.
@@ -984,6 +991,21 @@ func (p *Pool) BeginTxFunc(ctx context.Context, txOptions pgx.TxOptions, fn func
 			return err
 		}
 	}
+}
+
+// callTxFunc runs fn. If fn panics, the transaction is rolled back and the
+// connection released before the panic goes on, as pgx.BeginFunc does.
+func callTxFunc(ctx context.Context, c *pgxpool.Conn, tx pgx.Tx, fn func(pgx.Tx) error) error {
+	returned := false
+	defer func() {
+		if !returned {
+			_ = tx.Rollback(ctx)
+			c.Release()
+		}
+	}()
+	err := fn(tx)
+	returned = true
+	return err
 }
 
 // sendBatch is SendBatch with retries while nothing of the batch has reached
@@ -1153,16 +1175,14 @@ func (br *poolBatchResults) Tx() pgx.Tx {
 // cannot be rewound, so once COPY has started nothing is retried.
 func (p *Pool) copyFrom(ctx context.Context, tableName pgx.Identifier, columnNames []string, rowSrc pgx.CopyFromSource) (int64, error) {
 	l := p.newRetryLoop(ctx)
-	for {
-		c, err := l.acquire()
-		if err != nil {
-			if err := l.attemptFailed(nil, err, StageConnect, false); err != nil {
-				return 0, err
-			}
-			continue
+	c, err := l.acquire()
+	for err != nil {
+		if err := l.attemptFailed(nil, err, StageConnect, false); err != nil {
+			return 0, err
 		}
-		defer c.Release()
-		l.traceSuccess() // the retried part, getting a connection, succeeded
-		return c.Conn().CopyFrom(ctx, tableName, columnNames, rowSrc)
+		c, err = l.acquire()
 	}
+	defer c.Release()
+	l.traceSuccess() // the retried part, getting a connection, succeeded
+	return c.Conn().CopyFrom(ctx, tableName, columnNames, rowSrc)
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -664,6 +665,28 @@ func testRetrySQLState(t *testing.T, c *clustertest.Cluster) {
 	err = p.BeginFunc(ctx, func(tx pgx.Tx) error { calls++; return errMine })
 	if err != errMine || calls != 1 {
 		t.Errorf("BeginFunc: %v after %d calls, want errMine after 1", err, calls)
+	}
+
+	// A network error from something else the function talks to is not
+	// this node's failure: returned once, nothing evicted.
+	foreign := fmt.Errorf("calling another service: %w", sysErr(syscall.ECONNRESET))
+	calls = 0
+	err = p.BeginFunc(ctx, func(tx pgx.Tx) error { calls++; return foreign })
+	if err != foreign || calls != 1 {
+		t.Errorf("BeginFunc: %v after %d calls, want the foreign error after 1", err, calls)
+	}
+	for _, s := range p.NodeStats() {
+		if s.Evictions != 0 {
+			t.Errorf("a foreign network error evicted node %d", s.ID)
+		}
+	}
+	// A panicking function leaves no connection acquired.
+	func() {
+		defer func() { _ = recover() }()
+		_ = p.BeginFunc(ctx, func(tx pgx.Tx) error { panic("boom") })
+	}()
+	if n := p.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d connections still acquired after a panic in BeginFunc", n)
 	}
 
 	// Retries are traced: two retries, then the end of the call.
