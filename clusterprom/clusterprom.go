@@ -1,0 +1,178 @@
+// Package clusterprom exports a clusterpool.Pool's statistics to Prometheus.
+//
+//	pool, err := clusterpool.New(ctx, connString)
+//	...
+//	reg.MustRegister(clusterprom.NewCollector("orders", pool))
+//
+// The Collector reads the pool's statistics at each scrape (Pool.NodeStats,
+// Pool.ClusterStat); it needs no tracer and adds nothing to the pool's hot
+// path. It registers nothing by itself: the caller registers it in the
+// registry of their choice. Every metric carries a constant "pool" label with
+// the name given to NewCollector, so several pools can be registered in one
+// registry.
+//
+// It is a module of its own (github.com/clusterpool/clusterpool/clusterprom)
+// so that clusterpool itself does not depend on the Prometheus client.
+//
+// # Metrics
+//
+// Per node (the node label is the node ID; a node's series go away when the
+// pool forgets the node):
+//
+//	clusterpool_connections{pool,node,state="idle"|"in_use"}   gauge
+//	clusterpool_node_healthy{pool,node}                         gauge, 1 or 0 (evicted)
+//	clusterpool_node_draining{pool,node}                        gauge, 1 or 0
+//	clusterpool_pruned_connections_total{pool,node}             counter
+//	clusterpool_node_retries_total{pool,node}                   counter
+//	clusterpool_node_evictions_total{pool,node}                 counter
+//
+// Per pool (counters never go back, even when nodes are forgotten):
+//
+//	clusterpool_nodes{pool,state="healthy"|"unhealthy"|"draining"} gauge
+//	clusterpool_retries_total{pool,outcome}                     counter
+//	clusterpool_retry_attempts_total{pool}                      counter
+//	clusterpool_evictions_total{pool}                           counter
+//	clusterpool_probes_total{pool}                              counter
+//	clusterpool_probe_failures_total{pool}                      counter
+//	clusterpool_redials_total{pool}                             counter
+//	clusterpool_connects_throttled_total{pool}                  counter
+//	clusterpool_connect_throttle_wait_seconds_total{pool}       counter
+//	clusterpool_nodes_added_total{pool}                         counter
+//	clusterpool_nodes_removed_total{pool}                       counter
+//
+// The outcome label of clusterpool_retries_total is a
+// clusterpool.RetryOutcome: succeeded, gave_up, outcome_unknown or
+// interrupted; every outcome is always exported, so a rate over a label
+// that has not happened yet is 0, not absent. In clusterpool_nodes a node
+// counts once: unhealthy if evicted, else draining if draining, else
+// healthy.
+package clusterprom
+
+import (
+	"strconv"
+
+	"github.com/clusterpool/clusterpool"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Collector is a prometheus.Collector over one pool's statistics.
+type Collector struct {
+	pool *clusterpool.Pool
+
+	connections   *prometheus.Desc
+	nodeHealthy   *prometheus.Desc
+	nodeDraining  *prometheus.Desc
+	nodePruned    *prometheus.Desc
+	nodeRetries   *prometheus.Desc
+	nodeEvictions *prometheus.Desc
+
+	nodes             *prometheus.Desc
+	retries           *prometheus.Desc
+	retryAttempts     *prometheus.Desc
+	evictions         *prometheus.Desc
+	probes            *prometheus.Desc
+	probeFailures     *prometheus.Desc
+	redials           *prometheus.Desc
+	connectsThrottled *prometheus.Desc
+	connectWait       *prometheus.Desc
+	nodesAdded        *prometheus.Desc
+	nodesRemoved      *prometheus.Desc
+}
+
+var _ prometheus.Collector = (*Collector)(nil)
+
+// NewCollector returns a Collector for pool; name is the value of the
+// "pool" label on every metric and tells pools apart in one registry.
+func NewCollector(name string, pool *clusterpool.Pool) *Collector {
+	constLabels := prometheus.Labels{"pool": name}
+	desc := func(metric, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("clusterpool_"+metric, help, labels, constLabels)
+	}
+	return &Collector{
+		pool: pool,
+
+		connections:   desc("connections", "Open connections of the pool per node, idle or in use.", "node", "state"),
+		nodeHealthy:   desc("node_healthy", "1 if the node is healthy, 0 while it is evicted after failures or a drain signal.", "node"),
+		nodeDraining:  desc("node_draining", "1 if the node reported that it is draining.", "node"),
+		nodePruned:    desc("pruned_connections_total", "Connections of the node retired by the balancer.", "node"),
+		nodeRetries:   desc("node_retries_total", "Attempts retried after a failure on the node.", "node"),
+		nodeEvictions: desc("node_evictions_total", "Times the node was evicted.", "node"),
+
+		nodes:             desc("nodes", "Nodes known to the pool by state; each node counts once: unhealthy, else draining, else healthy.", "state"),
+		retries:           desc("retries_total", "Calls that involved the retry logic, by how they ended.", "outcome"),
+		retryAttempts:     desc("retry_attempts_total", "Failed attempts that were retried."),
+		evictions:         desc("evictions_total", "Times a node was evicted."),
+		probes:            desc("probes_total", "Probes made to discover nodes."),
+		probeFailures:     desc("probe_failures_total", "Probes that failed to connect or identify a node."),
+		redials:           desc("redials_total", "New connections refused and dialled again because they reached a node above its target."),
+		connectsThrottled: desc("connects_throttled_total", "New connections that waited for the connect rate limit."),
+		connectWait:       desc("connect_throttle_wait_seconds_total", "Total time new connections waited for the connect rate limit."),
+		nodesAdded:        desc("nodes_added_total", "Times the pool learned of a node."),
+		nodesRemoved:      desc("nodes_removed_total", "Times the pool forgot a node that expired."),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{
+		c.connections, c.nodeHealthy, c.nodeDraining, c.nodePruned, c.nodeRetries, c.nodeEvictions,
+		c.nodes, c.retries, c.retryAttempts, c.evictions, c.probes, c.probeFailures, c.redials,
+		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved,
+	} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector. It takes one NodeStats and one
+// ClusterStat snapshot per scrape.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+	var healthy, unhealthy, draining int
+	for _, s := range c.pool.NodeStats() {
+		node := strconv.FormatInt(int64(s.ID), 10)
+		gauge(c.connections, float64(s.IdleConns), node, "idle")
+		gauge(c.connections, float64(s.AcquiredConns), node, "in_use")
+		gauge(c.nodeHealthy, boolValue(s.Healthy), node)
+		gauge(c.nodeDraining, boolValue(s.Draining), node)
+		counter(c.nodePruned, float64(s.Pruned), node)
+		counter(c.nodeRetries, float64(s.Retries), node)
+		counter(c.nodeEvictions, float64(s.Evictions), node)
+		switch {
+		case !s.Healthy:
+			unhealthy++
+		case s.Draining:
+			draining++
+		default:
+			healthy++
+		}
+	}
+	gauge(c.nodes, float64(healthy), "healthy")
+	gauge(c.nodes, float64(unhealthy), "unhealthy")
+	gauge(c.nodes, float64(draining), "draining")
+
+	st := c.pool.ClusterStat()
+	for _, o := range clusterpool.RetryOutcomes {
+		counter(c.retries, float64(st.RetryOutcome(o)), o.String())
+	}
+	counter(c.retryAttempts, float64(st.RetryAttempts()))
+	counter(c.evictions, float64(st.Evictions()))
+	counter(c.probes, float64(st.Probes()))
+	counter(c.probeFailures, float64(st.ProbeFailures()))
+	counter(c.redials, float64(st.Redials()))
+	counter(c.connectsThrottled, float64(st.ThrottledConnects()))
+	counter(c.connectWait, st.ConnectWaitDuration().Seconds())
+	counter(c.nodesAdded, float64(st.NodesAdded()))
+	counter(c.nodesRemoved, float64(st.NodesRemoved()))
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,213 @@
+package clusterprom_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool"
+	"github.com/clusterpool/clusterpool/clusterprom"
+	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+)
+
+func startPool(t *testing.T, c *clustertest.Cluster, conns int32) *clusterpool.Pool {
+	t.Helper()
+	cfg, err := clusterpool.ParseConfig(c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MinConns, cfg.MaxConns = conns, conns
+	// No background rounds: the test decides what happens.
+	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+	cfg.ConnectRate = 0
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	p, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+// waitFor polls cond every 20 ms for up to 20 s; the machine may be loaded.
+func waitFor(t *testing.T, cond func() string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		msg := cond()
+		if msg == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out: %s", msg)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// values gathers reg and returns each sample's value by name{labels}, with
+// labels sorted by name as Prometheus prints them.
+func values(t *testing.T, reg *prometheus.Registry) map[string]float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make(map[string]float64)
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			var labels []string
+			for _, l := range m.GetLabel() {
+				labels = append(labels, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+			}
+			out[mf.GetName()+"{"+strings.Join(labels, ",")+"}"] = value(m)
+		}
+	}
+	return out
+}
+
+func value(m *dto.Metric) float64 {
+	switch {
+	case m.GetGauge() != nil:
+		return m.GetGauge().GetValue()
+	case m.GetCounter() != nil:
+		return m.GetCounter().GetValue()
+	}
+	return 0
+}
+
+func TestCollectorOnCluster(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	pool := startPool(t, c, 6)
+	waitFor(t, func() string {
+		for _, s := range pool.NodeStats() {
+			if s.TotalConns != 2 {
+				return fmt.Sprintf("want 2 connections per node: %+v", pool.NodeStats())
+			}
+		}
+		if len(pool.NodeStats()) != 3 {
+			return fmt.Sprintf("want 3 nodes: %+v", pool.NodeStats())
+		}
+		return ""
+	})
+
+	col := clusterprom.NewCollector("orders", pool)
+	if problems, err := testutil.CollectAndLint(col); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %+v", err, problems)
+	}
+	const want = `
+# HELP clusterpool_connections Open connections of the pool per node, idle or in use.
+# TYPE clusterpool_connections gauge
+clusterpool_connections{node="1",pool="orders",state="idle"} 2
+clusterpool_connections{node="1",pool="orders",state="in_use"} 0
+clusterpool_connections{node="2",pool="orders",state="idle"} 2
+clusterpool_connections{node="2",pool="orders",state="in_use"} 0
+clusterpool_connections{node="3",pool="orders",state="idle"} 2
+clusterpool_connections{node="3",pool="orders",state="in_use"} 0
+# HELP clusterpool_nodes Nodes known to the pool by state; each node counts once: unhealthy, else draining, else healthy.
+# TYPE clusterpool_nodes gauge
+clusterpool_nodes{pool="orders",state="draining"} 0
+clusterpool_nodes{pool="orders",state="healthy"} 3
+clusterpool_nodes{pool="orders",state="unhealthy"} 0
+# HELP clusterpool_retries_total Calls that involved the retry logic, by how they ended.
+# TYPE clusterpool_retries_total counter
+clusterpool_retries_total{outcome="gave_up",pool="orders"} 0
+clusterpool_retries_total{outcome="interrupted",pool="orders"} 0
+clusterpool_retries_total{outcome="outcome_unknown",pool="orders"} 0
+clusterpool_retries_total{outcome="succeeded",pool="orders"} 0
+# HELP clusterpool_evictions_total Times a node was evicted.
+# TYPE clusterpool_evictions_total counter
+clusterpool_evictions_total{pool="orders"} 0
+# HELP clusterpool_pruned_connections_total Connections of the node retired by the balancer.
+# TYPE clusterpool_pruned_connections_total counter
+clusterpool_pruned_connections_total{node="1",pool="orders"} 0
+clusterpool_pruned_connections_total{node="2",pool="orders"} 0
+clusterpool_pruned_connections_total{node="3",pool="orders"} 0
+`
+	if err := testutil.CollectAndCompare(col, strings.NewReader(want),
+		"clusterpool_connections", "clusterpool_nodes", "clusterpool_retries_total",
+		"clusterpool_evictions_total", "clusterpool_pruned_connections_total"); err != nil {
+		t.Error(err)
+	}
+
+	// A connection in use shows as in_use on its node.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(col)
+	inUse := 0.0
+	for k, v := range values(t, reg) {
+		if strings.HasPrefix(k, "clusterpool_connections{") && strings.Contains(k, `state="in_use"`) {
+			inUse += v
+		}
+	}
+	conn.Release()
+	if inUse != 1 {
+		t.Errorf("in_use connections = %v, want 1", inUse)
+	}
+
+	// A killed node: evicted, reported unhealthy, and reads retried elsewhere.
+	c.Node(2).Kill()
+	waitFor(t, func() string {
+		var one int
+		_ = pool.QueryRow(ctx, "SELECT 1").Scan(&one)
+		if v := values(t, reg)[`clusterpool_nodes{pool="orders",state="unhealthy"}`]; v != 1 {
+			return fmt.Sprintf("unhealthy nodes = %v", v)
+		}
+		return ""
+	})
+	v := values(t, reg)
+	for name, check := range map[string]func(float64) bool{
+		`clusterpool_node_healthy{node="2",pool="orders"}`:         func(x float64) bool { return x == 0 },
+		`clusterpool_node_healthy{node="1",pool="orders"}`:         func(x float64) bool { return x == 1 },
+		`clusterpool_evictions_total{pool="orders"}`:               func(x float64) bool { return x >= 1 },
+		`clusterpool_node_evictions_total{node="2",pool="orders"}`: func(x float64) bool { return x >= 1 },
+		`clusterpool_retries_total{outcome="succeeded",pool="orders"}`: func(x float64) bool {
+			return x >= 1
+		},
+		`clusterpool_retry_attempts_total{pool="orders"}`:        func(x float64) bool { return x >= 1 },
+		`clusterpool_node_retries_total{node="2",pool="orders"}`: func(x float64) bool { return x >= 1 },
+		`clusterpool_nodes_added_total{pool="orders"}`:           func(x float64) bool { return x == 3 },
+	} {
+		if x, ok := v[name]; !ok || !check(x) {
+			t.Errorf("%s = %v (present %v)", name, x, ok)
+		}
+	}
+}
+
+// Two pools in one registry: the pool label keeps their series apart.
+func TestTwoPoolsOneRegistry(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	a, b := startPool(t, c, 2), startPool(t, c, 4)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(clusterprom.NewCollector("a", a), clusterprom.NewCollector("b", b))
+	waitFor(t, func() string {
+		v := values(t, reg)
+		sum := func(pool string) float64 {
+			s := 0.0
+			for k, x := range v {
+				if strings.HasPrefix(k, "clusterpool_connections{") && strings.Contains(k, `pool="`+pool+`"`) {
+					s += x
+				}
+			}
+			return s
+		}
+		if sum("a") != 2 || sum("b") != 4 {
+			return fmt.Sprintf("connections a=%v b=%v, want 2 and 4", sum("a"), sum("b"))
+		}
+		return ""
+	})
+	if n, err := testutil.GatherAndCount(reg, "clusterpool_retries_total"); err != nil || n != 2*len(clusterpool.RetryOutcomes) {
+		t.Errorf("clusterpool_retries_total series = %d, %v; want %d", n, err, 2*len(clusterpool.RetryOutcomes))
+	}
+}
