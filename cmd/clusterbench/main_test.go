@@ -100,6 +100,10 @@ func checkReport(t *testing.T, res *Results, dir string) {
 			t.Errorf("report is not self-contained: it contains %q", bad)
 		}
 	}
+	var saved Results
+	if js, err := os.ReadFile(filepath.Join(dir, "results.json")); err != nil || json.Unmarshal(js, &saved) != nil || len(saved.Scenarios) != len(res.Scenarios) {
+		t.Errorf("results.json missing or incomplete: %v", err)
+	}
 	for _, s := range res.Scenarios {
 		svg, err := os.ReadFile(filepath.Join(dir, s.Name+".svg"))
 		if err != nil || !strings.HasPrefix(string(svg), "<svg") {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"html"
 	"math"
@@ -11,10 +12,18 @@ import (
 )
 
 // writeReport writes dir/index.html (self-contained: inline SVG and CSS, no
-// script, nothing fetched) and each scenario's plot as dir/<scenario>.svg.
+// script, nothing fetched), each scenario's plot as dir/<scenario>.svg, and
+// the results as dir/results.json (what -json prints).
 func writeReport(dir string, res *Results) (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("creating report directory: %w", err)
+	}
+	js, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "results.json"), append(js, '\n'), 0o644); err != nil {
+		return "", err
 	}
 	for _, s := range res.Scenarios {
 		svg := plotSVG(s, true)
