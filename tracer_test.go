@@ -1,0 +1,401 @@
+package clusterpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+	"golang.org/x/time/rate"
+)
+
+// recorder is a tracer implementing every interface; it keeps the events.
+type recorder struct {
+	mu     sync.Mutex
+	events []any
+}
+
+func (r *recorder) add(e any) {
+	r.mu.Lock()
+	r.events = append(r.events, e)
+	r.mu.Unlock()
+}
+
+func (r *recorder) TraceNodeAdded(_ context.Context, _ *Pool, d TraceNodeAddedData) { r.add(d) }
+func (r *recorder) TraceNodeRemoved(_ context.Context, _ *Pool, d TraceNodeRemovedData) {
+	r.add(d)
+}
+func (r *recorder) TraceNodeHealth(_ context.Context, _ *Pool, d TraceNodeHealthData) { r.add(d) }
+func (r *recorder) TraceNodeDraining(_ context.Context, _ *Pool, d TraceNodeDrainingData) {
+	r.add(d)
+}
+func (r *recorder) TracePrune(_ context.Context, _ *Pool, d TracePruneData) { r.add(d) }
+func (r *recorder) TraceRetry(_ context.Context, _ *Pool, d TraceRetryData) { r.add(d) }
+func (r *recorder) TraceRetryEnd(_ context.Context, _ *Pool, d TraceRetryEndData) {
+	r.add(d)
+}
+func (r *recorder) TraceProbe(_ context.Context, _ *Pool, d TraceProbeData) { r.add(d) }
+func (r *recorder) TraceConnectThrottled(_ context.Context, _ *Pool, d TraceConnectThrottledData) {
+	r.add(d)
+}
+
+// eventsOf returns the recorded events of type T.
+func eventsOf[T any](r *recorder) []T {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []T
+	for _, e := range r.events {
+		if e, ok := e.(T); ok {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// Single-interface tracers, for CombineTracers and interface discovery.
+type retryOnly struct{ n *int }
+
+func (t retryOnly) TraceRetry(context.Context, *Pool, TraceRetryData)       { *t.n++ }
+func (t retryOnly) TraceRetryEnd(context.Context, *Pool, TraceRetryEndData) { *t.n += 10 }
+
+type probeOnly struct{ n *int }
+
+func (t probeOnly) TraceProbe(context.Context, *Pool, TraceProbeData) { *t.n++ }
+
+type notATracer struct{}
+
+func TestCombineTracers(t *testing.T) {
+	var a, b, c int
+	ra, rb, pc := retryOnly{&a}, retryOnly{&b}, probeOnly{&c}
+
+	if got := CombineTracers(); got != nil {
+		t.Errorf("CombineTracers() = %v, want nil", got)
+	}
+	if got := CombineTracers(nil, notATracer{}); got != nil {
+		t.Errorf("CombineTracers(nil, notATracer) = %v, want nil", got)
+	}
+	if got := CombineTracers(nil, ra, notATracer{}); got != any(ra) {
+		t.Errorf("CombineTracers of one tracer = %#v, want it unchanged", got)
+	}
+
+	// Nested combinations flatten; each event reaches each implementer once.
+	all := CombineTracers(CombineTracers(ra, pc), rb)
+	m, ok := all.(*multiTracer)
+	if !ok || len(m.all) != 3 || len(m.retry) != 2 || len(m.probe) != 1 || len(m.node) != 0 {
+		t.Fatalf("CombineTracers = %#v", all)
+	}
+	o := newObserver(nil, all)
+	if o.retry == nil || o.probe == nil {
+		t.Fatal("combined retry and probe tracers not found")
+	}
+	if o.node != nil || o.prune != nil || o.connect != nil {
+		t.Errorf("interfaces no member implements were found: node %v prune %v connect %v", o.node, o.prune, o.connect)
+	}
+	o.retrying(context.Background(), RetryParams{Attempt: 1}, 0)
+	o.retryEnded(context.Background(), RetryGaveUp, 2, nil, errors.New("x"))
+	o.probed(context.Background(), 1, nil)
+	if a != 11 || b != 11 || c != 1 {
+		t.Errorf("calls: a=%d b=%d c=%d, want 11 11 1", a, b, c)
+	}
+}
+
+func TestObserverFindsInterfacesOnce(t *testing.T) {
+	var n int
+	o := newObserver(nil, retryOnly{&n})
+	if o.retry == nil || o.node != nil || o.prune != nil || o.probe != nil || o.connect != nil {
+		t.Errorf("observer of a RetryTracer: %+v", o)
+	}
+	o = newObserver(nil, &recorder{})
+	if o.retry == nil || o.node == nil || o.prune == nil || o.probe == nil || o.connect == nil {
+		t.Errorf("observer of a full tracer misses interfaces: %+v", o)
+	}
+}
+
+// With no tracer, reporting an event allocates nothing; a nil observer (the
+// tracker's unit tests) is safe.
+func TestObserverNoTracerNoAllocs(t *testing.T) {
+	o := newObserver(nil, nil)
+	ctx := context.Background()
+	err := errors.New("boom")
+	nodes := []NodeID{1, 2}
+	allocs := testing.AllocsPerRun(100, func() {
+		o.nodeHealth(1, false)
+		o.nodeDraining(1, true)
+		o.retrying(ctx, RetryParams{Attempt: 1, Err: err}, time.Millisecond)
+		o.retryEnded(ctx, RetryGaveUp, 2, nodes, err)
+		o.probed(ctx, 1, err)
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per event batch without a tracer, want 0", allocs)
+	}
+	var nilObs *observer
+	nilObs.nodeSeen(&node{id: 1}, "")
+	nilObs.nodesRemoved([]NodeID{1})
+	nilObs.nodeHealth(1, true)
+	nilObs.nodeDraining(1, true)
+	nilObs.pruned(ctx, nil, nil)
+	nilObs.retrying(ctx, RetryParams{}, 0)
+	nilObs.retryEnded(ctx, RetrySucceeded, 2, nil, nil)
+	nilObs.probed(ctx, 0, nil)
+}
+
+func TestObserverCounters(t *testing.T) {
+	r := &recorder{}
+	o := newObserver(nil, r)
+	ctx := context.Background()
+	n1, n2 := &node{id: 1}, &node{id: 2}
+
+	o.nodeSeen(n1, "10.0.0.1:26257")
+	o.nodeSeen(n1, "")
+	o.nodeSeen(n2, "")
+	o.nodesRemoved([]NodeID{2, 7}) // 7 was never reported
+	n2again := &node{id: 2}
+	o.nodeSeen(n2again, "") // created again after expiry: added again
+	o.nodeHealth(1, false)
+	o.nodeHealth(1, true)
+	o.nodeDraining(2, true)
+
+	n1.pruned.Store(3)
+	n2again.pruned.Store(1)
+	views := []nodeView{{ID: 1, Eligible: true}, {ID: 2, Eligible: false}}
+	o.pruned(ctx, []*node{n1, n2again}, views)
+	o.pruned(ctx, []*node{n1, n2again}, views) // nothing new
+	n1.pruned.Add(2)
+	o.pruned(ctx, []*node{n1, n2again}, views)
+
+	o.retrying(ctx, RetryParams{Attempt: 1, Node: 1, Class: ClassConnection, Stage: StageStatement}, 0)
+	o.retryEnded(ctx, RetrySucceeded, 2, []NodeID{1}, nil)
+	o.retryEnded(ctx, RetryOutcomeUnknown, 1, []NodeID{2}, ErrOutcomeUnknown)
+	o.probed(ctx, 0, errors.New("refused"))
+	o.probed(ctx, 3, nil)
+
+	added := eventsOf[TraceNodeAddedData](r)
+	if want := []TraceNodeAddedData{{1, "10.0.0.1:26257"}, {2, ""}, {2, ""}}; !slices.Equal(added, want) {
+		t.Errorf("added %v, want %v", added, want)
+	}
+	if removed := eventsOf[TraceNodeRemovedData](r); !slices.Equal(removed, []TraceNodeRemovedData{{2}}) {
+		t.Errorf("removed %v, want [{2}]", removed)
+	}
+	if h := eventsOf[TraceNodeHealthData](r); !slices.Equal(h, []TraceNodeHealthData{{1, false}, {1, true}}) {
+		t.Errorf("health %v", h)
+	}
+	prunes := eventsOf[TracePruneData](r)
+	wantPrunes := []TracePruneData{{1, 3, PruneRebalance}, {2, 1, PruneNodeUnavailable}, {1, 2, PruneRebalance}}
+	if !slices.Equal(prunes, wantPrunes) {
+		t.Errorf("prunes %v, want %v", prunes, wantPrunes)
+	}
+	ends := eventsOf[TraceRetryEndData](r)
+	if len(ends) != 2 || ends[1].Class != ClassPermanent || ends[0].Outcome != RetrySucceeded {
+		t.Errorf("retry ends %+v", ends)
+	}
+
+	c := &o.counters
+	for name, got := range map[string]int64{
+		"nodesAdded":    c.nodesAdded.Load(),
+		"nodesRemoved":  c.nodesRemoved.Load(),
+		"evictions":     c.evictions.Load(),
+		"pruned":        c.pruned.Load(),
+		"retryAttempts": c.retryAttempts.Load(),
+		"succeeded":     c.retryOutcomes[RetrySucceeded].Load(),
+		"unknown":       c.retryOutcomes[RetryOutcomeUnknown].Load(),
+		"probes":        c.probes.Load(),
+		"probeFailures": c.probeFailures.Load(),
+	} {
+		want := map[string]int64{"nodesAdded": 3, "nodesRemoved": 1, "evictions": 1, "pruned": 6,
+			"retryAttempts": 1, "succeeded": 1, "unknown": 1, "probes": 2, "probeFailures": 1}[name]
+		if got != want {
+			t.Errorf("%s = %d, want %d", name, got, want)
+		}
+	}
+}
+
+func TestWaitConnectReportsThrottling(t *testing.T) {
+	r := &recorder{}
+	o := newObserver(nil, r)
+	lim := rate.NewLimiter(rate.Limit(200), 1)
+	ctx := context.Background()
+	if err := o.waitConnect(ctx, lim); err != nil { // the burst token: no wait
+		t.Fatal(err)
+	}
+	if got := eventsOf[TraceConnectThrottledData](r); len(got) != 0 {
+		t.Fatalf("throttle reported for an available token: %v", got)
+	}
+	if err := o.waitConnect(ctx, lim); err != nil {
+		t.Fatal(err)
+	}
+	got := eventsOf[TraceConnectThrottledData](r)
+	if len(got) != 1 || got[0].Limit != 200 || got[0].Err != nil {
+		t.Fatalf("throttle events %+v", got)
+	}
+	// A context that ends during the wait is reported with its error.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	lim = rate.NewLimiter(rate.Limit(0.001), 1)
+	lim.Allow()
+	if err := o.waitConnect(cctx, lim); err == nil {
+		t.Fatal("waitConnect with a canceled context succeeded")
+	}
+	if got := eventsOf[TraceConnectThrottledData](r); len(got) != 2 || got[1].Err == nil {
+		t.Fatalf("throttle events %+v", got)
+	}
+	if n := o.counters.connectsThrottled.Load(); n != 2 {
+		t.Errorf("connectsThrottled = %d, want 2", n)
+	}
+}
+
+func TestConfigTracerMustImplementATracer(t *testing.T) {
+	cfg, err := ParseConfig("postgres://u@127.0.0.1:1/db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Tracer = notATracer{}
+	_, err = NewWithConfig(context.Background(), cfg)
+	if err == nil || !strings.Contains(err.Error(), "Config.Tracer") {
+		t.Fatalf("NewWithConfig with a non-tracer: %v", err)
+	}
+}
+
+func TestEnumStrings(t *testing.T) {
+	for _, o := range RetryOutcomes {
+		if s := o.String(); s == "unknown" || strings.ContainsAny(s, " -") {
+			t.Errorf("RetryOutcome(%d) = %q", o, s)
+		}
+	}
+	if PruneRebalance.String() != "rebalance" || PruneNodeUnavailable.String() != "node_unavailable" {
+		t.Error("PruneReason strings")
+	}
+}
+
+// Integration tier: each event fires in the clustertest scenario that
+// should cause it.
+
+const (
+	traceBalanceInterval = 100 * time.Millisecond
+	traceProbeInterval   = 100 * time.Millisecond
+)
+
+// waitEvent waits until r holds an event of type T for which ok is true.
+func waitEvent[T any](t *testing.T, r *recorder, what string, ok func(T) bool) T {
+	t.Helper()
+	var found T
+	waitCond(t, func() string {
+		for _, e := range eventsOf[T](r) {
+			if ok(e) {
+				found = e
+				return ""
+			}
+		}
+		return fmt.Sprintf("no %s event yet; events of that type: %+v", what, eventsOf[T](r))
+	})
+	return found
+}
+
+func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	r := &recorder{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 6, 6
+		cfg.BalanceInterval = time.Hour // no pruning: the test controls the connections
+		cfg.ProbeInterval = time.Hour
+		cfg.ConnectRate = 0
+		cfg.Tracer = r
+	})
+	waitCond(t, func() string {
+		if len(poolCounts(p)) < 3 || p.Stat().TotalConns() < 6 {
+			return fmt.Sprintf("pool counts %v", poolCounts(p))
+		}
+		return ""
+	})
+	c.Node(2).Kill()
+	ctx := testCtx(t)
+	// Read-only work is retried on another node; some statement lands on a
+	// connection to node 2 and fails first.
+	waitCond(t, func() string {
+		var one int
+		if err := p.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
+			return fmt.Sprintf("SELECT 1: %v", err)
+		}
+		if len(eventsOf[TraceNodeHealthData](r)) == 0 {
+			return "no eviction yet"
+		}
+		return ""
+	})
+	h := waitEvent(t, r, "node 2 unhealthy", func(e TraceNodeHealthData) bool { return e.Node == 2 && !e.Healthy })
+	t.Logf("health event: %+v", h)
+	re := waitEvent(t, r, "retry on node 2", func(e TraceRetryData) bool { return e.Node == 2 })
+	if re.Class != ClassConnection || re.Err == nil || re.Attempt != 1 {
+		t.Errorf("retry event %+v", re)
+	}
+	end := waitEvent(t, r, "retry success", func(e TraceRetryEndData) bool { return e.Outcome == RetrySucceeded })
+	if end.Attempts < 2 || !slices.Contains(end.Nodes, 2) || end.Err != nil {
+		t.Errorf("retry end %+v", end)
+	}
+	st := p.ClusterStat()
+	if st.Evictions() < 1 || st.RetryAttempts() < 1 || st.RetryOutcome(RetrySucceeded) < 1 {
+		t.Errorf("ClusterStat: evictions %d retries %d succeeded %d", st.Evictions(), st.RetryAttempts(), st.RetryOutcome(RetrySucceeded))
+	}
+	for _, s := range p.NodeStats() {
+		if s.ID == 2 && (s.Healthy || s.Evictions < 1 || s.Retries < 1) {
+			t.Errorf("node 2 stats %+v", s)
+		}
+	}
+
+	// Back up: the first connection that reaches it marks it healthy.
+	if err := c.Node(2).Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p.Reset()
+	waitCond(t, func() string {
+		var one int
+		_ = p.QueryRow(ctx, "SELECT 1").Scan(&one)
+		if _, ok := poolCounts(p)[2]; !ok {
+			return fmt.Sprintf("no connection on node 2 yet: %v", poolCounts(p))
+		}
+		return ""
+	})
+	waitEvent(t, r, "node 2 healthy", func(e TraceNodeHealthData) bool { return e.Node == 2 && e.Healthy })
+}
+
+func TestTraceWriteOutcomeUnknown(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
+	r := &recorder{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 1, 1
+		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+		cfg.ConnectRate = 0
+		cfg.Tracer = r
+	})
+	ctx := testCtx(t)
+	const insert = "INSERT INTO kv (k, v) VALUES ($1, $2)"
+	if _, err := p.Exec(ctx, "CREATE TABLE IF NOT EXISTS kv (k INT PRIMARY KEY, v INT)"); err != nil {
+		t.Fatal(err)
+	}
+	// The first run prepares the statement on the pool's one connection, so
+	// the second sends only the execution.
+	if _, err := p.Exec(ctx, insert, 1, 1); err != nil {
+		t.Fatal(err)
+	}
+	// The write is sent, then the node dies before answering: the pool
+	// must not run it again.
+	c.Node(1).SetLatency(time.Second)
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		c.Node(1).Kill()
+	}()
+	_, err := p.Exec(ctx, insert, 2, 2)
+	if !errors.Is(err, ErrOutcomeUnknown) {
+		t.Fatalf("the write did not end with an unknown outcome: %v; retries %+v", err, eventsOf[TraceRetryData](r))
+	}
+	end := waitEvent(t, r, "outcome unknown", func(e TraceRetryEndData) bool { return e.Outcome == RetryOutcomeUnknown })
+	if end.Attempts != 1 || end.Err == nil {
+		t.Errorf("retry end %+v", end)
+	}
+	if n := p.ClusterStat().RetryOutcome(RetryOutcomeUnknown); n != 1 {
+		t.Errorf("ClusterStat outcome_unknown = %d, want 1", n)
+	}
+}
