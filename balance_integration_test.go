@@ -2,12 +2,15 @@ package clusterpool
 
 import (
 	"fmt"
+	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Short intervals make a few seconds of a test stand for many rounds.
@@ -277,4 +280,176 @@ func TestBalanceGossipDraining(t *testing.T) {
 	}
 	gossipSetup(t, c, nil)
 	waitCond(t, func() string { return spreadOf(c, 30) })
+}
+
+// With every node's address in the connection string, placement sends each
+// new connection to the least-connected node: a cold start is balanced with
+// no connection opened beyond the pool's own.
+func TestBalanceHostsPlacement(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
+	waitCond(t, func() string { return spreadOf(c, 30) })
+	// A connection counts on its node only from AfterConnect: in the moment
+	// between, another connect may pick the same node, and the balancer then
+	// moves one. Allow two such races.
+	if opened, n := poolOpened(c, p), p.Stat().NewConnsCount(); n > 32 || opened > 33 {
+		t.Errorf("cold start opened %d connections (servers: %d) for a pool of 30; %+v", n, opened, p.NodeStats())
+	}
+	assertQuiet(t, c, p, time.Second)
+}
+
+// With several hosts and gossip addresses, a node added after the pool
+// started is dialled directly: it gets its share with at most twice the
+// minimum number of connections opened (the minimum being its share).
+// Removing a node brings the targets back to the remaining nodes.
+func TestBalanceScaleOutWithGossip(t *testing.T) {
+	if err := clustertest.Available(); err != nil {
+		t.Skip(err)
+	}
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	gossipSetup(t, c, nil)
+	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
+	waitCond(t, func() string { return spreadOf(c, 30) })
+
+	n4, err := c.AddNode(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, rounds := poolOpened(c, p), p.balancer.rounds.Load()
+	gossipSetup(t, c, nil)
+	waitCond(t, func() string {
+		if k := n4.OpenConns(); k < 7 || k > 8 {
+			return fmt.Sprintf("node 4 holds %d, want 7 or 8; %v", k, c.OpenConns())
+		}
+		return spreadOf(c, 30)
+	})
+	moves, opened := n4.OpenConns(), poolOpened(c, p)-before
+	t.Logf("scale-out with hosts+gossip: %d opened for %d moves in %d rounds", opened, moves, p.balancer.rounds.Load()-rounds)
+	if opened > int64(2*moves) {
+		t.Errorf("opened %d connections for %d moves", opened, moves)
+	}
+	assertQuiet(t, c, p, 2*time.Second)
+
+	if err := c.RemoveNode(testCtx(t), 2); err != nil {
+		t.Fatal(err)
+	}
+	gossipSetup(t, c, nil)
+	waitCond(t, func() string { return spreadOf(c, 30) })
+	assertQuiet(t, c, p, 2*time.Second)
+}
+
+// TestBalanceReport produces the README's balancing numbers. It is skipped
+// unless CLUSTERPOOL_BALANCE_REPORT=1:
+//
+//	CLUSTERPOOL_BALANCE_REPORT=1 go test -run TestBalanceReport -v .
+func TestBalanceReport(t *testing.T) {
+	if os.Getenv("CLUSTERPOOL_BALANCE_REPORT") != "1" {
+		t.Skip("set CLUSTERPOOL_BALANCE_REPORT=1 to print the balancing report")
+	}
+	type phase struct {
+		name   string
+		change func(c *clustertest.Cluster)
+		want   int // total connections expected
+	}
+	addNode := func(c *clustertest.Cluster) {
+		if _, err := c.AddNode(testCtx(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	removeNode := func(c *clustertest.Cluster) {
+		if err := c.RemoveNode(testCtx(t), 2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	phases := []phase{{"start (3 nodes)", nil, 30}, {"add node 4", addNode, 30}, {"remove node 2", removeNode, 30}}
+	type scenario struct {
+		name   string
+		gossip bool // real PostgreSQL nodes with gossip tables, HostsDSN
+		plain  bool // plain pgxpool
+		redial bool
+		runs   int
+	}
+	scenarios := []scenario{
+		{name: "clusterpool, one LB address, redial", redial: true, runs: 4},
+		{name: "clusterpool, one LB address, no redial", runs: 4},
+		{name: "pgxpool, one LB address", plain: true, runs: 2},
+	}
+	if clustertest.Available() == nil {
+		scenarios = append(scenarios, scenario{name: "clusterpool, node hosts + gossip", gossip: true, runs: 2})
+	}
+	for _, sc := range scenarios {
+		for run := range sc.runs {
+			c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: !sc.gossip, Seed: int64(run + 1)})
+			dsn := c.DSN()
+			if sc.gossip {
+				gossipSetup(t, c, nil)
+				dsn = c.HostsDSN()
+			}
+			var p *Pool
+			var plain *pgxpool.Pool
+			rounds, probes := func() int64 { return 0 }, func() int64 { return 0 }
+			if sc.plain {
+				cfg, err := pgxpool.ParseConfig(dsn + "&pool_min_conns=30&pool_max_conns=30")
+				if err != nil {
+					t.Fatal(err)
+				}
+				plain, err = pgxpool.NewWithConfig(testCtx(t), cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				// Rounds longer than pgxpool's 500 ms refill delay, as with
+				// the 5 s default, so a round sees the last round's refill.
+				p = startPool(t, dsn, func(cfg *Config) {
+					balancedConfig(30, 30)(cfg)
+					cfg.BalanceInterval = 600 * time.Millisecond
+					cfg.ProbeInterval = 200 * time.Millisecond
+				})
+				p.balancer.redial.Store(sc.redial)
+				rounds, probes = p.balancer.rounds.Load, p.balancer.probes.Load
+			}
+			for _, ph := range phases {
+				if ph.change != nil {
+					ph.change(c)
+					if sc.gossip {
+						gossipSetup(t, c, nil)
+					}
+				}
+				r0, o0, p0 := rounds(), totalOpened(c), probes()
+				start := time.Now()
+				var spread string
+				seenRounds := int64(-1) // rounds when the pool first saw node 4
+				for {
+					spread = spreadOf(c, ph.want)
+					if seenRounds < 0 && p != nil && slices.ContainsFunc(p.NodeStats(), func(s NodeStats) bool { return s.ID == 4 }) {
+						seenRounds = rounds()
+					}
+					if spread == "" || time.Since(start) > 30*time.Second {
+						break
+					}
+					time.Sleep(condPoll)
+				}
+				result := "balanced"
+				if spread != "" {
+					result = "NOT balanced after 30s: " + spread
+				}
+				moves := ""
+				if ph.name == "add node 4" {
+					moves = fmt.Sprintf(" (min moves %d)", c.Node(4).OpenConns())
+					if seenRounds >= 0 {
+						moves += fmt.Sprintf(" | rounds after node 4 seen %d", rounds()-seenRounds)
+					}
+				}
+				t.Logf("%s | run %d | %s | rounds %d | opened %d%s | %s",
+					sc.name, run, ph.name, rounds()-r0, totalOpened(c)-o0-(probes()-p0), moves, result)
+			}
+			if plain != nil {
+				plain.Close()
+			}
+			if p != nil {
+				p.Close()
+			}
+			c.Close()
+		}
+	}
 }

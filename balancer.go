@@ -8,7 +8,9 @@ import (
 	"maps"
 	"math"
 	"math/rand/v2"
+	"net"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -297,7 +299,8 @@ type balancer struct {
 	// place reorders the connection string's hosts (several hosts); redial
 	// refuses over-target connections and dials again (one address, with
 	// node identity from the BackendKey, so no query is needed to decide).
-	place, redial bool
+	place  bool
+	redial atomic.Bool // fixed at creation; atomic so the report can compare
 
 	// Counters for tests and the README's numbers.
 	rounds  atomic.Int64 // balancing rounds run
@@ -308,6 +311,11 @@ type balancer struct {
 	// hostNodes maps a dialled address ("ip:port") to the node behind it,
 	// learned from connections; bounded by the number of hosts dialled.
 	hostNodes map[string]NodeID
+	// gossipHosts are the addresses of live nodes read from CockroachDB's
+	// gossip tables, replaced on every read. With several hosts in the
+	// connection string they are dialled too, so a node added to the
+	// cluster after the pool started is reachable; see groupsFor.
+	gossipHosts map[NodeID]string
 	// reservations are connects under way, by host and chosen node.
 	reservations []reservation
 }
@@ -328,8 +336,8 @@ func newBalancer(p *Pool) *balancer {
 	}
 	if p.tracking() {
 		b.place = s.multiHost
-		b.redial = !s.multiHost && s.identifyNode == nil &&
-			(s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey)
+		b.redial.Store(!s.multiHost && s.identifyNode == nil &&
+			(s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey))
 	}
 	return b
 }
@@ -369,15 +377,18 @@ func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error 
 	switch {
 	case b.place:
 		b.placeHosts(ctx, cc, time.Now())
-	case b.redial:
+	case b.redial.Load():
 		b.installRedial(cc)
 	}
 	return nil
 }
 
 // liveNodes returns, for connect-time decisions, each eligible node's
-// connections (plus connects under way to it) and the targets those imply.
-func (b *balancer) liveNodes(now time.Time, extra int) (map[NodeID]placementNode, int) {
+// connections (plus connects under way to it) and the targets those imply
+// with extra more connections. unmappedHosts counts hosts of the connection
+// string whose node is not known yet: each stands for a node in the targets,
+// or a cold start would send everything to the first node it maps.
+func (b *balancer) liveNodes(now time.Time, extra, unmappedHosts int) (map[NodeID]placementNode, int) {
 	nodes := b.p.tracker.nodeList()
 	b.mu.Lock()
 	b.purgeReservationsLocked(now)
@@ -400,9 +411,15 @@ func (b *balancer) liveNodes(now time.Time, extra int) (map[NodeID]placementNode
 		}
 		info[n.id] = placementNode{Conns: c, Eligible: ok}
 	}
+	for i := range unmappedHosts {
+		eligible = append(eligible, NodeID(-1-i)) // never a real node ID
+	}
 	targets := balanceTargets(total, eligible, b.seed)
 	for id, t := range targets {
-		n := info[id]
+		n, ok := info[id]
+		if !ok {
+			continue
+		}
 		n.Target = t
 		info[id] = n
 	}
@@ -417,22 +434,30 @@ func (b *balancer) purgeReservationsLocked(now time.Time) {
 // to the least-connected healthy node first. Entries with the same host:port
 // (sslmode=prefer's TLS and plain attempts) stay together, in their order.
 func (b *balancer) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now time.Time) {
-	groups := hostGroups(cc)
+	groups := b.groupsFor(cc)
 	if len(groups) < 2 {
 		return
 	}
-	info, _ := b.liveNodes(now, 1)
+	hostNodes := make([]NodeID, len(groups))
+	unmapped := 0
+	b.mu.Lock()
+	for i, g := range groups {
+		hostNodes[i] = b.hostNodes[g.key]
+		if hostNodes[i] == 0 {
+			unmapped++
+		}
+	}
+	b.mu.Unlock()
+	info, _ := b.liveNodes(now, 1, unmapped)
 	for _, id := range avoidNodesFrom(ctx) {
 		if n, ok := info[id]; ok {
 			n.Avoid = true
 			info[id] = n
 		}
 	}
-	hostNodes := make([]NodeID, len(groups))
 	hostPending := make([]int, len(groups))
 	b.mu.Lock()
 	for i, g := range groups {
-		hostNodes[i] = b.hostNodes[g.key]
 		for _, r := range b.reservations {
 			if r.host == g.key {
 				hostPending[i]++
@@ -471,6 +496,36 @@ func hostGroups(cc *pgx.ConnConfig) []*hostGroup {
 			i = len(groups) - 1
 		}
 		groups[i].entries = append(groups[i].entries, fb)
+	}
+	return groups
+}
+
+// groupsFor returns cc's host groups plus one for each node that gossip
+// lists at an address the connection string does not name, with the first
+// host's TLS settings. It adds nothing behind a single address: a client told
+// to use a load balancer may not be able to reach the nodes directly.
+func (b *balancer) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
+	groups := hostGroups(cc)
+	if !b.place {
+		return groups
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	known := make(map[NodeID]bool)
+	for _, g := range groups {
+		if id := b.hostNodes[g.key]; id != 0 {
+			known[id] = true
+		}
+	}
+	for _, id := range slices.Sorted(maps.Keys(b.gossipHosts)) {
+		addr := b.gossipHosts[id]
+		host, portStr, err := net.SplitHostPort(addr)
+		port, perr := strconv.ParseUint(portStr, 10, 16)
+		if known[id] || err != nil || perr != nil || slices.ContainsFunc(groups, func(g *hostGroup) bool { return g.key == addr }) {
+			continue
+		}
+		b.hostNodes[addr] = id
+		groups = append(groups, &hostGroup{key: addr, entries: []*pgconn.FallbackConfig{{Host: host, Port: uint16(port), TLSConfig: cc.TLSConfig}}})
 	}
 	return groups
 }
@@ -579,9 +634,13 @@ func (b *balancer) installRedial(cc *pgx.ConnConfig) {
 }
 
 // overTarget reports whether a new connection on node id would be above its
-// target while some other eligible node that can take it is below target.
+// target while some other eligible node that can take it is below target and
+// holds at least two fewer: as in planPrune, moving a connection between
+// nodes one apart only swaps which holds the extra one, and refusing such
+// connections during a cold start, when every count lags behind the dials
+// under way, costs more dials than the balancer's rounds do later.
 func (b *balancer) overTarget(id NodeID, now time.Time) bool {
-	info, _ := b.liveNodes(now, 1)
+	info, _ := b.liveNodes(now, 1, 0)
 	n, ok := info[id]
 	if !ok || !n.Eligible {
 		return false // a node nobody has seen yet is below any target
@@ -591,7 +650,7 @@ func (b *balancer) overTarget(id NodeID, now time.Time) bool {
 	}
 	refill := b.refillWindow()
 	for oid, o := range info {
-		if oid == id || !o.Eligible || o.Conns >= o.Target {
+		if oid == id || !o.Eligible || o.Conns >= o.Target || o.Conns > n.Conns-2 {
 			continue
 		}
 		if o.Conns > 0 || b.recentlySeen(oid, now, refill) {

@@ -59,7 +59,7 @@ const (
 // gossipQuery reads CockroachDB's view of the cluster. It needs the
 // VIEWCLUSTERMETADATA privilege (or admin); without it the probe falls back
 // silently to what connections and probes see.
-const gossipQuery = `SELECT l.node_id, l.draining, COALESCE(l.membership, 'active'), COALESCE(n.is_live, false)
+const gossipQuery = `SELECT l.node_id, l.draining, COALESCE(l.membership, 'active'), COALESCE(n.is_live, false), COALESCE(n.address, '')
 FROM crdb_internal.gossip_liveness AS l LEFT JOIN crdb_internal.gossip_nodes AS n ON n.node_id = l.node_id`
 
 // probeState is the probe loop's memory between probes; only the loop
@@ -101,7 +101,7 @@ func (p *Pool) probe(ctx context.Context, st *probeState) bool {
 	ctx, cancel := context.WithTimeout(ctx, min(p.settings.probeInterval, maxProbeTimeout))
 	defer cancel()
 	cc := p.config.ConnConfig.Copy()
-	if groups := hostGroups(cc); len(groups) > 1 {
+	if groups := p.balancer.groupsFor(cc); len(groups) > 1 {
 		// Several hosts: visit them in turn, so every listed node is probed
 		// every len(groups) probes however connections are placed.
 		order := make([]int, len(groups))
@@ -157,7 +157,12 @@ func isTransient(err error) bool {
 // already knows counts as seen, so it does not expire while the load
 // balancer happens to miss it. Nodes the pool has never reached are not
 // added: a node listed in gossip may be unreachable from this client, and
-// counting it would prune connections for a place they cannot go.
+// counting it would prune connections for a place they cannot go. Their
+// addresses are kept, and when the connection string lists several hosts
+// the probe and placement dial them too (see balancer.groupsFor), so a node
+// added after the pool started is reached and joins the targets. The address
+// is gossip_nodes.address, CockroachDB's RPC address, which is also its SQL
+// address unless the node listens for SQL on a separate port.
 func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) error {
 	rows, err := conn.Query(ctx, gossipQuery)
 	if err != nil {
@@ -167,11 +172,12 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 		id             int64
 		draining, live bool
 		membership     string
+		address        string
 	}
 	var entries []entry
 	for rows.Next() {
 		var e entry
-		if err := rows.Scan(&e.id, &e.draining, &e.membership, &e.live); err != nil {
+		if err := rows.Scan(&e.id, &e.draining, &e.membership, &e.live, &e.address); err != nil {
 			rows.Close()
 			return err
 		}
@@ -180,6 +186,15 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 	if err := rows.Err(); err != nil {
 		return err
 	}
+	hosts := make(map[NodeID]string)
+	for _, e := range entries {
+		if e.live && !e.draining && e.membership == "active" && e.address != "" {
+			hosts[NodeID(e.id)] = e.address
+		}
+	}
+	p.balancer.mu.Lock()
+	p.balancer.gossipHosts = hosts
+	p.balancer.mu.Unlock()
 	for _, e := range entries {
 		n := p.tracker.node(NodeID(e.id))
 		if n == nil {
