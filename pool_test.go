@@ -109,7 +109,9 @@ func TestNodeIDs(t *testing.T) {
 // connections, and checks at each step that the per-node counts equal the
 // servers' own.
 func TestNodeStatsMatchServers(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	// The counts compared are the proxies'; in-process servers behind them
+	// keep the test fast.
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MaxConns, cfg.MinConns = 12, 12
 	})
@@ -200,11 +202,16 @@ func TestHijackLeavesTracking(t *testing.T) {
 	}
 }
 
-// TestPostgresNoNodeIDs: plain PostgreSQL behind one address gets no node IDs
+// testPostgresNoNodeIDs: plain PostgreSQL behind one address gets no node IDs
 // (its BackendKey is an OS process ID), whatever the identity mode, unless
 // the pool is told to ask the server.
-func TestPostgresNoNodeIDs(t *testing.T) {
+func TestPostgres(t *testing.T) {
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, Postgres: true})
+	t.Run("no node IDs", func(t *testing.T) { testPostgresNoNodeIDs(t, c) })
+	t.Run("query identity", func(t *testing.T) { testPostgresQueryIdentity(t, c) })
+}
+
+func testPostgresNoNodeIDs(t *testing.T, c *clustertest.Cluster) {
 	for _, identity := range []NodeIdentity{NodeIdentityAuto, NodeIdentityBackendKey, NodeIdentityNone} {
 		t.Run(string(identity), func(t *testing.T) {
 			p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -223,11 +230,10 @@ func TestPostgresNoNodeIDs(t *testing.T) {
 	}
 }
 
-// TestPostgresQueryIdentity: with several hosts in the connection string
+// testPostgresQueryIdentity: with several hosts in the connection string
 // (auto) or when asked (query), PostgreSQL nodes are identified by address
 // with pool-local IDs, and the counts match the servers'.
-func TestPostgresQueryIdentity(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 2, Postgres: true})
+func testPostgresQueryIdentity(t *testing.T, c *clustertest.Cluster) {
 	// The address each node's server reports: its real server's port.
 	nodeByAddr := map[string]int{}
 	for _, n := range c.Nodes() {
