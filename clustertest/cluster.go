@@ -108,8 +108,13 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if err := os.MkdirAll(opts.BaseDir, 0o755); err != nil {
 		return nil, fmt.Errorf("clustertest: cannot create BaseDir: %w", err)
 	}
+	sweepStale(opts.BaseDir)
 	if c.dir, err = os.MkdirTemp(opts.BaseDir, "clustertest-"); err != nil {
 		return nil, fmt.Errorf("clustertest: cannot create a directory in BaseDir: %w", err)
+	}
+	if err := writeOwner(c.dir); err != nil {
+		os.RemoveAll(c.dir)
+		return nil, fmt.Errorf("clustertest: %w", err)
 	}
 	if !opts.InProcess {
 		if err := c.run.checkTraversable(opts.BaseDir); err != nil {
@@ -380,13 +385,14 @@ func (k *cancelKeys) lookup(key cancelKey) (cancelTarget, bool) {
 }
 
 // forwardCancel sends a CancelRequest, translated to the real key, to the
-// server it names. Unknown keys are dropped silently, as servers do.
-func (c *Cluster) forwardCancel(pkt []byte) {
+// server it names. Unknown keys are dropped silently, as servers do. A
+// partitioned target gets it after Heal, unless done closes first.
+func (c *Cluster) forwardCancel(pkt []byte, done <-chan struct{}) {
 	if len(pkt) < 16 {
 		return
 	}
 	t, ok := c.keys.lookup(cancelKey{pid: binary.BigEndian.Uint32(pkt[8:12]), secret: string(pkt[12:])})
-	if !ok {
+	if !ok || !t.node.waitHealed(done) {
 		return
 	}
 	out := make([]byte, 12, 12+len(t.key.secret))

@@ -1,6 +1,10 @@
 package clustertest
 
 import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -160,5 +164,29 @@ func TestInProcess(t *testing.T) {
 		if err := conn.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {
 			t.Fatalf("SELECT 1: %v %d", err, one)
 		}
+	}
+}
+
+func TestSweepStale(t *testing.T) {
+	base := t.TempDir()
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Skip(err)
+	}
+	dead, live := filepath.Join(base, "clustertest-1"), filepath.Join(base, "clustertest-2")
+	for dir, pid := range map[string]int{dead: cmd.Process.Pid, live: os.Getppid()} {
+		os.Mkdir(dir, 0o700)
+		os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(pid)), 0o644)
+	}
+	c, err := Start(testCtx(t), Options{Nodes: 1, InProcess: true, BaseDir: base})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if _, err := os.Stat(dead); !os.IsNotExist(err) {
+		t.Errorf("directory of a dead process kept: %v", err)
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Errorf("directory of a live process removed: %v", err)
 	}
 }

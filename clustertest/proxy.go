@@ -210,7 +210,7 @@ func (pc *proxyConn) serve() {
 				return
 			}
 		case cancelRequestCode:
-			pc.n.c.forwardCancel(pkt)
+			pc.n.c.forwardCancel(pkt, pc.done)
 			return
 		default:
 			startup = pkt
