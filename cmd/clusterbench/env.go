@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,13 +17,46 @@ import (
 	"github.com/clusterpool/clusterpool/clustertest"
 )
 
-// Settings given to clusterpool. The library's defaults (5 s) suit services;
-// the benchmark's runs last seconds, so it asks for shorter intervals to let
-// each scenario converge within its duration.
-const (
-	benchBalanceInterval = 250 * time.Millisecond
-	benchProbeInterval   = 250 * time.Millisecond
-)
+// defaultClusterParams are given to clusterpool unless -cluster overrides
+// them. The library's defaults (5 s) suit services; the benchmark's runs
+// last seconds, so it asks for shorter intervals to let each scenario
+// converge within its duration.
+var defaultClusterParams = []string{"cluster_balance_interval=250ms", "cluster_probe_interval=250ms"}
+
+// clusterParams merges the defaults with the user's -cluster settings
+// (which win), in a stable order.
+func clusterParams(user []string) []string {
+	merged := make(map[string]string)
+	var keys []string
+	for _, kv := range append(append([]string{}, defaultClusterParams...), user...) {
+		k, v, _ := strings.Cut(kv, "=")
+		if _, ok := merged[k]; !ok {
+			keys = append(keys, k)
+		}
+		merged[k] = v
+	}
+	out := make([]string, len(keys))
+	for i, k := range keys {
+		out[i] = k + "=" + merged[k]
+	}
+	return out
+}
+
+// withParams adds key=value parameters to a connection string in either
+// form (URL or keyword/value).
+func withParams(dsn string, params []string) string {
+	if len(params) == 0 {
+		return dsn
+	}
+	if strings.Contains(dsn, "://") {
+		sep := "?"
+		if strings.Contains(dsn, "?") {
+			sep = "&"
+		}
+		return dsn + sep + strings.Join(params, "&")
+	}
+	return dsn + " " + strings.Join(params, " ")
+}
 
 const (
 	pgxpoolKind     = "pgxpool"
@@ -130,8 +164,10 @@ func (h *hookCounter) opened() int64 { return h.total.Load() }
 
 // poolParams is the pool both sides get, so the comparison is fair.
 type poolParams struct {
-	dsn  string
-	size int // MinConns = MaxConns: the pool opens all its connections at start
+	dsn string
+	// cluster are clusterpool's cluster_* settings (clusterParams).
+	cluster []string
+	size    int // MinConns = MaxConns: the pool opens all its connections at start
 	// hooks, when set, counts connections per node (-dsn runs only).
 	hooks *hookCounter
 }
@@ -151,13 +187,11 @@ func newPool(ctx context.Context, kind string, p poolParams) (db, error) {
 		}
 		return pgxpool.NewWithConfig(ctx, cfg)
 	case clusterpoolKind:
-		cfg, err := clusterpool.ParseConfig(p.dsn)
+		cfg, err := clusterpool.ParseConfig(withParams(p.dsn, p.cluster))
 		if err != nil {
 			return nil, err
 		}
 		cfg.MaxConns, cfg.MinConns = size, size
-		cfg.BalanceInterval = benchBalanceInterval
-		cfg.ProbeInterval = benchProbeInterval
 		if p.hooks != nil {
 			p.hooks.install(cfg.Config)
 		}
@@ -166,19 +200,20 @@ func newPool(ctx context.Context, kind string, p poolParams) (db, error) {
 	return nil, fmt.Errorf("clusterbench: unknown pool kind %q", kind)
 }
 
-// clusterpoolSettings describes the settings clusterpool runs with, for the
-// output: the benchmark's intervals plus the library's defaults.
-func clusterpoolSettings() map[string]string {
-	cfg, err := clusterpool.ParseConfig("postgres://localhost/")
+// clusterpoolSettings checks the cluster_* settings and returns what
+// clusterpool runs with, defaults included, for the output.
+func clusterpoolSettings(params []string) (*clusterpool.Config, map[string]string, error) {
+	cfg, err := clusterpool.ParseConfig(withParams("postgres://localhost/", params))
 	if err != nil {
-		return map[string]string{"error": err.Error()}
+		return nil, nil, err
 	}
-	return map[string]string{
-		"cluster_balance_interval": benchBalanceInterval.String(),
-		"cluster_probe_interval":   benchProbeInterval.String(),
+	return cfg, map[string]string{
+		"cluster_balance_interval": cfg.BalanceInterval.String(),
+		"cluster_probe_interval":   cfg.ProbeInterval.String(),
 		"cluster_max_retries":      strconv.Itoa(cfg.MaxRetries),
 		"cluster_connect_rate":     strconv.FormatFloat(cfg.ConnectRate, 'g', -1, 64),
-	}
+		"cluster_node_identity":    string(cfg.NodeIdentity),
+	}, nil
 }
 
 // ensureKV creates the benchmark's table on one node, straight to its

@@ -20,6 +20,10 @@ type harness struct {
 	// hooks, not from the servers.
 	counterIsHooks bool
 	prog           *progress
+	// cluster are clusterpool's cluster_* settings; balanceInterval is the
+	// one among them that turns times into rounds.
+	cluster         []string
+	balanceInterval time.Duration
 }
 
 func (h *harness) runScenario(ctx context.Context, s scenario) (ScenarioResult, error) {
@@ -164,7 +168,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 			return res, err
 		}
 	}
-	pool, err := newPool(ctx, kind, poolParams{dsn: t.dsn, size: plan.poolSize, hooks: t.hooks})
+	pool, err := newPool(ctx, kind, poolParams{dsn: t.dsn, cluster: h.cluster, size: plan.poolSize, hooks: t.hooks})
 	if err != nil {
 		return res, err
 	}
@@ -309,7 +313,7 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 	for _, k := range turnOrder {
 		kind, a := poolKinds[k], accs[k]
 		opened0 := t.counter.opened()
-		pool, err := newPool(ctx, kind, poolParams{dsn: t.dsn, size: plan.poolSize, hooks: t.hooks})
+		pool, err := newPool(ctx, kind, poolParams{dsn: t.dsn, cluster: h.cluster, size: plan.poolSize, hooks: t.hooks})
 		if err != nil {
 			return nil, err
 		}

@@ -170,11 +170,14 @@ func TestDSNRunsOnlyNonDestructiveScenarios(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dsn := "postgres://postgres@" + srv.Addr() + "/postgres?sslmode=disable"
-	res, stderr, code := runJSON(t, ctx, "-dsn", dsn, "-duration", "900ms", "-workers", "4", "-out", t.TempDir())
+	res, stderr, code := runJSON(t, ctx, "-dsn", dsn, "-duration", "900ms", "-workers", "4", "-cluster", "cluster_connect_rate=0", "-out", t.TempDir())
 	if code != 0 {
 		t.Fatalf("exit code %d\n%s", code, stderr)
 	}
 	checkSane(t, res, []string{"balance", "overhead"})
+	if res.Settings["cluster_connect_rate"] != "0" || res.Settings["cluster_balance_interval"] != "250ms" {
+		t.Errorf("settings %v: want -cluster applied over the benchmark's defaults", res.Settings)
+	}
 	if strings.Join(res.Skipped, ",") != "scale-out,rolling-restart,crash,hot-spot" {
 		t.Errorf("skipped %v", res.Skipped)
 	}
@@ -208,6 +211,9 @@ func TestBadInput(t *testing.T) {
 		{"-nodes", "0"},
 		{"-workers", "-1"},
 		{"-backend", "oracle"},
+		{"-cluster", "pool_max_conns=3"},
+		{"-cluster", "cluster_bogus=1"},
+		{"-cluster", "cluster_connect_rate=-1"},
 		{"extra-argument"},
 	} {
 		var stdout, stderr bytes.Buffer

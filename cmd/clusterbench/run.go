@@ -27,6 +27,7 @@ type options struct {
 	json      bool
 	dsn       string
 	backend   string
+	cluster   []string // cluster_* settings for clusterpool
 }
 
 const (
@@ -71,6 +72,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.outDir, "out", "clusterbench-report", "directory for the HTML report (index.html and one SVG per scenario)")
 	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
 	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead: only the non-destructive scenarios (balance, overhead) run, and table kv is created if missing")
+	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
 	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -108,6 +110,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return usageErr("unknown scenario %q", n)
 		}
 	}
+	for _, kv := range strings.Split(*clusterFlag, ",") {
+		if kv = strings.TrimSpace(kv); kv == "" {
+			continue
+		}
+		if k, _, ok := strings.Cut(kv, "="); !ok || !strings.HasPrefix(k, "cluster_") || strings.ContainsAny(kv, "&? ") {
+			return usageErr("-cluster takes cluster_name=value pairs separated by commas, not %q", kv)
+		}
+		o.cluster = append(o.cluster, kv)
+	}
+	o.cluster = clusterParams(o.cluster)
+	ccfg, settings, err := clusterpoolSettings(o.cluster)
+	if err != nil {
+		return usageErr("-cluster: %v", err)
+	}
 	o.scenarios = dedupe(o.scenarios)
 	if len(o.scenarios) == 0 {
 		return usageErr("no scenario given")
@@ -128,9 +144,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Nodes:    o.nodes,
 		Workers:  o.workers,
 		Duration: o.duration.String(),
-		Settings: clusterpoolSettings(),
+		Settings: settings,
 	}
-	h := &harness{opts: o}
+	h := &harness{opts: o, cluster: o.cluster, balanceInterval: ccfg.BalanceInterval}
 
 	// The first line says what the benchmark runs on.
 	switch {

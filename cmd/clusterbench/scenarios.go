@@ -80,7 +80,7 @@ var scenarios = []scenario{
 				{Name: "spread_start", Label: "spread at start (max−min conns)", Value: nanNil(startSpread), Better: "lower"},
 				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodes))), Better: "lower"},
 				{Name: "time_to_balance", Label: "time until balanced", Unit: "s", Value: at, Better: "lower"},
-				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: rounds(at, 0), Better: "lower"},
+				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: h.rounds(at), Better: "lower"},
 				{Name: "reconnects", Label: fmt.Sprintf("conns opened beyond pool size (minimum moves %d)", moves), Value: value(float64(r.ConnsOpened - int64(info.plan.poolSize))), Better: "lower"},
 			}
 		},
@@ -125,7 +125,7 @@ var scenarios = []scenario{
 				{Name: "new_node_conns", Label: fmt.Sprintf("conns on the new node (fair share %d)", info.plan.poolSize/added), Value: value(float64(lastConns(r)[added])), Better: "higher"},
 				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodes))), Better: "lower"},
 				{Name: "time_to_balance", Label: "time until balanced after add", Unit: "s", Value: after, Better: "lower"},
-				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: rounds(after, 0), Better: "lower"},
+				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: h.rounds(after), Better: "lower"},
 				{Name: "conns_opened", Label: "conns opened after add", Value: value(opened), Better: "lower"},
 				{Name: "churn", Label: "conns opened ÷ minimum moves", Unit: "x", Value: value(opened / minMoves), Better: "lower"},
 			}
@@ -331,11 +331,12 @@ func minMoves(conns map[int]int, nodes []int) int {
 
 func hotSpotCapacity(workers, nodes int) int { return max(1, workers/(2*nodes)) }
 
-func rounds(at *float64, from float64) *float64 {
+// rounds converts a time into balance intervals.
+func (h *harness) rounds(at *float64) *float64 {
 	if at == nil {
 		return nil
 	}
-	return value(math.Ceil((*at - from) / benchBalanceInterval.Seconds()))
+	return value(math.Ceil(*at / h.balanceInterval.Seconds()))
 }
 
 func nanNil(v float64) *float64 {
