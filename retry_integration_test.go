@@ -315,6 +315,7 @@ func TestRetry(t *testing.T) {
 	}{
 		{"RollingRestart", testRetryRollingRestart},
 		{"KillNode", testRetryKillNode},
+		{"KillNodeHosts", testRetryKillNodeHosts},
 		{"NonIdempotentKill", testRetryNonIdempotentKill},
 		{"CallerCancel", testRetryCallerCancel},
 		{"SQLSTATE", testRetrySQLState},
@@ -351,6 +352,18 @@ func testRetryKillNode(t *testing.T, c *clustertest.Cluster) {
 	}
 	if !evicted {
 		t.Errorf("node 2 was never evicted: %+v", p.NodeStats())
+	}
+}
+
+// testRetryKillNodeHosts is KillNode with the nodes' own addresses in the
+// connection string: connect failures go through pgx's host fallbacks and
+// new connections are placed away from the failed node.
+func testRetryKillNodeHosts(t *testing.T, c *clustertest.Cluster) {
+	p := newRetryPool(t, c.HostsDSN(), 12)
+	res := withLoad(func() { crash(t, c.Node(2), retryLoad(t)) }, p)[0]
+	t.Logf("crash, several hosts: %s; p99 %v; nodes %+v", res.summary(), res.p99(), p.NodeStats())
+	if len(res.errs) != 0 || res.ops == 0 {
+		t.Errorf("callers saw errors when a node crashed: %s", res.summary())
 	}
 }
 
