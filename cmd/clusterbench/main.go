@@ -8,6 +8,7 @@
 //	go run ./cmd/clusterbench                 # everything, about 1.5 minutes
 //	go run ./cmd/clusterbench -scenario crash -duration 10s
 //	go run ./cmd/clusterbench -json > results.json
+//	go run ./cmd/clusterbench -cluster cluster_connect_rate=0   # try other clusterpool settings
 //	go run ./cmd/clusterbench -dsn 'postgres://root@lb:26257/bench'  # balance and overhead only
 //
 // Run it with -h for every flag.

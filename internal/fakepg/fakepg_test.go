@@ -409,3 +409,47 @@ func TestSplitStatements(t *testing.T) {
 		}
 	}
 }
+
+func TestBatch(t *testing.T) {
+	s := startServer(t)
+	ctx := testCtx(t)
+	for _, mode := range execModes {
+		c := connect(t, s, mode)
+		table := "b_" + strconv.Itoa(int(mode))
+		if _, err := c.Exec(ctx, "CREATE TABLE "+table+" (k TEXT PRIMARY KEY, n INT8)"); err != nil {
+			t.Fatal(err)
+		}
+		b := &pgx.Batch{}
+		b.Queue("INSERT INTO "+table+" (k, n) VALUES ($1, $2)", "a", 1)
+		b.Queue("UPDATE "+table+" SET n = n + $1 WHERE k = $2", 41, "a")
+		b.Queue("SELECT n FROM "+table+" WHERE k = $1", "a")
+		br := c.SendBatch(ctx, b)
+		if _, err := br.Exec(); err != nil {
+			t.Fatalf("%v: insert: %v", mode, err)
+		}
+		if tag, err := br.Exec(); err != nil || tag.String() != "UPDATE 1" {
+			t.Fatalf("%v: update: %q %v", mode, tag, err)
+		}
+		var n int64
+		if err := br.QueryRow().Scan(&n); err != nil || n != 42 {
+			t.Fatalf("%v: select: %d %v", mode, n, err)
+		}
+		if err := br.Close(); err != nil {
+			t.Fatal(err)
+		}
+		// An error in the middle of a batch fails the rest, and the
+		// connection stays usable.
+		b = &pgx.Batch{}
+		b.Queue("SELECT 1")
+		b.Queue("SELECT nope FROM " + table)
+		b.Queue("SELECT 2")
+		err := c.SendBatch(ctx, b).Close()
+		if sqlState(err) != "42703" {
+			t.Fatalf("%v: batch with a bad statement: %v", mode, err)
+		}
+		var one int
+		if err := c.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
+			t.Fatalf("%v: unusable after a failed batch: %v", mode, err)
+		}
+	}
+}
