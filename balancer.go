@@ -370,7 +370,7 @@ func (b *balancer) start() {
 // places the connection.
 func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
 	if b.limiter != nil {
-		if err := b.limiter.Wait(ctx); err != nil {
+		if err := b.p.obs.waitConnect(ctx, b.limiter); err != nil {
 			return fmt.Errorf("clusterpool: waiting for the connect rate limit (%g/s): %w", float64(b.limiter.Limit()), err)
 		}
 	}
@@ -721,6 +721,7 @@ func (b *balancer) round(ctx context.Context, now time.Time) balancePlan {
 		plan.Prune = nil
 	}
 	b.retire(ctx, plan.Prune, now)
+	b.p.obs.pruned(ctx, nodes, views)
 	return plan
 }
 

@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"time"
@@ -97,9 +98,28 @@ func (p *Pool) runProbe(ctx context.Context) {
 // it is neither tracked nor rate limited, and it is closed at once. A failed
 // probe counts against no node: behind a load balancer it is not known which
 // node failed, and the pool's own connects report real failures.
-func (p *Pool) probe(ctx context.Context, st *probeState) bool {
-	ctx, cancel := context.WithTimeout(ctx, min(p.settings.probeInterval, maxProbeTimeout))
+func (p *Pool) probe(parent context.Context, st *probeState) bool {
+	ctx, cancel := context.WithTimeout(parent, min(p.settings.probeInterval, maxProbeTimeout))
 	defer cancel()
+	id, err := p.probeOnce(ctx, st)
+	if parent.Err() != nil {
+		return false // the pool is closing: not a probe failure
+	}
+	p.obs.probed(ctx, id, err)
+	if err == nil && id == 0 {
+		st.unidentified++
+		return st.unidentified < unidentifiedProbes
+	}
+	if id != 0 {
+		st.unidentified = 0
+	}
+	return true
+}
+
+// probeOnce connects, identifies the node, records it as seen and healthy,
+// and reads gossip when allowed. It returns the node reached (0: none or no
+// identity) and why it failed.
+func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 	cc := p.config.ConnConfig.Copy()
 	if groups := p.balancer.groupsFor(cc); len(groups) > 1 {
 		// Several hosts: visit them in turn, so every listed node is probed
@@ -113,25 +133,20 @@ func (p *Pool) probe(ctx context.Context, st *probeState) bool {
 	st.n++
 	if p.config.BeforeConnect != nil {
 		if err := p.config.BeforeConnect(ctx, cc); err != nil {
-			return true
+			return 0, fmt.Errorf("clusterpool: probe: BeforeConnect: %w", err)
 		}
 	}
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
-		return true
+		return 0, fmt.Errorf("clusterpool: probe: %w", err)
 	}
 	defer closeQuietly(conn)
 	p.balancer.probes.Add(1)
 	id, _, err := p.identify(ctx, conn)
-	if err != nil {
-		return true
+	if err != nil || id == 0 {
+		return 0, err
 	}
 	now := time.Now()
-	if id == 0 {
-		st.unidentified++
-		return st.unidentified < unidentifiedProbes
-	}
-	st.unidentified = 0
 	p.tracker.seen(id, now)
 	p.tracker.markHealthy(id, now)
 	if now.After(st.gossipAfter) {
@@ -139,7 +154,7 @@ func (p *Pool) probe(ctx context.Context, st *probeState) bool {
 			st.gossipAfter = now.Add(gossipBackoff)
 		}
 	}
-	return true
+	return id, nil
 }
 
 // isTransient reports whether a gossip query error may go away by itself
@@ -201,7 +216,9 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 			continue
 		}
 		leaving := e.draining || e.membership != "active"
-		n.draining.Store(leaving)
+		if n.draining.Swap(leaving) != leaving {
+			p.obs.nodeDraining(n.id, leaving)
+		}
 		switch {
 		case !e.live:
 			p.tracker.evict(n.id, now)
