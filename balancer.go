@@ -699,7 +699,7 @@ func (b *balancer) round(ctx context.Context, now time.Time) balancePlan {
 		}
 	}
 	nodes := t.nodeList()
-	t.expire(now, expiryWindow(b.p.settings.balanceInterval, b.p.settings.probeInterval, max(len(nodes), 1)))
+	b.p.obs.nodesRemoved(t.expire(now, expiryWindow(b.p.settings.balanceInterval, b.p.settings.probeInterval, max(len(nodes), 1))))
 	nodes = t.nodeList()
 	b.learnHosts(nodes)
 

@@ -1,0 +1,86 @@
+package clusterpool
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+func TestTraceNodeLifecycleAndPruning(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	r := &recorder{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 6, 6
+		cfg.BalanceInterval = traceBalanceInterval
+		cfg.ProbeInterval = traceProbeInterval
+		cfg.ConnectRate = 0
+		cfg.Tracer = r
+	})
+	for _, id := range []NodeID{1, 2} {
+		waitEvent(t, r, fmt.Sprintf("node %d added", id), func(e TraceNodeAddedData) bool { return e.Node == id })
+	}
+	waitEvent(t, r, "probe reaching a node", func(e TraceProbeData) bool { return e.Err == nil && e.Node != 0 })
+
+	// A new node gets its share: the other nodes' excess is pruned.
+	if _, err := c.AddNode(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	waitEvent(t, r, "node 3 added", func(e TraceNodeAddedData) bool { return e.Node == 3 })
+	pr := waitEvent(t, r, "rebalance prune", func(e TracePruneData) bool {
+		return e.Reason == PruneRebalance && e.Count > 0 && e.Node != 3
+	})
+	t.Logf("prune event: %+v", pr)
+	st := p.ClusterStat()
+	if st.NodesAdded() < 3 || st.PrunedConns() < 1 || st.Probes() < 1 {
+		t.Errorf("ClusterStat: added %d pruned %d probes %d", st.NodesAdded(), st.PrunedConns(), st.Probes())
+	}
+	var perNode int64
+	for _, s := range p.NodeStats() {
+		perNode += s.Pruned
+	}
+	if perNode != st.PrunedConns() {
+		t.Errorf("NodeStats pruned sum %d != ClusterStat.PrunedConns %d", perNode, st.PrunedConns())
+	}
+
+	// A node that leaves the cluster: its connections go, and once no probe
+	// has reached it for the expiry window the pool forgets it.
+	if err := c.RemoveNode(testCtx(t), 1); err != nil {
+		t.Fatal(err)
+	}
+	waitEvent(t, r, "node 1 removed", func(e TraceNodeRemovedData) bool { return e.Node == 1 })
+	if n := p.ClusterStat().NodesRemoved(); n < 1 {
+		t.Errorf("ClusterStat.NodesRemoved = %d", n)
+	}
+}
+
+func TestTraceConnectThrottled(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	r := &recorder{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 0, 2
+		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+		cfg.ConnectRate = 10 // burst 10 (at least MaxConns and the rate)
+		cfg.Tracer = r
+	})
+	ctx := testCtx(t)
+	// A reconnect storm: more connects than the burst in a short time.
+	for range 8 {
+		p.Reset()
+		if err := p.Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.AcquireFunc(ctx, func(*pgxpool.Conn) error { return p.Ping(ctx) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ev := waitEvent(t, r, "connect throttled", func(e TraceConnectThrottledData) bool { return e.Err == nil })
+	if ev.Limit != 10 || ev.Waited <= 0 {
+		t.Errorf("throttle event %+v", ev)
+	}
+	if st := p.ClusterStat(); st.ThrottledConnects() < 1 || st.ConnectWaitDuration() <= 0 {
+		t.Errorf("ClusterStat throttled %d waited %v", st.ThrottledConnects(), st.ConnectWaitDuration())
+	}
+}
