@@ -404,9 +404,10 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 //   - contains none of the words INTO, FOR (locking clauses), INSERT, UPDATE,
 //     DELETE, UPSERT, MERGE, CALL, DO, COPY, LOCK, NEXTVAL, SETVAL (in any case,
 //     anywhere, even inside string literals), and
-//   - calls no function other than a short list of built-ins known not to
-//     write (count, sum, min, max, avg, coalesce, now, ...): a user function
-//     or nextval could write, so "SELECT f()" is not read-only.
+//   - calls no function other than a short list of unqualified built-ins
+//     known not to write (count, sum, min, max, avg, coalesce, now, ...): a
+//     user function, a schema-qualified or quoted name, or nextval could
+//     write, so "SELECT f()" is not read-only.
 //
 // WITH queries are not read-only by this rule (a CTE may modify data), nor is
 // EXPLAIN (EXPLAIN ANALYZE runs the statement). Mark other work with
@@ -422,7 +423,9 @@ func readOnlySQL(sql string) bool {
 	if i := strings.IndexByte(rest, ';'); i >= 0 && strings.TrimRight(rest[i:], "; \t\r\n") != "" {
 		return false
 	}
-	prevWord := ""
+	// prevWord is the word (lower case) just before the current position,
+	// ignoring white space; qualified is true when it followed a '.'.
+	prevWord, qualified, dot := "", false, false
 	for i := 0; i < len(rest); {
 		c := rest[i]
 		switch {
@@ -435,20 +438,29 @@ func readOnlySQL(sql string) bool {
 			if isWriteWord(w) {
 				return false
 			}
-			prevWord = w
+			prevWord, qualified, dot = w, dot, false
 			i = j
-		case c == '(':
-			// A '(' right after a word is a call (or a type modifier);
-			// after anything else it is a subquery or grouping.
-			if prevWord != "" && !isPureCallWord(prevWord) {
+		case c == '"':
+			// A quoted identifier: a call of it is never known to be pure.
+			j := strings.IndexByte(rest[i+1:], '"')
+			if j < 0 {
 				return false
 			}
-			prevWord = ""
+			prevWord, qualified, dot = `"`, dot, false
+			i += j + 2
+		case c == '(':
+			// A '(' right after a name is a call (or a type modifier);
+			// after anything else it is a subquery or grouping. Only
+			// unqualified built-ins pass: schema.count() may be anything.
+			if prevWord != "" && (qualified || !isPureCallWord(prevWord)) {
+				return false
+			}
+			prevWord, dot = "", false
 			i++
 		case c == ' ' || c == '\t' || c == '\r' || c == '\n':
 			i++
 		default:
-			prevWord = ""
+			prevWord, dot = "", c == '.'
 			i++
 		}
 	}

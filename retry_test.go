@@ -347,10 +347,36 @@ func TestReadOnlySQL(t *testing.T) {
 		{"select_stmt", false}, // a prepared statement's name
 		{"CALL proc()", false},
 		{"SELECT CAST(v AS numeric(10, 2)) FROM kv", false},
+		{`SELECT "writeStuff"()`, false},
+		{`SELECT "my schema".count(1)`, false},
+		{"SELECT myschema.count(1)", false},
+		{"SELECT myschema . count (1)", false},
+		{`SELECT "Name", t.v FROM "Users" AS t WHERE t.k = $1`, true},
+		{"SELECT count (*) FROM kv", true},
+		{`SELECT "unterminated`, false},
 	}
 	for _, tt := range tests {
 		if got := readOnlySQL(tt.sql); got != tt.want {
 			t.Errorf("readOnlySQL(%q) = %v, want %v", tt.sql, got, tt.want)
 		}
 	}
+}
+
+// FuzzReadOnlySQL: the textual rule never panics, and never calls a
+// statement read-only that does not start with SELECT, SHOW or VALUES.
+func FuzzReadOnlySQL(f *testing.F) {
+	for _, s := range []string{"SELECT 1", `SELECT "a"(`, "SELECT x.count(1)", "/* c */ SHOW x;", "--\n", "SELECT 1; DELETE", "VALUES ($1)"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, sql string) {
+		if !readOnlySQL(sql) {
+			return
+		}
+		first, _ := nextWord(skipSpaceAndComments(sql))
+		switch strings.ToLower(first) {
+		case "select", "show", "values":
+		default:
+			t.Errorf("readOnlySQL(%q) = true", sql)
+		}
+	})
 }
