@@ -329,7 +329,9 @@ func WithIdempotent(ctx context.Context) context.Context {
 }
 
 // WithoutRetry turns retries off for the work done with ctx: each call makes
-// one attempt and returns its error as the driver reported it.
+// one attempt and returns its error as the driver reported it, wrapped in a
+// *RetryError only when the outcome is unknown, so that errors.Is(err,
+// ErrOutcomeUnknown) still says so.
 func WithoutRetry(ctx context.Context) context.Context {
 	return context.WithValue(ctx, withoutRetryKey, true)
 }
