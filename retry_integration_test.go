@@ -680,6 +680,25 @@ func testRetrySQLState(t *testing.T, c *clustertest.Cluster) {
 		t.Errorf("BeginFunc: %v after %d calls, want errMine after 1", err, calls)
 	}
 
+	// Query's first row is read before it returns; the rows behave as
+	// pgx's, empty or not, and give their connection back.
+	for _, tc := range []struct {
+		sql  string
+		want int
+	}{{"SELECT generate_series(1, 3)", 3}, {"SELECT 1 WHERE false", 0}} {
+		rows, err := p.Query(ctx, tc.sql)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := pgx.CollectRows(rows, pgx.RowTo[int])
+		if err != nil || len(got) != tc.want || rows.CommandTag().RowsAffected() != int64(tc.want) {
+			t.Errorf("Query(%q): %v, %v, tag %v; want %d rows", tc.sql, got, err, rows.CommandTag(), tc.want)
+		}
+	}
+	if n := p.Stat().AcquiredConns(); n != 0 {
+		t.Errorf("%d connections still acquired after reading rows", n)
+	}
+
 	// A network error from something else the function talks to is not
 	// this node's failure: returned once, nothing evicted.
 	foreign := fmt.Errorf("calling another service: %w", sysErr(syscall.ECONNRESET))
