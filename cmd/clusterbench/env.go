@@ -69,6 +69,9 @@ var poolKinds = []string{pgxpoolKind, clusterpoolKind}
 type connCounter interface {
 	openConns() map[int]int
 	opened() int64
+	// seesProbes is true when opened counts clusterpool's short-lived probe
+	// connections too (the servers see them; the pools' hooks do not).
+	seesProbes() bool
 }
 
 // clusterCounter reads the servers' own counts from the embedded cluster:
@@ -76,6 +79,8 @@ type connCounter interface {
 type clusterCounter struct{ c *clustertest.Cluster }
 
 func (cc clusterCounter) openConns() map[int]int { return cc.c.OpenConns() }
+
+func (cc clusterCounter) seesProbes() bool { return true }
 
 func (cc clusterCounter) opened() int64 {
 	var t int64
@@ -161,6 +166,42 @@ func (h *hookCounter) openConns() map[int]int {
 }
 
 func (h *hookCounter) opened() int64 { return h.total.Load() }
+
+func (h *hookCounter) seesProbes() bool { return false }
+
+// clusterStats returns clusterpool's own counters, nil for pgxpool.
+func clusterStats(d db) *clusterpool.ClusterStat {
+	if cp, ok := d.(*clusterpool.Pool); ok {
+		return cp.ClusterStat()
+	}
+	return nil
+}
+
+// probeConns is how many probe connections clusterpool has opened (0 for
+// pgxpool): the servers count them, but they are not the pool's.
+func probeConns(d db) int64 {
+	if s := clusterStats(d); s != nil {
+		return s.Probes() - s.ProbeFailures()
+	}
+	return 0
+}
+
+// libraryStats are clusterpool's counters worth showing next to the results.
+func libraryStats(d db) map[string]float64 {
+	s := clusterStats(d)
+	if s == nil {
+		return nil
+	}
+	return map[string]float64{
+		"retry_attempts":     float64(s.RetryAttempts()),
+		"pruned_conns":       float64(s.PrunedConns()),
+		"evictions":          float64(s.Evictions()),
+		"probes":             float64(s.Probes()),
+		"redials":            float64(s.Redials()),
+		"throttled_connects": float64(s.ThrottledConnects()),
+		"connect_wait_ms":    float64(s.ConnectWaitDuration().Milliseconds()),
+	}
+}
 
 // poolParams is the pool both sides get, so the comparison is fair.
 type poolParams struct {

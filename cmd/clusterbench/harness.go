@@ -178,6 +178,9 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 			pool.Close()
 		}
 	}()
+	ev.mu.Lock()
+	ev.pool = pool
+	ev.mu.Unlock()
 	smp := startSampler(ctx, t.counter, start, 0)
 	defer smp.finish()
 
@@ -201,6 +204,11 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	smp.take()
 	samples := smp.finish() // before Close, which the plot should not show
 	opened := t.counter.opened() - opened0
+	probes := int64(0)
+	if t.counter.seesProbes() {
+		probes = probeConns(pool)
+	}
+	lib := libraryStats(pool)
 	pool.Close()
 	poolClosed = true
 
@@ -215,7 +223,8 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	}
 	ev.mu.Unlock()
 
-	res = poolResult(kind, rec, elapsed, samples, evs, final, poolTotal, opened)
+	res = poolResult(kind, rec, elapsed, samples, evs, final, poolTotal, opened-probes)
+	res.ProbeConns, res.Library = probes, lib
 	res.Metrics = commonMetrics(&res, s.metrics(h, &res, info))
 	return res, nil
 }
@@ -302,6 +311,8 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		elapsed   time.Duration
 		samples   []Sample
 		opened    int64
+		probes    int64
+		lib       map[string]float64
 		final     map[int]int
 		poolTotal int
 		done      int
@@ -329,6 +340,15 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		}
 		a.samples = append(a.samples, smp.finish()...)
 		a.opened += t.counter.opened() - opened0
+		if t.counter.seesProbes() {
+			a.probes += probeConns(pool)
+		}
+		for k, v := range libraryStats(pool) {
+			if a.lib == nil {
+				a.lib = make(map[string]float64)
+			}
+			a.lib[k] += v
+		}
 		pool.Close()
 		if err != nil {
 			return nil, err
@@ -339,7 +359,8 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 	info := runInfo{plan: plan}
 	for k, kind := range poolKinds {
 		a := accs[k]
-		r := poolResult(kind, a.rec, a.elapsed, a.samples, nil, a.final, a.poolTotal, a.opened)
+		r := poolResult(kind, a.rec, a.elapsed, a.samples, nil, a.final, a.poolTotal, a.opened-a.probes)
+		r.ProbeConns, r.Library = a.probes, a.lib
 		r.Metrics = commonMetrics(&r, s.metrics(h, &r, info))
 		res = append(res, r)
 	}

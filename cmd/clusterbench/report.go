@@ -93,13 +93,24 @@ func reportHTML(res *Results) string {
 		}
 		b.WriteString("</table>\n")
 		b.WriteString(plotSVG(s, false))
-		b.WriteString("\n<table><tr><th>latency (ms)</th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>ops</th><th>errors</th><th>conns opened</th></tr>\n")
+		b.WriteString("\n<table><tr><th>latency (ms)</th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>ops</th><th>errors</th><th>conns opened</th><th>probe conns</th></tr>\n")
 		for _, p := range s.Pools {
 			l := p.Latency
-			fmt.Fprintf(&b, "<tr><td>%s</td><td>%.2f</td><td>%.2f</td><td>%.2f</td><td>%.1f</td><td>%d</td><td>%d</td><td>%d</td></tr>\n",
-				e(p.Pool), l.P50, l.P90, l.P99, l.Max, p.Ops, p.Errors, p.ConnsOpened)
+			fmt.Fprintf(&b, "<tr><td>%s</td><td>%.2f</td><td>%.2f</td><td>%.2f</td><td>%.1f</td><td>%d</td><td>%d</td><td>%d</td><td>%d</td></tr>\n",
+				e(p.Pool), l.P50, l.P90, l.P99, l.Max, p.Ops, p.Errors, p.ConnsOpened, p.ProbeConns)
 		}
 		b.WriteString("</table>\n")
+		for _, p := range s.Pools {
+			if len(p.Library) == 0 {
+				continue
+			}
+			var kv []string
+			for k, v := range p.Library {
+				kv = append(kv, fmt.Sprintf("%s %g", k, v))
+			}
+			sort.Strings(kv)
+			fmt.Fprintf(&b, "<p class=\"note\">%s's own counters (ClusterStat): %s.</p>\n", e(p.Pool), e(strings.Join(kv, ", ")))
+		}
 		for _, p := range s.Pools {
 			if len(p.ErrorExamples) > 0 {
 				fmt.Fprintf(&b, "<details><summary>errors seen with %s (examples)</summary><ul>", e(p.Pool))

@@ -54,8 +54,14 @@ type PoolResult struct {
 	// agree unless a connection was opening or closing.
 	FinalNodeConns map[int]int `json:"final_node_conns"`
 	FinalPoolConns int         `json:"final_pool_conns"`
-	// ConnsOpened is how many connections the servers accepted during the run.
+	// ConnsOpened is how many connections the pool opened during the run
+	// (those it refused after connecting included): the servers' count of
+	// accepted connections, less clusterpool's ProbeConns.
 	ConnsOpened int64 `json:"conns_opened"`
+	// ProbeConns are clusterpool's short-lived probe connections.
+	ProbeConns int64 `json:"probe_conns"`
+	// Library holds clusterpool's own counters (ClusterStat) at the end.
+	Library map[string]float64 `json:"clusterpool_stats,omitempty"`
 	// LastErrorAt is when the last caller error happened (s); 0 if none.
 	LastErrorAt float64 `json:"last_error_s"`
 	// ErrorExamples are a few distinct error messages callers saw.

@@ -394,6 +394,7 @@ func ignoreDone(ctx context.Context, err error) error {
 type events struct {
 	start   time.Time
 	counter connCounter
+	pool    db // once open: its probe connections are not counted as opened
 
 	mu       sync.Mutex // protects the fields below
 	list     []Event
@@ -407,6 +408,9 @@ func (e *events) mark(label string) {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.pool != nil && e.counter != nil && e.counter.seesProbes() {
+		opened -= probeConns(e.pool)
+	}
 	e.list = append(e.list, Event{T: time.Since(e.start).Seconds(), Label: label})
 	e.openedAt[label] = opened
 }
