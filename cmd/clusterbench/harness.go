@@ -193,9 +193,11 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	}
 
 	rec := newRecorder(start)
-	elapsed, err := h.load(ctx, s.name, kind, h.opts.duration, func(loadCtx context.Context) error {
-		return plan.script(loadCtx, t.c, ev.mark)
-	}, plan.script != nil, pool, plan.workload, rec)
+	var script func(context.Context) error
+	if plan.script != nil {
+		script = func(ctx context.Context) error { return plan.script(ctx, t.c, ev.mark) }
+	}
+	elapsed, err := h.load(ctx, s.name, kind, h.opts.duration, script, pool, plan.workload, rec)
 	if err != nil {
 		return res, err
 	}
@@ -231,14 +233,14 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 
 // load runs the workload (and the scenario's script, if any) for d, with
 // progress, and returns how long the load ran.
-func (h *harness) load(ctx context.Context, scenario, label string, d time.Duration, script func(context.Context) error, hasScript bool, pool db, w workload, rec *recorder) (time.Duration, error) {
+func (h *harness) load(ctx context.Context, scenario, label string, d time.Duration, script func(context.Context) error, pool db, w workload, rec *recorder) (time.Duration, error) {
 	h.prog.begin(scenario, label, d)
 	loadStart := time.Now()
 	loadCtx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	scriptErr := make(chan error, 1)
 	go func() {
-		if !hasScript {
+		if script == nil {
 			scriptErr <- nil
 			return
 		}
@@ -332,7 +334,7 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		smp := startSampler(ctx, t.counter, time.Now(), a.elapsed.Seconds())
 		a.done++
 		label := fmt.Sprintf("%s (turn %d of %d)", kind, a.done, turns)
-		el, err := h.load(ctx, s.name, label, turn, nil, false, pool, plan.workload, a.rec)
+		el, err := h.load(ctx, s.name, label, turn, nil, pool, plan.workload, a.rec)
 		a.elapsed += el
 		if err == nil {
 			a.final, a.poolTotal = settleCounts(ctx, t.counter, pool)

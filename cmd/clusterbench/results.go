@@ -5,7 +5,6 @@ import (
 	"io"
 	"math"
 	"sort"
-	"strings"
 	"text/tabwriter"
 	"time"
 )
@@ -249,5 +248,3 @@ func nodeIDs(from, to int) []int {
 	}
 	return ids
 }
-
-func joinLines(lines []string) string { return strings.Join(lines, "\n") }

@@ -53,83 +53,14 @@ Flags:
 // run is the whole command; it returns the process exit code: 0 on success,
 // 1 on failure, 2 on bad usage, 130 when interrupted.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var names []string
-	for _, s := range scenarios {
-		names = append(names, s.name)
+	o, code := parseFlags(args, stderr)
+	if o == nil {
+		return code
 	}
-	fs := flag.NewFlagSet("clusterbench", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), usageText, strings.Join(names, ", "))
-		fs.PrintDefaults()
-	}
-	var o options
-	scenarioFlag := fs.String("scenario", "all", "comma-separated scenarios to run, or all")
-	fs.DurationVar(&o.duration, "duration", 5*time.Second, "how long each scenario runs, for each pool")
-	fs.IntVar(&o.nodes, "nodes", 3, "nodes in the embedded cluster")
-	fs.IntVar(&o.workers, "workers", 24, "concurrent callers; the pool size is the same (MinConns = MaxConns)")
-	fs.Int64Var(&o.seed, "seed", 0, "seed for the load balancer and the workload; 0 picks one (always printed)")
-	fs.StringVar(&o.outDir, "out", "clusterbench-report", "directory for the HTML report (index.html and one SVG per scenario)")
-	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
-	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead: only the non-destructive scenarios (balance, overhead) run, and table kv is created if missing")
-	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
-	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	usageErr := func(format string, a ...any) int {
-		fmt.Fprintf(stderr, "clusterbench: "+format+"\n", a...)
-		fs.Usage()
-		return 2
-	}
-	if fs.NArg() > 0 {
-		return usageErr("unexpected argument %q", fs.Arg(0))
-	}
-	switch {
-	case o.duration <= 0:
-		return usageErr("-duration must be positive")
-	case o.nodes < 1 || o.nodes > 100:
-		return usageErr("-nodes must be between 1 and 100")
-	case o.workers < 1 || o.workers > 10000:
-		return usageErr("-workers must be between 1 and 10000")
-	case o.backend != backendAuto && o.backend != backendPostgres && o.backend != backendInProcess:
-		return usageErr("-backend must be auto, postgres or inprocess, not %q", o.backend)
-	}
-	for _, n := range strings.Split(*scenarioFlag, ",") {
-		n = strings.TrimSpace(n)
-		switch {
-		case n == "all":
-			o.scenarios = append(o.scenarios, names...)
-		case n == "":
-		case slices.Contains(names, n):
-			o.scenarios = append(o.scenarios, n)
-		default:
-			return usageErr("unknown scenario %q", n)
-		}
-	}
-	for _, kv := range strings.Split(*clusterFlag, ",") {
-		if kv = strings.TrimSpace(kv); kv == "" {
-			continue
-		}
-		if k, _, ok := strings.Cut(kv, "="); !ok || !strings.HasPrefix(k, "cluster_") || strings.ContainsAny(kv, "&? ") {
-			return usageErr("-cluster takes cluster_name=value pairs separated by commas, not %q", kv)
-		}
-		o.cluster = append(o.cluster, kv)
-	}
-	o.cluster = clusterParams(o.cluster)
 	ccfg, settings, err := clusterpoolSettings(o.cluster)
-	if err != nil {
-		return usageErr("-cluster: %v", err)
-	}
-	o.scenarios = dedupe(o.scenarios)
-	if len(o.scenarios) == 0 {
-		return usageErr("no scenario given")
-	}
-	if o.seed == 0 {
-		o.seed = rand.Int64N(1<<31-1) + 1
+	if err != nil { // parseFlags checked them
+		fmt.Fprintf(stderr, "clusterbench: -cluster: %v\n", err)
+		return 2
 	}
 
 	// Notes and progress go where the results do not.
@@ -146,7 +77,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Duration: o.duration.String(),
 		Settings: settings,
 	}
-	h := &harness{opts: o, cluster: o.cluster, balanceInterval: ccfg.BalanceInterval}
+	h := &harness{opts: *o, cluster: o.cluster, balanceInterval: ccfg.BalanceInterval}
 
 	// The first line says what the benchmark runs on.
 	switch {
@@ -235,6 +166,89 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(log, "report: %s\n", path)
 	fmt.Fprintf(log, "same cluster decisions and workload again: add -seed %d\n", o.seed)
 	return 0
+}
+
+// parseFlags reads the command line; on bad usage it prints why and the
+// usage and returns nil with the exit code (0 for -h).
+func parseFlags(args []string, stderr io.Writer) (*options, int) {
+	var names []string
+	for _, s := range scenarios {
+		names = append(names, s.name)
+	}
+	fs := flag.NewFlagSet("clusterbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), usageText, strings.Join(names, ", "))
+		fs.PrintDefaults()
+	}
+	var o options
+	scenarioFlag := fs.String("scenario", "all", "comma-separated scenarios to run, or all")
+	fs.DurationVar(&o.duration, "duration", 5*time.Second, "how long each scenario runs, for each pool")
+	fs.IntVar(&o.nodes, "nodes", 3, "nodes in the embedded cluster")
+	fs.IntVar(&o.workers, "workers", 24, "concurrent callers; the pool size is the same (MinConns = MaxConns)")
+	fs.Int64Var(&o.seed, "seed", 0, "seed for the load balancer and the workload; 0 picks one (always printed)")
+	fs.StringVar(&o.outDir, "out", "clusterbench-report", "directory for the HTML report (index.html and one SVG per scenario)")
+	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
+	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead: only the non-destructive scenarios (balance, overhead) run, and table kv is created if missing")
+	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
+	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, 0
+		}
+		return nil, 2
+	}
+	usageErr := func(format string, a ...any) (*options, int) {
+		fmt.Fprintf(stderr, "clusterbench: "+format+"\n", a...)
+		fs.Usage()
+		return nil, 2
+	}
+	if fs.NArg() > 0 {
+		return usageErr("unexpected argument %q", fs.Arg(0))
+	}
+	switch {
+	case o.duration <= 0:
+		return usageErr("-duration must be positive")
+	case o.nodes < 2 || o.nodes > 100:
+		return usageErr("-nodes must be between 2 and 100")
+	case o.workers < 1 || o.workers > 10000:
+		return usageErr("-workers must be between 1 and 10000")
+	case o.backend != backendAuto && o.backend != backendPostgres && o.backend != backendInProcess:
+		return usageErr("-backend must be auto, postgres or inprocess, not %q", o.backend)
+	}
+	for _, n := range strings.Split(*scenarioFlag, ",") {
+		n = strings.TrimSpace(n)
+		switch {
+		case n == "all":
+			o.scenarios = append(o.scenarios, names...)
+		case n == "":
+		case slices.Contains(names, n):
+			o.scenarios = append(o.scenarios, n)
+		default:
+			return usageErr("unknown scenario %q", n)
+		}
+	}
+	for _, kv := range strings.Split(*clusterFlag, ",") {
+		if kv = strings.TrimSpace(kv); kv == "" {
+			continue
+		}
+		if k, _, ok := strings.Cut(kv, "="); !ok || !strings.HasPrefix(k, "cluster_") || strings.ContainsAny(kv, "&? ") {
+			return usageErr("-cluster takes cluster_name=value pairs separated by commas, not %q", kv)
+		}
+		o.cluster = append(o.cluster, kv)
+	}
+	o.cluster = clusterParams(o.cluster)
+	if _, _, err := clusterpoolSettings(o.cluster); err != nil {
+		return usageErr("-cluster: %v", err)
+	}
+	o.scenarios = dedupe(o.scenarios)
+	if len(o.scenarios) == 0 {
+		return usageErr("no scenario given")
+	}
+	if o.seed == 0 {
+		o.seed = rand.Int64N(1<<31-1) + 1
+	}
+	return &o, 0
 }
 
 func settingsLine(s map[string]string) string {

@@ -50,8 +50,8 @@ type runPlan struct {
 type runInfo struct {
 	plan   runPlan
 	events map[string]float64 // event label → time (s)
-	// openedAt is the number of connections the servers had accepted when
-	// each event happened.
+	// openedAt is the number of connections the pool had opened (probe
+	// connections not counted) when each event happened.
 	openedAt map[string]int64
 }
 
