@@ -297,8 +297,8 @@ func (c *Cluster) OpenConns() map[int]int {
 }
 
 // Close stops the load balancer, every node and every server, removes the
-// cluster's directory (the initdb template stays for the next run) and
-// returns once every goroutine the cluster started has exited. It is
+// cluster's directory (the initdb template and a few spare data directories
+// stay in BaseDir for the next run, see the package doc) and returns once every goroutine the cluster started has exited. It is
 // idempotent.
 func (c *Cluster) Close() error {
 	c.closeOnce.Do(func() {

@@ -39,8 +39,13 @@
 // # Speed
 //
 // initdb runs once per machine (per PostgreSQL version and user): its data
-// directory is kept under Options.BaseDir and copied for each node. Nodes
-// start in parallel; a 3-node cluster starts in a fraction of a second.
+// directory is kept under Options.BaseDir and copied for each node, and
+// nodes start in parallel. Copying means creating about a thousand small
+// files, slow on filesystems where creating a file costs a millisecond, so
+// Close keeps up to six data directories of cleanly stopped servers next to
+// the template and later nodes reset one to the template's exact content
+// instead, overwriting only the few files that changed. A 3-node cluster
+// then starts and stops in a few hundred milliseconds.
 // When the process runs as root, PostgreSQL runs as the "postgres" OS user.
 //
 // Tests use New, which skips without PostgreSQL unless CLUSTERTEST_REQUIRE=1.

@@ -14,4 +14,4 @@ func startFake() (backend, error) {
 }
 
 func (f fakeServer) addr() string { return f.s.Addr() }
-func (f fakeServer) stop()        { f.s.Close() }
+func (f fakeServer) stop() bool   { f.s.Close(); return false }

@@ -45,7 +45,8 @@ func (s State) String() string {
 // Close.
 type backend interface {
 	addr() string
-	stop()
+	// stop stops the server; true means it shut down cleanly.
+	stop() bool
 }
 
 // Node is one node of a Cluster: a server behind a node proxy on its own
@@ -418,8 +419,12 @@ func (n *Node) remove() {
 	n.removed = true
 	n.mu.Unlock()
 	n.kill()
-	n.backend.stop()
-	if n.dir != "" {
+	clean := n.backend.stop()
+	switch {
+	case n.dir == "":
+	case clean:
+		recycle(n.c.tmpl, n.dir)
+	default:
 		os.RemoveAll(n.dir)
 	}
 }

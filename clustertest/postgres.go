@@ -203,6 +203,18 @@ func ensureTemplate(ctx context.Context, bins binaries, baseDir string, ra runAs
 	return final, nil
 }
 
+// makeDataDir makes dir a copy of the template: a spare reset to it if there
+// is one (see spares.go), else a fresh copy.
+func makeDataDir(tmpl, dir string, ra runAs) error {
+	if claimSpare(tmpl, dir) {
+		if resetDir(tmpl, dir, ra) == nil {
+			return nil
+		}
+		os.RemoveAll(dir)
+	}
+	return copyDir(tmpl, dir, ra)
+}
+
 // copyDir copies the template to a new data directory owned by the
 // PostgreSQL user. A plain copy (no hard links): PostgreSQL writes its files
 // in place and would corrupt a shared template.
@@ -269,7 +281,7 @@ func (s *pgServer) addr() string { return net.JoinHostPort("127.0.0.1", strconv.
 // port, retrying with another port if one is taken between choosing and
 // binding it. It returns once the server accepts connections.
 func startPostgres(ctx context.Context, bins binaries, tmpl, dir, logPath string, ra runAs) (*pgServer, error) {
-	if err := copyDir(tmpl, dir, ra); err != nil {
+	if err := makeDataDir(tmpl, dir, ra); err != nil {
 		return nil, fmt.Errorf("clustertest: cannot create data directory: %w", err)
 	}
 	var err error
@@ -371,20 +383,23 @@ func (s *pgServer) waitReady(ctx context.Context) error {
 }
 
 // stop shuts the server down at once (SIGQUIT, PostgreSQL's immediate
-// shutdown: the data directory is thrown away anyway), then kills the whole
-// process group if it lingers.
-func (s *pgServer) stop() {
+// shutdown: the data directory is reset or thrown away anyway), then kills
+// the whole process group if it lingers. It reports whether the server shut
+// down by itself, the condition for reusing its data directory.
+func (s *pgServer) stop() bool {
 	select {
 	case <-s.exited:
-		return
+		return false // died before: something is wrong with it
 	default:
 	}
 	_ = s.cmd.Process.Signal(syscall.SIGQUIT)
 	select {
 	case <-s.exited:
+		return true
 	case <-time.After(10 * time.Second):
 		killGroup(s.cmd.Process.Pid)
 		<-s.exited
+		return false
 	}
 }
 
