@@ -135,6 +135,17 @@ func TestEveryScenarioInProcess(t *testing.T) {
 	}
 	checkSane(t, res, names)
 	checkReport(t, res, out)
+	// Without faults, nothing may fail: the workload itself is sound.
+	for _, s := range res.Scenarios {
+		if s.Name != "balance" && s.Name != "hot-spot" && s.Name != "overhead" {
+			continue
+		}
+		for _, p := range s.Pools {
+			if p.Errors != 0 {
+				t.Errorf("%s/%s: %d errors without faults: %v", s.Name, p.Pool, p.Errors, p.ErrorExamples)
+			}
+		}
+	}
 	if left, _ := filepath.Glob(filepath.Join(tmp, "clustertest-*")); len(left) > 0 {
 		t.Errorf("cluster directories left behind: %v", left)
 	}
@@ -183,6 +194,36 @@ func TestDSNRunsOnlyNonDestructiveScenarios(t *testing.T) {
 	}
 	if !strings.Contains(stderr, "skipped scale-out, rolling-restart, crash, hot-spot") {
 		t.Errorf("does not say what it skipped:\n%s", stderr)
+	}
+}
+
+// TestDSNCountsNodesByBackendKey points -dsn at an embedded cluster's load
+// balancer: the pools' hooks must find the nodes from CockroachDB's
+// BackendKey, and agree with the servers' own counts.
+func TestDSNCountsNodesByBackendKey(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Seed: 3})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	// Unlike CockroachDB, each clustertest node is a database of its own.
+	for _, n := range c.Nodes() {
+		if err := ensureKV(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, stderr, code := runJSON(t, ctx, "-dsn", c.DSN(), "-scenario", "balance", "-duration", "900ms", "-out", t.TempDir())
+	if code != 0 {
+		t.Fatalf("exit code %d\n%s", code, stderr)
+	}
+	checkSane(t, res, []string{"balance"})
+	for _, p := range res.Scenarios[0].Pools {
+		if p.Errors != 0 {
+			t.Errorf("%s: %d errors: %v", p.Pool, p.Errors, p.ErrorExamples)
+		}
+		for id := range p.FinalNodeConns {
+			if c.Node(id) == nil {
+				t.Errorf("%s: counted connections on node %d, which does not exist", p.Pool, id)
+			}
+		}
 	}
 }
 
