@@ -14,7 +14,10 @@ type limiter struct {
 	inFlight int
 	// peak is the largest inFlight seen since the last resetPeak (for tests).
 	peak int
-	wake chan struct{}
+	// waiters counts acquires waiting on wake, so that a release with no
+	// one waiting (the common case) does not replace the channel.
+	waiters int
+	wake    chan struct{}
 }
 
 func newLimiter() *limiter { return &limiter{wake: make(chan struct{})} }
@@ -33,10 +36,18 @@ func (l *limiter) acquire(done <-chan struct{}) bool {
 			return true
 		}
 		wake := l.wake
+		l.waiters++
 		l.mu.Unlock()
+		var cancelled bool
 		select {
 		case <-wake:
 		case <-done:
+			cancelled = true
+		}
+		l.mu.Lock()
+		l.waiters--
+		l.mu.Unlock()
+		if cancelled {
 			return false
 		}
 	}
@@ -45,7 +56,9 @@ func (l *limiter) acquire(done <-chan struct{}) bool {
 func (l *limiter) release() {
 	l.mu.Lock()
 	l.inFlight--
-	l.wakeAllLocked()
+	if l.waiters > 0 {
+		l.wakeAllLocked()
+	}
 	l.mu.Unlock()
 }
 
