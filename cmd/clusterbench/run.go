@@ -38,12 +38,12 @@ const (
 
 const usageText = `usage: clusterbench [flags]
 
-Runs each scenario with plain pgxpool and with clusterpool on the same local
-cluster (3 PostgreSQL servers behind CockroachDB-like node proxies and a
-random TCP load balancer, from the clustertest package), prints a table of
-results with ratios to pgxpool, and writes an HTML report with plots.
-Without PostgreSQL on the machine it uses an in-process Postgres-wire
-backend instead, and says so.
+Runs each scenario with plain pgxpool and with clusterpool on a local
+cluster (PostgreSQL servers behind CockroachDB-like node proxies and a
+random TCP load balancer, from the clustertest package), started afresh
+with the same seed for each pool; prints a table of results with ratios to
+pgxpool and writes an HTML report with plots. Without PostgreSQL on the
+machine it uses an in-process Postgres-wire backend instead, and says so.
 
 Scenarios: %s
 
@@ -187,7 +187,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 	fs.IntVar(&o.nodes, "nodes", 3, "nodes in the embedded cluster")
 	fs.IntVar(&o.workers, "workers", 24, "concurrent callers; the pool size is the same (MinConns = MaxConns)")
 	fs.Int64Var(&o.seed, "seed", 0, "seed for the load balancer and the workload; 0 picks one (always printed)")
-	fs.StringVar(&o.outDir, "out", "clusterbench-report", "directory for the HTML report (index.html and one SVG per scenario)")
+	fs.StringVar(&o.outDir, "out", "clusterbench-report", "directory for the report: index.html, one SVG per scenario, results.json")
 	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
 	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead: only the non-destructive scenarios (balance, overhead) run, and table kv is created if missing")
 	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
