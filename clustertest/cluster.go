@@ -254,6 +254,10 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
 		return nil, err
 	}
 	c.nextID++
+	// Counted like a goroutine so that Close, waiting for them, cannot miss
+	// the goroutines this node is about to start.
+	c.wg.Add(1)
+	defer c.wg.Done()
 	c.mu.Unlock()
 
 	n, err := c.startNode(ctx, id)

@@ -142,7 +142,8 @@ func (n *Node) SetCapacity(max int) { n.queries.setMax(max) }
 // both directions but keeps the sockets open, so clients see timeouts, not
 // errors. New connections are accepted and held too. The load balancer keeps
 // routing to a partitioned node, as a cloud load balancer would until its
-// health check failed, and the node's State stays Up.
+// health check failed, and the node's State stays Up. Kill, Drain's final
+// close and Close still close a partitioned node's sockets at once.
 func (n *Node) Partition() {
 	ch := make(chan struct{})
 	n.partition.CompareAndSwap(nil, &ch)
