@@ -73,7 +73,7 @@ func TestChaos(t *testing.T) {
 	}
 	closed := make(chan error)
 	go func() { closed <- c.Close() }() // while the clients still run
-	c.AddNode(ctx) // wins or loses the race with Close; either way nothing may be left
+	c.AddNode(ctx)                      // wins or loses the race with Close; either way nothing may be left
 	if err := <-closed; err != nil {
 		t.Fatal(err)
 	}
