@@ -14,9 +14,19 @@ import (
 // injected at once, then closes the cluster mid-flight: nothing may panic,
 // race, deadlock or leak a goroutine. Query errors are expected.
 func TestChaos(t *testing.T) {
+	t.Run("InProcess", func(t *testing.T) { testChaos(t, true) })
+	t.Run("PostgreSQL", func(t *testing.T) {
+		if err := Available(); err != nil {
+			t.Skip(err)
+		}
+		testChaos(t, false)
+	})
+}
+
+func testChaos(t *testing.T, inProcess bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	c, err := Start(ctx, Options{Nodes: 3, InProcess: true, Seed: 11})
+	c, err := Start(ctx, Options{Nodes: 3, InProcess: inProcess, Seed: 11})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +70,7 @@ func TestChaos(t *testing.T) {
 			n.SetCapacity(0)
 			n.SetLatency(0)
 		case 5:
-			if added, err := c.AddNode(ctx); err == nil && round%12 == 5 {
+			if added, err := c.AddNode(ctx); err == nil {
 				c.RemoveNode(ctx, added.ID())
 			}
 		}
