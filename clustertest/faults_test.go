@@ -465,3 +465,45 @@ func TestSSLRequest(t *testing.T) {
 		t.Fatalf("sslmode=prefer to a draining node: %v, want 57P01", err)
 	}
 }
+
+func TestNoNodeUp(t *testing.T) {
+	c := New(t, Options{Nodes: 2, InProcess: true})
+	ctx := testCtx(t)
+	for _, n := range c.Nodes() {
+		n.Kill()
+	}
+	// The balancer closes the connection at once: an error, not a hang.
+	if _, err := pgconn.Connect(ctx, c.DSN()); err == nil {
+		t.Fatal("connected through the load balancer with every node down")
+	}
+	if err := c.Node(2).Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	conn := connect(t, ctx, c.DSN())
+	if id := conn.PgConn().PID() >> 20; id != 2 {
+		t.Fatalf("routed to node %d, the only one up is 2", id)
+	}
+}
+
+func TestDrainContextEnds(t *testing.T) {
+	c := New(t, Options{Nodes: 1, InProcess: true})
+	ctx := testCtx(t)
+	n := c.Node(1)
+	conn := connect(t, ctx, n.DSN())
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if err := n.Drain(short, time.Hour); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Drain with an ending context: %v", err)
+	}
+	if n.State() != Draining {
+		t.Fatalf("state %v, want the drain to go on", n.State())
+	}
+	// Closing the last connection ends the connection wait early.
+	conn.Close(ctx)
+	if err := n.Drain(ctx, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if n.State() != Down {
+		t.Fatalf("state %v after the drain", n.State())
+	}
+}
