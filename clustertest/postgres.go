@@ -20,6 +20,9 @@ import (
 	"time"
 )
 
+// templateBuildPrefix names a template while initdb builds it.
+const templateBuildPrefix = "clustertest-template-building-"
+
 // installHint ends every error about missing PostgreSQL binaries.
 const installHint = "install the PostgreSQL server binaries (initdb, postgres), e.g. apt-get install postgresql, or set CLUSTERTEST_PGBIN to their directory"
 
@@ -32,12 +35,16 @@ type binaries struct {
 	postgres string
 }
 
-// Available reports whether the PostgreSQL server binaries are installed. It
-// looks in $CLUSTERTEST_PGBIN if set, then on PATH, then in the highest
-// version of /usr/lib/postgresql/*/bin (where Debian and Ubuntu put them). The
-// error says what to install.
+// Available reports whether PostgreSQL clusters can run here: the server
+// binaries are installed and, for a root process, the "postgres" OS user
+// exists. It looks for the binaries in $CLUSTERTEST_PGBIN if set, then on
+// PATH, then in the highest version of /usr/lib/postgresql/*/bin (where
+// Debian and Ubuntu put them). The error says what to install.
 func Available() error {
-	_, err := findBinaries()
+	if _, err := findBinaries(); err != nil {
+		return err
+	}
+	_, err := lookupRunAs()
 	return err
 }
 
@@ -176,7 +183,7 @@ func ensureTemplate(ctx context.Context, bins binaries, baseDir string, ra runAs
 	if err := os.MkdirAll(baseDir, 0o755); err != nil {
 		return "", fmt.Errorf("clustertest: cannot create BaseDir: %w", err)
 	}
-	tmp, err := os.MkdirTemp(baseDir, "clustertest-template-building-")
+	tmp, err := os.MkdirTemp(baseDir, templateBuildPrefix)
 	if err != nil {
 		return "", fmt.Errorf("clustertest: cannot create the template directory: %w", err)
 	}
