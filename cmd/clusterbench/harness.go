@@ -226,7 +226,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	ev.mu.Unlock()
 
 	res = poolResult(kind, rec, elapsed, samples, evs, final, poolTotal, opened-probes)
-	res.ProbeConns, res.Library = probes, lib
+	res.PoolSize, res.ProbeConns, res.Library = plan.poolSize, probes, lib
 	res.Metrics = commonMetrics(&res, s.metrics(h, &res, info))
 	return res, nil
 }
@@ -362,7 +362,7 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 	for k, kind := range poolKinds {
 		a := accs[k]
 		r := poolResult(kind, a.rec, a.elapsed, a.samples, nil, a.final, a.poolTotal, a.opened-a.probes)
-		r.ProbeConns, r.Library = a.probes, a.lib
+		r.PoolSize, r.ProbeConns, r.Library = plan.poolSize, a.probes, a.lib
 		r.Metrics = commonMetrics(&r, s.metrics(h, &r, info))
 		res = append(res, r)
 	}

@@ -68,6 +68,9 @@ func checkSane(t *testing.T, res *Results, want []string) {
 			if p.ConnsOpened < int64(p.FinalPoolConns) {
 				t.Errorf("%s: %d connections opened but %d open", where, p.ConnsOpened, p.FinalPoolConns)
 			}
+			if p.PoolSize != res.Workers {
+				t.Errorf("%s: pool size %d, want %d", where, p.PoolSize, res.Workers)
+			}
 			if len(p.Metrics) == 0 {
 				t.Errorf("%s: no metrics", where)
 			}

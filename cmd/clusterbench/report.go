@@ -220,6 +220,17 @@ func plotSVG(s ScenarioResult, standalone bool) string {
 			fmt.Fprintf(&b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#888" stroke-dasharray="4 3"/>`, x, y0, x, y0+panelH)
 			fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" font-size="%d" fill="#444">%s</text>`+"\n", x+3, y0+12+float64(i%4)*12, fontSizeSmall, html.EscapeString(ev.Label))
 		}
+		// The fair share: where every node's line should end up, from the
+		// last event on.
+		if p.PoolSize > 0 && len(ids) > 0 {
+			fair := float64(p.PoolSize) / float64(len(ids))
+			t0 := 0.0
+			for _, ev := range p.Events {
+				t0 = math.Max(t0, ev.T)
+			}
+			fmt.Fprintf(&b, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#111" stroke-opacity="0.45" stroke-width="1.5" stroke-dasharray="2 3"/>`, px(t0), py(fair), x0+panelW, py(fair))
+			fmt.Fprintf(&b, `<text x="%.1f" y="%.1f" text-anchor="end" font-size="%d" fill="#444">fair share</text>`+"\n", x0+panelW-4, py(fair)-5, fontSizeSmall)
+		}
 		// One line per node, each nudged by a pixel or two so that nodes
 		// with equal counts stay visible.
 		for k, id := range ids {

@@ -40,6 +40,7 @@ type ScenarioResult struct {
 // PoolResult is one pool's run of one scenario.
 type PoolResult struct {
 	Pool      string   `json:"pool"` // "pgxpool" or "clusterpool"
+	PoolSize  int      `json:"pool_size"`
 	Ops       int64    `json:"ops"`
 	Errors    int64    `json:"errors"`
 	OpsPerSec float64  `json:"ops_per_sec"`
