@@ -397,6 +397,7 @@ func TestPostgresFailsToStart(t *testing.T) {
 		c.Close()
 		t.Fatal("Start succeeded with a failing postgres")
 	}
+	t.Log(err)
 	if !strings.Contains(err.Error(), "simulated start failure") {
 		t.Fatalf("error lacks the server log: %v", err)
 	}

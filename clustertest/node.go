@@ -188,6 +188,7 @@ func (n *Node) Drain(ctx context.Context, connectionWait time.Duration) error {
 		n.mu.Unlock()
 		return fmt.Errorf("clustertest: node %d was removed", n.id)
 	}
+	started := false
 	switch n.state {
 	case Down:
 		n.mu.Unlock()
@@ -198,10 +199,13 @@ func (n *Node) Drain(ctx context.Context, connectionWait time.Duration) error {
 		n.state = Draining
 		n.c.wg.Add(1)
 		go n.runDrain(op, n.gen, connectionWait)
+		started = true
 	}
 	op := n.drain
 	n.mu.Unlock()
-	n.c.logf("node %d: draining (connection wait %v)", n.id, connectionWait)
+	if started {
+		n.c.logf("node %d: draining (connection wait %v)", n.id, connectionWait)
+	}
 	select {
 	case <-op.done:
 		return nil

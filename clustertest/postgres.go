@@ -289,7 +289,7 @@ func (s *pgServer) addr() string { return net.JoinHostPort("127.0.0.1", strconv.
 // binding it. It returns once the server accepts connections.
 func startPostgres(ctx context.Context, bins binaries, tmpl, dir, logPath string, ra runAs) (*pgServer, error) {
 	if err := makeDataDir(tmpl, dir, ra); err != nil {
-		return nil, fmt.Errorf("clustertest: cannot create data directory: %w", err)
+		return nil, fmt.Errorf("cannot create data directory: %w", err)
 	}
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
@@ -319,11 +319,11 @@ func freePort() (int, error) {
 func launchPostgres(ctx context.Context, bins binaries, dir, logPath string, ra runAs) (*pgServer, error) {
 	port, err := freePort()
 	if err != nil {
-		return nil, fmt.Errorf("clustertest: no free port: %w", err)
+		return nil, fmt.Errorf("no free port: %w", err)
 	}
 	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("clustertest: %w", err)
+		return nil, err
 	}
 	defer logFile.Close() // the child keeps its own descriptor
 	// Durability is switched off: a test cluster is thrown away, and fsync
@@ -344,7 +344,7 @@ func launchPostgres(ctx context.Context, bins binaries, dir, logPath string, ra 
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("clustertest: cannot start postgres: %w", err)
+		return nil, fmt.Errorf("cannot start postgres: %w", err)
 	}
 	s := &pgServer{dir: dir, logPath: logPath, port: port, cmd: cmd, exited: make(chan struct{})}
 	go func() {
@@ -355,9 +355,9 @@ func launchPostgres(ctx context.Context, bins binaries, dir, logPath string, ra 
 		s.stop()
 		log, _ := os.ReadFile(logPath)
 		if bytes.Contains(log, []byte("could not bind")) || bytes.Contains(log, []byte("already in use")) {
-			return nil, fmt.Errorf("clustertest: postgres port %d: %w", port, errPortTaken)
+			return nil, fmt.Errorf("postgres port %d: %w", port, errPortTaken)
 		}
-		return nil, fmt.Errorf("clustertest: postgres did not start (%w); last lines of %s:\n%s", err, logPath, tail(log, 15))
+		return nil, fmt.Errorf("postgres did not start (%w); the end of its log:\n%s", err, tail(log, 15))
 	}
 	return s, nil
 }
