@@ -2,6 +2,7 @@ package clusterpool
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -82,5 +83,40 @@ func TestTraceConnectThrottled(t *testing.T) {
 	}
 	if st := p.ClusterStat(); st.ThrottledConnects() < 1 || st.ConnectWaitDuration() <= 0 {
 		t.Errorf("ClusterStat throttled %d waited %v", st.ThrottledConnects(), st.ConnectWaitDuration())
+	}
+}
+
+// A drained node (57P01 on its connections) is evicted, and the reads that
+// met it are retried elsewhere.
+func TestTraceDrainedNode(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	r := &recorder{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 6, 6
+		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+		cfg.ConnectRate = 0
+		cfg.Tracer = r
+	})
+	waitCond(t, func() string {
+		if len(poolCounts(p)) < 3 || p.Stat().TotalConns() < 6 {
+			return fmt.Sprintf("pool counts %v", poolCounts(p))
+		}
+		return ""
+	})
+	// The application keeps every connection busy while node 2 drains, as
+	// during a rolling restart.
+	stop := busyReads(t, p, 6)
+	ctx := testCtx(t)
+	if err := c.Node(2).Drain(ctx, 100*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	waitEvent(t, r, "node 2 evicted", func(e TraceNodeHealthData) bool { return e.Node == 2 && !e.Healthy })
+	end := waitEvent(t, r, "retried read", func(e TraceRetryEndData) bool { return slices.Contains(e.Nodes, 2) })
+	if end.Outcome != RetrySucceeded {
+		t.Errorf("a read that met node 2 ended %v: %+v", end.Outcome, end)
+	}
+	stop()
+	if n := p.ClusterStat().Evictions(); n < 1 {
+		t.Errorf("ClusterStat.Evictions = %d", n)
 	}
 }

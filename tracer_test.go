@@ -296,7 +296,7 @@ func waitEvent[T any](t *testing.T, r *recorder, what string, ok func(T) bool) T
 }
 
 func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
@@ -311,24 +311,15 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 		}
 		return ""
 	})
+	// Every connection is kept busy, so some read meets node 2's dead
+	// connections (an idle pool would keep reusing one connection).
+	stop := busyReads(t, p, 6)
 	c.Node(2).Kill()
 	ctx := testCtx(t)
-	// Read-only work is retried on another node; some statement lands on a
-	// connection to node 2 and fails first.
-	waitCond(t, func() string {
-		var one int
-		if err := p.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
-			return fmt.Sprintf("SELECT 1: %v", err)
-		}
-		if len(eventsOf[TraceNodeHealthData](r)) == 0 {
-			return "no eviction yet"
-		}
-		return ""
-	})
 	h := waitEvent(t, r, "node 2 unhealthy", func(e TraceNodeHealthData) bool { return e.Node == 2 && !e.Healthy })
 	t.Logf("health event: %+v", h)
 	re := waitEvent(t, r, "retry on node 2", func(e TraceRetryData) bool { return e.Node == 2 })
-	if re.Class != ClassConnection || re.Err == nil || re.Attempt != 1 {
+	if re.Class != ClassConnection || re.Err == nil || re.Attempt < 1 {
 		t.Errorf("retry event %+v", re)
 	}
 	end := waitEvent(t, r, "retry success", func(e TraceRetryEndData) bool { return e.Outcome == RetrySucceeded })
@@ -344,6 +335,8 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 			t.Errorf("node 2 stats %+v", s)
 		}
 	}
+
+	stop()
 
 	// Back up: the first connection that reaches it marks it healthy.
 	if err := c.Node(2).Restart(ctx); err != nil {
@@ -398,4 +391,26 @@ func TestTraceWriteOutcomeUnknown(t *testing.T) {
 	if n := p.ClusterStat().RetryOutcome(RetryOutcomeUnknown); n != 1 {
 		t.Errorf("ClusterStat outcome_unknown = %d, want 1", n)
 	}
+}
+
+// busyReads runs SELECT 1 in workers goroutines until the returned stop is
+// called (or the test ends); a failed read fails the test, since reads are
+// retried on another node.
+func busyReads(t *testing.T, p *Pool, workers int) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				var one int
+				if err := p.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil && ctx.Err() == nil {
+					t.Errorf("a read failed: %v", err)
+				}
+			}
+		})
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
+	t.Cleanup(stop)
+	return stop
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -157,15 +158,15 @@ clusterpool_pruned_connections_total{node="3",pool="orders"} 0
 	}
 
 	// A killed node: evicted, reported unhealthy, and reads retried elsewhere.
+	stop := busyReads(t, pool, 6)
 	c.Node(2).Kill()
 	waitFor(t, func() string {
-		var one int
-		_ = pool.QueryRow(ctx, "SELECT 1").Scan(&one)
 		if v := values(t, reg)[`clusterpool_nodes{pool="orders",state="unhealthy"}`]; v != 1 {
 			return fmt.Sprintf("unhealthy nodes = %v", v)
 		}
 		return ""
 	})
+	stop()
 	v := values(t, reg)
 	for name, check := range map[string]func(float64) bool{
 		`clusterpool_node_healthy{node="2",pool="orders"}`:         func(x float64) bool { return x == 0 },
@@ -210,4 +211,27 @@ func TestTwoPoolsOneRegistry(t *testing.T) {
 	if n, err := testutil.GatherAndCount(reg, "clusterpool_retries_total"); err != nil || n != 2*len(clusterpool.RetryOutcomes) {
 		t.Errorf("clusterpool_retries_total series = %d, %v; want %d", n, err, 2*len(clusterpool.RetryOutcomes))
 	}
+}
+
+// busyReads runs SELECT 1 in workers goroutines until the returned stop is
+// called (or the test ends), so every connection of the pool is used: an
+// idle pool would keep reusing one connection and might never meet a dead
+// node. Reads are retried on another node, so a failed read fails the test.
+func busyReads(t *testing.T, pool *clusterpool.Pool, workers int) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				var one int
+				if err := pool.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil && ctx.Err() == nil {
+					t.Errorf("a read failed: %v", err)
+				}
+			}
+		})
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
+	t.Cleanup(stop)
+	return stop
 }

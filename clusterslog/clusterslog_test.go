@@ -144,7 +144,7 @@ func TestLevelsAndAttributes(t *testing.T) {
 // On a real cluster: node IDs appear in the records, an eviction is a
 // warning, and the password in the connection string never appears.
 func TestLogsOnCluster(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
 	const password = "s3cret-pw"
 	dsn := strings.Replace(c.DSN(), "postgres://postgres@", "postgres://postgres:"+password+"@", 1)
 	if dsn == c.DSN() {
@@ -169,11 +169,10 @@ func TestLogsOnCluster(t *testing.T) {
 
 	waitFor(t, "three nodes added", func() bool { return len(find(buf.records(t), "clusterpool: node added")) == 3 })
 
+	stop := busyReads(t, pool, 6)
 	c.Node(2).Kill()
-	// Read-only statements are retried elsewhere; one of them meets node 2.
+	// Read-only statements are retried elsewhere; some meet node 2.
 	waitFor(t, "node 2 evicted", func() bool {
-		var one int
-		_ = pool.QueryRow(ctx, "SELECT 1").Scan(&one)
 		for _, r := range find(buf.records(t), "clusterpool: node evicted") {
 			if r["node"] == 2.0 && r["level"] == "WARN" {
 				return true
@@ -181,6 +180,7 @@ func TestLogsOnCluster(t *testing.T) {
 		}
 		return false
 	})
+	stop()
 	// New connects to a dead node fail with errors that name the user and
 	// the address, never the password.
 	pool.Reset()
@@ -218,4 +218,27 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// busyReads runs SELECT 1 in workers goroutines until the returned stop is
+// called (or the test ends), so every connection of the pool is used: an
+// idle pool would keep reusing one connection and might never meet a dead
+// node. Reads are retried on another node, so a failed read fails the test.
+func busyReads(t *testing.T, pool *clusterpool.Pool, workers int) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				var one int
+				if err := pool.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil && ctx.Err() == nil {
+					t.Errorf("a read failed: %v", err)
+				}
+			}
+		})
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
+	t.Cleanup(stop)
+	return stop
 }
