@@ -114,16 +114,38 @@ func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
 	assertQuiet(t, c, p, 2*time.Second)
 }
 
-// assertQuiet checks that the pool opens no connection for d: with 150 ms
-// rounds that is over ten rounds in which a balanced pool must not
-// oscillate. The probes' connections are not the pool's; one may straddle
-// the start or the end of the period.
+// assertQuiet waits until the pool has converged (balanced, and no
+// connection opened for four rounds: a refill may still be landing when the
+// counts first look even), then checks that the pool opens no connection for
+// d: with 150 ms rounds that is over ten rounds in which a balanced pool must
+// not oscillate. The probes' connections are not the pool's; one may
+// straddle the start or the end of the period.
 func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool, d time.Duration) {
 	t.Helper()
-	before, newBefore := poolOpened(c, p), p.Stat().NewConnsCount()
+	last, since := p.Stat().NewConnsCount(), time.Now()
+	waitCond(t, func() string {
+		if n := p.Stat().NewConnsCount(); n != last {
+			last, since = n, time.Now()
+		}
+		if msg := spreadOf(c, 30); msg != "" {
+			return msg
+		}
+		if time.Since(since) < 4*testBalanceInterval {
+			return "connections opened in the last four rounds"
+		}
+		return ""
+	})
+	pruned := func() (k int64) {
+		for _, s := range p.NodeStats() {
+			k += s.Pruned
+		}
+		return k
+	}
+	before, newBefore, prunedBefore := poolOpened(c, p), p.Stat().NewConnsCount(), pruned()
 	time.Sleep(d) // a quiet period, not a wait for a condition
 	if opened, n := poolOpened(c, p)-before, p.Stat().NewConnsCount()-newBefore; opened > 1 || n != 0 {
-		t.Errorf("balanced pool opened %d connections (servers: %d) in %v of quiet: %v", n, opened, d, c.OpenConns())
+		t.Errorf("balanced pool opened %d connections (servers: %d; pruned %d) in %v of quiet: %v",
+			n, opened, pruned()-prunedBefore, d, c.OpenConns())
 	}
 }
 
@@ -451,5 +473,45 @@ func TestBalanceReport(t *testing.T) {
 			}
 			c.Close()
 		}
+	}
+}
+
+// A node seen just now with no connection joins the targets and draws
+// connections; one last seen before the refill window stays in the targets
+// (until expiry) but draws none, since nothing says a connection can land
+// there; one not seen for the expiry window is forgotten.
+func TestBalanceRoundSeenExpired(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(10, 10)(cfg)
+		cfg.BalanceInterval = time.Hour // rounds run by hand below
+		cfg.ProbeInterval = time.Hour
+	})
+	waitCond(t, func() string {
+		if p.Stat().TotalConns() < 10 || p.Stat().ConstructingConns() > 0 {
+			return fmt.Sprintf("pool filling: %v", poolCounts(p))
+		}
+		return ""
+	})
+	now := time.Now()
+	window := expiryWindow(time.Hour, time.Hour, 5)
+	p.tracker.seen(97, now.Add(-window-time.Minute)) // expired
+	p.tracker.seen(98, now.Add(-3*p.balancer.refillWindow()))
+	plan := p.balancer.round(testCtx(t), now)
+	if _, ok := plan.Targets[97]; ok {
+		t.Errorf("expired node 97 has a target: %v", plan.Targets)
+	}
+	if p.tracker.node(97) != nil {
+		t.Error("expired node 97 is still tracked")
+	}
+	if _, ok := plan.Targets[98]; !ok || len(plan.Prune) != 0 {
+		t.Errorf("node 98 (not refillable): targets %v, prune %v; want a target and no pruning", plan.Targets, plan.Prune)
+	}
+	// Pretend node 98 was just probed: now connections should move to it
+	// (here they cannot really, so the plan is only inspected).
+	p.tracker.seen(98, now)
+	plan = p.balancer.round(testCtx(t), now)
+	if len(plan.Prune) == 0 {
+		t.Errorf("node 98 seen now with no connections: want pruning, plan %+v", plan)
 	}
 }
