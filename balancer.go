@@ -284,6 +284,9 @@ const (
 	reservationTTL = 10 * time.Second
 	// closeTimeout bounds closing a pruned connection (a Terminate message).
 	closeTimeout = time.Second
+	// refillWait is how long after pruning a pool below MinConns is taken
+	// to be refilling (pgxpool waits 500 ms, then dials).
+	refillWait = 3 * time.Second
 	// aliveCheckTimeout is how long checking an idle connection for a
 	// server-side close waits for bytes that are not expected to come.
 	aliveCheckTimeout = time.Millisecond
@@ -306,6 +309,8 @@ type balancer struct {
 	rounds  atomic.Int64 // balancing rounds run
 	probes  atomic.Int64 // probe connections the server accepted
 	redials atomic.Int64 // connections refused by ValidateConnect
+
+	lastPrune atomic.Int64 // unix nanoseconds of the last round that pruned
 
 	mu sync.Mutex // protects the fields below
 	// hostNodes maps a dialled address ("ip:port") to the node behind it,
@@ -720,15 +725,25 @@ func (b *balancer) round(ctx context.Context, now time.Time) balancePlan {
 		// nodes are not known yet, so pruning now would overshoot.
 		plan.Prune = nil
 	}
+	if len(plan.Prune) > 0 {
+		b.lastPrune.Store(now.UnixNano())
+	}
 	b.retire(ctx, plan.Prune, now)
 	b.p.obs.pruned(ctx, nodes, views)
 	return plan
 }
 
-// settling reports whether connections are being opened right now.
+// settling reports whether connections are being opened right now, or
+// soon: pgxpool starts refilling to MinConns 500 ms after a pruned connection
+// is destroyed. Below MinConns for long after the last prune (connections
+// destroyed without a refill, as eviction does), the pool is balanced at
+// the size it has rather than not at all.
 func (b *balancer) settling(now time.Time) bool {
 	st := b.p.pool.Stat()
-	if st.ConstructingConns() > 0 || st.TotalConns() < b.p.config.MinConns {
+	if st.ConstructingConns() > 0 {
+		return true
+	}
+	if st.TotalConns() < b.p.config.MinConns && now.Sub(time.Unix(0, b.lastPrune.Load())) < refillWait {
 		return true
 	}
 	b.mu.Lock()
