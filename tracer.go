@@ -21,8 +21,10 @@ import (
 // background goroutines otherwise), never with a lock of the pool held. They
 // must not block and must not call back into the pool except for read-only
 // methods such as NodeStats and ClusterStat. ctx is the caller's context for
-// retry and connect events and context.Background() for the others. The
-// data values may be retained; slices in them are not reused by the pool.
+// retry and connect events, the context of the pool's background work for
+// prune and probe events (it ends when the pool closes, or the probe times
+// out), and context.Background() for node events. The data values may be
+// retained; slices in them are not reused by the pool.
 
 // NodeTracer traces changes in what the pool knows about the cluster's nodes.
 type NodeTracer interface {

@@ -15,9 +15,20 @@ import (
 )
 
 // recorder is a tracer implementing every interface; it keeps the events.
+// It also reads the pool's stats on every event, as the documentation allows,
+// so the integration tests would deadlock if an event were reported with a
+// lock of the pool held.
 type recorder struct {
 	mu     sync.Mutex
 	events []any
+}
+
+func (r *recorder) record(pool *Pool, e any) {
+	if pool != nil {
+		pool.NodeStats()
+		pool.ClusterStat()
+	}
+	r.add(e)
 }
 
 func (r *recorder) add(e any) {
@@ -26,22 +37,22 @@ func (r *recorder) add(e any) {
 	r.mu.Unlock()
 }
 
-func (r *recorder) TraceNodeAdded(_ context.Context, _ *Pool, d TraceNodeAddedData) { r.add(d) }
-func (r *recorder) TraceNodeRemoved(_ context.Context, _ *Pool, d TraceNodeRemovedData) {
-	r.add(d)
+func (r *recorder) TraceNodeAdded(_ context.Context, p *Pool, d TraceNodeAddedData) { r.record(p, d) }
+func (r *recorder) TraceNodeRemoved(_ context.Context, p *Pool, d TraceNodeRemovedData) {
+	r.record(p, d)
 }
-func (r *recorder) TraceNodeHealth(_ context.Context, _ *Pool, d TraceNodeHealthData) { r.add(d) }
-func (r *recorder) TraceNodeDraining(_ context.Context, _ *Pool, d TraceNodeDrainingData) {
-	r.add(d)
+func (r *recorder) TraceNodeHealth(_ context.Context, p *Pool, d TraceNodeHealthData) { r.record(p, d) }
+func (r *recorder) TraceNodeDraining(_ context.Context, p *Pool, d TraceNodeDrainingData) {
+	r.record(p, d)
 }
-func (r *recorder) TracePrune(_ context.Context, _ *Pool, d TracePruneData) { r.add(d) }
-func (r *recorder) TraceRetry(_ context.Context, _ *Pool, d TraceRetryData) { r.add(d) }
-func (r *recorder) TraceRetryEnd(_ context.Context, _ *Pool, d TraceRetryEndData) {
-	r.add(d)
+func (r *recorder) TracePrune(_ context.Context, p *Pool, d TracePruneData) { r.record(p, d) }
+func (r *recorder) TraceRetry(_ context.Context, p *Pool, d TraceRetryData) { r.record(p, d) }
+func (r *recorder) TraceRetryEnd(_ context.Context, p *Pool, d TraceRetryEndData) {
+	r.record(p, d)
 }
-func (r *recorder) TraceProbe(_ context.Context, _ *Pool, d TraceProbeData) { r.add(d) }
-func (r *recorder) TraceConnectThrottled(_ context.Context, _ *Pool, d TraceConnectThrottledData) {
-	r.add(d)
+func (r *recorder) TraceProbe(_ context.Context, p *Pool, d TraceProbeData) { r.record(p, d) }
+func (r *recorder) TraceConnectThrottled(_ context.Context, p *Pool, d TraceConnectThrottledData) {
+	r.record(p, d)
 }
 
 // eventsOf returns the recorded events of type T.
