@@ -9,7 +9,7 @@ import "time"
 // Pool.Stat.
 type ClusterStat struct {
 	retryAttempts     int64
-	retryOutcomes     [len(RetryOutcomes) + 1]int64
+	retryOutcomes     [lastRetryOutcome + 1]int64
 	pruned            int64
 	evictions         int64
 	probes            int64

@@ -170,8 +170,15 @@ const (
 	RetryInterrupted
 )
 
-// RetryOutcomes lists every RetryOutcome, in order.
-var RetryOutcomes = [...]RetryOutcome{RetrySucceeded, RetryGaveUp, RetryOutcomeUnknown, RetryInterrupted}
+// lastRetryOutcome is the highest RetryOutcome; counters are indexed by
+// outcome.
+const lastRetryOutcome = RetryInterrupted
+
+// RetryOutcomes returns every RetryOutcome, in order, for exporters that
+// report a counter per outcome.
+func RetryOutcomes() []RetryOutcome {
+	return []RetryOutcome{RetrySucceeded, RetryGaveUp, RetryOutcomeUnknown, RetryInterrupted}
+}
 
 // String returns "succeeded", "gave_up", "outcome_unknown" or "interrupted",
 // fit for a metric label.
@@ -373,7 +380,7 @@ type observer struct {
 // expires.
 type clusterCounters struct {
 	retryAttempts     atomic.Int64
-	retryOutcomes     [len(RetryOutcomes) + 1]atomic.Int64 // by RetryOutcome
+	retryOutcomes     [lastRetryOutcome + 1]atomic.Int64 // by RetryOutcome
 	pruned            atomic.Int64
 	evictions         atomic.Int64
 	probes            atomic.Int64

@@ -272,7 +272,7 @@ func TestConfigTracerMustImplementATracer(t *testing.T) {
 }
 
 func TestEnumStrings(t *testing.T) {
-	for _, o := range RetryOutcomes {
+	for _, o := range RetryOutcomes() {
 		if s := o.String(); s == "unknown" || strings.ContainsAny(s, " -") {
 			t.Errorf("RetryOutcome(%d) = %q", o, s)
 		}

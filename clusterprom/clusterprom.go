@@ -156,7 +156,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.nodes, float64(draining), "draining")
 
 	st := c.pool.ClusterStat()
-	for _, o := range clusterpool.RetryOutcomes {
+	for _, o := range clusterpool.RetryOutcomes() {
 		counter(c.retries, float64(st.RetryOutcome(o)), o.String())
 	}
 	counter(c.retryAttempts, float64(st.RetryAttempts()))

@@ -208,8 +208,8 @@ func TestTwoPoolsOneRegistry(t *testing.T) {
 		}
 		return ""
 	})
-	if n, err := testutil.GatherAndCount(reg, "clusterpool_retries_total"); err != nil || n != 2*len(clusterpool.RetryOutcomes) {
-		t.Errorf("clusterpool_retries_total series = %d, %v; want %d", n, err, 2*len(clusterpool.RetryOutcomes))
+	if n, err := testutil.GatherAndCount(reg, "clusterpool_retries_total"); err != nil || n != 2*len(clusterpool.RetryOutcomes()) {
+		t.Errorf("clusterpool_retries_total series = %d, %v; want %d", n, err, 2*len(clusterpool.RetryOutcomes()))
 	}
 }
 
