@@ -232,8 +232,10 @@ type TraceConnectThrottledData struct {
 }
 
 // CombineTracers returns a tracer that forwards each event to every one of
-// tracers that implements the event's interface, in order. Nil values are
-// skipped, and combined tracers are flattened. It returns nil when no value
+// tracers that implements the event's interface, in order. Nil values and
+// values that implement none of the interfaces (a pgx.QueryTracer meant for
+// ConnConfig.Tracer, say) are dropped, and combined tracers are flattened.
+// It returns nil when no value
 // implements any tracer interface and the value itself when only one does.
 // The pool only calls interfaces that at least one of tracers implements,
 // so combining costs nothing for the others.
