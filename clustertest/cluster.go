@@ -25,6 +25,9 @@ type Cluster struct {
 	run  runAs
 	tmpl string // initdb template, "" for InProcess
 	dir  string // this cluster's directory under BaseDir
+	// owner stays locked while the cluster is open (see sweepStale).
+	owner *os.File
+	seed  uint64
 
 	lb   *balancer
 	keys cancelKeys
@@ -92,6 +95,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	}
 	c := &Cluster{
 		opts:   opts,
+		seed:   seed,
 		rng:    rand.New(rand.NewPCG(seed, 0x6b657973)), // "keys"
 		nodes:  make(map[int]*Node),
 		nextID: opts.FirstID,
@@ -112,28 +116,12 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if c.dir, err = os.MkdirTemp(opts.BaseDir, "clustertest-"); err != nil {
 		return nil, fmt.Errorf("clustertest: cannot create a directory in BaseDir: %w", err)
 	}
-	if err := writeOwner(c.dir); err != nil {
+	if c.owner, err = lockOwner(c.dir); err != nil {
 		os.RemoveAll(c.dir)
 		return nil, fmt.Errorf("clustertest: %w", err)
 	}
-	if !opts.InProcess {
-		if err := c.run.checkTraversable(opts.BaseDir); err != nil {
-			os.RemoveAll(c.dir)
-			return nil, err
-		}
-		if c.run.cred != nil {
-			// Let the postgres user reach its data directories (not list them).
-			if err := os.Chmod(c.dir, 0o711); err != nil {
-				os.RemoveAll(c.dir)
-				return nil, fmt.Errorf("clustertest: %w", err)
-			}
-		}
-		if c.tmpl, err = ensureTemplate(ctx, c.bins, opts.BaseDir, c.run); err != nil {
-			os.RemoveAll(c.dir)
-			return nil, err
-		}
-	}
-	if c.lb, err = newBalancer(c, seed); err != nil {
+	if err := c.prepare(ctx); err != nil {
+		c.owner.Close()
 		os.RemoveAll(c.dir)
 		return nil, err
 	}
@@ -167,6 +155,28 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	}
 	c.logf("cluster started: load balancer %s, nodes %s", c.lb.addr(), c.hostList())
 	return c, nil
+}
+
+// prepare readies what the nodes need: the template, a directory the
+// postgres user can reach, and the load balancer.
+func (c *Cluster) prepare(ctx context.Context) error {
+	var err error
+	if !c.opts.InProcess {
+		if err := c.run.checkTraversable(c.opts.BaseDir); err != nil {
+			return err
+		}
+		if c.run.cred != nil {
+			// Let the postgres user reach its data directories (not list them).
+			if err := os.Chmod(c.dir, 0o711); err != nil {
+				return fmt.Errorf("clustertest: %w", err)
+			}
+		}
+		if c.tmpl, err = ensureTemplate(ctx, c.bins, c.opts.BaseDir, c.run); err != nil {
+			return err
+		}
+	}
+	c.lb, err = newBalancer(c, c.seed)
+	return err
 }
 
 func (c *Cluster) logf(format string, args ...any) {
@@ -328,6 +338,7 @@ func (c *Cluster) Close() error {
 		}
 		wg.Wait()
 		c.wg.Wait()
+		c.owner.Close()
 		if err := os.RemoveAll(c.dir); err != nil {
 			c.closeErr = fmt.Errorf("clustertest: %w", err)
 		}

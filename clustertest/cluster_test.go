@@ -2,9 +2,7 @@ package clustertest
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -169,24 +167,32 @@ func TestInProcess(t *testing.T) {
 
 func TestSweepStale(t *testing.T) {
 	base := t.TempDir()
-	cmd := exec.Command("true")
-	if err := cmd.Run(); err != nil {
-		t.Skip(err)
-	}
-	dead, live := filepath.Join(base, "clustertest-1"), filepath.Join(base, "clustertest-2")
-	for dir, pid := range map[string]int{dead: cmd.Process.Pid, live: os.Getppid()} {
+	dead, live, foreign := filepath.Join(base, "clustertest-1"), filepath.Join(base, "clustertest-2"), filepath.Join(base, "clustertest-3")
+	for _, dir := range []string{dead, live, foreign} {
 		os.Mkdir(dir, 0o700)
-		os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(pid)), 0o644)
 	}
+	// dead's owner exited: its file is there, nobody holds the lock.
+	os.WriteFile(filepath.Join(dead, ownerFile), []byte("12345\n"), 0o644)
+	lock, err := lockOwner(live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+
 	c, err := Start(testCtx(t), Options{Nodes: 1, InProcess: true, BaseDir: base})
 	if err != nil {
 		t.Fatal(err)
 	}
+	if abandoned(c.dir) {
+		t.Error("an open cluster's directory looks abandoned")
+	}
 	c.Close()
 	if _, err := os.Stat(dead); !os.IsNotExist(err) {
-		t.Errorf("directory of a dead process kept: %v", err)
+		t.Errorf("abandoned directory kept: %v", err)
 	}
-	if _, err := os.Stat(live); err != nil {
-		t.Errorf("directory of a live process removed: %v", err)
+	for _, dir := range []string{live, foreign} {
+		if _, err := os.Stat(dir); err != nil {
+			t.Errorf("%s removed: %v", dir, err)
+		}
 	}
 }
