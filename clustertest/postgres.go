@@ -112,7 +112,7 @@ func lookupRunAs() (runAs, error) {
 	if err1 != nil || err2 != nil {
 		return runAs{}, fmt.Errorf("clustertest: cannot parse uid %q / gid %q of user postgres", u.Uid, u.Gid)
 	}
-	return runAs{cred: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), NoSetGroups: true}}, nil
+	return runAs{cred: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}, nil
 }
 
 // chown gives path to the PostgreSQL user (no-op when not root).
