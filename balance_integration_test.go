@@ -515,3 +515,23 @@ func TestBalanceRoundSeenExpired(t *testing.T) {
 		t.Errorf("node 98 seen now with no connections: want pruning, plan %+v", plan)
 	}
 }
+
+// Plain PostgreSQL servers listed in the connection string: nodes are
+// identified by one query per connection, and placement spreads the pool.
+func TestBalanceHostsPlacementPostgres(t *testing.T) {
+	if err := clustertest.Available(); err != nil {
+		t.Skip(err)
+	}
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, Postgres: true})
+	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
+	waitCond(t, func() string { return spreadOf(c, 30) })
+	// The servers count a connection when they accept it, the pool once its
+	// identifying query has answered.
+	waitCond(t, func() string {
+		if got, want := poolCounts(p), serverCounts(c); len(got) != 3 || fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Sprintf("pool %v, servers %v", got, want)
+		}
+		return ""
+	})
+	assertQuiet(t, c, p, time.Second)
+}

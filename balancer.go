@@ -606,21 +606,27 @@ func (b *balancer) chainValidate(cc *pgx.ConnConfig, v pgconn.ValidateConnectFun
 // always accepted.
 var errOverTarget = errors.New("clusterpool: node is above its connection target; dialling again")
 
-// installRedial adds maxRedials copies of the single address as fallbacks and
-// a ValidateConnect that refuses a connection landing on a node at or above
+// installRedial adds maxRedials copies of the address's attempts as fallbacks
+// and a ValidateConnect that refuses a connection landing on a node at or above
 // its target while another healthy node is below it. The last copy is always
 // accepted, so the load balancer's choice stands after maxRedials refusals.
 // Behind a random balancer each dial is a fresh draw: this reaches the
 // under-filled node in fewer balancing rounds for the same number of
 // connections opened (see the README's numbers).
 func (b *balancer) installRedial(cc *pgx.ConnConfig) {
-	primary := &pgconn.FallbackConfig{Host: cc.Host, Port: cc.Port, TLSConfig: cc.TLSConfig}
-	copies := make([]*pgconn.FallbackConfig, 0, maxRedials+len(cc.Fallbacks))
+	// Repeat the whole list of attempts, not just the first: with
+	// sslmode=prefer it is a TLS attempt and then a plain one, and against a
+	// server without TLS copies of the first alone would be dials that fail.
+	all := append([]*pgconn.FallbackConfig{{Host: cc.Host, Port: cc.Port, TLSConfig: cc.TLSConfig}}, cc.Fallbacks...)
+	fallbacks := make([]*pgconn.FallbackConfig, 0, len(all)*(maxRedials+1))
+	fallbacks = append(fallbacks, cc.Fallbacks...)
 	for range maxRedials {
-		fb := *primary
-		copies = append(copies, &fb)
+		for _, fb := range all {
+			c := *fb
+			fallbacks = append(fallbacks, &c)
+		}
 	}
-	cc.Fallbacks = append(copies, cc.Fallbacks...)
+	cc.Fallbacks = fallbacks
 	attempt := 0 // pgconn tries the fallbacks one after another
 	b.chainValidate(cc, func(ctx context.Context, pgConn *pgconn.PgConn) error {
 		attempt++

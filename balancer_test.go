@@ -7,6 +7,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 func TestBalanceTargets(t *testing.T) {
@@ -328,4 +330,57 @@ func pow(x, y float64) float64 {
 		r *= x
 	}
 	return r
+}
+
+func TestInstallRedialRepeatsAllAttempts(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://u@lb.example:26257/db?sslmode=prefer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cc.Fallbacks) != 1 { // prefer: TLS first, then plain
+		t.Fatalf("sslmode=prefer fallbacks: %d", len(cc.Fallbacks))
+	}
+	b := &balancer{hostNodes: map[string]NodeID{}}
+	b.installRedial(cc)
+	// The original plain attempt, then maxRedials copies of (TLS, plain).
+	if want := 1 + maxRedials*2; len(cc.Fallbacks) != want {
+		t.Fatalf("fallbacks after installRedial: %d, want %d", len(cc.Fallbacks), want)
+	}
+	for i, fb := range cc.Fallbacks {
+		if fb.Host != "lb.example" || fb.Port != 26257 {
+			t.Fatalf("fallback %d: %s:%d", i, fb.Host, fb.Port)
+		}
+		if tls := fb.TLSConfig != nil; tls != (i%2 == 1) {
+			t.Fatalf("fallback %d: TLS %v; want TLS and plain attempts alternating", i, tls)
+		}
+	}
+	if cc.ValidateConnect == nil {
+		t.Fatal("no ValidateConnect installed")
+	}
+}
+
+func TestHostGroupsKeepsVariantsTogether(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://u@10.0.0.1:26257,10.0.0.2:26257,10.0.0.3:26258/db?sslmode=prefer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	groups := hostGroups(cc)
+	if len(groups) != 3 {
+		t.Fatalf("groups: %d", len(groups))
+	}
+	for _, g := range groups {
+		if len(g.entries) != 2 {
+			t.Fatalf("group %s: %d entries, want TLS and plain", g.key, len(g.entries))
+		}
+	}
+	setHosts(cc, groups, []int{2, 0, 1})
+	if cc.Host != "10.0.0.3" || cc.Port != 26258 || cc.TLSConfig == nil {
+		t.Fatalf("first host %s:%d (TLS %v), want 10.0.0.3:26258 with TLS", cc.Host, cc.Port, cc.TLSConfig != nil)
+	}
+	if got := cc.Fallbacks[0]; got.Host != "10.0.0.3" || got.TLSConfig != nil {
+		t.Fatalf("second attempt %s (TLS %v), want 10.0.0.3 plain", got.Host, got.TLSConfig != nil)
+	}
+	if len(cc.Fallbacks) != 5 || cc.Fallbacks[1].Host != "10.0.0.1" || cc.Fallbacks[3].Host != "10.0.0.2" {
+		t.Fatalf("order after setHosts: %v", cc.Fallbacks)
+	}
 }
