@@ -53,6 +53,7 @@ type Cluster struct {
 // PostgreSQL binaries (and without Options.InProcess) it skips the test with
 // a message naming what to install, or fails it if the environment variable
 // CLUSTERTEST_REQUIRE=1 (as CI sets). Any other start error fails the test.
+// Cluster events go to t.Logf unless opts.Logf is set.
 func New(t testing.TB, opts Options) *Cluster {
 	t.Helper()
 	if !opts.InProcess {
