@@ -43,7 +43,8 @@ func TestCancelThroughProxy(t *testing.T) {
 	// the CancelRequest to another node's proxy: it must be forwarded.
 	for _, dsn := range []string{c.Node(2).DSN(), c.DSN(), c.DSN(), c.DSN()} {
 		conn := connectCancelling(t, ctx, dsn)
-		qctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		qctx, cancel := context.WithCancel(ctx)
+		go cancelWhenSleeping(ctx, c, cancel)
 		_, err := conn.Exec(qctx, "SELECT pg_sleep(30)")
 		cancel()
 		// 57014 query_canceled comes from the server: the CancelRequest
@@ -55,6 +56,31 @@ func TestCancelThroughProxy(t *testing.T) {
 		if err := conn.Ping(ctx); err != nil {
 			t.Fatalf("connection unusable after cancel: %v", err)
 		}
+	}
+}
+
+// cancelWhenSleeping calls cancel once some node's server runs the
+// pg_sleep(30), so the CancelRequest cannot overtake the query.
+func cancelWhenSleeping(ctx context.Context, c *Cluster, cancel context.CancelFunc) {
+	defer cancel()
+	var watchers []*pgx.Conn
+	for _, n := range c.Nodes() {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			return
+		}
+		defer conn.Close(context.Background())
+		watchers = append(watchers, conn)
+	}
+	for ctx.Err() == nil {
+		for _, w := range watchers {
+			var sleeping int
+			err := w.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'").Scan(&sleeping)
+			if err != nil || sleeping > 0 {
+				return
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -418,16 +444,10 @@ func TestCancelForwardedFromAnotherNode(t *testing.T) {
 		ctx := testCtx(t)
 		conn := connectCancelling(t, ctx, c.Node(1).DSN())
 		pgc := conn.PgConn()
+		running, cancelled := context.WithCancel(ctx)
+		go cancelWhenSleeping(ctx, c, cancelled)
 		go func() {
-			// Wait until the sleep runs on the server, then cancel it via node 2.
-			watcher := connect(t, ctx, c.Node(1).PostgresDSN())
-			for {
-				var n int
-				if err := watcher.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'").Scan(&n); err != nil || n > 0 {
-					break
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
+			<-running.Done() // the sleep runs on node 1: cancel it via node 2
 			req := make([]byte, 12, 16)
 			binary.BigEndian.PutUint32(req[0:], uint32(12+len(pgc.SecretKey())))
 			binary.BigEndian.PutUint32(req[4:], cancelRequestCode)
