@@ -89,7 +89,7 @@ func testChaos(t *testing.T, inProcess bool) {
 	}
 	close(stop)
 	wg.Wait()
-	if left := clustertestGoroutines(); len(left) > 0 {
+	if left := clustertestGoroutinesAfter(); len(left) > 0 {
 		t.Fatalf("%d goroutines left after Close:\n%s", len(left), strings.Join(left, "\n\n"))
 	}
 }
