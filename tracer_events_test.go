@@ -11,7 +11,7 @@ import (
 )
 
 func TestTraceNodeLifecycleAndPruning(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	c := clustertest.New(t, clustertest.Options{Nodes: 2})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
@@ -58,7 +58,7 @@ func TestTraceNodeLifecycleAndPruning(t *testing.T) {
 }
 
 func TestTraceConnectThrottled(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	c := clustertest.New(t, clustertest.Options{Nodes: 2})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 0, 2
@@ -89,7 +89,7 @@ func TestTraceConnectThrottled(t *testing.T) {
 // A drained node (57P01 on its connections) is evicted, and the reads that
 // met it are retried elsewhere.
 func TestTraceDrainedNode(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6

@@ -307,7 +307,7 @@ func waitEvent[T any](t *testing.T, r *recorder, what string, ok func(T) bool) T
 }
 
 func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
@@ -366,7 +366,7 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 }
 
 func TestTraceWriteOutcomeUnknown(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
+	c := clustertest.New(t, clustertest.Options{Nodes: 1})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 1, 1

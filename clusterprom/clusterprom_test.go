@@ -84,7 +84,7 @@ func value(m *dto.Metric) float64 {
 }
 
 func TestCollectorOnCluster(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	pool := startPool(t, c, 6)
 	waitFor(t, func() string {
 		for _, s := range pool.NodeStats() {
@@ -188,7 +188,7 @@ clusterpool_pruned_connections_total{node="3",pool="orders"} 0
 
 // Two pools in one registry: the pool label keeps their series apart.
 func TestTwoPoolsOneRegistry(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	c := clustertest.New(t, clustertest.Options{Nodes: 2})
 	a, b := startPool(t, c, 2), startPool(t, c, 4)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(clusterprom.NewCollector("a", a), clusterprom.NewCollector("b", b))

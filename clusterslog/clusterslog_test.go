@@ -144,7 +144,7 @@ func TestLevelsAndAttributes(t *testing.T) {
 // On a real cluster: node IDs appear in the records, an eviction is a
 // warning, and the password in the connection string never appears.
 func TestLogsOnCluster(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	const password = "s3cret-pw"
 	dsn := strings.Replace(c.DSN(), "postgres://postgres@", "postgres://postgres:"+password+"@", 1)
 	if dsn == c.DSN() {
