@@ -120,3 +120,31 @@ func TestTraceDrainedNode(t *testing.T) {
 		t.Errorf("ClusterStat.Evictions = %d", n)
 	}
 }
+
+// A probe that cannot reach the cluster is reported with its error and
+// counted, and counts against no node.
+func TestTraceProbeFailure(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1})
+	r := &recorder{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 1, 1
+		cfg.BalanceInterval = time.Hour
+		cfg.ProbeInterval = traceProbeInterval
+		cfg.ConnectRate = 0
+		cfg.Tracer = r
+	})
+	waitEvent(t, r, "successful probe", func(e TraceProbeData) bool { return e.Err == nil && e.Node == 1 })
+	c.Node(1).Kill()
+	ev := waitEvent(t, r, "failed probe", func(e TraceProbeData) bool { return e.Err != nil })
+	if ev.Node != 0 {
+		t.Errorf("failed probe names node %d", ev.Node)
+	}
+	if n := p.ClusterStat().ProbeFailures(); n < 1 {
+		t.Errorf("ClusterStat.ProbeFailures = %d", n)
+	}
+	for _, s := range p.NodeStats() {
+		if s.Evictions != 0 {
+			t.Errorf("a failed probe evicted node %d: %+v", s.ID, s)
+		}
+	}
+}
