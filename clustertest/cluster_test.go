@@ -147,7 +147,7 @@ func TestRoundRobin(t *testing.T) {
 }
 
 func TestInProcess(t *testing.T) {
-	c, err := Start(testCtx(t), Options{Nodes: 3, InProcess: true, Seed: 1})
+	c, err := Start(testCtx(t), Options{Nodes: 3, InProcess: true, Seed: 1, CrdbVersion: "CockroachDB CCL v23.2.0"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,6 +157,9 @@ func TestInProcess(t *testing.T) {
 		conn := connect(t, ctx, n.DSN())
 		if got := int(conn.PgConn().PID() >> 20); got != n.ID() {
 			t.Errorf("node %d: PID decodes to %d", n.ID(), got)
+		}
+		if v := conn.PgConn().ParameterStatus("crdb_version"); v != "CockroachDB CCL v23.2.0" {
+			t.Errorf("crdb_version %q, want the one in Options", v)
 		}
 		var one int
 		if err := conn.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {

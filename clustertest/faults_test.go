@@ -374,6 +374,7 @@ func TestBadInput(t *testing.T) {
 		{"long IDs past 2^31-1", Options{Nodes: 2, FirstID: MaxLongID, LongIDs: true}, "largest long ID"},
 		{"BaseDir under a file", Options{Nodes: 1, InProcess: true, BaseDir: filepath.Join(file, "sub")}, "BaseDir"},
 		{"bad balancing", Options{Nodes: 1, Balancing: 7}, "Balancing"},
+		{"NUL in CrdbVersion", Options{Nodes: 1, CrdbVersion: "v\x00"}, "NUL"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := Start(ctx, tc.opts)

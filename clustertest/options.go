@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 )
 
 // Balancing is the load balancer's policy for choosing a node for each new
@@ -100,6 +101,9 @@ func (opts Options) withDefaults() (Options, error) {
 	}
 	if opts.CrdbVersion == "" {
 		opts.CrdbVersion = DefaultCrdbVersion
+	}
+	if strings.IndexByte(opts.CrdbVersion, 0) >= 0 {
+		return opts, errors.New("clustertest: Options.CrdbVersion contains a NUL byte, which the wire protocol cannot carry")
 	}
 	if opts.BaseDir == "" {
 		opts.BaseDir = os.TempDir()
