@@ -13,7 +13,7 @@ import (
 )
 
 func TestDatabaseSQLOnCluster(t *testing.T) {
-	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cfg, err := clusterpool.ParseConfig(c.DSN())
@@ -30,23 +30,37 @@ func TestDatabaseSQLOnCluster(t *testing.T) {
 	db := clustersql.OpenDB(pool)
 	defer db.Close()
 
-	if _, err := db.ExecContext(ctx, "CREATE TABLE IF NOT EXISTS sqlkv (k INT PRIMARY KEY, v TEXT NOT NULL)"); err != nil {
+	// Statements through the *sql.DB may run on any node, and each
+	// clustertest node has its own data, so state lives in one connection.
+	var sum int
+	if err := db.QueryRowContext(ctx, "SELECT $1::int + $2::int", 40, 2).Scan(&sum); err != nil || sum != 42 {
+		t.Fatalf("SELECT $1 + $2 = %d, %v", sum, err)
+	}
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.ExecContext(ctx, "CREATE TEMP TABLE sqlkv (k INT PRIMARY KEY, v TEXT NOT NULL)"); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 5 {
-		if _, err := db.ExecContext(ctx, "INSERT INTO sqlkv (k, v) VALUES ($1, $2)", i, fmt.Sprint("v", i)); err != nil {
+		if _, err := conn.ExecContext(ctx, "INSERT INTO sqlkv (k, v) VALUES ($1, $2)", i, fmt.Sprint("v", i)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	var n int
-	if err := db.QueryRowContext(ctx, "SELECT count(*) FROM sqlkv").Scan(&n); err != nil || n != 5 {
+	if err := conn.QueryRowContext(ctx, "SELECT count(*) FROM sqlkv").Scan(&n); err != nil || n != 5 {
 		t.Fatalf("count = %d, %v; want 5", n, err)
 	}
+	conn.Close()
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := tx.ExecContext(ctx, "UPDATE sqlkv SET v = 'x' WHERE k = $1", 1); err != nil {
+	if _, err := tx.ExecContext(ctx, "CREATE TEMP TABLE t (x INT) ON COMMIT DROP"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.ExecContext(ctx, "INSERT INTO t VALUES ($1)", 1); err != nil {
 		t.Fatal(err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -88,7 +102,27 @@ func TestDatabaseSQLOnCluster(t *testing.T) {
 	if stats := db.Stats(); stats.Idle != 0 {
 		t.Errorf("sql.DB keeps %d idle connections, want 0 (the pool keeps them)", stats.Idle)
 	}
-	if len(pool.NodeStats()) != 3 {
-		t.Errorf("NodeStats has %d nodes, want 3: %+v", len(pool.NodeStats()), pool.NodeStats())
+	// The pool's view equals the servers': every connection database/sql
+	// used is counted on the node it reached.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		mine, servers := map[int]int{}, map[int]int{}
+		for _, s := range pool.NodeStats() {
+			if s.TotalConns > 0 {
+				mine[int(s.ID)] = int(s.TotalConns)
+			}
+		}
+		for id, k := range c.OpenConns() {
+			if k > 0 {
+				servers[id] = k
+			}
+		}
+		if fmt.Sprint(mine) == fmt.Sprint(servers) && len(mine) == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pool counts %v, servers %v", mine, servers)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
