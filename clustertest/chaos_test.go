@@ -16,9 +16,7 @@ import (
 func TestChaos(t *testing.T) {
 	t.Run("InProcess", func(t *testing.T) { testChaos(t, true) })
 	t.Run("PostgreSQL", func(t *testing.T) {
-		if err := Available(); err != nil {
-			t.Skip(err)
-		}
+		requirePostgres(t)
 		testChaos(t, false)
 	})
 }

@@ -3,6 +3,7 @@ package clustertest
 import (
 	"context"
 	"errors"
+	"os"
 	"testing"
 	"time"
 
@@ -37,6 +38,18 @@ func eventually(t testing.TB, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// requirePostgres skips a test that starts clusters with Start instead of
+// New, as New would: unless CLUSTERTEST_REQUIRE=1, then it fails.
+func requirePostgres(t testing.TB) {
+	t.Helper()
+	if err := Available(); err != nil {
+		if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
+			t.Fatalf("%v (CLUSTERTEST_REQUIRE=1)", err)
+		}
+		t.Skip(err)
 	}
 }
 

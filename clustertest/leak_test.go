@@ -47,9 +47,7 @@ func clustertestGoroutinesAfter() []string {
 func TestCloseLeavesNoGoroutine(t *testing.T) {
 	for _, inProcess := range []bool{true, false} {
 		if !inProcess {
-			if err := Available(); err != nil {
-				t.Skip(err)
-			}
+			requirePostgres(t)
 		}
 		ctx := testCtx(t)
 		c, err := Start(ctx, Options{Nodes: 2, InProcess: inProcess})

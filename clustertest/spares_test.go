@@ -9,9 +9,7 @@ import (
 // TestSpareIsReset checks that a data directory reused from a closed
 // cluster holds nothing of what that cluster wrote.
 func TestSpareIsReset(t *testing.T) {
-	if err := Available(); err != nil {
-		t.Skip(err)
-	}
+	requirePostgres(t)
 	ctx := testCtx(t)
 	base := t.TempDir()
 	// PostgreSQL may run as another user (when the test runs as root).
