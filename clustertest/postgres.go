@@ -302,7 +302,7 @@ func startPostgres(ctx context.Context, bins binaries, tmpl, dir, logPath string
 			break
 		}
 	}
-	return nil, err
+	return nil, fmt.Errorf("%w\n(the data directory is a copy of the template %s; delete the template if it is damaged)", err, tmpl)
 }
 
 var errPortTaken = errors.New("port taken")
