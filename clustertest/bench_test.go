@@ -9,7 +9,8 @@ import (
 )
 
 // BenchmarkStartCluster3 measures starting and closing a 3-node PostgreSQL
-// cluster (the initdb template already exists after the first iteration).
+// cluster in the steady state of a test suite: the initdb template exists
+// and each iteration reuses the spare data directories the previous one left.
 func BenchmarkStartCluster3(b *testing.B) {
 	if err := Available(); err != nil {
 		b.Skip(err)
