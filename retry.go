@@ -269,12 +269,14 @@ type RetryError struct {
 	// Nodes are the nodes the attempts ran on, in order of first use,
 	// without repeats; attempts on an unknown node are not listed.
 	Nodes []NodeID
-	// Err is the last attempt's error.
+	// Err is the last attempt's error; when the caller's context ended an
+	// attempt, the error of the attempt before it, which says more.
 	Err error
-	// OutcomeUnknown is true when the last attempt may have been applied.
+	// OutcomeUnknown is true when an attempt may have been applied: its
+	// outcome was unknown (only idempotent work is retried after that).
 	OutcomeUnknown bool
-	// Interrupted is the caller's context error when the context ended
-	// before the next attempt could be made; nil otherwise.
+	// Interrupted is the caller's context error when the context ended the
+	// retries (during an attempt or a backoff); nil otherwise.
 	Interrupted error
 }
 
@@ -554,6 +556,9 @@ type retryLoop struct {
 	// lastErr is the last error that was not the caller's context ending:
 	// it says more about why the call failed than "deadline exceeded".
 	lastErr error
+	// unknown is set once an attempt may have been applied (idempotent work
+	// is retried anyway); the call's error then says so whatever follows.
+	unknown bool
 }
 
 func (p *Pool) newRetryLoop(ctx context.Context) retryLoop {
@@ -665,7 +670,7 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 		if class == ClassCanceled && l.lastErr != nil {
 			err = l.lastErr
 		}
-		return l.giveUp(err, false, ctx.Err())
+		return l.giveUp(err, l.unknown, ctx.Err())
 	}
 	l.lastErr = err
 
@@ -682,7 +687,8 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 	if n != nil {
 		params.Node = n.id
 	}
-	unknown := params.OutcomeUnknown()
+	unknown := params.OutcomeUnknown() || l.unknown
+	l.unknown = unknown
 	if retryDisabled(ctx) || l.attempts > l.p.settings.maxRetries {
 		return l.giveUp(err, unknown, nil)
 	}

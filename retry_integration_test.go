@@ -615,6 +615,46 @@ func TestRetryReport(t *testing.T) {
 	report("steady", withLoad(func() { time.Sleep(d / 2) }, cp, pp))
 	report("rolling restart", withLoad(func() { rollingRestart(t, c, d) }, cp, pp))
 	report("crash (Kill)", withLoad(func() { crash(t, c.Node(2), d) }, cp, pp))
+
+	// Plain INSERTs, not marked idempotent, during another rolling restart:
+	// what cannot be hidden is the writes in flight when a node force-closes.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var counts [2]struct{ ok, unknown, other int }
+	for i, d := range []db{cp, pp} {
+		for w := range loadWorkers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for seq := 0; ; seq++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+					_, err := d.Exec(ctx, "INSERT INTO ids (worker, seq) VALUES ($1, $2)", i*1000+w, seq)
+					cancel()
+					mu.Lock()
+					switch {
+					case err == nil:
+						counts[i].ok++
+					case errors.Is(err, ErrOutcomeUnknown):
+						counts[i].unknown++
+					default:
+						counts[i].other++
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+	}
+	rollingRestart(t, c, d)
+	close(stop)
+	wg.Wait()
+	t.Logf("rolling restart, plain INSERT: clusterpool %d ok, %d outcome unknown, %d other errors | pgxpool %d ok, %d errors",
+		counts[0].ok, counts[0].unknown, counts[0].other, counts[1].ok, counts[1].other)
 }
 
 // testRetrySQLState checks the policy against errors raised by a real
