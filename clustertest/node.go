@@ -428,7 +428,7 @@ func (n *Node) remove() {
 	switch {
 	case n.dir == "":
 	case clean:
-		recycle(n.c.tmpl, n.dir)
+		recycle(n.c.tmpl, n.dir, n.c.run)
 	default:
 		os.RemoveAll(n.dir)
 	}

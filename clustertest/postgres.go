@@ -210,14 +210,11 @@ func ensureTemplate(ctx context.Context, bins binaries, baseDir string, ra runAs
 	return final, nil
 }
 
-// makeDataDir makes dir a copy of the template: a spare reset to it if there
-// is one (see spares.go), else a fresh copy.
+// makeDataDir makes dir a copy of the template: a spare if there is one (see
+// spares.go), else a fresh copy.
 func makeDataDir(tmpl, dir string, ra runAs) error {
 	if claimSpare(tmpl, dir) {
-		if resetDir(tmpl, dir, ra) == nil {
-			return nil
-		}
-		os.RemoveAll(dir)
+		return nil
 	}
 	return copyDir(tmpl, dir, ra)
 }

@@ -15,13 +15,16 @@ import (
 // on some filesystems creating a file costs a millisecond (0.85 ms on the
 // ext4 of the machine this was written on), so a 3-node cluster took seconds
 // to start. Overwriting a file that exists costs some 40 µs. So a node's data
-// directory is not deleted when its cluster closes: it is moved to a spares
-// directory next to the template, and a later node (in this process or
-// another) claims it with an atomic rename and resets it to the template's
-// exact content: same files, same bytes, nothing else. Only directories of
-// servers that shut down cleanly are kept, and at most maxSpares of them.
+// directory is not deleted when its node is removed: once its server has
+// shut down cleanly, it is reset to the template's exact content (same
+// files, same bytes, nothing else; only the few files that changed are
+// rewritten) and moved to a spares directory next to the template. A later
+// node, in this process or another, claims a spare with an atomic rename and
+// starts on it at once. A process that dies mid-reset leaves the directory
+// in its cluster's directory, where sweepStale removes it: a spare is always
+// complete.
 
-// maxSpares bounds the disk the spares use (about 30 MB each).
+// maxSpares bounds the disk the spares use (under 30 MB each).
 const maxSpares = 6
 
 func sparesDir(tmpl string) string { return tmpl + "-spares" }
@@ -41,12 +44,12 @@ func claimSpare(tmpl, dir string) bool {
 	return false
 }
 
-// recycle moves the data directory of a cleanly stopped server to the
-// spares, or deletes it when there are enough.
-func recycle(tmpl, dir string) {
+// recycle resets the data directory of a cleanly stopped server to the
+// template and moves it to the spares, or deletes it when there are enough.
+func recycle(tmpl, dir string, ra runAs) {
 	spares := sparesDir(tmpl)
 	if err := os.MkdirAll(spares, 0o700); err == nil {
-		if entries, err := os.ReadDir(spares); err == nil && len(entries) < maxSpares {
+		if entries, err := os.ReadDir(spares); err == nil && len(entries) < maxSpares && resetDir(tmpl, dir, ra) == nil {
 			if os.Rename(dir, filepath.Join(spares, fmt.Sprintf("spare-%016x", rand.Uint64()))) == nil {
 				return
 			}
