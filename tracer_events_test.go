@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -147,4 +148,62 @@ func TestTraceProbeFailure(t *testing.T) {
 			t.Errorf("a failed probe evicted node %d: %+v", s.ID, s)
 		}
 	}
+}
+
+// CockroachDB's gossip says node 2 is draining: the probe reports it, and
+// the balancer retires node 2's connections as unavailable. The clustertest
+// nodes are PostgreSQL, so each gets a crdb_internal schema with the two
+// gossip tables the probe reads, which the test then edits.
+func TestTraceGossipDraining(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
+	ctx := testCtx(t)
+	gossip := func(sql string) {
+		t.Helper()
+		for _, n := range c.Nodes() {
+			conn, err := pgx.Connect(ctx, n.DSN())
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = conn.Exec(ctx, sql)
+			conn.Close(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	gossip(`CREATE SCHEMA crdb_internal;
+CREATE TABLE crdb_internal.gossip_liveness (node_id INT8, draining BOOL, membership TEXT);
+CREATE TABLE crdb_internal.gossip_nodes (node_id INT8, address TEXT, is_live BOOL);
+INSERT INTO crdb_internal.gossip_liveness VALUES (1, false, 'active'), (2, false, 'active'), (3, false, 'active');
+INSERT INTO crdb_internal.gossip_nodes VALUES (1, '', true), (2, '', true), (3, '', true)`)
+
+	r := &recorder{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 6, 6
+		cfg.BalanceInterval = traceBalanceInterval
+		cfg.ProbeInterval = traceProbeInterval
+		cfg.ConnectRate = 0
+		cfg.Tracer = r
+	})
+	waitCond(t, func() string {
+		if k := poolCounts(p)[2]; k == 0 {
+			return fmt.Sprintf("no connection on node 2 yet: %v", poolCounts(p))
+		}
+		return ""
+	})
+
+	gossip(`UPDATE crdb_internal.gossip_liveness SET draining = true WHERE node_id = 2`)
+	waitEvent(t, r, "node 2 draining", func(e TraceNodeDrainingData) bool { return e.Node == 2 && e.Draining })
+	waitEvent(t, r, "node 2 pruned as unavailable", func(e TracePruneData) bool {
+		return e.Node == 2 && e.Reason == PruneNodeUnavailable && e.Count > 0
+	})
+	waitCond(t, func() string {
+		if k := poolCounts(p)[2]; k != 0 {
+			return fmt.Sprintf("node 2 still holds %d connections", k)
+		}
+		return ""
+	})
+
+	gossip(`UPDATE crdb_internal.gossip_liveness SET draining = false WHERE node_id = 2`)
+	waitEvent(t, r, "node 2 no longer draining", func(e TraceNodeDrainingData) bool { return e.Node == 2 && !e.Draining })
 }
