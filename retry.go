@@ -748,8 +748,8 @@ func (l *retryLoop) giveUp(err error, unknown bool, interrupted error) error {
 // recovered by then (they belong to the server process that failed).
 func (p *Pool) nodeFailed(n *node) {
 	now := time.Now()
-	p.tracker.recordFailure(n.id, now)
 	first := !n.evicted.Load()
+	p.tracker.recordFailure(n.id, now)
 	p.tracker.evict(n.id, now)
 	n.mu.Lock()
 	for cs := range n.connSet {
