@@ -42,10 +42,11 @@
 // directory is kept under Options.BaseDir and copied for each node, and
 // nodes start in parallel. Copying means creating about a thousand small
 // files, slow on filesystems where creating a file costs a millisecond, so
-// Close keeps up to six data directories of cleanly stopped servers next to
-// the template and later nodes reset one to the template's exact content
-// instead, overwriting only the few files that changed. A 3-node cluster
-// then starts and stops in a few hundred milliseconds.
+// when a node goes away its data directory is reset to the template's exact
+// content (rewriting only the few files that changed) and kept as one of up
+// to twelve spares next to the template, which later nodes take instead of a
+// copy. A 3-node cluster then starts and stops in a few hundred
+// milliseconds.
 // When the process runs as root, PostgreSQL runs as the "postgres" OS user.
 //
 // Tests use New, which skips without PostgreSQL unless CLUSTERTEST_REQUIRE=1.

@@ -24,8 +24,10 @@ import (
 // in its cluster's directory, where sweepStale removes it: a spare is always
 // complete.
 
-// maxSpares bounds the disk the spares use (under 30 MB each).
-const maxSpares = 6
+// maxSpares bounds the disk the spares use (under 30 MB each) while leaving
+// enough for two test processes (go test -p 2) running 4-node clusters plus
+// AddNode.
+const maxSpares = 12
 
 func sparesDir(tmpl string) string { return tmpl + "-spares" }
 
