@@ -567,10 +567,14 @@ func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
 }
 
 // learnHosts maps addresses to nodes from the pool's connections (the
-// query identity reveals the node only after ValidateConnect).
+// query identity reveals the node only after ValidateConnect), and forgets
+// addresses of nodes that are neither tracked nor listed by gossip, so the
+// map stays bounded by the cluster's current size.
 func (b *balancer) learnHosts(nodes []*node) {
 	seen := make(map[string]NodeID)
+	tracked := make(map[NodeID]bool, len(nodes))
 	for _, n := range nodes {
+		tracked[n.id] = true
 		n.mu.Lock()
 		for cs := range n.connSet {
 			if cs.host != "" {
@@ -584,6 +588,10 @@ func (b *balancer) learnHosts(nodes []*node) {
 	for host, id := range seen {
 		b.hostNodes[host] = id
 	}
+	maps.DeleteFunc(b.hostNodes, func(_ string, id NodeID) bool {
+		_, listed := b.gossipHosts[id]
+		return !tracked[id] && !listed
+	})
 }
 
 // chainValidate runs v, then the ValidateConnect already on cc (for example
@@ -644,8 +652,9 @@ func (b *balancer) installRedial(cc *pgx.ConnConfig) {
 	})
 }
 
-// overTarget reports whether a new connection on node id would be above its
-// target while some other eligible node that can take it is below target and
+// overTarget reports whether a new connection on node id should be refused:
+// the node is draining, or it would be above its target while another
+// eligible node that can take it is below target and
 // holds at least two fewer: as in planPrune, moving a connection between
 // nodes one apart only swaps which holds the extra one, and refusing such
 // connections during a cold start, when every count lags behind the dials
@@ -653,8 +662,17 @@ func (b *balancer) installRedial(cc *pgx.ConnConfig) {
 func (b *balancer) overTarget(id NodeID, now time.Time) bool {
 	info, _ := b.liveNodes(now, 1, 0)
 	n, ok := info[id]
-	if !ok || !n.Eligible {
+	if !ok {
 		return false // a node nobody has seen yet is below any target
+	}
+	if !n.Eligible {
+		// Draining: the next round would retire the connection, so dial
+		// again if any other node may take it. Evicted: a connect is proof
+		// of health (it ends the eviction), so keep it.
+		if nd := b.p.tracker.node(id); nd == nil || !nd.draining.Load() {
+			return false
+		}
+		return slices.ContainsFunc(slices.Collect(maps.Values(info)), func(o placementNode) bool { return o.Eligible })
 	}
 	if n.Conns < n.Target {
 		return false
