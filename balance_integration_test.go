@@ -535,3 +535,37 @@ func TestBalanceHostsPlacementPostgres(t *testing.T) {
 	})
 	assertQuiet(t, c, p, time.Second)
 }
+
+// Close stops the balancing loop and the probe even while they are busy
+// (rounds and probes every few milliseconds), and waits for them.
+func TestBalanceCloseStopsLoops(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	cfg, err := ParseConfig(c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	balancedConfig(9, 9)(cfg)
+	cfg.BalanceInterval, cfg.ProbeInterval = 5*time.Millisecond, 5*time.Millisecond
+	p, err := NewWithConfig(testCtx(t), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitCond(t, func() string {
+		if p.balancer.rounds.Load() < 20 || p.balancer.probes.Load() < 20 {
+			return fmt.Sprintf("%d rounds, %d probes", p.balancer.rounds.Load(), p.balancer.probes.Load())
+		}
+		return ""
+	})
+	p.Close()
+	rounds, probes := p.balancer.rounds.Load(), p.balancer.probes.Load()
+	waitCond(t, func() string {
+		if s := poolStacks(); s != "" {
+			return "pool goroutines still running:\n" + s
+		}
+		return ""
+	})
+	time.Sleep(50 * time.Millisecond) // ten intervals: nothing may run after Close returned
+	if p.balancer.rounds.Load() != rounds || p.balancer.probes.Load() != probes {
+		t.Errorf("rounds %d→%d, probes %d→%d after Close", rounds, p.balancer.rounds.Load(), probes, p.balancer.probes.Load())
+	}
+}
