@@ -569,3 +569,27 @@ func TestBalanceCloseStopsLoops(t *testing.T) {
 		t.Errorf("rounds %d→%d, probes %d→%d after Close", rounds, p.balancer.rounds.Load(), probes, p.balancer.probes.Load())
 	}
 }
+
+// Behind one address, a new connection for a retry that failed on some nodes
+// is redialled until it lands elsewhere (bounded: the last dial is kept).
+func TestBalanceRedialAvoidsNodes(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
+	p := startPool(t, c.DSN(), balancedConfig(0, 5))
+	ctx := withAvoidNodes(testCtx(t), 1, 2)
+	for i := range 5 {
+		// Holding each connection makes the next Acquire open a new one.
+		conn, err := p.Acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Release()
+		// Round robin over 3 nodes: 4 dials always reach node 3.
+		var id NodeID
+		if cs := connStateOf(conn.Conn()); cs != nil {
+			id = cs.node.id
+		}
+		if id != 3 {
+			t.Fatalf("connection %d is on node %d, want 3", i, id)
+		}
+	}
+}

@@ -383,7 +383,7 @@ func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error 
 	case b.place:
 		b.placeHosts(ctx, cc, time.Now())
 	case b.redial.Load():
-		b.installRedial(cc)
+		b.installRedial(cc, avoidNodesFrom(ctx))
 	}
 	return nil
 }
@@ -615,13 +615,14 @@ func (b *balancer) chainValidate(cc *pgx.ConnConfig, v pgconn.ValidateConnectFun
 var errOverTarget = errors.New("clusterpool: node is above its connection target; dialling again")
 
 // installRedial adds maxRedials copies of the address's attempts as fallbacks
-// and a ValidateConnect that refuses a connection landing on a node at or above
-// its target while another healthy node is below it. The last copy is always
-// accepted, so the load balancer's choice stands after maxRedials refusals.
+// and a ValidateConnect that refuses a connection landing on a node in avoid
+// (the nodes a retry already failed on) or on a node that overTarget says
+// should not take it. The last copy is always accepted, so the load
+// balancer's choice stands after maxRedials refusals.
 // Behind a random balancer each dial is a fresh draw: this reaches the
 // under-filled node in fewer balancing rounds for the same number of
 // connections opened (see the README's numbers).
-func (b *balancer) installRedial(cc *pgx.ConnConfig) {
+func (b *balancer) installRedial(cc *pgx.ConnConfig, avoid []NodeID) {
 	// Repeat the whole list of attempts, not just the first: with
 	// sslmode=prefer it is a TLS attempt and then a plain one, and against a
 	// server without TLS copies of the first alone would be dials that fail.
@@ -644,7 +645,8 @@ func (b *balancer) installRedial(cc *pgx.ConnConfig) {
 		now := time.Now()
 		// A redial is a new connection for the server too: it needs a token
 		// of its own, and without one the connection is kept.
-		if b.overTarget(DecodeProcessID(pgConn.PID()), now) && (b.limiter == nil || b.limiter.AllowN(now, 1)) {
+		id := DecodeProcessID(pgConn.PID())
+		if (slices.Contains(avoid, id) || b.overTarget(id, now)) && (b.limiter == nil || b.limiter.AllowN(now, 1)) {
 			b.redials.Add(1)
 			return errOverTarget
 		}

@@ -341,7 +341,7 @@ func TestInstallRedialRepeatsAllAttempts(t *testing.T) {
 		t.Fatalf("sslmode=prefer fallbacks: %d", len(cc.Fallbacks))
 	}
 	b := &balancer{hostNodes: map[string]NodeID{}}
-	b.installRedial(cc)
+	b.installRedial(cc, nil)
 	// The original plain attempt, then maxRedials copies of (TLS, plain).
 	if want := 1 + maxRedials*2; len(cc.Fallbacks) != want {
 		t.Fatalf("fallbacks after installRedial: %d, want %d", len(cc.Fallbacks), want)
