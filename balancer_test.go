@@ -1,6 +1,7 @@
 package clusterpool
 
 import (
+	"context"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 func TestBalanceTargets(t *testing.T) {
@@ -382,5 +384,16 @@ func TestHostGroupsKeepsVariantsTogether(t *testing.T) {
 	}
 	if len(cc.Fallbacks) != 5 || cc.Fallbacks[1].Host != "10.0.0.1" || cc.Fallbacks[3].Host != "10.0.0.2" {
 		t.Fatalf("order after setHosts: %v", cc.Fallbacks)
+	}
+}
+
+func TestGossipErrorsThatStopQuerying(t *testing.T) {
+	for code, transient := range map[string]bool{"42501": false, "42P01": false, "3F000": false, "42703": false, "57P01": true, "40001": true} {
+		if got := isTransient(&pgconn.PgError{Code: code}); got != transient {
+			t.Errorf("isTransient(%s) = %v, want %v", code, got, transient)
+		}
+	}
+	if !isTransient(context.DeadlineExceeded) {
+		t.Error("a timeout must not stop gossip queries")
 	}
 }

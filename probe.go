@@ -158,11 +158,23 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 }
 
 // isTransient reports whether a gossip query error may go away by itself
-// (connection trouble, timeout) rather than mean "not allowed" or "no such
-// table", which stops gossip queries for gossipBackoff.
+// (connection trouble, timeout, a node shutting down) rather than mean "not
+// allowed" or "no such relation or column", which stops gossip queries for
+// gossipBackoff.
 func isTransient(err error) bool {
 	var pgErr *pgconn.PgError
-	return !errors.As(err, &pgErr)
+	if !errors.As(err, &pgErr) {
+		return true
+	}
+	switch pgErr.Code {
+	case "42501", // insufficient_privilege: no VIEWCLUSTERMETADATA
+		"42P01", // undefined_table
+		"3F000", // invalid_schema_name
+		"42703", // undefined_column: another version's columns
+		"0A000": // feature_not_supported
+		return false
+	}
+	return true
 }
 
 // readGossip applies CockroachDB's liveness view: a draining or
