@@ -593,3 +593,26 @@ func TestBalanceRedialAvoidsNodes(t *testing.T) {
 		}
 	}
 }
+
+// A listed host that refuses connections is tried last once a dial to it
+// failed, so new connections do not keep paying for it.
+func TestBalanceHostsSkipsDeadHost(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	dead := "127.0.0.1:1" // nothing listens on port 1
+	dsn := strings.Replace(c.HostsDSN(), "@", "@"+dead+",", 1)
+	p := startPool(t, dsn, balancedConfig(30, 30))
+	waitCond(t, func() string { return spreadOf(c, 30) })
+	p.balancer.mu.Lock()
+	_, down := p.balancer.downHosts[dead]
+	p.balancer.mu.Unlock()
+	if !down {
+		t.Errorf("host %s not marked down", dead)
+	}
+	// After the first failures, connects go to live hosts first: opening
+	// more connections does not dial the dead host again.
+	cfg := p.pool.Config().ConnConfig.Copy()
+	p.balancer.placeHosts(testCtx(t), cfg, time.Now())
+	if cfg.Host+":"+fmt.Sprint(cfg.Port) == dead {
+		t.Errorf("dead host %s placed first", dead)
+	}
+}

@@ -230,12 +230,18 @@ type placementNode struct {
 // hostPending[i] (may be nil) counts connects under way to host i; unmapped
 // hosts with fewer of them come first, so a cold start spreads over the hosts
 // before any of them is mapped.
-func placementOrder(hostNodes []NodeID, hostPending []int, nodes map[NodeID]placementNode, seed uint64) []int {
+//
+// hostDown[i] (may be nil) marks a host whose last dial failed recently; it
+// goes last, with the unhealthy ones.
+func placementOrder(hostNodes []NodeID, hostPending []int, hostDown []bool, nodes map[NodeID]placementNode, seed uint64) []int {
 	order := make([]int, len(hostNodes))
 	for i := range order {
 		order[i] = i
 	}
 	class := func(i int) int {
+		if hostDown != nil && hostDown[i] {
+			return 3
+		}
 		id := hostNodes[i]
 		if id == 0 {
 			return 1
@@ -287,6 +293,8 @@ const (
 	// refillWait is how long after pruning a pool below MinConns is taken
 	// to be refilling (pgxpool waits 500 ms, then dials).
 	refillWait = 3 * time.Second
+	// hostDownFor is how long a listed host whose dial failed is tried last.
+	hostDownFor = 30 * time.Second
 	// aliveCheckTimeout is how long checking an idle connection for a
 	// server-side close waits for bytes that are not expected to come.
 	aliveCheckTimeout = time.Millisecond
@@ -323,6 +331,10 @@ type balancer struct {
 	gossipHosts map[NodeID]string
 	// reservations are connects under way, by host and chosen node.
 	reservations []reservation
+	// downHosts holds when a dial to a host (an IP literal placed first)
+	// last failed; placement tries such a host last for hostDownFor, or
+	// until a probe reaches it. Bounded by the hosts dialled.
+	downHosts map[string]time.Time
 }
 
 type reservation struct {
@@ -338,6 +350,7 @@ func newBalancer(p *Pool) *balancer {
 		seed:      rand.Uint64(),
 		limiter:   newConnectLimiter(s.connectRate, s.connectBurst),
 		hostNodes: make(map[string]NodeID),
+		downHosts: make(map[string]time.Time),
 	}
 	if p.tracking() {
 		b.place = s.multiHost
@@ -461,6 +474,7 @@ func (b *balancer) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now time.
 		}
 	}
 	hostPending := make([]int, len(groups))
+	hostDown := make([]bool, len(groups))
 	b.mu.Lock()
 	for i, g := range groups {
 		for _, r := range b.reservations {
@@ -468,8 +482,11 @@ func (b *balancer) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now time.
 				hostPending[i]++
 			}
 		}
+		if t, ok := b.downHosts[g.key]; ok {
+			hostDown[i] = now.Sub(t) < hostDownFor
+		}
 	}
-	order := placementOrder(hostNodes, hostPending, info, b.seed)
+	order := placementOrder(hostNodes, hostPending, hostDown, info, b.seed)
 	first := groups[order[0]].key
 	b.reservations = append(b.reservations, reservation{host: first, node: hostNodes[order[0]], until: now.Add(reservationTTL)})
 	b.mu.Unlock()
@@ -526,11 +543,15 @@ func (b *balancer) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 		addr := b.gossipHosts[id]
 		host, portStr, err := net.SplitHostPort(addr)
 		port, perr := strconv.ParseUint(portStr, 10, 16)
-		if known[id] || err != nil || perr != nil || slices.ContainsFunc(groups, func(g *hostGroup) bool { return g.key == addr }) {
+		if known[id] || err != nil || perr != nil {
 			continue
 		}
-		b.hostNodes[addr] = id
-		groups = append(groups, &hostGroup{key: addr, entries: []*pgconn.FallbackConfig{{Host: host, Port: uint16(port), TLSConfig: cc.TLSConfig}}})
+		key := hostPort(host, uint16(port))
+		if slices.ContainsFunc(groups, func(g *hostGroup) bool { return g.key == key }) {
+			continue
+		}
+		b.hostNodes[key] = id
+		groups = append(groups, &hostGroup{key: key, entries: []*pgconn.FallbackConfig{{Host: host, Port: uint16(port), TLSConfig: cc.TLSConfig}}})
 	}
 	return groups
 }
@@ -550,12 +571,13 @@ func setHosts(cc *pgx.ConnConfig, groups []*hostGroup, order []int) {
 func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
 	var addr string
 	if nc := pgConn.Conn(); nc != nil && nc.RemoteAddr() != nil {
-		addr = nc.RemoteAddr().String()
+		addr = addrKey(nc.RemoteAddr().String())
 	}
 	var id NodeID
 	if isCockroachDB(pgConn) {
 		id = DecodeProcessID(pgConn.PID())
 	}
+	now := time.Now()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if i := slices.IndexFunc(b.reservations, func(r reservation) bool { return r.host == reserved }); i >= 0 {
@@ -564,6 +586,37 @@ func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
 	if id != 0 && addr != "" {
 		b.hostNodes[addr] = id
 	}
+	// The first host was an address the connection would report as its
+	// own, and the connection is elsewhere: dialling the first one failed.
+	if host, _, err := net.SplitHostPort(reserved); err == nil && net.ParseIP(host) != nil && addr != "" {
+		if addr != reserved {
+			b.downHosts[reserved] = now
+		} else {
+			delete(b.downHosts, reserved)
+		}
+	}
+}
+
+// reached records that a connection (a probe) reached remote, so placement
+// stops treating it as down.
+func (b *balancer) reached(remote string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	delete(b.downHosts, addrKey(remote))
+}
+
+// addrKey writes a dialled address ("ip:port", "[v6]:port") the way
+// hostGroups keys hosts, so the two compare.
+func addrKey(remote string) string {
+	host, port, err := net.SplitHostPort(remote)
+	if err != nil {
+		return remote
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return remote
+	}
+	return hostPort(host, uint16(p))
 }
 
 // learnHosts maps addresses to nodes from the pool's connections (the
@@ -578,7 +631,7 @@ func (b *balancer) learnHosts(nodes []*node) {
 		n.mu.Lock()
 		for cs := range n.connSet {
 			if cs.host != "" {
-				seen[cs.host] = n.id
+				seen[addrKey(cs.host)] = n.id
 			}
 		}
 		n.mu.Unlock()

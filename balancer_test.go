@@ -260,7 +260,7 @@ func TestPlacementOrder(t *testing.T) {
 	}
 	// Hosts: node 1, unknown, node 2, node 3, node 4, node 5, node 6.
 	hosts := []NodeID{1, 0, 2, 3, 4, 5, 6}
-	got := placementOrder(hosts, nil, nodes, 9)
+	got := placementOrder(hosts, nil, nil, nodes, 9)
 	// Under target, most under first: node 2 (-3), node 6 (-1); unknown host;
 	// at/over target, least over first: node 3 (0), node 1 (+2); then the
 	// ineligible and avoided ones in connection-string order (rotated by seed).
@@ -272,7 +272,7 @@ func TestPlacementOrder(t *testing.T) {
 	if !slices.Equal(rest, []int{4, 5}) {
 		t.Fatalf("placementOrder = %v: want hosts 4 and 5 last", got)
 	}
-	if len(placementOrder(nil, nil, nodes, 1)) != 0 {
+	if len(placementOrder(nil, nil, nil, nodes, 1)) != 0 {
 		t.Fatal("no hosts: want empty order")
 	}
 }

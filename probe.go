@@ -142,6 +142,9 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 	}
 	defer closeQuietly(conn)
 	p.balancer.probes.Add(1)
+	if nc := conn.PgConn().Conn(); nc != nil && nc.RemoteAddr() != nil {
+		p.balancer.reached(nc.RemoteAddr().String())
+	}
 	id, _, err := p.identify(ctx, conn)
 	if err != nil || id == 0 {
 		return 0, err
