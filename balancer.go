@@ -30,8 +30,8 @@ import (
 // nodeView is what one balancing decision knows about a node.
 type nodeView struct {
 	ID NodeID
-	// Conns is the number of the pool's connections open on the node,
-	// in use or idle, plus connections being dialled to it.
+	// Conns is the number of the pool's connections open on the node, in
+	// use or idle, not counting those already marked to retire.
 	Conns int
 	// Eligible means the node may hold connections: it is healthy, not
 	// draining, and has been seen within the expiry window.
