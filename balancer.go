@@ -859,6 +859,10 @@ func (b *balancer) retire(ctx context.Context, prune map[NodeID]int, now time.Ti
 	var wg sync.WaitGroup
 	for _, c := range conns {
 		cs := connStateOf(c.Conn())
+		if cs != nil && cs.refused() {
+			releaseSwept(c) // already retiring: close it so the release refills
+			continue
+		}
 		if cs != nil && remaining[cs.node.id] > 0 {
 			remaining[cs.node.id]--
 			victims = append(victims, c)

@@ -285,6 +285,13 @@ func (p *Pool) identifyByQuery(ctx context.Context, conn *pgx.Conn) (NodeID, str
 func (p *Pool) prepareConn(ctx context.Context, conn *pgx.Conn) (bool, error) {
 	cs := connStateOf(conn)
 	if cs != nil && cs.refused() {
+		if sweeping(ctx) {
+			// Hand it to the sweep, which closes it before releasing it:
+			// pgxpool then destroys it and starts its health check, which
+			// refills MinConns. Refused here, it would be destroyed with no
+			// refill until the next health check period.
+			return true, nil
+		}
 		return false, nil
 	}
 	if p.userPrepareConn != nil {
@@ -320,12 +327,28 @@ func sweeping(ctx context.Context) bool { return ctx.Value(sweepKey{}) != nil }
 // pool (pgxpool.AcquireAllIdle) and puts the others back untouched; an
 // Acquire racing with it may open a new connection.
 func (p *Pool) retireIdle(ctx context.Context) int {
-	before := p.pool.Stat().TotalConns()
-	conns := p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true))
-	for _, c := range conns {
-		c.Release()
+	n := 0
+	for _, c := range p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true)) {
+		if releaseSwept(c) {
+			n++
+		}
 	}
-	return int(max(before-p.pool.Stat().TotalConns(), 0))
+	return n
+}
+
+// releaseSwept puts back a connection taken by a sweep. A refused one
+// (retiring, or on an evicted node) is closed first, so that the release
+// destroys it and starts pgxpool's refill through placement; it reports
+// whether it did that.
+func releaseSwept(c *pgxpool.Conn) bool {
+	cs := connStateOf(c.Conn())
+	if cs != nil && cs.refused() {
+		closeQuietly(c.Conn())
+		c.Release()
+		return true
+	}
+	c.Release()
+	return false
 }
 
 // releaseTracer learns of every Release synchronously, with the *pgx.Conn,

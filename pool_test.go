@@ -701,3 +701,30 @@ func TestWrapPgxpoolConfig(t *testing.T) {
 	}
 	waitCond(t, countsMatch(p, c))
 }
+
+// TestSweepRefillsMinConns: connections a sweep destroys (here: every
+// connection of an evicted node) are replaced at once, not at pgxpool's next
+// health check, which this pool has put an hour away.
+func TestSweepRefillsMinConns(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true, Seed: 7})
+	p := startPool(t, c.HostsDSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 6, 6
+		cfg.HealthCheckPeriod = time.Hour
+		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+	})
+	fillPool(t, p)
+	waitCond(t, countsMatch(p, c))
+
+	victim := p.NodeStats()[0]
+	p.tracker.evict(victim.ID, time.Now())
+	if n := p.retireIdle(testCtx(t)); n != int(victim.TotalConns) {
+		t.Fatalf("retireIdle destroyed %d connections, want the evicted node's %d", n, victim.TotalConns)
+	}
+	waitCond(t, func() string {
+		if got := p.Stat().TotalConns(); got != 6 {
+			return fmt.Sprintf("pool has %d connections after the sweep, want MinConns 6 back", got)
+		}
+		return ""
+	})
+	waitCond(t, countsMatch(p, c))
+}
