@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/time/rate"
 )
 
@@ -306,22 +307,47 @@ func waitEvent[T any](t *testing.T, r *recorder, what string, ok func(T) bool) T
 	return found
 }
 
+// waitSettled waits until the pool holds want connections spread over every
+// node of c, none still being established, and the node proxies count the
+// same connections. A connect still in flight when a test kills or drains a
+// node could complete its handshake just before and report it to the pool
+// just after the eviction, which marks the node healthy again (a successful
+// connect is proof of life), and the node's health would flap.
+func waitSettled(t *testing.T, p *Pool, c *clustertest.Cluster, want int) {
+	t.Helper()
+	match := countsMatch(p, c)
+	waitCond(t, func() string {
+		st, counts := p.Stat(), poolCounts(p)
+		total := 0
+		for _, k := range counts {
+			total += k
+		}
+		if len(counts) < len(c.Nodes()) || total != want || st.ConstructingConns() > 0 {
+			return fmt.Sprintf("pool counts %v (want %d on %d nodes), %d being established",
+				counts, want, len(c.Nodes()), st.ConstructingConns())
+		}
+		return match()
+	})
+}
+
 func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
+	// Round robin spreads the six connections two per node; with a random
+	// load balancer a node would get none about a quarter of the time.
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
 		cfg.BalanceInterval = time.Hour // no pruning: the test controls the connections
-		cfg.ProbeInterval = time.Hour
+		cfg.ProbeInterval = time.Hour   // no probe: nothing reaches node 2 while it is down
 		cfg.ConnectRate = 0
 		cfg.Tracer = r
+		// pgxpool pings a connection idle for over a second before handing
+		// it out and quietly drops it if the ping fails: node 2's
+		// connections would then vanish with no failed read, hence no
+		// eviction and no retry to observe.
+		cfg.ShouldPing = func(context.Context, pgxpool.ShouldPingParams) bool { return false }
 	})
-	waitCond(t, func() string {
-		if len(poolCounts(p)) < 3 || p.Stat().TotalConns() < 6 {
-			return fmt.Sprintf("pool counts %v", poolCounts(p))
-		}
-		return ""
-	})
+	waitSettled(t, p, c, 6)
 	// Every connection is kept busy, so some read meets node 2's dead
 	// connections (an idle pool would keep reusing one connection).
 	stop := busyReads(t, p, 6)
@@ -333,21 +359,39 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 	if re.Class != ClassConnection || re.Err == nil || re.Attempt < 1 {
 		t.Errorf("retry event %+v", re)
 	}
-	end := waitEvent(t, r, "retry success", func(e TraceRetryEndData) bool { return e.Outcome == RetrySucceeded })
-	if end.Attempts < 2 || !slices.Contains(end.Nodes, 2) || end.Err != nil {
+	end := waitEvent(t, r, "retry success after node 2", func(e TraceRetryEndData) bool {
+		return e.Outcome == RetrySucceeded && slices.Contains(e.Nodes, 2)
+	})
+	if end.Attempts < 2 || end.Err != nil {
 		t.Errorf("retry end %+v", end)
 	}
 	st := p.ClusterStat()
 	if st.Evictions() < 1 || st.RetryAttempts() < 1 || st.RetryOutcome(RetrySucceeded) < 1 {
 		t.Errorf("ClusterStat: evictions %d retries %d succeeded %d", st.Evictions(), st.RetryAttempts(), st.RetryOutcome(RetrySucceeded))
 	}
+	var seen2 bool
 	for _, s := range p.NodeStats() {
-		if s.ID == 2 && (s.Healthy || s.Evictions < 1 || s.Retries < 1) {
-			t.Errorf("node 2 stats %+v", s)
+		if s.ID == 2 {
+			seen2 = true
+			if s.Healthy || s.Evictions < 1 || s.Retries < 1 {
+				t.Errorf("node 2 stats %+v", s)
+			}
 		}
+	}
+	if !seen2 {
+		t.Errorf("node 2 missing from NodeStats %+v", p.NodeStats())
 	}
 
 	stop()
+	// Nothing could reach node 2 while it was down, so nothing may have
+	// called it healthy.
+	healthDown := eventsOf[TraceNodeHealthData](r)
+	for _, e := range healthDown {
+		if e.Node == 2 && e.Healthy {
+			t.Errorf("node 2 reported healthy while down: health events %+v", healthDown)
+			break
+		}
+	}
 
 	// Back up: the first connection that reaches it marks it healthy.
 	if err := c.Node(2).Restart(ctx); err != nil {
@@ -362,7 +406,14 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 		}
 		return ""
 	})
-	waitEvent(t, r, "node 2 healthy", func(e TraceNodeHealthData) bool { return e.Node == 2 && e.Healthy })
+	waitCond(t, func() string {
+		for _, e := range eventsOf[TraceNodeHealthData](r)[len(healthDown):] {
+			if e.Node == 2 && e.Healthy {
+				return ""
+			}
+		}
+		return fmt.Sprintf("no node 2 healthy event after the restart; health events %+v", eventsOf[TraceNodeHealthData](r))
+	})
 }
 
 func TestTraceWriteOutcomeUnknown(t *testing.T) {
