@@ -392,6 +392,10 @@ func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error 
 			return fmt.Errorf("clusterpool: waiting for the connect rate limit (%g/s): %w", float64(b.limiter.Limit()), err)
 		}
 	}
+	if b.p.tracking() {
+		// Stamped after the rate-limit wait: the dial starts now.
+		stampConnectStart(cc, time.Now())
+	}
 	switch {
 	case b.place:
 		b.placeHosts(ctx, cc, time.Now())

@@ -220,7 +220,7 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 		if addr == "" && p.settings.multiHost {
 			addr = host
 		}
-		cs = p.tracker.track(id, addr, host, conn, time.Now())
+		cs = p.tracker.trackDialled(id, addr, host, conn, connectStart(conn), time.Now())
 	}
 	if p.userAfterConnect != nil {
 		if err := p.userAfterConnect(ctx, conn); err != nil {

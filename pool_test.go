@@ -728,3 +728,19 @@ func TestSweepRefillsMinConns(t *testing.T) {
 	})
 	waitCond(t, countsMatch(p, c))
 }
+
+// TestConnectStartStamped: every pool connection carries the time its
+// connect began, which eviction compares against (trackDialled).
+func TestConnectStartStamped(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
+	before := time.Now()
+	p := startPool(t, c.DSN(), nil)
+	conn, err := p.Acquire(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	if started := connectStart(conn.Conn()); started.Before(before) || started.After(time.Now()) {
+		t.Fatalf("connect start = %v, want between %v and now", started, before)
+	}
+}

@@ -38,10 +38,35 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // customDataKey is where a connection's *connState lives in pgconn's CustomData.
 const customDataKey = "clusterpool"
+
+// connectStartKey is where a new connection's CustomData holds the time its
+// connect attempt began (see stampConnectStart and trackDialled).
+const connectStartKey = "clusterpool.connectStart"
+
+// stampConnectStart makes the connection that cc opens carry started in its
+// CustomData. It chains ValidateConnect, which pgconn calls with the new
+// connection after authentication, before AfterConnect.
+func stampConnectStart(cc *pgx.ConnConfig, started time.Time) {
+	prev := cc.ValidateConnect
+	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
+		pgConn.CustomData()[connectStartKey] = started
+		if prev != nil {
+			return prev(ctx, pgConn)
+		}
+		return nil
+	}
+}
+
+// connectStart returns the time stampConnectStart left in conn, or zero.
+func connectStart(conn *pgx.Conn) time.Time {
+	started, _ := conn.PgConn().CustomData()[connectStartKey].(time.Time)
+	return started
+}
 
 // Failure window: this many connection-level failures within failureWindow
 // mark a node unhealthy. One failure alone does not, so a single broken
@@ -70,7 +95,10 @@ type node struct {
 	conns    atomic.Int32 // connections open on this node and tracked
 	lastSeen atomic.Int64 // unix nanoseconds of the last sign of life
 	evicted  atomic.Bool  // refuse this node's connections at acquire
-	draining atomic.Bool  // the node said it is draining (probe)
+	// evictedAt is when the node was last evicted (unix nanoseconds): a
+	// connection dialled before it does not vouch for the node.
+	evictedAt atomic.Int64
+	draining  atomic.Bool // the node said it is draining (probe)
 
 	// Counters the balancer and retry code increment; reported in NodeStats.
 	retries   atomic.Int64 // queries retried because of this node
@@ -157,6 +185,15 @@ func (t *tracker) localID(addr string) NodeID {
 // connection. A successful connect is proof of life: the node is marked seen
 // and healthy.
 func (t *tracker) track(id NodeID, addr, host string, conn *pgx.Conn, now time.Time) *connState {
+	return t.trackDialled(id, addr, host, conn, time.Time{}, now)
+}
+
+// trackDialled is track for a connection whose connect attempt began at
+// started (zero: unknown). A connection dialled before its node's last
+// eviction proves nothing about the node (its handshake may have finished
+// just before the node failed): it does not mark the node healthy, and it is
+// marked to retire, as the node's other connections were at the eviction.
+func (t *tracker) trackDialled(id NodeID, addr, host string, conn *pgx.Conn, started, now time.Time) *connState {
 	t.mu.Lock()
 	n := t.nodeLocked(id, now)
 	cs := &connState{node: n, host: host, conn: conn}
@@ -171,7 +208,11 @@ func (t *tracker) track(id NodeID, addr, host string, conn *pgx.Conn, now time.T
 	t.obs.nodeSeen(n, addr)
 
 	n.lastSeen.Store(now.UnixNano())
-	t.markHealthy(id, now)
+	if !started.IsZero() && started.UnixNano() <= n.evictedAt.Load() {
+		cs.retire.Store(true)
+	} else {
+		t.markHealthy(id, now)
+	}
 	if conn != nil { // nil only in unit tests of the tracker
 		conn.PgConn().CustomData()[customDataKey] = cs
 	}
@@ -221,6 +262,7 @@ func (t *tracker) evict(id NodeID, now time.Time) []*connState {
 	if n == nil {
 		return nil
 	}
+	n.evictedAt.Store(now.UnixNano())
 	if n.evicted.CompareAndSwap(false, true) {
 		n.evictions.Add(1)
 		t.obs.nodeHealth(id, false)

@@ -240,3 +240,29 @@ func TestTrackerConcurrent(t *testing.T) {
 		t.Errorf("total %d in use %d, want 16 and 0", total, inUse)
 	}
 }
+
+// TestTrackerConnectDialledBeforeEviction: a connection whose connect began
+// before its node was evicted (its handshake raced the failure) does not mark
+// the node healthy and is itself retired; one dialled after the eviction does.
+func TestTrackerConnectDialledBeforeEviction(t *testing.T) {
+	tr := newTracker()
+	tr.track(1, "", "", nil, t0)
+	evictedAt := t0.Add(time.Second)
+	tr.evict(1, evictedAt)
+
+	stale := tr.trackDialled(1, "", "", nil, evictedAt.Add(-time.Millisecond), evictedAt.Add(time.Millisecond))
+	if n := tr.node(1); !n.evicted.Load() {
+		t.Fatal("a connection dialled before the eviction marked the node healthy")
+	}
+	if !stale.retire.Load() {
+		t.Fatal("a connection dialled before the eviction is not marked to retire")
+	}
+
+	fresh := tr.trackDialled(1, "", "", nil, evictedAt.Add(time.Millisecond), evictedAt.Add(2*time.Millisecond))
+	if n := tr.node(1); n.evicted.Load() {
+		t.Fatal("a connection dialled after the eviction did not mark the node healthy")
+	}
+	if fresh.retire.Load() {
+		t.Fatal("a connection dialled after the eviction is marked to retire")
+	}
+}
