@@ -1,6 +1,7 @@
 package clusterpool
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"testing"
@@ -90,20 +91,25 @@ func TestTraceConnectThrottled(t *testing.T) {
 // A drained node (57P01 on its connections) is evicted, and the reads that
 // met it are retried elsewhere.
 func TestTraceDrainedNode(t *testing.T) {
+	// Round robin spreads the six connections two per node; with a random
+	// load balancer node 2 would get none about a quarter of the time.
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
-		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+		cfg.BalanceInterval = time.Hour // no sweep: only a failed read may find node 2's closed connections
+		cfg.ProbeInterval = time.Hour   // no probe: nothing reaches node 2 once it is down
 		cfg.ConnectRate = 0
 		cfg.Tracer = r
+		// pgxpool pings a connection idle for over a second before handing
+		// it out and quietly drops it if the ping fails: node 2's
+		// connections would then vanish with no failed read, hence no
+		// eviction and no retry to observe.
+		cfg.ShouldPing = func(context.Context, pgxpool.ShouldPingParams) bool { return false }
 	})
-	waitCond(t, func() string {
-		if len(poolCounts(p)) < 3 || p.Stat().TotalConns() < 6 {
-			return fmt.Sprintf("pool counts %v", poolCounts(p))
-		}
-		return ""
-	})
+	// No connect may be in flight at the drain: one whose handshake with
+	// node 2 raced it would be reported after the eviction.
+	waitSettled(t, p, c, 6)
 	// The application keeps every connection busy while node 2 drains, as
 	// during a rolling restart.
 	stop := busyReads(t, p, 6)
@@ -113,12 +119,37 @@ func TestTraceDrainedNode(t *testing.T) {
 	}
 	waitEvent(t, r, "node 2 evicted", func(e TraceNodeHealthData) bool { return e.Node == 2 && !e.Healthy })
 	end := waitEvent(t, r, "retried read", func(e TraceRetryEndData) bool { return slices.Contains(e.Nodes, 2) })
-	if end.Outcome != RetrySucceeded {
+	if end.Outcome != RetrySucceeded || end.Attempts < 2 || end.Err != nil {
 		t.Errorf("a read that met node 2 ended %v: %+v", end.Outcome, end)
 	}
+	re := waitEvent(t, r, "retry after node 2", func(e TraceRetryData) bool { return e.Node == 2 })
+	if re.Class != ClassConnection || re.Err == nil || re.Attempt < 1 {
+		t.Errorf("retry event %+v", re)
+	}
 	stop()
-	if n := p.ClusterStat().Evictions(); n < 1 {
-		t.Errorf("ClusterStat.Evictions = %d", n)
+	st := p.ClusterStat()
+	if st.Evictions() < 1 || st.RetryAttempts() < 1 || st.RetryOutcome(RetrySucceeded) < 1 {
+		t.Errorf("ClusterStat: evictions %d retries %d succeeded %d", st.Evictions(), st.RetryAttempts(), st.RetryOutcome(RetrySucceeded))
+	}
+	var seen2 bool
+	for _, s := range p.NodeStats() {
+		if s.ID == 2 {
+			seen2 = true
+			if s.Healthy || s.Evictions < 1 || s.Retries < 1 {
+				t.Errorf("node 2 stats %+v", s)
+			}
+		}
+	}
+	if !seen2 {
+		t.Errorf("node 2 missing from NodeStats %+v", p.NodeStats())
+	}
+	// Node 2 is down after the drain and nothing can reach it, so nothing
+	// may have called it healthy again.
+	for _, e := range eventsOf[TraceNodeHealthData](r) {
+		if e.Node == 2 && e.Healthy {
+			t.Errorf("node 2 reported healthy after its drain: health events %+v", eventsOf[TraceNodeHealthData](r))
+			break
+		}
 	}
 }
 
