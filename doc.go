@@ -49,6 +49,18 @@
 // never re-run work whose outcome is unknown. The Pool documentation gives the
 // whole policy.
 //
+// # Observability
+//
+// Pool.NodeStats (per node) and Pool.ClusterStat (pool-wide counters: retries
+// by outcome, pruned connections, evictions, probes) are always available.
+// Events (nodes added, removed, evicted, draining; connections pruned; retry
+// attempts and outcomes; probes; throttled connects) go to Config.Tracer,
+// which the pool inspects once for NodeTracer, PruneTracer, RetryTracer,
+// ProbeTracer and ConnectTracer; CombineTracers joins several. Adapters live
+// in their own packages and are registered by the caller: clusterslog
+// (log/slog), clusterprom (a Prometheus collector, in a module of its own) and
+// clustersql (a *sql.DB on the pool for database/sql code).
+//
 // # Configuration
 //
 // ParseConfig accepts every pgxpool connection string plus cluster_*
