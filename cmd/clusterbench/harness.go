@@ -186,7 +186,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 
 	if plan.settle != nil {
 		// Let the pool open its connections first, so the start is uneven.
-		waitFor(ctx, 20*time.Second, func() bool { return int(pool.Stat().TotalConns()) >= plan.poolSize })
+		waitFor(ctx, 20*time.Second, func() bool { return established(pool) >= plan.poolSize })
 		if err := plan.settle(ctx, t.c, ev.mark); err != nil {
 			return res, err
 		}
@@ -330,7 +330,7 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		if err != nil {
 			return nil, err
 		}
-		waitFor(ctx, 20*time.Second, func() bool { return int(pool.Stat().TotalConns()) >= plan.poolSize })
+		waitFor(ctx, 20*time.Second, func() bool { return established(pool) >= plan.poolSize })
 		smp := startSampler(ctx, t.counter, time.Now(), a.elapsed.Seconds())
 		a.done++
 		label := fmt.Sprintf("%s (turn %d of %d)", kind, a.done, turns)
@@ -367,6 +367,13 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		res = append(res, r)
 	}
 	return res, nil
+}
+
+// established is how many of the pool's connections are open (connects in
+// progress, which pgxpool's TotalConns includes, not counted).
+func established(pool db) int {
+	s := pool.Stat()
+	return int(s.TotalConns() - s.ConstructingConns())
 }
 
 // waitFor polls cond every 20 ms until it holds or the timeout passes.
