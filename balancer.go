@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"maps"
@@ -555,9 +556,23 @@ func (b *balancer) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 			continue
 		}
 		b.hostNodes[key] = id
-		groups = append(groups, &hostGroup{key: key, entries: []*pgconn.FallbackConfig{{Host: host, Port: uint16(port), TLSConfig: cc.TLSConfig}}})
+		groups = append(groups, &hostGroup{key: key, entries: []*pgconn.FallbackConfig{{Host: host, Port: uint16(port), TLSConfig: tlsFor(cc.TLSConfig, host)}}})
 	}
 	return groups
+}
+
+// tlsFor returns the TLS settings for dialling host with the settings tc
+// that pgconn built for another host. sslmode=verify-full sets ServerName to
+// the host it was parsed for, and a certificate must be checked against the
+// name actually dialled, so the copy names host; the other modes leave
+// ServerName empty (verify-ca checks the chain itself) and tc is shared.
+func tlsFor(tc *tls.Config, host string) *tls.Config {
+	if tc == nil || tc.ServerName == "" || tc.ServerName == host {
+		return tc
+	}
+	c := tc.Clone()
+	c.ServerName = host
+	return c
 }
 
 // setHosts writes groups into cc in the given order.

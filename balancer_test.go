@@ -2,6 +2,7 @@ package clusterpool
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -395,5 +396,23 @@ func TestGossipErrorsThatStopQuerying(t *testing.T) {
 	}
 	if !isTransient(context.DeadlineExceeded) {
 		t.Error("a timeout must not stop gossip queries")
+	}
+}
+
+func TestTLSForNamesTheDialledHost(t *testing.T) {
+	if got := tlsFor(nil, "10.0.0.2"); got != nil {
+		t.Errorf("tlsFor(nil) = %v, want nil", got)
+	}
+	verifyCA := &tls.Config{InsecureSkipVerify: true}
+	if got := tlsFor(verifyCA, "10.0.0.2"); got != verifyCA {
+		t.Errorf("tlsFor without ServerName made a copy; want the shared config")
+	}
+	full := &tls.Config{ServerName: "lb.example.com"}
+	got := tlsFor(full, "node2.example.com")
+	if got == full || got.ServerName != "node2.example.com" {
+		t.Errorf("tlsFor(verify-full) ServerName = %q (same pointer %v), want a copy naming node2.example.com", got.ServerName, got == full)
+	}
+	if full.ServerName != "lb.example.com" {
+		t.Errorf("tlsFor changed the original config's ServerName to %q", full.ServerName)
 	}
 }

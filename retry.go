@@ -385,8 +385,12 @@ func nextBackoff(next time.Duration, now, deadline time.Time, hasDeadline bool) 
 	return next, true
 }
 
-// sleepCtx sleeps for d or until ctx is done, whichever comes first.
-func sleepCtx(ctx context.Context, d time.Duration) error {
+// sleepCtx sleeps for d or until ctx is done, whichever comes first. A
+// receive from wake also ends the sleep early, without error: the pool's
+// Close uses it so that a call backing off does not sleep on after the pool
+// is gone, but makes its next attempt at once and gets pgxpool's
+// closed-pool error from it.
+func sleepCtx(ctx context.Context, wake <-chan struct{}, d time.Duration) error {
 	if d <= 0 {
 		return ctx.Err()
 	}
@@ -394,6 +398,8 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return nil
+	case <-wake:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
@@ -718,7 +724,7 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 		n.retries.Add(1)
 	}
 	l.p.obs.retrying(ctx, params, delay)
-	if serr := sleepCtx(ctx, delay); serr != nil {
+	if serr := sleepCtx(ctx, l.p.bgCtx.Done(), delay); serr != nil {
 		return l.giveUp(err, unknown, serr)
 	}
 	return nil

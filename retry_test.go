@@ -301,11 +301,16 @@ func TestBackoffBounds(t *testing.T) {
 func TestSleepCtx(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := sleepCtx(ctx, time.Hour); !errors.Is(err, context.Canceled) {
+	if err := sleepCtx(ctx, nil, time.Hour); !errors.Is(err, context.Canceled) {
 		t.Errorf("sleepCtx on a canceled context = %v", err)
 	}
-	if err := sleepCtx(context.Background(), time.Millisecond); err != nil {
+	if err := sleepCtx(context.Background(), nil, time.Millisecond); err != nil {
 		t.Errorf("sleepCtx = %v", err)
+	}
+	wake := make(chan struct{})
+	close(wake)
+	if err := sleepCtx(context.Background(), wake, time.Hour); err != nil {
+		t.Errorf("sleepCtx woken = %v, want nil (the next attempt reports the closed pool)", err)
 	}
 }
 
