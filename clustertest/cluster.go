@@ -2,11 +2,13 @@ package clustertest
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -31,6 +33,11 @@ type Cluster struct {
 
 	lb   *balancer
 	keys cancelKeys
+
+	// serverTLS is what every node proxy presents in TLS mode; nil without
+	// Options.TLS. caFile is where the CA that signed it is, "" without.
+	serverTLS *tls.Config
+	caFile    string
 
 	// wg counts every goroutine the cluster starts; Close waits for it.
 	wg sync.WaitGroup
@@ -121,6 +128,13 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		os.RemoveAll(c.dir)
 		return nil, fmt.Errorf("clustertest: %w", err)
 	}
+	if opts.TLS {
+		if err := c.makeTLS(); err != nil {
+			c.owner.Close()
+			os.RemoveAll(c.dir)
+			return nil, err
+		}
+	}
 	if err := c.prepare(ctx); err != nil {
 		c.owner.Close()
 		os.RemoveAll(c.dir)
@@ -210,16 +224,46 @@ func (c *Cluster) startNode(ctx context.Context, id int) (*Node, error) {
 	return n, nil
 }
 
+// makeTLS generates the cluster's CA and server certificate and writes the
+// CA certificate to the cluster's directory, where clients find it.
+func (c *Cluster) makeTLS() error {
+	cfg, caPEM, err := newServerTLS(time.Now())
+	if err != nil {
+		return err
+	}
+	caFile := filepath.Join(c.dir, "ca.pem")
+	if err := os.WriteFile(caFile, caPEM, 0o644); err != nil {
+		return fmt.Errorf("clustertest: writing the CA certificate: %w", err)
+	}
+	c.serverTLS, c.caFile = cfg, caFile
+	return nil
+}
+
+// CAFile returns the path of the PEM file holding the certificate of the CA
+// that signed the nodes' certificate in TLS mode (see Options.TLS), for a
+// client's sslrootcert; "" without TLS. The file goes away with Close.
+func (c *Cluster) CAFile() string { return c.caFile }
+
 // DSN returns a connection string to the cluster's load balancer:
-// postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable.
+// postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable, or, in TLS
+// mode, ...?sslmode=verify-full&sslrootcert=CAFILE.
 func (c *Cluster) DSN() string {
-	return "postgres://postgres@" + c.lb.addr() + "/postgres?sslmode=disable"
+	return "postgres://postgres@" + c.lb.addr() + "/postgres?" + c.sslParams()
 }
 
 // HostsDSN returns a multi-host connection string listing every node's proxy
-// in ID order, for clients that spread connections themselves.
+// in ID order, for clients that spread connections themselves. Its SSL
+// parameters are DSN's.
 func (c *Cluster) HostsDSN() string {
-	return "postgres://postgres@" + c.hostList() + "/postgres?sslmode=disable"
+	return "postgres://postgres@" + c.hostList() + "/postgres?" + c.sslParams()
+}
+
+// sslParams are the query parameters with which a client reaches the proxies.
+func (c *Cluster) sslParams() string {
+	if c.caFile == "" {
+		return "sslmode=disable"
+	}
+	return "sslmode=verify-full&sslrootcert=" + url.QueryEscape(c.caFile)
 }
 
 func (c *Cluster) hostList() string {

@@ -90,13 +90,15 @@ func (n *Node) ID() int { return n.id }
 // Addr returns the node proxy's host:port. It stays the same across Restart.
 func (n *Node) Addr() string { return n.addr }
 
-// DSN returns a connection string straight to this node's proxy.
+// DSN returns a connection string straight to this node's proxy, with the
+// cluster's SSL parameters (see Cluster.DSN).
 func (n *Node) DSN() string {
-	return "postgres://postgres@" + n.addr + "/postgres?sslmode=disable"
+	return "postgres://postgres@" + n.addr + "/postgres?" + n.c.sslParams()
 }
 
 // PostgresDSN returns a connection string straight to the node's server,
-// bypassing the proxy: no rewritten key, no faults, not counted.
+// bypassing the proxy: no rewritten key, no faults, not counted, and no TLS
+// even in TLS mode.
 func (n *Node) PostgresDSN() string {
 	return "postgres://postgres@" + n.backend.addr() + "/postgres?sslmode=disable"
 }

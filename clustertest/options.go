@@ -70,6 +70,17 @@ type Options struct {
 	// (internal/fakepg) instead of PostgreSQL: no binaries needed, much
 	// faster, but it only understands the statements fakepg documents.
 	InProcess bool
+	// TLS makes every node require TLS, as CockroachDB in secure mode does.
+	// Start generates, in memory, a CA (ECDSA P-256) and a server
+	// certificate it signs for 127.0.0.1, ::1 and localhost, valid for a
+	// week, and writes the CA certificate to a file (Cluster.CAFile) in the
+	// cluster's directory. The node proxies terminate TLS, after an
+	// SSLRequest or directly (sslnegotiation=direct); their leg to the server
+	// stays plain, so it works with InProcess too. A startup message without
+	// TLS gets FATAL 28000 "node is running secure mode, SSL connection
+	// required"; a CancelRequest is accepted with or without TLS. DSN,
+	// HostsDSN and Node.DSN then carry sslmode=verify-full and sslrootcert.
+	TLS bool
 	// BaseDir is the parent directory of the cluster's directory (data
 	// directories, server logs) and of the initdb template that is reused
 	// across clusters and processes. Empty means os.TempDir(). When the

@@ -2,6 +2,7 @@ package clustertest
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -32,9 +33,12 @@ const (
 // startup and each query round trip end, and the client's message types to
 // know where round trips start.
 type proxyConn struct {
-	n      *Node
-	client net.Conn
-	done   chan struct{} // closed by close
+	n *Node
+	// raw is the accepted TCP connection. Closing it ends everything, and,
+	// unlike closing a TLS connection, sends nothing (no close_notify that
+	// could block on a client not reading): a Kill stays a crash.
+	raw  net.Conn
+	done chan struct{} // closed by close
 
 	// startupDone is set by the server-to-client pump at the first
 	// ReadyForQuery, before the client sees it; from then on client messages
@@ -49,9 +53,11 @@ type proxyConn struct {
 	key     *cancelKey // the key given to the client, while registered
 
 	// wmu serialises writes to the client, so that a shutdown message is
-	// written between two relayed messages, never inside one.
-	wmu sync.Mutex
-	cw  *bufio.Writer
+	// written between two relayed messages, never inside one. It also
+	// protects client and cw, which switch to TLS once it is negotiated.
+	wmu    sync.Mutex
+	client net.Conn // raw, or the TLS connection over it
+	cw     *bufio.Writer
 	// shut is set (under wmu) once the connection was told to go away; the
 	// pump writes nothing after it.
 	shut bool
@@ -68,7 +74,7 @@ type proxyConn struct {
 }
 
 func newProxyConn(n *Node, client net.Conn) *proxyConn {
-	return &proxyConn{n: n, client: client, done: make(chan struct{}), cw: bufio.NewWriterSize(client, 16<<10)}
+	return &proxyConn{n: n, raw: client, client: client, done: make(chan struct{}), cw: bufio.NewWriterSize(client, 16<<10)}
 }
 
 // close closes both sockets at once and releases everything the connection
@@ -85,7 +91,7 @@ func (pc *proxyConn) close() {
 	pc.mu.Unlock()
 
 	close(pc.done)
-	pc.client.Close()
+	pc.raw.Close()
 	if server != nil {
 		server.Close()
 	}
@@ -124,7 +130,7 @@ func (pc *proxyConn) shutdown(msg string) {
 	if !pc.shut {
 		pc.shut = true
 		pc.client.SetWriteDeadline(time.Now().Add(time.Second))
-		pc.cw.Write(fatalMessage(msg))
+		pc.cw.Write(errorMessage(sqlStateAdminShutdown, msg))
 		pc.cw.Flush()
 	}
 	pc.wmu.Unlock()
@@ -190,15 +196,58 @@ func (pc *proxyConn) dialServer() (net.Conn, error) {
 func (pc *proxyConn) serve() {
 	defer pc.n.c.wg.Done()
 	defer pc.close()
-	cr := bufio.NewReaderSize(pc.client, 16<<10)
+	cr := bufio.NewReaderSize(pc.raw, 16<<10)
+	secure := pc.n.c.serverTLS != nil
+	encrypted := false
+	if secure {
+		// A client may start TLS at once, without an SSLRequest
+		// (sslnegotiation=direct).
+		if b, err := cr.Peek(1); err != nil {
+			return
+		} else if b[0] == tlsRecordHandshake {
+			if !pc.n.waitHealed(pc.done) {
+				return
+			}
+			if cr = pc.startTLS(cr); cr == nil {
+				return
+			}
+			if !pc.alpnAgreed() {
+				return // as PostgreSQL, which insists on ALPN for direct TLS
+			}
+			encrypted = true
+		}
+	}
 	var startup []byte
 	for startup == nil {
 		pkt, err := readStartupPacket(cr)
 		if err != nil {
 			return
 		}
-		switch binary.BigEndian.Uint32(pkt[4:8]) {
-		case sslRequestCode, gssEncRequestCode:
+		switch code := binary.BigEndian.Uint32(pkt[4:8]); {
+		case code == cancelRequestCode:
+			pc.n.c.forwardCancel(pkt, pc.done)
+			return
+		case secure && code == sslRequestCode:
+			// A second SSLRequest, or bytes sent after it before the answer
+			// (which a man in the middle could have injected), end the
+			// connection, as in PostgreSQL.
+			if encrypted || cr.Buffered() > 0 || !pc.n.waitHealed(pc.done) {
+				return
+			}
+			// Even a draining node accepts TLS: its refusal must reach the
+			// client, which only reads it encrypted.
+			if pc.writeClient(true, []byte{'S'}) != nil {
+				return
+			}
+			if cr = pc.startTLS(cr); cr == nil {
+				return
+			}
+			encrypted = true
+		case secure && code == gssEncRequestCode:
+			if pc.writeClient(true, []byte{'N'}) != nil {
+				return
+			}
+		case code == sslRequestCode || code == gssEncRequestCode:
 			if pc.n.State() != Up {
 				// The refusal that follows is sent in plain text.
 				if pc.writeClient(true, []byte{'N'}) != nil {
@@ -209,16 +258,17 @@ func (pc *proxyConn) serve() {
 			if !pc.negotiate(pkt, cr) {
 				return
 			}
-		case cancelRequestCode:
-			pc.n.c.forwardCancel(pkt, pc.done)
-			return
 		default:
 			startup = pkt
 		}
 	}
 	pc.count()
+	if secure && !encrypted {
+		pc.writeClient(true, errorMessage(sqlStateInvalidAuthorization, msgSSLRequired))
+		return
+	}
 	if pc.n.State() != Up {
-		pc.writeClient(true, fatalMessage(msgNotAccepting))
+		pc.writeClient(true, errorMessage(sqlStateAdminShutdown, msgNotAccepting))
 		return
 	}
 	server, err := pc.dialServer()
@@ -459,11 +509,20 @@ func (pc *proxyConn) rewriteKey(msg []byte) {
 	}
 }
 
-// fatalMessage is an ErrorResponse with severity FATAL and SQLSTATE 57P01
-// (admin_shutdown), what CockroachDB sends while it drains.
-func fatalMessage(msg string) []byte {
+// SQLSTATEs of the proxy's own FATAL errors.
+const (
+	// sqlStateAdminShutdown is what CockroachDB sends while it drains.
+	sqlStateAdminShutdown = "57P01"
+	// sqlStateInvalidAuthorization refuses a connection without TLS in TLS
+	// mode, as PostgreSQL's hostssl rules do. (CockroachDB sends 08P01 with
+	// the same message; 28000 says plainly that retrying will not help.)
+	sqlStateInvalidAuthorization = "28000"
+)
+
+// errorMessage is an ErrorResponse with severity FATAL.
+func errorMessage(code, msg string) []byte {
 	b := []byte{'E', 0, 0, 0, 0}
-	for _, f := range [][2]string{{"S", "FATAL"}, {"V", "FATAL"}, {"C", "57P01"}, {"M", msg}} {
+	for _, f := range [][2]string{{"S", "FATAL"}, {"V", "FATAL"}, {"C", code}, {"M", msg}} {
 		b = append(b, f[0][0])
 		b = append(b, f[1]...)
 		b = append(b, 0)
@@ -471,6 +530,31 @@ func fatalMessage(msg string) []byte {
 	b = append(b, 0)
 	binary.BigEndian.PutUint32(b[1:5], uint32(len(b)-1))
 	return b
+}
+
+// startTLS runs the server side of the TLS handshake on the client
+// connection, whose first handshake bytes may already sit in cr, and returns
+// a reader of the decrypted stream, or nil if the handshake failed. From
+// then on writes to the client are encrypted too. The proxy's leg to its
+// server stays plain, as behind a TLS-terminating gateway.
+func (pc *proxyConn) startTLS(cr *bufio.Reader) *bufio.Reader {
+	tc := tls.Server(bufferedConn{Conn: pc.raw, r: cr}, pc.n.c.serverTLS)
+	if err := tc.Handshake(); err != nil {
+		pc.n.c.logf("node %d: TLS handshake with %v failed: %v", pc.n.id, pc.raw.RemoteAddr(), err)
+		return nil
+	}
+	pc.wmu.Lock()
+	pc.client = tc
+	pc.cw = bufio.NewWriterSize(tc, 16<<10)
+	pc.wmu.Unlock()
+	return bufio.NewReaderSize(tc, 16<<10)
+}
+
+func (pc *proxyConn) alpnAgreed() bool {
+	pc.wmu.Lock()
+	defer pc.wmu.Unlock()
+	tc, ok := pc.client.(*tls.Conn)
+	return ok && tc.ConnectionState().NegotiatedProtocol == alpnPostgres
 }
 
 func parameterStatus(name, value string) []byte {
