@@ -27,6 +27,24 @@
 // goes to a node that is Up, at random (seeded by Options.Seed) or round
 // robin. Cluster.HostsDSN lists every node's proxy instead.
 //
+// # TLS
+//
+// With Options.TLS the nodes require TLS, like CockroachDB in secure mode.
+// Start generates a CA and a server certificate for 127.0.0.1, ::1 and
+// localhost (ECDSA P-256, in memory, valid for a week) and writes the CA
+// certificate to Cluster.CAFile; DSN, HostsDSN and Node.DSN then carry
+// sslmode=verify-full&sslrootcert=CAFILE, so pgx checks the chain and the
+// host name on every connection, through the load balancer (which still
+// forwards bytes) and straight to each node. Each node proxy terminates TLS,
+// after an SSLRequest or at once (sslnegotiation=direct, with ALPN
+// "postgresql"), and keeps reading the protocol behind it: the BackendKey
+// rewrite, crdb_version, drains, partitions, latency and capacity work as
+// without TLS. Its leg to the server stays plain, so InProcess nodes get TLS
+// too, and Node.PostgresDSN is unencrypted. A startup without TLS is refused
+// with FATAL 28000 "node is running secure mode, SSL connection required";
+// a CancelRequest is accepted with or without TLS (pgx sends it over TLS
+// when the connection it cancels is encrypted).
+//
 // # Faults
 //
 // Node.Drain follows CockroachDB's node shutdown (57P01 for new connections,

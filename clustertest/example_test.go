@@ -2,9 +2,11 @@ package clustertest_test
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log"
+	"strings"
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
@@ -56,4 +58,35 @@ func Example() {
 	// connected to node 1
 	// 57P01 server is not accepting clients, try another node
 	// node 2 is Down
+}
+
+// With Options.TLS the nodes require TLS and the cluster's connection strings
+// verify their certificate against the CA the cluster made up; a client
+// without TLS is refused.
+func ExampleOptions_tls() {
+	ctx := context.Background()
+	c, err := clustertest.Start(ctx, clustertest.Options{Nodes: 2, InProcess: true, TLS: true})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+
+	fmt.Println(strings.Contains(c.DSN(), "sslmode=verify-full&sslrootcert="))
+	conn, err := pgx.Connect(ctx, c.DSN())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	_, encrypted := conn.PgConn().Conn().(*tls.Conn)
+	fmt.Println("encrypted:", encrypted)
+
+	_, err = pgx.Connect(ctx, "postgres://postgres@"+c.Node(1).Addr()+"/postgres?sslmode=disable")
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		fmt.Println(pgErr.Code, pgErr.Message)
+	}
+	// Output:
+	// true
+	// encrypted: true
+	// 28000 node is running secure mode, SSL connection required
 }

@@ -270,3 +270,50 @@ func TestTLSUnencryptedDataAfterSSLRequest(t *testing.T) {
 		t.Fatalf("got %q, %v; want the connection closed without an answer", b, err)
 	}
 }
+
+// BenchmarkTLSConnect alternates a connect (and close) to a node of a plain
+// cluster and to one of a TLS cluster (verify-full, ECDSA P-256), so both see
+// the same machine load, and reports the extra time a TLS connect takes and
+// the ratio of the two. InProcess nodes isolate the handshake; PostgreSQL
+// nodes add the server's backend start to both.
+func BenchmarkTLSConnect(b *testing.B) {
+	for _, inProcess := range []bool{true, false} {
+		name := "postgres"
+		if inProcess {
+			name = "inprocess"
+		}
+		b.Run(name, func(b *testing.B) {
+			if !inProcess {
+				if err := Available(); err != nil {
+					b.Skip(err)
+				}
+			}
+			quiet := func(string, ...any) {}
+			plain := New(b, Options{Nodes: 1, InProcess: inProcess, Logf: quiet})
+			secure := New(b, Options{Nodes: 1, InProcess: inProcess, TLS: true, Logf: quiet})
+			ctx := context.Background()
+			var cfgs [2]*pgconn.Config
+			for i, dsn := range []string{plain.Node(1).DSN(), secure.Node(1).DSN()} {
+				cfg, err := pgconn.ParseConfig(dsn)
+				if err != nil {
+					b.Fatal(err)
+				}
+				cfgs[i] = cfg
+			}
+			var spent [2]time.Duration
+			for b.Loop() {
+				for i, cfg := range cfgs {
+					start := time.Now()
+					conn, err := pgconn.ConnectConfig(ctx, cfg)
+					if err != nil {
+						b.Fatal(err)
+					}
+					conn.Close(ctx)
+					spent[i] += time.Since(start)
+				}
+			}
+			b.ReportMetric(float64(spent[1]-spent[0])/float64(b.N)/1e3, "tls-extra-µs/connect")
+			b.ReportMetric(float64(spent[1])/float64(spent[0]), "tls/plain")
+		})
+	}
+}
