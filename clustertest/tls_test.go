@@ -64,7 +64,15 @@ func TestTLSVerifyFull(t *testing.T) {
 				t.Fatalf("%s: SELECT 1: %v %d", dsn, err, one)
 			}
 		}
-		// localhost and ::1 are in the certificate too.
+		// A node added later presents the same certificate.
+		added, err := c.AddNode(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if conn := connect(t, ctx, added.DSN()); !isTLS(conn) {
+			t.Fatal("added node: connection is not TLS")
+		}
+		// So is localhost (and ::1, not tested: the machine may lack IPv6).
 		port := c.Node(1).Addr()[strings.LastIndexByte(c.Node(1).Addr(), ':')+1:]
 		conn := connect(t, ctx, strings.Replace(c.Node(1).DSN(), c.Node(1).Addr(), "localhost:"+port, 1))
 		if !isTLS(conn) {
@@ -119,10 +127,56 @@ func TestTLSRequired(t *testing.T) {
 	if !isTLS(conn) {
 		t.Fatal("sslmode=prefer: connection is not TLS")
 	}
-	// GSSENCRequest is answered 'N', and the client may go on with TLS.
-	conn = connect(t, ctx, c.Node(1).DSN()+"&gssencmode=prefer")
-	if !isTLS(conn) {
-		t.Fatal("gssencmode=prefer: connection is not TLS")
+	// GSSENCRequest (which pgx never sends) is answered 'N', and the client
+	// may go on with an SSLRequest, answered 'S'.
+	nc, err := net.Dial("tcp", c.Node(1).Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(20 * time.Second))
+	for _, req := range []struct {
+		code uint32
+		want byte
+	}{{gssEncRequestCode, 'N'}, {sslRequestCode, 'S'}} {
+		pkt := binary.BigEndian.AppendUint32([]byte{0, 0, 0, 8}, req.code)
+		answer := make([]byte, 1)
+		if _, err := nc.Write(pkt); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(nc, answer); err != nil || answer[0] != req.want {
+			t.Fatalf("request %d: answer %q, %v; want %q", req.code, answer, err, req.want)
+		}
+	}
+}
+
+// TestTLSPartition: a partitioned node holds the TLS handshake like any
+// other byte, and a TLS connection's query, until Heal.
+func TestTLSPartition(t *testing.T) {
+	c := New(t, Options{Nodes: 1, TLS: true, InProcess: true})
+	ctx := testCtx(t)
+	n := c.Node(1)
+	open := connect(t, ctx, n.DSN())
+	n.Partition()
+	for _, dsn := range []string{n.DSN(), n.DSN() + "&sslnegotiation=direct"} {
+		short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		_, err := pgx.Connect(short, dsn)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("%s: connect to a partitioned node: %v, want a timeout", dsn, err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := open.Exec(ctx, "SELECT 1")
+		done <- err
+	}()
+	n.Heal()
+	if err := <-done; err != nil {
+		t.Fatalf("query held by the partition: %v", err)
+	}
+	if conn := connect(t, ctx, n.DSN()); !isTLS(conn) {
+		t.Fatal("not TLS after Heal")
 	}
 }
 
