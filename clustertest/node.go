@@ -108,7 +108,8 @@ func (n *Node) backendAddr() string { return n.backend.addr() }
 // OpenConns returns the number of client connections open on the node's
 // proxy now. A connection counts from its startup message (so CancelRequest
 // connections never count) until either side closes it; connections refused
-// while draining count for the moment they are open.
+// while draining, or for want of TLS in TLS mode, count for the moment they
+// are open.
 func (n *Node) OpenConns() int { return int(n.open.Load()) }
 
 // TotalConns returns the number of client connections the proxy has ever

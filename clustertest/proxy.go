@@ -540,7 +540,11 @@ func errorMessage(code, msg string) []byte {
 func (pc *proxyConn) startTLS(cr *bufio.Reader) *bufio.Reader {
 	tc := tls.Server(bufferedConn{Conn: pc.raw, r: cr}, pc.n.c.serverTLS)
 	if err := tc.Handshake(); err != nil {
-		pc.n.c.logf("node %d: TLS handshake with %v failed: %v", pc.n.id, pc.raw.RemoteAddr(), err)
+		select {
+		case <-pc.done: // closed by Kill, a drain or Close: not worth a line
+		default:
+			pc.n.c.logf("node %d: TLS handshake with %v failed: %v", pc.n.id, pc.raw.RemoteAddr(), err)
+		}
 		return nil
 	}
 	pc.wmu.Lock()
