@@ -24,6 +24,7 @@ import (
 
 	"github.com/clusterpool/clusterpool"
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
 )
 
 // tlsPassword is in every connection string of the TLS tests (trust auth
@@ -49,6 +50,7 @@ func TestTLS(t *testing.T) {
 	t.Run("Hosts", func(t *testing.T) { testTLSPool(t, c, c.HostsDSN()) })
 	t.Run("RollingRestart", func(t *testing.T) { testTLSRollingRestart(t, c) })
 	t.Run("WrongCA", func(t *testing.T) { testTLSWrongCA(t, c) })
+	t.Run("GossipScaleOut", func(t *testing.T) { testTLSGossipScaleOut(t, c) }) // last: adds a node
 }
 
 // withPassword puts tlsPassword into one of the cluster's connection strings.
@@ -350,5 +352,74 @@ func TestTLSWrongCANotRetried(t *testing.T) {
 	}
 	if n := p.ClusterStat().RetryAttempts(); n != 0 {
 		t.Errorf("%d retries of a certificate error: %v", n, err)
+	}
+}
+
+// testTLSGossipScaleOut: a node added after the pool started is missing from
+// the pool's connection string; the pool learns its address from the gossip
+// tables (made up on each PostgreSQL server, as CockroachDB shows them) and
+// dials it with the same verify-full TLS settings. A learned host without
+// TLS would be refused with 28000 and the node would get nothing.
+func testTLSGossipScaleOut(t *testing.T, c *clustertest.Cluster) {
+	p, _ := tlsPool(t, c.HostsDSN(), 12, "&cluster_probe_interval=200ms"+tlsBalanceParams)
+	setGossip(t, c)
+	tlsWait(t, func() string {
+		for _, s := range p.NodeStats() {
+			if s.TotalConns != 4 {
+				return fmt.Sprintf("pool's nodes %+v", p.NodeStats())
+			}
+		}
+		return ""
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	n4, err := c.AddNode(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setGossip(t, c)
+	tlsWait(t, func() string {
+		if k := n4.OpenConns(); k < 3 {
+			return fmt.Sprintf("node 4, known only from gossip, holds %d connections; servers %v", k, c.OpenConns())
+		}
+		return ""
+	})
+	for _, s := range p.NodeStats() {
+		if int(s.ID) == n4.ID() && s.TotalConns == 0 {
+			t.Errorf("the pool does not count node 4's connections: %+v", p.NodeStats())
+		}
+	}
+}
+
+// setGossip writes crdb_internal.gossip_liveness and gossip_nodes on every
+// node's server (straight, without the proxy), one live node per row with its
+// proxy address.
+func setGossip(t *testing.T, c *clustertest.Cluster) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var liveness, nodes []string
+	for _, n := range c.Nodes() {
+		liveness = append(liveness, fmt.Sprintf("(%d, false, 'active')", n.ID()))
+		nodes = append(nodes, fmt.Sprintf("(%d, '%s', true)", n.ID(), n.Addr()))
+	}
+	sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
+CREATE TABLE IF NOT EXISTS crdb_internal.gossip_liveness (node_id int, draining bool, membership text);
+CREATE TABLE IF NOT EXISTS crdb_internal.gossip_nodes (node_id int, address text, is_live bool);
+BEGIN;
+DELETE FROM crdb_internal.gossip_liveness; DELETE FROM crdb_internal.gossip_nodes;
+INSERT INTO crdb_internal.gossip_liveness VALUES ` + strings.Join(liveness, ",") + `;
+INSERT INTO crdb_internal.gossip_nodes VALUES ` + strings.Join(nodes, ",") + `;
+COMMIT;`
+	for _, n := range c.Nodes() {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = conn.Exec(ctx, sql)
+		conn.Close(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 }
