@@ -313,6 +313,8 @@ type balancer struct {
 	// node identity from the BackendKey, so no query is needed to decide).
 	place  bool
 	redial atomic.Bool // fixed at creation; atomic so the report can compare
+	// health checks nodes suspected of not answering (health.go).
+	health *healthChecker
 
 	// Counters for tests and the README's numbers.
 	rounds  atomic.Int64 // balancing rounds run
@@ -354,6 +356,8 @@ func newBalancer(p *Pool) *balancer {
 		downHosts: make(map[string]time.Time),
 	}
 	if p.tracking() {
+		b.health = newHealthChecker(p)
+		p.tracker.suspect = p.suspectNode
 		b.place = s.multiHost
 		b.redial.Store(!s.multiHost && s.identifyNode == nil &&
 			(s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey))
@@ -362,8 +366,14 @@ func newBalancer(p *Pool) *balancer {
 }
 
 // install chains the balancer's BeforeConnect in front of the user's, which
-// runs last and so may still override the host order.
+// runs last and so may still override the host order (and the connect
+// timeout). When nodes are tracked it also wraps ShouldPing, so that a
+// connection whose acquire-time ping fails gets its node checked
+// (health.go); the user's ShouldPing, if any, still decides.
 func (b *balancer) install(cfg *pgxpool.Config) {
+	if b.health != nil {
+		cfg.ShouldPing = chainShouldPing(cfg.ShouldPing)
+	}
 	user := cfg.BeforeConnect
 	cfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
 		if err := b.beforeConnect(ctx, cc); err != nil {
@@ -383,11 +393,20 @@ func (b *balancer) start() {
 	}
 	b.p.goBackground(b.run)
 	b.p.goBackground(b.p.runProbe)
+	b.p.goBackground(b.health.run)
 }
 
 // beforeConnect takes a connect-rate token, without any lock held, then
-// places the connection.
+// places the connection. Without a connect_timeout of the user's, each host
+// gets defaultConnectTimeout (see health.go): pgxpool runs connects under
+// its own context, not the acquirer's, so a connect to a node that accepts
+// TCP and never answers would otherwise hold a pool slot for pgxpool's
+// 2 minutes, and with hosts listed pgconn moves on to the next host only
+// when the timeout ends the attempt.
 func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
+	if b.p.config.ConnConfig.ConnectTimeout <= 0 {
+		cc.ConnectTimeout = defaultConnectTimeout
+	}
 	if b.limiter != nil {
 		if err := b.p.obs.waitConnect(ctx, b.limiter); err != nil {
 			return fmt.Errorf("clusterpool: waiting for the connect rate limit (%g/s): %w", float64(b.limiter.Limit()), err)
@@ -597,8 +616,8 @@ func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
 		id = DecodeProcessID(pgConn.PID())
 	}
 	now := time.Now()
+	var failed NodeID
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	if i := slices.IndexFunc(b.reservations, func(r reservation) bool { return r.host == reserved }); i >= 0 {
 		b.reservations = slices.Delete(b.reservations, i, i+1)
 	}
@@ -610,9 +629,16 @@ func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
 	if host, _, err := net.SplitHostPort(reserved); err == nil && net.ParseIP(host) != nil && addr != "" {
 		if addr != reserved {
 			b.downHosts[reserved] = now
+			failed = b.hostNodes[reserved]
 		} else {
 			delete(b.downHosts, reserved)
 		}
+	}
+	b.mu.Unlock()
+	if failed != 0 {
+		// Refused, timed out, or turned away: the check tells a node that
+		// is gone or silent from one that answers.
+		b.p.suspectNode(b.p.tracker.node(failed))
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 func TestBalanceTargets(t *testing.T) {
@@ -414,5 +415,23 @@ func TestTLSForNamesTheDialledHost(t *testing.T) {
 	}
 	if full.ServerName != "lb.example.com" {
 		t.Errorf("tlsFor changed the original config's ServerName to %q", full.ServerName)
+	}
+}
+
+// TestChainShouldPing: the user's ShouldPing (or pgxpool's default, idle
+// over a second) still decides. (That a pinged connection is marked needs a
+// real connection: TestPartition checks that its node gets checked.)
+func TestChainShouldPing(t *testing.T) {
+	def := chainShouldPing(nil)
+	if def(context.Background(), pgxpool.ShouldPingParams{IdleDuration: time.Millisecond}) {
+		t.Error("default pings a connection idle for 1 ms")
+	}
+	if !def(context.Background(), pgxpool.ShouldPingParams{IdleDuration: 2 * time.Second}) {
+		t.Error("default does not ping a connection idle for 2 s")
+	}
+	calls := 0
+	user := chainShouldPing(func(context.Context, pgxpool.ShouldPingParams) bool { calls++; return false })
+	if user(context.Background(), pgxpool.ShouldPingParams{IdleDuration: time.Hour}) || calls != 1 {
+		t.Error("the user's ShouldPing did not decide")
 	}
 }

@@ -97,7 +97,13 @@ func (p *Pool) runProbe(ctx context.Context) {
 // credentials, DialFunc, user BeforeConnect) but is not a pool connection:
 // it is neither tracked nor rate limited, and it is closed at once. A failed
 // probe counts against no node: behind a load balancer it is not known which
-// node failed, and the pool's own connects report real failures.
+// node failed, and the pool's own connects report real failures. With hosts
+// listed, the node behind the host tried first is checked (health.go),
+// which evicts it only if it does not answer the check either.
+//
+// Every step (the user's BeforeConnect aside) runs under one context with
+// the probe's timeout, closing the connection included, so a node that
+// accepts TCP and never answers holds the probe no longer than that.
 func (p *Pool) probe(parent context.Context, st *probeState) bool {
 	ctx, cancel := context.WithTimeout(parent, min(p.settings.probeInterval, maxProbeTimeout))
 	defer cancel()
@@ -138,9 +144,14 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 	}
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
+		if !errors.Is(ctx.Err(), context.Canceled) { // not the pool closing
+			p.suspectHost(hostPort(cc.Host, cc.Port))
+		}
 		return 0, fmt.Errorf("clusterpool: probe: %w", err)
 	}
-	defer closeQuietly(conn)
+	// Terminate is sent while the probe's time lasts; after that the
+	// socket is just closed.
+	defer func() { _ = conn.Close(ctx) }()
 	p.balancer.probes.Add(1)
 	if nc := conn.PgConn().Conn(); nc != nil && nc.RemoteAddr() != nil {
 		p.balancer.reached(nc.RemoteAddr().String())
@@ -158,6 +169,20 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 		}
 	}
 	return id, nil
+}
+
+// suspectHost asks for a check of the node last seen behind host (hosts
+// listed), if any.
+func (p *Pool) suspectHost(host string) {
+	if !p.balancer.place {
+		return
+	}
+	p.balancer.mu.Lock()
+	id := p.balancer.hostNodes[host]
+	p.balancer.mu.Unlock()
+	if id != 0 {
+		p.suspectNode(p.tracker.node(id))
+	}
 }
 
 // isTransient reports whether a gossip query error may go away by itself

@@ -20,9 +20,12 @@ import (
 
 // ErrOutcomeUnknown is matched (with errors.Is) by an error returned when a
 // statement or COMMIT may or may not have been applied: SQLSTATE 40003, a
-// connection that broke after a write was sent, or a COMMIT whose answer
-// never arrived. The pool never re-runs such work unless the caller marked it
-// with WithIdempotent; the caller has to find out what happened.
+// connection that broke after a write was sent, a COMMIT whose answer never
+// arrived, or a write or COMMIT that the caller's own context interrupted
+// after it was sent (the error then matches the context error too). The
+// pool never re-runs such work unless the caller marked it with
+// WithIdempotent; the caller has to find out what happened. Reads, and work
+// that certainly was not sent (pgconn.SafeToRetry), never match it.
 var ErrOutcomeUnknown = errors.New("clusterpool: outcome unknown")
 
 // ErrorClass says what an error means for a retry. Classify computes it.
@@ -210,14 +213,15 @@ type RetryParams struct {
 }
 
 // OutcomeUnknown reports whether the failed attempt may have been applied,
-// which is what makes a retry unsafe: a 40003, or a broken connection after
-// a write or a COMMIT was sent. A failure inside a BeginFunc function before
-// COMMIT is not unknown: the transaction did not commit.
+// which is what makes a retry unsafe: a 40003, or a broken connection (or
+// the caller's context ending) after a write or a COMMIT was sent. A failure
+// inside a BeginFunc function before COMMIT is not unknown: the transaction
+// did not commit.
 func (p RetryParams) OutcomeUnknown() bool {
 	switch p.Class {
 	case ClassAmbiguous:
 		return true
-	case ClassConnection:
+	case ClassConnection, ClassCanceled:
 		if !p.Sent || p.ReadOnly {
 			return false
 		}
@@ -259,10 +263,11 @@ func DefaultRetryPolicy(ctx context.Context, p RetryParams) bool {
 }
 
 // RetryError is returned when the pool retried and gave up, or when it did
-// not retry because the outcome of the work is unknown. It wraps the last
-// attempt's error, so errors.As still finds the *pgconn.PgError, and
-// errors.Is finds ErrOutcomeUnknown when OutcomeUnknown is set and the
-// caller's context error when that ended the retries.
+// not retry because the outcome of the work is unknown, including a single
+// write or COMMIT that the caller's context interrupted after it was sent.
+// It wraps the last attempt's error, so errors.As still finds the
+// *pgconn.PgError, and errors.Is finds ErrOutcomeUnknown when OutcomeUnknown
+// is set and the caller's context error when that ended the call.
 type RetryError struct {
 	// Attempts is the number of attempts made.
 	Attempts int
@@ -276,7 +281,8 @@ type RetryError struct {
 	// outcome was unknown (only idempotent work is retried after that).
 	OutcomeUnknown bool
 	// Interrupted is the caller's context error when the context ended the
-	// retries (during an attempt or a backoff); nil otherwise.
+	// call (during an attempt or a backoff) after a retry or with the
+	// outcome unknown; nil otherwise.
 	Interrupted error
 }
 
@@ -644,9 +650,14 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 	}
 
 	var n *node
+	cut := false // the caller's context cut a call in flight (pgx closed the connection)
 	if c != nil {
+		cut = callerDone && class == ClassCanceled && c.Conn().IsClosed()
 		if cs := connStateOf(c.Conn()); cs != nil {
 			n = cs.node
+			if cut {
+				cs.cut.Store(true)
+			}
 			if !slices.Contains(l.nodes, n.id) {
 				l.nodes = append(l.nodes, n.id)
 			}
@@ -669,16 +680,12 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 		l.p.nodeFailed(n)
 		l.avoid = append(l.avoid, n.id)
 	}
-	if callerDone {
-		if l.attempts == 1 {
-			return err
-		}
-		if class == ClassCanceled && l.lastErr != nil {
-			err = l.lastErr
-		}
-		return l.giveUp(err, l.unknown, ctx.Err())
+	if cut && n != nil {
+		// The caller's deadline cut a call in flight on n: a slow query, or
+		// a node that stopped answering. Not counted against n, but n is
+		// asked in the background whether it still answers (health.go).
+		l.p.suspectNode(n)
 	}
-	l.lastErr = err
 
 	params := RetryParams{
 		Err:        err,
@@ -694,6 +701,19 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 		params.Node = n.id
 	}
 	unknown := params.OutcomeUnknown() || l.unknown
+	if callerDone {
+		// The caller's context ended the call. A write or COMMIT it
+		// interrupted after sending may have been applied: the error says
+		// so (and still matches the context error).
+		if l.attempts == 1 && !unknown {
+			return err
+		}
+		if class == ClassCanceled && l.lastErr != nil {
+			err = l.lastErr
+		}
+		return l.giveUp(err, unknown, ctx.Err())
+	}
+	l.lastErr = err
 	l.unknown = unknown
 	if retryDisabled(ctx) || l.attempts > l.p.settings.maxRetries {
 		return l.giveUp(err, unknown, nil)

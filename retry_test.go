@@ -186,6 +186,14 @@ func TestDefaultRetryPolicy(t *testing.T) {
 		{"permanent", live, RetryParams{Class: ClassPermanent, Sent: true}, false, false},
 		{"permanent idempotent", live, RetryParams{Class: ClassPermanent, Sent: true, Idempotent: true}, false, false},
 		{"canceled", live, RetryParams{Class: ClassCanceled, Sent: true, Idempotent: true}, false, false},
+		// The caller's context cut the attempt (the policy is not asked
+		// then, but OutcomeUnknown decides the error).
+		{"caller's deadline, write sent", done, RetryParams{Class: ClassCanceled, Sent: true, Stage: StageStatement}, false, true},
+		{"caller's deadline, commit sent", done, RetryParams{Class: ClassCanceled, Sent: true, Stage: StageCommit}, false, true},
+		{"caller's deadline, read sent", done, RetryParams{Class: ClassCanceled, Sent: true, Stage: StageStatement, ReadOnly: true}, false, false},
+		{"caller's deadline, write not sent", done, RetryParams{Class: ClassCanceled, Stage: StageStatement}, false, false},
+		{"caller's deadline inside tx function", done, RetryParams{Class: ClassCanceled, Sent: true, Stage: StageTx}, false, false},
+		{"caller's deadline while connecting", done, RetryParams{Class: ClassCanceled, Stage: StageConnect}, false, false},
 		{"caller's context done", done, RetryParams{Class: ClassNotSent}, false, false},
 	}
 	for _, tt := range tests {
@@ -227,6 +235,16 @@ func TestRetryError(t *testing.T) {
 		t.Errorf("interrupted error does not match: %v", interrupted)
 	}
 	if got := interrupted.Error(); !strings.Contains(got, "after 2 attempts on nodes [1]") {
+		t.Errorf("Error() = %q", got)
+	}
+
+	// A write the caller's deadline cut after it was sent: one attempt,
+	// matching both the context error and ErrOutcomeUnknown.
+	cut := error(&RetryError{Attempts: 1, Nodes: []NodeID{3}, Err: fmt.Errorf("timeout: %w", context.DeadlineExceeded), OutcomeUnknown: true, Interrupted: context.DeadlineExceeded})
+	if !errors.Is(cut, context.DeadlineExceeded) || !errors.Is(cut, ErrOutcomeUnknown) {
+		t.Errorf("interrupted write does not match both: %v", cut)
+	}
+	if got := cut.Error(); !strings.Contains(got, "outcome unknown after 1 attempt on nodes [3]") {
 		t.Errorf("Error() = %q", got)
 	}
 }

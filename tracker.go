@@ -79,6 +79,9 @@ const (
 
 type tracker struct {
 	obs *observer // reports node events (tracer.go); nil in unit tests
+	// suspect, when set, is told of a node whose connection failed
+	// pgxpool's acquire-time ping (health.go); it must not block.
+	suspect func(*node)
 
 	mu sync.Mutex // protects the fields below
 	// nodes holds every node with connections or seen recently.
@@ -99,6 +102,14 @@ type node struct {
 	// connection dialled before it does not vouch for the node.
 	evictedAt atomic.Int64
 	draining  atomic.Bool // the node said it is draining (probe)
+	// checking is set while a health check of the node is under way
+	// (health.go), so at most one runs per node; checkedAt is when the last
+	// one ended (unix nanoseconds), so checks are spaced out.
+	checking  atomic.Bool
+	checkedAt atomic.Int64
+	// reachedAt is when a probe or a new connection last reached the node
+	// (unix nanoseconds): proof that it answers, for health checks.
+	reachedAt atomic.Int64
 
 	// Counters the balancer and retry code increment; reported in NodeStats.
 	retries   atomic.Int64 // queries retried because of this node
@@ -129,9 +140,22 @@ type connState struct {
 	// in-use count: acquire and release each store one flag in the
 	// connection's own state, and NodeStats sums the flags, so the hot path
 	// never writes memory shared between connections.
-	inUse  atomic.Bool
-	retire atomic.Bool // refuse at the next acquire
-	closed atomic.Bool // untracked; set once
+	inUse atomic.Bool
+	// releases counts the times a caller gave the connection back: a
+	// health check tells from it that a call on the node finished. Like
+	// inUse it is the connection's own memory.
+	releases atomic.Uint32
+	retire   atomic.Bool // refuse at the next acquire
+	closed   atomic.Bool // untracked; set once
+	// pinging is set when pgxpool is about to ping the connection at
+	// acquire (health.go's ShouldPing), and cleared when the acquire goes
+	// on to PrepareConn, which pgxpool calls only after a successful ping.
+	// A connection closed while it is set failed its ping.
+	pinging atomic.Bool
+	// cut is set when a caller's own deadline or cancellation cut a call
+	// in flight on the connection (pgx then closes it); health checks
+	// read it.
+	cut atomic.Bool
 }
 
 func newTracker() *tracker {
@@ -230,6 +254,12 @@ func (t *tracker) untrack(cs *connState) {
 	delete(n.connSet, cs)
 	n.mu.Unlock()
 	n.conns.Add(-1)
+	if cs.pinging.Load() && t.suspect != nil {
+		// The ping at acquire failed, most often because the node did
+		// not answer before the acquirer's deadline: the acquire's error
+		// names no node, so this is the only place that learns which.
+		t.suspect(n)
+	}
 }
 
 // acquired marks the connection in use; called when PrepareConn hands it
@@ -237,10 +267,18 @@ func (t *tracker) untrack(cs *connState) {
 func (cs *connState) acquired() { cs.inUse.Store(true) }
 
 // released marks the connection idle again; called by the release tracer.
-func (cs *connState) released() { cs.inUse.Store(false) }
+func (cs *connState) released() {
+	cs.inUse.Store(false)
+	cs.releases.Add(1)
+}
 
 // refused reports whether PrepareConn must refuse the connection.
+// PrepareConn runs right after pgxpool's acquire-time ping succeeded, so it
+// also clears pinging (a load, and a store only after a ping).
 func (cs *connState) refused() bool {
+	if cs.pinging.Load() {
+		cs.pinging.Store(false)
+	}
 	return cs.retire.Load() || cs.node.evicted.Load()
 }
 
@@ -279,12 +317,14 @@ func (t *tracker) evict(id NodeID, now time.Time) []*connState {
 	return idle
 }
 
-// markHealthy clears node id's eviction and failure window.
+// markHealthy clears node id's eviction and failure window. Its callers
+// (a probe, a new connection) have just reached the node.
 func (t *tracker) markHealthy(id NodeID, now time.Time) {
 	n := t.node(id)
 	if n == nil {
 		return
 	}
+	n.reachedAt.Store(now.UnixNano())
 	n.mu.Lock()
 	n.failures = 0
 	n.failuresSince = time.Time{}

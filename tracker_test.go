@@ -266,3 +266,67 @@ func TestTrackerConnectDialledBeforeEviction(t *testing.T) {
 		t.Fatal("a connection dialled after the eviction is marked to retire")
 	}
 }
+
+// TestTrackerPingFailed: a connection closed while marked as being pinged
+// at acquire names its node to the tracker's suspect hook; one whose ping
+// succeeded (PrepareConn ran, clearing the mark) does not.
+func TestTrackerPingFailed(t *testing.T) {
+	tr := newTracker()
+	var suspects []NodeID
+	tr.suspect = func(n *node) { suspects = append(suspects, n.id) }
+
+	ok := tr.track(1, "", "", nil, t0)
+	ok.pinging.Store(true)
+	if ok.refused() {
+		t.Fatal("refused a healthy connection")
+	}
+	tr.untrack(ok)
+
+	failed := tr.track(2, "", "", nil, t0)
+	failed.pinging.Store(true)
+	tr.untrack(failed)
+	tr.untrack(failed) // idempotent: one signal
+
+	if !slices.Equal(suspects, []NodeID{2}) {
+		t.Errorf("suspects = %v, want [2]", suspects)
+	}
+}
+
+// TestHealthSuspect: at most one check per node is queued or running, a
+// node is not checked again within checkSpacing of the last check's end, an
+// evicted node is not checked, and a full queue drops the request without
+// leaving the node marked.
+func TestHealthSuspect(t *testing.T) {
+	h := &healthChecker{requests: make(chan *node, 1)}
+	n1, n2, n3 := &node{id: 1}, &node{id: 2}, &node{id: 3}
+
+	h.suspect(n1, t0)
+	h.suspect(n1, t0) // already queued
+	if len(h.requests) != 1 || !n1.checking.Load() {
+		t.Fatalf("queued %d, checking %v; want 1, true", len(h.requests), n1.checking.Load())
+	}
+	h.suspect(n2, t0) // queue full: dropped
+	if n2.checking.Load() {
+		t.Fatal("a dropped request left the node marked as checking")
+	}
+
+	<-h.requests // the check runs and ends at t0
+	n1.checkedAt.Store(t0.UnixNano())
+	n1.checking.Store(false)
+	h.suspect(n1, t0.Add(checkSpacing/2))
+	if len(h.requests) != 0 {
+		t.Fatal("checked again within checkSpacing")
+	}
+	h.suspect(n1, t0.Add(checkSpacing))
+	if len(h.requests) != 1 {
+		t.Fatal("not checked again after checkSpacing")
+	}
+	<-h.requests
+	n1.checking.Store(false)
+
+	n3.evicted.Store(true)
+	h.suspect(n3, t0)
+	if len(h.requests) != 0 {
+		t.Fatal("an evicted node was checked")
+	}
+}

@@ -1,0 +1,349 @@
+package clusterpool
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Node health checks: telling a node that stopped answering from one that
+// was merely slow.
+//
+// A node cut off by a network partition (or hung) keeps its TCP connections
+// open and answers nothing: no EOF, no reset, no 57P01. Calls on it end only
+// by their callers' deadlines, and a caller's own deadline never counts
+// against a node (a slow query that hit a short statement deadline says
+// nothing about the node). So instead of counting such timeouts, the pool
+// asks the node directly: when a call ends in its caller's deadline with its
+// connection broken mid-statement on node N, when pgxpool's acquire-time ping
+// of a connection on N fails, or when a connect to N's host (hosts listed)
+// fails over to another host, the pool checks N in the background:
+//
+//   - it pings one of N's idle connections, bounded by the check timeout (a
+//     node that serves a slow query on one connection still answers an
+//     empty statement on another at once);
+//   - with no idle connection on N but N's own address known (the
+//     connection string lists the nodes), it dials N there instead;
+//   - with neither, the check finds nothing and changes nothing.
+//
+// If N does not answer in time it is evicted, as after a lost connection
+// (Pool.nodeFailed): its idle connections are closed, the in-use ones
+// retired when released, and new work goes to the other nodes until a
+// connect or probe reaches N again. At most one check per node runs at a
+// time, and a node is checked at most once per checkSpacing, so a storm of
+// timeouts costs a ping a second per node.
+
+// Connect and check timeouts.
+const (
+	// defaultConnectTimeout bounds each pool connect (per host) when the
+	// connection string sets no connect_timeout. pgxpool's own default is
+	// 2 minutes: a connect that lands on a node that accepts TCP but never
+	// answers would hold a pool slot, counted against MaxConns, that long.
+	defaultConnectTimeout = 10 * time.Second
+	// maxCheckTimeout bounds one health check; a shorter connect timeout
+	// bounds it further.
+	maxCheckTimeout = 5 * time.Second
+	// checkSpacing is the least time between the end of one check of a
+	// node and the start of the next.
+	checkSpacing = time.Second
+	// checkPoll is how often a check looks at the calls in flight on a
+	// node when it has no idle connection to ping.
+	checkPoll = 20 * time.Millisecond
+	// checkQueue is how many check requests may wait for the check loop;
+	// more are dropped (the node is checked on its next timeout).
+	checkQueue = 64
+)
+
+// connectTimeout is the per-host timeout of the pool's own connects: the
+// user's connect_timeout, or defaultConnectTimeout.
+func (p *Pool) connectTimeout() time.Duration {
+	if d := p.config.ConnConfig.ConnectTimeout; d > 0 {
+		return d
+	}
+	return defaultConnectTimeout
+}
+
+// checkTimeout bounds one health check: how long a node may take to answer
+// before it is evicted.
+func (p *Pool) checkTimeout() time.Duration {
+	return min(p.connectTimeout(), maxCheckTimeout)
+}
+
+// healthChecker runs node health checks in the background.
+type healthChecker struct {
+	p        *Pool
+	requests chan *node
+}
+
+func newHealthChecker(p *Pool) *healthChecker {
+	return &healthChecker{p: p, requests: make(chan *node, checkQueue)}
+}
+
+// suspectNode asks for a background check of n; see the top of this file.
+// It never blocks and is cheap when a check is already under way or recent.
+func (p *Pool) suspectNode(n *node) {
+	if n == nil || p.balancer == nil || p.balancer.health == nil {
+		return
+	}
+	p.balancer.health.suspect(n, time.Now())
+}
+
+func (h *healthChecker) suspect(n *node, now time.Time) {
+	if n.evicted.Load() {
+		return // nothing left to decide until it is healthy again
+	}
+	if now.UnixNano()-n.checkedAt.Load() < int64(checkSpacing) {
+		return
+	}
+	if !n.checking.CompareAndSwap(false, true) {
+		return
+	}
+	select {
+	case h.requests <- n:
+	default:
+		n.checking.Store(false)
+	}
+}
+
+// run starts each requested check in its own goroutine (a check may wait
+// out its whole timeout) until ctx ends, then waits for the checks.
+func (h *healthChecker) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case n := <-h.requests:
+			wg.Go(func() {
+				defer func() {
+					n.checkedAt.Store(time.Now().UnixNano())
+					n.checking.Store(false)
+				}()
+				h.check(ctx, n)
+			})
+		}
+	}
+}
+
+// check asks node n whether it answers, and evicts it if it does not.
+func (h *healthChecker) check(parent context.Context, n *node) {
+	ctx, cancel := context.WithTimeout(parent, h.p.checkTimeout())
+	defer cancel()
+	if h.silent(ctx, n) && parent.Err() == nil {
+		h.p.nodeFailed(n)
+	}
+}
+
+// silent reports whether node n failed to answer within ctx. In order of
+// preference, the evidence is:
+//
+//  1. a ping of one of n's idle connections;
+//  2. a dial of n's own address (hosts listed);
+//  3. otherwise, what happens on n until the check times out. n answered if
+//     a probe or a new connection reaches it, a call on it finishes (its
+//     connection comes back to the pool without being cut), or an idle
+//     connection appears and answers a ping (as in 1). n is silent if the
+//     calls in flight on it, at the start or since, were all cut by their
+//     callers' deadlines and nothing else was heard from it. Behind a load
+//     balancer and under load this is all a partition leaves: the node's
+//     connections are all in use, hang, and are cut one by one, and connects
+//     and probes that land on it hang too. Calls still in flight when the
+//     check ends prove nothing either way.
+//
+// With none of these, the check finds nothing: n is not evicted. So a
+// single slow query cut by a short deadline never evicts a node: the node
+// has another connection to ping, other calls that finish, or nothing to
+// judge by. What can evict a healthy node is every call on it cut by
+// deadlines for the whole check, with no idle connection, probe or new
+// connection reaching it meanwhile, as a burst of slow queries with short
+// deadlines filling its connections may do; that eviction closes nothing
+// the deadlines had not closed already, and ends at the next connect or
+// probe that reaches the node.
+func (h *healthChecker) silent(ctx context.Context, n *node) bool {
+	start := time.Now().UnixNano()
+	var busy []busyConn
+	dialled := false
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		if n.reachedAt.Load() > start {
+			return false
+		}
+		if n.hasIdleConn() {
+			if answered, known := h.pingIdle(ctx, n); known {
+				return !answered
+			}
+		}
+		if !dialled {
+			dialled = true
+			if answered, known := h.dialNode(ctx, n); known {
+				return !answered
+			}
+		}
+		busy = n.busyConns(busy)
+		for _, b := range busy {
+			if b.finished() {
+				return false
+			}
+		}
+		timer.Reset(checkPoll)
+		select {
+		case <-ctx.Done():
+			if len(busy) == 0 {
+				return false
+			}
+			for _, b := range busy {
+				if !b.cs.closed.Load() || !b.cs.cut.Load() {
+					return false // still in flight, or closed for another reason
+				}
+			}
+			return true
+		case <-timer.C:
+		}
+	}
+}
+
+// busyConn is a connection in use when a check started.
+type busyConn struct {
+	cs       *connState
+	releases uint32 // cs.releases then
+}
+
+// finished reports whether a call on the connection finished since the
+// check started: it was released more often than a cut (whose connection
+// is released once, then destroyed) accounts for.
+func (b busyConn) finished() bool {
+	n := b.cs.releases.Load() - b.releases
+	if b.cs.cut.Load() {
+		return n > 1
+	}
+	return n > 0
+}
+
+// busyConns adds to busy the node's connections in use by callers now
+// that it does not hold yet, except those already retiring (which close on
+// release whatever the node does) or cut.
+func (n *node) busyConns(busy []busyConn) []busyConn {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for cs := range n.connSet {
+		if cs.inUse.Load() && !cs.retire.Load() && !cs.cut.Load() &&
+			!slices.ContainsFunc(busy, func(b busyConn) bool { return b.cs == cs }) {
+			busy = append(busy, busyConn{cs: cs, releases: cs.releases.Load()})
+		}
+	}
+	return busy
+}
+
+// hasIdleConn reports whether the node has an idle connection to ping.
+func (n *node) hasIdleConn() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for cs := range n.connSet {
+		if !cs.inUse.Load() && !cs.retire.Load() {
+			return true
+		}
+	}
+	return false
+}
+
+// pingIdle pings one of n's idle connections. known is false when n has no
+// idle connection to ping.
+func (h *healthChecker) pingIdle(ctx context.Context, n *node) (answered, known bool) {
+	var mine *pgxpool.Conn
+	// The sweep's context makes PrepareConn hand over every idle
+	// connection without the user's hook; all but one go straight back.
+	for _, c := range h.p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true)) {
+		cs := connStateOf(c.Conn())
+		if mine == nil && cs != nil && cs.node == n && !cs.refused() {
+			mine = c
+			continue
+		}
+		releaseSwept(c)
+	}
+	if mine == nil {
+		return false, false
+	}
+	err := mine.Ping(ctx)
+	if err != nil && !mine.Conn().IsClosed() {
+		closeQuietly(mine.Conn()) // so that Release destroys it
+	}
+	mine.Release()
+	return !nodeSilent(err), true
+}
+
+// dialNode opens a connection to n's own address, when the connection
+// string lists the nodes and one of them is known to be n. known is false
+// when no address of n is known.
+func (h *healthChecker) dialNode(ctx context.Context, n *node) (answered, known bool) {
+	b := h.p.balancer
+	if !b.place {
+		return false, false // behind one address a dial reaches any node
+	}
+	cc := h.p.config.ConnConfig.Copy()
+	if h.p.config.BeforeConnect != nil {
+		if err := h.p.config.BeforeConnect(ctx, cc); err != nil {
+			return false, false
+		}
+	}
+	groups := b.groupsFor(cc)
+	i := -1
+	b.mu.Lock()
+	for j, g := range groups {
+		if b.hostNodes[g.key] == n.id {
+			i = j
+			break
+		}
+	}
+	b.mu.Unlock()
+	if i < 0 {
+		return false, false
+	}
+	setHosts(cc, groups, []int{i})
+	cc.ConnectTimeout = 0 // ctx bounds the check
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		return !nodeSilent(err), true
+	}
+	_ = conn.Close(ctx) // bounded by the check's context
+	return true, true
+}
+
+// nodeSilent reports whether a check's error means the node did not answer:
+// a timeout or a connection-level failure. Any other error (a refused
+// password, say) came from the node, so it answered.
+func nodeSilent(err error) bool {
+	switch Classify(err) {
+	case ClassCanceled, ClassConnection:
+		return true
+	}
+	return false
+}
+
+// chainShouldPing wraps pgxpool's ShouldPing decision (the user's hook, or
+// pgxpool's default: ping a connection idle for over a second) so that a
+// connection about to be pinged is marked: if the ping fails, the connection
+// is closed while still marked and its node is checked (see
+// connState.pinging). Without this, an acquire whose ping hangs on a
+// partitioned node ends in the caller's deadline with no node named.
+func chainShouldPing(user func(context.Context, pgxpool.ShouldPingParams) bool) func(context.Context, pgxpool.ShouldPingParams) bool {
+	return func(ctx context.Context, params pgxpool.ShouldPingParams) bool {
+		var ping bool
+		if user != nil {
+			ping = user(ctx, params)
+		} else {
+			ping = params.IdleDuration > time.Second
+		}
+		if ping {
+			if cs := connStateOf(params.Conn); cs != nil {
+				cs.pinging.Store(true)
+			}
+		}
+		return ping
+	}
+}
