@@ -357,7 +357,7 @@ func newBalancer(p *Pool) *balancer {
 	}
 	if p.tracking() {
 		b.health = newHealthChecker(p)
-		p.tracker.suspect = p.suspectNode
+		p.tracker.suspect = p.callCut
 		b.place = s.multiHost
 		b.redial.Store(!s.multiHost && s.identifyNode == nil &&
 			(s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey))

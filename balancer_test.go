@@ -435,3 +435,38 @@ func TestChainShouldPing(t *testing.T) {
 		t.Error("the user's ShouldPing did not decide")
 	}
 }
+
+// TestBeforeConnectDefaultConnectTimeout: each pool connect gets
+// defaultConnectTimeout per host when the connection string sets none
+// (pgxpool would use 2 minutes), and the user's connect_timeout otherwise.
+func TestBeforeConnectDefaultConnectTimeout(t *testing.T) {
+	for _, tt := range []struct {
+		connString string
+		want       time.Duration
+	}{
+		{"postgres://u@127.0.0.1:1/db", defaultConnectTimeout},
+		{"postgres://u@127.0.0.1:1/db?connect_timeout=3", 3 * time.Second},
+		{"postgres://u@127.0.0.1:1/db?cluster_node_identity=none", defaultConnectTimeout},
+	} {
+		cfg, err := ParseConfig(tt.connString)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := &Pool{config: cfg, settings: cfg.settings(), tracker: newTracker()}
+		b := newBalancer(p)
+		cc := cfg.ConnConfig.Copy()
+		cc.ConnectTimeout = 2 * time.Minute // what pgxpool sets when the user set none
+		if cfg.ConnConfig.ConnectTimeout != 0 {
+			cc.ConnectTimeout = cfg.ConnConfig.ConnectTimeout
+		}
+		if err := b.beforeConnect(context.Background(), cc); err != nil {
+			t.Fatal(err)
+		}
+		if cc.ConnectTimeout != tt.want {
+			t.Errorf("%s: ConnectTimeout %v, want %v", tt.connString, cc.ConnectTimeout, tt.want)
+		}
+		if got := min(tt.want, maxCheckTimeout); p.checkTimeout() != got {
+			t.Errorf("%s: checkTimeout %v, want %v", tt.connString, p.checkTimeout(), got)
+		}
+	}
+}

@@ -28,7 +28,10 @@ import (
 //     empty statement on another at once);
 //   - with no idle connection on N but N's own address known (the
 //     connection string lists the nodes), it dials N there instead;
-//   - with neither, the check finds nothing and changes nothing.
+//   - with neither, it watches N until the check times out: a call on N
+//     that finishes, or a probe or connect that reaches N, means it
+//     answers; calls on N all cut by deadlines mean it does not; otherwise
+//     the check changes nothing (see healthChecker.silent).
 //
 // If N does not answer in time it is evicted, as after a lost connection
 // (Pool.nodeFailed): its idle connections are closed, the in-use ones
@@ -83,6 +86,13 @@ func newHealthChecker(p *Pool) *healthChecker {
 	return &healthChecker{p: p, requests: make(chan *node, checkQueue)}
 }
 
+// callCut records that a caller's deadline cut a call in flight on n (or
+// an acquire-time ping on n failed) and asks for a check of n.
+func (p *Pool) callCut(n *node) {
+	n.cuts.Add(1)
+	p.suspectNode(n)
+}
+
 // suspectNode asks for a background check of n; see the top of this file.
 // It never blocks and is cheap when a check is already under way or recent.
 func (p *Pool) suspectNode(n *node) {
@@ -121,6 +131,7 @@ func (h *healthChecker) run(ctx context.Context) {
 		case n := <-h.requests:
 			wg.Go(func() {
 				defer func() {
+					n.cutsJudged.Store(n.cuts.Load())
 					n.checkedAt.Store(time.Now().UnixNano())
 					n.checking.Store(false)
 				}()
@@ -148,17 +159,18 @@ func (h *healthChecker) check(parent context.Context, n *node) {
 //     a probe or a new connection reaches it, a call on it finishes (its
 //     connection comes back to the pool without being cut), or an idle
 //     connection appears and answers a ping (as in 1). n is silent if the
-//     calls in flight on it, at the start or since, were all cut by their
-//     callers' deadlines and nothing else was heard from it. Behind a load
-//     balancer and under load this is all a partition leaves: the node's
-//     connections are all in use, hang, and are cut one by one, and connects
-//     and probes that land on it hang too. Calls still in flight when the
-//     check ends prove nothing either way.
+//     calls in flight on it (and pgxpool's acquire-time pings), at the start
+//     or since, were all cut by their callers' deadlines (or failed), at
+//     least two were cut since the last check, and nothing else was heard
+//     from it. Behind a load balancer and under load this is all a
+//     partition leaves: the node's connections are all in use, hang, and
+//     are cut one by one, and connects and probes that land on it hang too.
+//     Calls still in flight when the check ends prove nothing either way.
 //
 // With none of these, the check finds nothing: n is not evicted. So a
 // single slow query cut by a short deadline never evicts a node: the node
-// has another connection to ping, other calls that finish, or nothing to
-// judge by. What can evict a healthy node is every call on it cut by
+// has another connection to ping, other calls that finish, or nothing else
+// to judge by. What can evict a healthy node is every call on it cut by
 // deadlines for the whole check, with no idle connection, probe or new
 // connection reaching it meanwhile, as a burst of slow queries with short
 // deadlines filling its connections may do; that eviction closes nothing
@@ -194,15 +206,16 @@ func (h *healthChecker) silent(ctx context.Context, n *node) bool {
 		timer.Reset(checkPoll)
 		select {
 		case <-ctx.Done():
-			if len(busy) == 0 {
-				return false
-			}
 			for _, b := range busy {
-				if !b.cs.closed.Load() || !b.cs.cut.Load() {
+				if !b.cs.closed.Load() || !b.cs.cut.Load() && !b.cs.pinging.Load() {
 					return false // still in flight, or closed for another reason
 				}
 			}
-			return true
+			// Every call seen was cut. One cut alone (the one that asked
+			// for this check, say) is a slow query as much as a silent
+			// node; two or more since the last check, with nothing heard
+			// from the node, are taken as silence.
+			return n.cuts.Load()-n.cutsJudged.Load() >= 2
 		case <-timer.C:
 		}
 	}
@@ -225,14 +238,17 @@ func (b busyConn) finished() bool {
 	return n > 0
 }
 
-// busyConns adds to busy the node's connections in use by callers now
-// that it does not hold yet, except those already retiring (which close on
-// release whatever the node does) or cut.
+// busyConns adds to busy the node's connections in use by callers now, or
+// being pinged by pgxpool for an acquire, that it does not hold yet, except
+// those already retiring (which close on release whatever the node does) or
+// cut. A ping that fails leaves its connection closed while still marked
+// pinging, which counts as a cut; one that succeeds leads to a call whose
+// release counts as finished.
 func (n *node) busyConns(busy []busyConn) []busyConn {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	for cs := range n.connSet {
-		if cs.inUse.Load() && !cs.retire.Load() && !cs.cut.Load() &&
+		if (cs.inUse.Load() || cs.pinging.Load()) && !cs.retire.Load() && !cs.cut.Load() &&
 			!slices.ContainsFunc(busy, func(b busyConn) bool { return b.cs == cs }) {
 			busy = append(busy, busyConn{cs: cs, releases: cs.releases.Load()})
 		}
@@ -245,7 +261,7 @@ func (n *node) hasIdleConn() bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	for cs := range n.connSet {
-		if !cs.inUse.Load() && !cs.retire.Load() {
+		if !cs.inUse.Load() && !cs.pinging.Load() && !cs.retire.Load() {
 			return true
 		}
 	}

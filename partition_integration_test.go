@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/clusterpool/clusterpool/clustertest"
 )
@@ -33,8 +34,16 @@ const partitionCallTimeout = time.Second
 // timeouts, and the outcome of writes cut by the caller's deadline.
 func TestPartition(t *testing.T) {
 	c := newKVCluster(t, 3)
-	t.Run("LoadBalancer", func(t *testing.T) { testPartitionNode(t, c, c.DSN()) })
-	t.Run("Hosts", func(t *testing.T) { testPartitionNode(t, c, c.HostsDSN()) })
+	t.Run("LoadBalancer", func(t *testing.T) { testPartitionNode(t, c, c.DSN(), nil) })
+	t.Run("Hosts", func(t *testing.T) { testPartitionNode(t, c, c.HostsDSN(), nil) })
+	// Every acquire pings (as pgxpool does for connections idle over a
+	// second, i.e. under light load): calls hang in the ping, before any
+	// statement, where the acquire's error names no node.
+	t.Run("AcquirePing", func(t *testing.T) {
+		testPartitionNode(t, c, c.DSN(), func(cfg *Config) {
+			cfg.ShouldPing = func(context.Context, pgxpool.ShouldPingParams) bool { return true }
+		})
+	})
 	t.Run("SlowQueriesDoNotEvict", func(t *testing.T) { testPartitionSlowQueries(t, c) })
 	t.Run("ProbeBounded", func(t *testing.T) { testPartitionProbeBounded(t, c) })
 	t.Run("OutcomeUnknownOnDeadline", func(t *testing.T) { testOutcomeUnknownOnDeadline(t, c) })
@@ -96,8 +105,8 @@ func nodeStat(p *Pool, id int) (NodeStats, bool) {
 // workers (fewer than the connections the other two nodes hold, so no call
 // needs a new connection, which behind the load balancer may land on the
 // partitioned node and wait out its deadline) show where traffic goes.
-func testPartitionNode(t *testing.T, c *clustertest.Cluster, dsn string) {
-	p := startPool(t, dsn+"&"+partitionParams, nil)
+func testPartitionNode(t *testing.T, c *clustertest.Cluster, dsn string, mutate func(*Config)) {
+	p := startPool(t, dsn+"&"+partitionParams, mutate)
 	waitCond(t, func() string {
 		if counts := poolCounts(p); len(counts) != 3 || counts[1] != 2 || counts[2] != 2 || counts[3] != 2 {
 			return fmt.Sprintf("pool not spread 2/2/2 yet: %v", counts)

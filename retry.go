@@ -684,7 +684,7 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 		// The caller's deadline cut a call in flight on n: a slow query, or
 		// a node that stopped answering. Not counted against n, but n is
 		// asked in the background whether it still answers (health.go).
-		l.p.suspectNode(n)
+		l.p.callCut(n)
 	}
 
 	params := RetryParams{

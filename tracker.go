@@ -80,7 +80,7 @@ const (
 type tracker struct {
 	obs *observer // reports node events (tracer.go); nil in unit tests
 	// suspect, when set, is told of a node whose connection failed
-	// pgxpool's acquire-time ping (health.go); it must not block.
+	// pgxpool's acquire-time ping (Pool.callCut); it must not block.
 	suspect func(*node)
 
 	mu sync.Mutex // protects the fields below
@@ -110,6 +110,11 @@ type node struct {
 	// reachedAt is when a probe or a new connection last reached the node
 	// (unix nanoseconds): proof that it answers, for health checks.
 	reachedAt atomic.Int64
+	// cuts counts calls on the node cut by their callers' deadlines, and
+	// acquire-time pings that failed; cutsJudged is its value when the
+	// last health check ended.
+	cuts       atomic.Int64
+	cutsJudged atomic.Int64
 
 	// Counters the balancer and retry code increment; reported in NodeStats.
 	retries   atomic.Int64 // queries retried because of this node
