@@ -82,16 +82,23 @@ const soakSchema = `
 type soakOp uint8
 
 const (
-	soakInsert soakOp = iota // plain INSERT, not idempotent
-	soakUpsert               // INSERT ... ON CONFLICT DO NOTHING, WithIdempotent
-	soakTx                   // BeginFunc with two plain INSERTs
-	soakBatch                // SendBatch with two plain INSERTs (one implicit transaction)
-	soakGet                  // QueryRow by key
-	soakScan                 // Query over a range
+	soakInsert    soakOp = iota // plain INSERT, not idempotent
+	soakUpsert                  // INSERT ... ON CONFLICT DO NOTHING, WithIdempotent
+	soakTx                      // BeginFunc with two plain INSERTs
+	soakBatch                   // SendBatch with two plain INSERTs (one implicit transaction)
+	soakInsertSQL               // plain INSERT without arguments: pgx's simple protocol
+	soakGet                     // QueryRow by key
+	soakScan                    // Query over a range
 )
 
 // soakMix is the load's mix: writes are two thirds of it.
-var soakMix = [...]soakOp{soakInsert, soakInsert, soakUpsert, soakUpsert, soakTx, soakBatch, soakGet, soakScan, soakScan}
+var soakMix = [...]soakOp{soakInsert, soakInsertSQL, soakUpsert, soakUpsert, soakTx, soakBatch, soakGet, soakScan, soakScan}
+
+func (op soakOp) write() bool { return op <= soakInsertSQL }
+
+func (op soakOp) String() string {
+	return [...]string{"insert", "upsert", "BeginFunc", "SendBatch", "insert (simple protocol)", "QueryRow", "Query"}[op]
+}
 
 // soakResult is what the caller learnt about an operation.
 type soakResult uint8
@@ -100,7 +107,7 @@ const (
 	resPending soakResult = iota
 	resAcked              // nil error: must be applied exactly once
 	resUnknown            // matches ErrOutcomeUnknown: applied at most once
-	resContext            // the caller's deadline: may have been applied (see below)
+	resContext            // the caller's context error, not matching ErrOutcomeUnknown: must not be applied
 	resLate               // a batch error after its first result: the caller's to resolve
 	resFailed             // any other error: must not be applied
 	resFresh              // 42P01 on a node added a moment before: must not be applied
@@ -119,10 +126,14 @@ type opIDKey struct{}
 
 // soakTracer records, per operation, the nodes of its failed attempts: an
 // idempotent write retried after an attempt whose outcome was unknown may be
-// applied on two nodes, since clustertest's nodes do not share data.
+// applied on two nodes, since clustertest's nodes do not share data. It also
+// keeps each retried operation's events, to explain a violation.
 type soakTracer struct {
-	mu     sync.Mutex // protects failed
+	start time.Time
+
+	mu     sync.Mutex // protects the fields below
 	failed map[int64][]int
+	events map[int64][]string
 }
 
 func (tr *soakTracer) TraceRetry(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceRetryData) {
@@ -131,11 +142,37 @@ func (tr *soakTracer) TraceRetry(ctx context.Context, _ *clusterpool.Pool, data 
 		return
 	}
 	tr.mu.Lock()
+	defer tr.mu.Unlock()
 	tr.failed[id] = append(tr.failed[id], int(data.Node))
-	tr.mu.Unlock()
+	tr.eventLocked(id, fmt.Sprintf("attempt %d failed on node %d at %s (%s): %v; retry after %v",
+		data.Attempt, data.Node, data.Stage, data.Class, data.Err, data.Delay))
 }
 
-func (tr *soakTracer) TraceRetryEnd(context.Context, *clusterpool.Pool, clusterpool.TraceRetryEndData) {
+func (tr *soakTracer) TraceRetryEnd(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceRetryEndData) {
+	id, ok := ctx.Value(opIDKey{}).(int64)
+	if !ok {
+		return
+	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	tr.eventLocked(id, fmt.Sprintf("ended %s after %d attempts on nodes %v (%s): %v",
+		data.Outcome, data.Attempts, data.Nodes, data.Class, data.Err))
+}
+
+func (tr *soakTracer) eventLocked(id int64, ev string) {
+	if len(tr.events) < 100000 {
+		tr.events[id] = append(tr.events[id], fmt.Sprintf("%v %s", time.Since(tr.start).Round(time.Millisecond), ev))
+	}
+}
+
+// explain returns what the tracer saw of operation id.
+func (tr *soakTracer) explain(id int64) string {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if len(tr.events[id]) == 0 {
+		return "no retry events"
+	}
+	return strings.Join(tr.events[id], "; ")
 }
 
 type soak struct {
@@ -198,7 +235,7 @@ func TestSoak(t *testing.T) {
 	s := &soak{
 		t:          t,
 		c:          c,
-		tracer:     &soakTracer{failed: make(map[int64][]int)},
+		tracer:     &soakTracer{failed: make(map[int64][]int), events: make(map[int64][]string)},
 		errClasses: make(map[string]int),
 		faults:     make(map[string]int),
 		unsettled:  make(map[int]time.Time),
@@ -230,6 +267,7 @@ func TestSoak(t *testing.T) {
 	}()
 
 	s.start = time.Now()
+	s.tracer.start = s.start
 	stop := make(chan struct{})
 	var load, bg sync.WaitGroup
 	for w := range soakWorkers {
@@ -279,12 +317,6 @@ func TestSoak(t *testing.T) {
 	}
 	t.Logf("soak: retries %d, evictions %d, heap %d MiB -> %d MiB, goroutines %d -> %d (cluster's included)",
 		retries, evictions, baseHeap>>20, heap>>20, len(baseGoroutines), runtime.NumGoroutine())
-	if len(applied.ctxSamples) > 0 {
-		// Allowed, but worth seeing: such an error does not say that the
-		// write may have been applied.
-		t.Logf("soak: writes that ended with the caller's deadline and were applied (%d), e.g.:\n\t%s",
-			applied.ctxApplied, strings.Join(applied.ctxSamples, "\n\t"))
-	}
 	t.Log(s.summaryLocked(seed, dur, elapsed, ops, applied))
 }
 
@@ -315,8 +347,8 @@ func (s *soak) summaryLocked(seed int64, dur, elapsed time.Duration, ops int, a 
 	} else {
 		fmt.Fprintf(&b, "with %d VIOLATIONS", len(s.violations))
 	}
-	fmt.Fprintf(&b, " (unknown applied %d, deadline applied %d, idempotent on 2 nodes %d); max conns %d/%d (servers %d)",
-		a.unknownHit, a.ctxApplied, a.crossNode, s.maxPool.Load(), soakMaxConns, s.maxServers.Load())
+	fmt.Fprintf(&b, " (outcome unknown and applied %d, idempotent on 2 nodes %d); max conns %d/%d (servers %d)",
+		a.unknownHit, a.crossNode, s.maxPool.Load(), soakMaxConns, s.maxServers.Load())
 	return b.String()
 }
 
@@ -349,6 +381,8 @@ func (s *soak) run(ctx context.Context, op soakOp, id int64, rng *rand.Rand) (er
 	switch op {
 	case soakInsert:
 		_, err = p.Exec(ctx, "INSERT INTO soak_ni (op) VALUES ($1)", id)
+	case soakInsertSQL:
+		_, err = p.Exec(ctx, fmt.Sprintf("INSERT INTO soak_ni (op) VALUES (%d)", id))
 	case soakUpsert:
 		_, err = p.Exec(clusterpool.WithIdempotent(ctx), "INSERT INTO soak_idem (op) VALUES ($1) ON CONFLICT DO NOTHING", id)
 	case soakTx:
@@ -411,16 +445,16 @@ func (s *soak) result(op soakOp, id int64, err error, late bool, started time.Ti
 		if s.duringAdd(started) {
 			class, res = "fresh-node", resFresh
 		} else {
-			s.violation("op (kind %d) started %v after the last node's tables existed, yet: %v", op, time.Since(s.start).Round(time.Millisecond), err)
+			s.violation("%s started %v after the last node's tables existed, yet: %v", op, time.Since(s.start).Round(time.Millisecond), err)
 		}
 	}
 	s.mu.Lock()
-	if res == resContext && op <= soakBatch && len(s.ctxErrs) < 1000 {
+	if res == resContext && op.write() && len(s.ctxErrs) < 1000 {
 		s.ctxErrs[id] = err.Error()
 	}
 	s.errClasses[class]++
 	if (res == resFailed || class == "permanent") && len(s.errSamples) < 10 {
-		s.errSamples = append(s.errSamples, fmt.Sprintf("%v op %d (%s): %v", time.Since(s.start).Round(time.Millisecond), op, class, err))
+		s.errSamples = append(s.errSamples, fmt.Sprintf("%v %s (%s): %v", time.Since(s.start).Round(time.Millisecond), op, class, err))
 	}
 	s.mu.Unlock()
 	return res
@@ -855,9 +889,7 @@ func soakReadNode(ctx context.Context, n *clustertest.Node) (*soakTally, error) 
 type soakApplied struct {
 	acked      int // acknowledged writes, all checked
 	crossNode  int // idempotent writes on two nodes after a retry
-	ctxApplied int // writes that ended with the caller's deadline but were applied
 	unknownHit int // writes whose outcome was unknown and that were applied
-	ctxSamples []string
 }
 
 // checkWrites reads every node's rows (and those read from removed nodes)
@@ -874,6 +906,9 @@ func (s *soak) checkWrites() soakApplied {
 			all.merge(t)
 		}
 	}
+	s.mu.Lock()
+	s.removed = nil // the heap check comes next
+	s.mu.Unlock()
 	for _, n := range s.c.Nodes() {
 		t, err := soakReadNode(ctx, n)
 		if err != nil {
@@ -892,12 +927,12 @@ func (s *soak) checkWrites() soakApplied {
 			id := soakOpID(w, seq)
 			var present bool
 			switch r.op {
-			case soakInsert:
+			case soakInsert, soakInsertSQL:
 				n := all.single[id]
 				delete(all.single, id)
 				present = n > 0
 				if n > 1 {
-					s.violation("non-idempotent INSERT op %d applied %d times (caller saw %s)", id, n, r.res)
+					s.violation("non-idempotent %s op %d applied %d times (caller saw %s); %s", r.op, id, n, r.res, s.tracer.explain(id))
 				}
 			case soakUpsert:
 				nodes := all.idem[id]
@@ -915,7 +950,7 @@ func (s *soak) checkWrites() soakApplied {
 					}
 				}
 				if len(others) > 1 {
-					s.violation("idempotent op %d applied on nodes %v, its failed attempts ran on %v (caller saw %s)", id, nodes, failedNodes[id], r.res)
+					s.violation("idempotent op %d applied on nodes %v, its failed attempts ran on %v (caller saw %s); %s", id, nodes, failedNodes[id], r.res, s.tracer.explain(id))
 				}
 			case soakTx, soakBatch:
 				rows := all.pairs[id]
@@ -926,7 +961,7 @@ func (s *soak) checkWrites() soakApplied {
 				want := map[soakOp]string{soakTx: "soak_tx", soakBatch: "soak_batch"}[r.op]
 				whole := len(rows) == 0 || len(rows) == 2 && rows[0][0] == rows[1][0] && rows[0][1]+rows[1][1] == 1
 				if !whole || present && table != want {
-					s.violation("%s op %d: rows (node, part) %v in %s: not one transaction applied once (caller saw %s)", want, id, rows, table, r.res)
+					s.violation("%s op %d: rows (node, part) %v in %s: not one transaction applied once (caller saw %s); %s", want, id, rows, table, r.res, s.tracer.explain(id))
 				}
 			default:
 				continue
@@ -937,20 +972,21 @@ func (s *soak) checkWrites() soakApplied {
 			case resAcked:
 				a.acked++
 				if !present {
-					s.violation("acknowledged write op %d (kind %d) is missing", id, r.op)
+					s.violation("acknowledged write op %d (%s) is missing; %s", id, r.op, s.tracer.explain(id))
 				}
 			case resFailed, resFresh:
 				if present {
-					s.violation("write op %d (kind %d) failed with a known outcome but was applied", id, r.op)
+					s.violation("write op %d (%s) failed with a known outcome (%s) but was applied; %s", id, r.op, r.res, s.tracer.explain(id))
 				}
 			case resContext:
+				// A write or COMMIT the deadline cut after it was sent
+				// matches ErrOutcomeUnknown; this one was not sent, or its
+				// transaction never reached COMMIT.
 				if present {
-					a.ctxApplied++
 					s.mu.Lock()
-					if len(a.ctxSamples) < 5 {
-						a.ctxSamples = append(a.ctxSamples, fmt.Sprintf("op %d (kind %d): %s", id, r.op, s.ctxErrs[id]))
-					}
+					msg := s.ctxErrs[id]
 					s.mu.Unlock()
+					s.violation("write op %d (%s) ended with its caller's deadline, not matching ErrOutcomeUnknown, but was applied: %s; %s", id, r.op, msg, s.tracer.explain(id))
 				}
 			case resUnknown, resLate:
 				if present {
