@@ -44,6 +44,7 @@ func TestPartition(t *testing.T) {
 			cfg.ShouldPing = func(context.Context, pgxpool.ShouldPingParams) bool { return true }
 		})
 	})
+	t.Run("HostsConnect", func(t *testing.T) { testPartitionConnect(t, c) })
 	t.Run("SlowQueriesDoNotEvict", func(t *testing.T) { testPartitionSlowQueries(t, c) })
 	t.Run("ProbeBounded", func(t *testing.T) { testPartitionProbeBounded(t, c) })
 	t.Run("OutcomeUnknownOnDeadline", func(t *testing.T) { testOutcomeUnknownOnDeadline(t, c) })
@@ -183,6 +184,44 @@ func testPartitionNode(t *testing.T, c *clustertest.Cluster, dsn string, mutate 
 	t.Logf("partitioned node %d evicted after %v, its connections gone after %v (%d calls timed out); then %d calls ok, %d timed out; back in use %v after Heal; pool %v, ClusterStat probes %d failed %d",
 		victim, evictedAfter.Round(time.Millisecond), movedAfter.Round(time.Millisecond), timedOut, okMoved, toMoved,
 		time.Since(healStart).Round(time.Millisecond), poolCounts(p), p.ClusterStat().Probes(), p.ClusterStat().ProbeFailures())
+}
+
+// testPartitionConnect: with the hosts listed and no call or probe on the
+// partitioned node, a pool connect placed on it times out (connect_timeout)
+// and fails over to another host; that failover gets the node checked (a
+// dial of its address, which hangs too) and evicted, and the pool refills
+// on the other nodes.
+func testPartitionConnect(t *testing.T, c *clustertest.Cluster) {
+	p := startPool(t, c.HostsDSN()+"&cluster_probe_interval=1h&cluster_balance_interval=200ms"+
+		"&connect_timeout=2&pool_min_conns=6&pool_max_conns=6&pool_health_check_period=500ms", nil)
+	waitCond(t, func() string {
+		if counts := poolCounts(p); len(counts) != 3 || counts[1] != 2 || counts[2] != 2 || counts[3] != 2 {
+			return fmt.Sprintf("pool not spread 2/2/2 yet: %v", counts)
+		}
+		return ""
+	})
+	const victim = 3
+	n := c.Node(victim)
+	n.Partition()
+	defer n.Heal()
+	start := time.Now()
+	p.Reset() // every connection closes; the refill places two on the victim first
+	waitCond(t, func() string {
+		s, ok := nodeStat(p, victim)
+		if !ok || s.Healthy {
+			return fmt.Sprintf("node %d not evicted: %+v (known %v); pool %v", victim, s, ok, poolCounts(p))
+		}
+		return ""
+	})
+	evictedAfter := time.Since(start)
+	waitCond(t, func() string {
+		if counts := poolCounts(p); counts[victim] != 0 || counts[1]+counts[2] != 6 {
+			return fmt.Sprintf("pool not refilled on the other nodes: %v", counts)
+		}
+		return ""
+	})
+	t.Logf("node %d evicted %v after its connections closed, by a connect that failed over; pool %v",
+		victim, evictedAfter.Round(time.Millisecond), poolCounts(p))
 }
 
 // testPartitionSlowQueries: slow queries cut by their callers' short
