@@ -2,6 +2,8 @@ package clusterpool
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -102,6 +104,9 @@ func Classify(err error) ErrorClass {
 	if errors.As(err, &pgErr) {
 		return classifySQLState(pgErr.Code)
 	}
+	if isCertificateError(err) {
+		return ClassPermanent
+	}
 	if isConnectionFailure(err) {
 		return ClassConnection
 	}
@@ -126,6 +131,18 @@ func classifySQLState(code string) ErrorClass {
 		return ClassConnection
 	}
 	return ClassPermanent
+}
+
+// isCertificateError reports whether the client could not verify the
+// server's certificate (unknown authority, wrong host name, expired). Like a
+// failed authentication it is a configuration error that every attempt would
+// meet again, and pgconn's one attempt already tried every host it could.
+func isCertificateError(err error) bool {
+	var verify *tls.CertificateVerificationError
+	var unknown x509.UnknownAuthorityError
+	var hostname x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	return errors.As(err, &verify) || errors.As(err, &unknown) || errors.As(err, &hostname) || errors.As(err, &invalid)
 }
 
 // isConnectionFailure reports whether err says the connection (or the way to

@@ -2,6 +2,8 @@ package clusterpool
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -86,6 +88,12 @@ func TestClassify(t *testing.T) {
 		{"bare EPIPE", fmt.Errorf("write: %w", syscall.EPIPE), ClassConnection},
 		{"net timeout", timeoutError{}, ClassConnection},
 		{"connect error", &pgconn.ConnectError{Config: &pgconn.Config{}}, ClassConnection},
+
+		// A certificate that does not verify is a configuration error:
+		// every attempt would fail the same way.
+		{"unknown authority", fmt.Errorf("tls error: %w", &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}}), ClassPermanent},
+		{"wrong host name", fmt.Errorf("tls error: %w", x509.HostnameError{Host: "db"}), ClassPermanent},
+		{"expired certificate", x509.CertificateInvalidError{Reason: x509.Expired}, ClassPermanent},
 
 		{"safe to retry", notSentError{}, ClassNotSent},
 		{"wrapped safe to retry", fmt.Errorf("x: %w", notSentError{}), ClassNotSent},
