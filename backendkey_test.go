@@ -37,27 +37,44 @@ func TestDecodeProcessID(t *testing.T) {
 	}
 }
 
-// FuzzDecodeProcessID checks that decoding never panics, never returns a
-// negative or out-of-range ID, and round-trips the encoding the clustertest
-// proxy uses (the same as CockroachDB's) for every valid ID.
+// FuzzDecodeProcessID checks that decoding any ProcessID never panics and
+// gives an ID in range (below 2048 in the short form, below 2^31 in the
+// long one), that the short form's 20 random bits never change the ID, that
+// distinct long IDs decode apart, and that it round-trips the encoding the
+// clustertest proxy uses (the same as CockroachDB's) for every valid ID and
+// any random bits. The seed corpus is in testdata/fuzz/FuzzDecodeProcessID.
 func FuzzDecodeProcessID(f *testing.F) {
 	f.Add(uint32(1), false, uint32(0))
 	f.Add(uint32(2047), false, uint32(0xFFFFF))
 	f.Add(uint32(5000), true, uint32(7))
 	f.Add(uint32(1<<31-1), true, uint32(0))
-	f.Fuzz(func(t *testing.T, id uint32, long bool, random uint32) {
-		got := DecodeProcessID(id) // arbitrary input: must not panic
-		if got < 0 || got > 1<<31-1 {
-			t.Fatalf("DecodeProcessID(%#x) = %d, out of range", id, got)
+	f.Fuzz(func(t *testing.T, pid uint32, long bool, random uint32) {
+		got := DecodeProcessID(pid) // arbitrary input: must not panic
+		if pid&(1<<31) == 0 {
+			if got < 0 || got >= 1<<11 {
+				t.Fatalf("DecodeProcessID(%#x) = %d, out of the short form's range", pid, got)
+			}
+			if other := DecodeProcessID(pid ^ random&(1<<20-1)); other != got {
+				t.Fatalf("random bits change the ID: DecodeProcessID(%#x) = %d, DecodeProcessID(%#x) = %d",
+					pid, got, pid^random&(1<<20-1), other)
+			}
+		} else {
+			if got < 0 || got > 1<<31-1 {
+				t.Fatalf("DecodeProcessID(%#x) = %d, out of the long form's range", pid, got)
+			}
+			if other := pid ^ (random&(1<<31-1) | 1); DecodeProcessID(other) == got {
+				t.Fatalf("DecodeProcessID(%#x) = DecodeProcessID(%#x) = %d", pid, other, got)
+			}
 		}
+		id := pid
 		if long {
 			id = id%(1<<31-1) + 1 // 1 .. 2^31-1
 		} else {
 			id = id%2047 + 1 // 1 .. 2047
 		}
-		pid := clustertest.EncodeProcessID(id, long, random)
-		if got := DecodeProcessID(pid); got != NodeID(id) {
-			t.Fatalf("DecodeProcessID(EncodeProcessID(%d, %v, %#x) = %#x) = %d", id, long, random, pid, got)
+		encoded := clustertest.EncodeProcessID(id, long, random)
+		if got := DecodeProcessID(encoded); got != NodeID(id) {
+			t.Fatalf("DecodeProcessID(EncodeProcessID(%d, %v, %#x) = %#x) = %d", id, long, random, encoded, got)
 		}
 	})
 }

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"math"
 	"net/url"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -20,6 +22,12 @@ const (
 	DefaultProbeInterval   = 5 * time.Second
 	DefaultMaxRetries      = 5
 	DefaultConnectRate     = 10.0
+
+	// MinInterval is the shortest BalanceInterval and ProbeInterval
+	// accepted (other than 0, the default). Shorter is almost surely a
+	// missing unit (BalanceInterval = 5 is 5ns), and would run the balancer
+	// or open probe connections back to back.
+	MinInterval = time.Millisecond
 )
 
 // NodeIdentity says how the pool learns which node a connection reached.
@@ -61,20 +69,31 @@ type IdentifyNodeParams struct {
 // and can then be modified, like pgxpool.Config, which it embeds: every
 // pgxpool setting and hook (MaxConns, AfterConnect, ...) is set as usual.
 //
-// The cluster settings below are checked by NewWithConfig; an invalid value is
-// an error naming the field and the value.
+// NewWithConfig checks the Config and returns an error naming the field and
+// the value, where pgxpool would panic or misbehave: a nil Config, a
+// Config, pgxpool.Config or pgx.ConnConfig not made by a ParseConfig (pgx
+// panics on those, for the connection config in a background goroutine),
+// MaxConns below 1, a HealthCheckPeriod that is not positive, and invalid
+// cluster settings below. The zero value of each cluster setting means its
+// default, as documented on the field.
+//
+// A panic in one of the caller's hooks that the pool wraps (BeforeConnect,
+// AfterConnect, IdentifyNode, PrepareConn or BeforeAcquire, BeforeClose) is
+// recovered, counted, reported to a HookTracer, and taken as the hook
+// failing; see "Hooks" in the Pool documentation.
 type Config struct {
 	*pgxpool.Config
 
 	// BalanceInterval is how often the balancer compares each node's
 	// connections with its target and retires the excess. ParseConfig sets
-	// DefaultBalanceInterval (5 s); zero also means the default. Negative is an
-	// error.
+	// DefaultBalanceInterval (5 s); zero also means the default. Negative, or
+	// below MinInterval (1 ms), is an error.
 	BalanceInterval time.Duration
 
 	// ProbeInterval is how often the pool opens one short-lived connection to
 	// discover nodes and their health. ParseConfig sets DefaultProbeInterval
-	// (5 s); zero also means the default. Negative is an error.
+	// (5 s); zero also means the default. Negative, or below MinInterval
+	// (1 ms), is an error.
 	ProbeInterval time.Duration
 
 	// MaxRetries is how many times a failed query may be retried (so a call
@@ -112,9 +131,9 @@ type Config struct {
 	// Tracer receives the pool's own events (nodes added, removed, evicted
 	// or draining, pruning, retries, probes, connect throttling). It is
 	// inspected once, by NewWithConfig, for NodeTracer, PruneTracer,
-	// RetryTracer, ProbeTracer and ConnectTracer; CombineTracers joins
-	// several. Nil means no tracing, at no cost. A value that implements
-	// none of them is an error. It is not installed as ConnConfig.Tracer:
+	// RetryTracer, ProbeTracer, ConnectTracer and HookTracer;
+	// CombineTracers joins several. Nil means no tracing, at no cost. A
+	// value that implements none of them is an error. It is not installed as ConnConfig.Tracer:
 	// to trace queries too, set the same value there.
 	Tracer any
 }
@@ -123,7 +142,12 @@ type Config struct {
 // the same exception as pgxpool.Config.Copy (the tls.Config is shared).
 func (c *Config) Copy() *Config {
 	n := *c
-	if c.Config != nil {
+	switch {
+	case c.Config == nil:
+	case c.ConnConfig == nil: // hand-built: NewWithConfig rejects it, Copy need not panic
+		pc := *c.Config
+		n.Config = &pc
+	default:
 		n.Config = c.Config.Copy()
 	}
 	return &n
@@ -144,16 +168,19 @@ const (
 // the string before pgx parses the rest (so they are never sent to the server
 // as run-time parameters):
 //
-//   - cluster_balance_interval: duration, 0 or more (default 5s)
-//   - cluster_probe_interval: duration, 0 or more (default 5s)
+//   - cluster_balance_interval: duration, 0 (the default, 5s) or at least 1ms
+//   - cluster_probe_interval: duration, 0 (the default, 5s) or at least 1ms
 //   - cluster_max_retries: integer, 0 or more (default 5; 0 turns retries off)
 //   - cluster_connect_rate: new connections per second, 0 or more (default 10;
 //     0 or "inf" means no limit)
 //   - cluster_node_identity: auto, backendkey, query or none (default auto)
 //
 // Any other parameter starting with "cluster_" is an error, so a misspelt
-// setting is not silently ignored. Errors name the parameter and its value,
-// never the rest of the connection string.
+// setting is not silently ignored. Cluster parameters are checked before the
+// rest of the string; their errors name the parameter and its value, never
+// the rest of the connection string. pgx's errors for the rest quote the
+// string with every password masked (pgx masks them on a best-effort basis;
+// ParseConfig masks them again by reading the string as pgx does).
 //
 //	# Example URL
 //	postgres://app:secret@lb.example.com:26257/db?sslmode=verify-full&pool_max_conns=20&cluster_max_retries=3
@@ -165,24 +192,213 @@ func ParseConfig(connString string) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	poolConfig, err := pgxpool.ParseConfig(rest)
-	if err != nil {
-		return nil, err
-	}
 	config := &Config{
-		Config:          poolConfig,
 		BalanceInterval: DefaultBalanceInterval,
 		ProbeInterval:   DefaultProbeInterval,
 		MaxRetries:      DefaultMaxRetries,
 		ConnectRate:     DefaultConnectRate,
 		NodeIdentity:    NodeIdentityAuto,
 	}
+	// The cluster settings go first, so that an invalid one is reported
+	// whatever else is wrong with the string.
 	for _, p := range params {
 		if err := config.setParam(p.key, p.value); err != nil {
 			return nil, err
 		}
 	}
+	config.Config, err = pgxpool.ParseConfig(rest)
+	if err != nil {
+		return nil, redactParseError(connString, err)
+	}
 	return config, nil
+}
+
+// redactMask replaces a password in an error.
+const redactMask = "xxxxx"
+
+// parseError is pgx's error for a connection string that does not parse,
+// with every password in it masked. It unwraps to a copy of pgx's
+// *pgconn.ParseConfigError whose ConnString is masked the same way.
+type parseError struct {
+	msg string
+	err error
+}
+
+func (e *parseError) Error() string { return e.msg }
+func (e *parseError) Unwrap() error { return e.err }
+
+// redactParseError masks every password of connString in pgx's parse error
+// for it. pgx masks the passwords it recognizes too, but on a best-effort
+// basis: a keyword/value password holding an escaped quote, for one, leaks
+// its tail. Here the string is masked by a tokenizer that reads pairs as
+// pgconn does and carries on where pgconn stops with an error, and any
+// spelling of a password left in pgx's own message is masked as well.
+func redactParseError(connString string, err error) error {
+	masked, secrets := redactConnString(connString)
+	var pce *pgconn.ParseConfigError
+	if !errors.As(err, &pce) || error(pce) != err {
+		return errors.New("clusterpool: " + maskSecrets(err.Error(), secrets))
+	}
+	// pgx's message is "cannot parse `<string>`: <detail>"; the detail
+	// alone comes from a copy without the string.
+	safe := *pce
+	safe.ConnString = ""
+	detail := strings.TrimPrefix(safe.Error(), "cannot parse ``: ")
+	safe.ConnString = masked
+	return &parseError{
+		msg: fmt.Sprintf("clusterpool: cannot parse `%s`: %s", masked, maskSecrets(detail, secrets)),
+		err: &safe,
+	}
+}
+
+// maskSecrets replaces each secret in s. Secrets shorter than 3 bytes are
+// left alone: masking every "a" of a message would destroy it and hide
+// nothing.
+func maskSecrets(s string, secrets []string) string {
+	for _, secret := range secrets {
+		if len(secret) >= 3 {
+			s = strings.ReplaceAll(s, secret, redactMask)
+		}
+	}
+	return s
+}
+
+// redactConnString returns connString with the values of its password and
+// sslpassword parameters (and a URL's userinfo password) masked, and those
+// values as written and as decoded.
+func redactConnString(connString string) (string, []string) {
+	for _, prefix := range []string{"postgres://", "postgresql://"} {
+		if rest, ok := strings.CutPrefix(connString, prefix); ok {
+			masked, secrets := redactURL(rest)
+			return prefix + masked, secrets
+		}
+	}
+	return redactKeywordValue(connString)
+}
+
+func isPasswordKey(key string) bool { return key == "password" || key == "sslpassword" }
+
+// redactURL masks the passwords of a URL without its scheme.
+func redactURL(s string) (string, []string) {
+	var b strings.Builder
+	var secrets []string
+	if i := strings.IndexAny(s, "@/"); i >= 0 && s[i] == '@' {
+		user, pw, ok := strings.Cut(s[:i], ":")
+		b.WriteString(user)
+		if ok {
+			b.WriteString(":" + redactMask)
+			secrets = append(secrets, pw, decodeLenient(pw))
+		}
+		b.WriteByte('@')
+		s = s[i+1:]
+	} else if at := strings.LastIndexByte(s, '@'); at >= 0 {
+		// An unescaped '/' in the password ends the userinfo before its '@'
+		// (postgres://u:pass/word@h): everything from the first ':' to the
+		// last '@' may be password.
+		if colon := strings.IndexByte(s[:at], ':'); colon >= 0 {
+			secrets = append(secrets, s[colon+1:at])
+			b.WriteString(s[:colon+1] + redactMask)
+			s = s[at:]
+		}
+	}
+	base, query, ok := strings.Cut(s, "?")
+	b.WriteString(base)
+	if !ok {
+		return b.String(), secrets
+	}
+	b.WriteByte('?')
+	for i, item := range strings.Split(query, "&") {
+		if i > 0 {
+			b.WriteByte('&')
+		}
+		rawKey, rawValue, ok := strings.Cut(item, "=")
+		if !ok || !isPasswordKey(strings.TrimSpace(decodeLenient(rawKey))) {
+			b.WriteString(item)
+			continue
+		}
+		b.WriteString(rawKey + "=" + redactMask)
+		secrets = append(secrets, rawValue, decodeLenient(rawValue))
+	}
+	return b.String(), secrets
+}
+
+// decodeLenient decodes %XX escapes and keeps malformed ones as they are.
+func decodeLenient(s string) string {
+	if v, err := url.PathUnescape(s); err == nil {
+		return v
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 2
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// redactKeywordValue masks the password values of a keyword/value string.
+// It reads pairs as extractFromKeywordValue does, but a malformed pair does
+// not stop it: the keyword is the last word before each '=', and an
+// unterminated quote runs to the end of the string.
+func redactKeywordValue(s string) (string, []string) {
+	var b strings.Builder
+	var secrets []string
+	for {
+		eq := strings.IndexByte(s, '=')
+		if eq < 0 {
+			b.WriteString(s)
+			return b.String(), secrets
+		}
+		var key string
+		if words := strings.Fields(s[:eq]); len(words) > 0 {
+			key = words[len(words)-1]
+		}
+		b.WriteString(s[:eq+1])
+		s = s[eq+1:]
+		spaces := len(s) - len(strings.TrimLeft(s, asciiSpace))
+		b.WriteString(s[:spaces])
+		s = s[spaces:]
+		raw, value := readKeywordValue(s)
+		s = s[len(raw):]
+		if isPasswordKey(key) {
+			b.WriteString(redactMask)
+			secrets = append(secrets, raw, value)
+		} else {
+			b.WriteString(raw)
+		}
+	}
+}
+
+// readKeywordValue reads the value at the start of s: single-quoted (to the
+// closing quote, or the end of s) or up to the next space, with backslash
+// escapes. It returns the value as written and its meaning.
+func readKeywordValue(s string) (raw, value string) {
+	var v strings.Builder
+	quoted := strings.HasPrefix(s, "'")
+	i := 0
+	if quoted {
+		i = 1
+	}
+	for ; i < len(s); i++ {
+		c := s[i]
+		if quoted && c == '\'' {
+			return s[:i+1], v.String()
+		}
+		if !quoted && strings.IndexByte(asciiSpace, c) >= 0 {
+			break
+		}
+		if c == '\\' && i+1 < len(s) {
+			i++
+			c = s[i]
+		}
+		v.WriteByte(c)
+	}
+	return s[:i], v.String()
 }
 
 // setParam applies one cluster_* connection-string parameter.
@@ -196,8 +412,8 @@ func (c *Config) setParam(key, value string) error {
 		if err != nil {
 			return invalid(err)
 		}
-		if d < 0 {
-			return invalid("must not be negative")
+		if why := checkInterval(d); why != "" {
+			return invalid(why)
 		}
 		if key == paramBalanceInterval {
 			c.BalanceInterval = d
@@ -224,7 +440,7 @@ func (c *Config) setParam(key, value string) error {
 		c.ConnectRate = r
 	case paramNodeIdentity:
 		id := NodeIdentity(strings.ToLower(value))
-		if !id.valid() {
+		if id == "" || !id.valid() {
 			return invalid("must be auto, backendkey, query or none")
 		}
 		c.NodeIdentity = id
@@ -242,30 +458,74 @@ func (id NodeIdentity) valid() bool {
 	return false
 }
 
-// validate checks the cluster settings; errors name the field and its value.
+// validate checks what NewWithConfig needs of a Config: one made by
+// ParseConfig (pgx panics on a hand-built one, in a background goroutine
+// for the connection config) and valid cluster settings. Errors name the
+// field and its value.
 func (c *Config) validate() error {
 	invalid := func(field string, value any, why string) error {
 		return fmt.Errorf("clusterpool: Config.%s: invalid value %v: %s", field, value, why)
 	}
+	notParsed := func(what string) error {
+		return fmt.Errorf("clusterpool: %s was not created by ParseConfig: create the Config with clusterpool.ParseConfig and modify it", what)
+	}
 	switch {
 	case c.Config == nil:
-		return errors.New("clusterpool: Config.Config is nil: create the Config with ParseConfig")
+		return notParsed("Config.Config (nil)")
 	case c.Config.ConnConfig == nil:
-		return errors.New("clusterpool: Config.ConnConfig is nil: create the Config with ParseConfig")
-	case c.BalanceInterval < 0:
-		return invalid("BalanceInterval", c.BalanceInterval, "must not be negative")
-	case c.ProbeInterval < 0:
-		return invalid("ProbeInterval", c.ProbeInterval, "must not be negative")
+		return notParsed("Config.ConnConfig (nil)")
+	case !createdByParseConfig(c.Config):
+		return notParsed("Config.Config (a *pgxpool.Config)")
+	case !createdByParseConfig(c.Config.ConnConfig), !createdByParseConfig(&c.Config.ConnConfig.Config):
+		return notParsed("Config.ConnConfig (a *pgx.ConnConfig)")
+	case c.MaxConns < 1:
+		return invalid("MaxConns", c.MaxConns, "must be at least 1")
+	case c.HealthCheckPeriod <= 0:
+		return invalid("HealthCheckPeriod", c.HealthCheckPeriod, "must be positive")
+	case checkInterval(c.BalanceInterval) != "":
+		return invalid("BalanceInterval", c.BalanceInterval, checkInterval(c.BalanceInterval))
+	case checkInterval(c.ProbeInterval) != "":
+		return invalid("ProbeInterval", c.ProbeInterval, checkInterval(c.ProbeInterval))
 	case c.MaxRetries < 0:
 		return invalid("MaxRetries", c.MaxRetries, "must not be negative")
 	case c.ConnectRate < 0 || math.IsNaN(c.ConnectRate):
 		return invalid("ConnectRate", c.ConnectRate, "must be 0 (no limit) or more")
 	case c.Tracer != nil && !implementsTracer(c.Tracer):
-		return invalid("Tracer", fmt.Sprintf("of type %T", c.Tracer), "implements none of NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer")
+		return invalid("Tracer", fmt.Sprintf("of type %T", c.Tracer), "implements none of "+tracerInterfaces)
 	case !c.NodeIdentity.valid():
 		return invalid("NodeIdentity", strconv.Quote(string(c.NodeIdentity)), "must be auto, backendkey, query or none")
 	}
 	return nil
+}
+
+// checkInterval says what is wrong with d as a BalanceInterval or
+// ProbeInterval, or returns "".
+func checkInterval(d time.Duration) string {
+	switch {
+	case d < 0:
+		return "must not be negative"
+	case d > 0 && d < MinInterval:
+		return "must be 0 (the default) or at least 1ms"
+	}
+	return ""
+}
+
+// createdByParseConfig reads the unexported flag that pgx's ParseConfig
+// functions set and its constructors panic without: pgxpool.NewWithConfig
+// at once, pgx.ConnectConfig and pgconn.ConnectConfig in the pool's
+// background goroutine, which would end the program. cfg is a pointer to
+// one of those config structs. Should a pgx version drop the flag, every
+// config passes and pgx's own checks are all that is left.
+func createdByParseConfig(cfg any) bool {
+	v := reflect.ValueOf(cfg)
+	if v.Kind() != reflect.Pointer || v.IsNil() {
+		return false
+	}
+	f := v.Elem().FieldByName("createdByParseConfig")
+	if !f.IsValid() || f.Kind() != reflect.Bool {
+		return true
+	}
+	return f.Bool()
 }
 
 // settings are a Config's cluster settings with the defaults applied, fixed

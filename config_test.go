@@ -1,13 +1,16 @@
 package clusterpool
 
 import (
+	"context"
 	"maps"
 	"math"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 func TestParseConfigDefaults(t *testing.T) {
@@ -150,13 +153,32 @@ func TestParseConfigErrors(t *testing.T) {
 		{"postgres://u:" + secret + "@h/db?cluster_probe_interval=soon", []string{"cluster_probe_interval", `"soon"`}},
 		{"postgres://u:" + secret + "@h/db?cluster_connect_rate=-2", []string{"cluster_connect_rate", `"-2"`}},
 		{"postgres://u:" + secret + "@h/db?cluster_connect_rate=NaN", []string{"cluster_connect_rate", `"NaN"`}},
+		{"postgres://u:" + secret + "@h/db?cluster_connect_rate=-Inf", []string{"cluster_connect_rate", `"-Inf"`}},
+		{"postgres://u:" + secret + "@h/db?cluster_connect_rate=1e999", []string{"cluster_connect_rate", `"1e999"`, "range"}},
+		{"postgres://u:" + secret + "@h/db?cluster_balance_interval=1ns", []string{"cluster_balance_interval", `"1ns"`, "at least 1ms"}},
+		{"postgres://u:" + secret + "@h/db?cluster_probe_interval=999us", []string{"cluster_probe_interval", `"999us"`, "at least 1ms"}},
+		{"postgres://u:" + secret + "@h/db?cluster_probe_interval=5", []string{"cluster_probe_interval", `"5"`, "missing unit"}},
+		{"postgres://u:" + secret + "@h/db?cluster_max_retries=99999999999", []string{"cluster_max_retries", `"99999999999"`, "range"}},
+		{"postgres://u:" + secret + "@h/db?cluster_max_retries=", []string{"cluster_max_retries", `""`}},
+		{"postgres://u:" + secret + "@h/db?cluster_node_identity=", []string{"cluster_node_identity", `""`}},
 		{"postgres://u:" + secret + "@h/db?cluster_node_identity=magic", []string{"cluster_node_identity", `"magic"`}},
 		{"postgres://u:" + secret + "@h/db?cluster_max_retires=3", []string{"unknown", "cluster_max_retires"}},
 		{"host=h password=" + secret + " cluster_max_retries=x", []string{"cluster_max_retries", `"x"`}},
 		{"host=h password='" + secret + "' cluster_bogus=1", []string{"cluster_bogus"}},
-		// pgx's own errors keep redacting the password.
-		{"postgres://u:" + secret + "@h/db?pool_max_conns=zz&cluster_max_retries=1", []string{"pool_max_conns"}},
-		{"host=h password=" + secret + " pool_max_conns=zz", []string{"pool_max_conns"}},
+		// A cluster setting is checked before the rest of the string.
+		{"postgres://u:" + secret + "@h:x/db?cluster_max_retries=x", []string{"cluster_max_retries", `"x"`}},
+		// pgx's own errors, with every password masked.
+		{"postgres://u:" + secret + "@h/db?pool_max_conns=zz&cluster_max_retries=1", []string{"clusterpool: cannot parse", "pool_max_conns", "u:xxxxx@h"}},
+		{"host=h password=" + secret + " pool_max_conns=zz", []string{"pool_max_conns", "password=xxxxx"}},
+		{"postgres://u@h/db?sslpassword=" + secret + "&password=" + secret + "&port=x", []string{"sslpassword=xxxxx&password=xxxxx"}},
+		{"postgres://u:pass/" + secret + "@h:x/db", []string{"invalid port"}},
+		{"postgres://u:" + secret + "%zz@h/db", []string{"cannot parse"}},
+		// pgx masks a quoted password only up to an escaped quote in it;
+		// found by FuzzParseConfig.
+		{`host=h password='` + secret + `\' ` + secret + `' port=x`, []string{"invalid port", "password=xxxxx port=x"}},
+		{`0 password='` + secret + `\' ` + secret + `'`, []string{"missing", "password=xxxxx"}},
+		{`host=h password='` + secret + ` unterminated`, []string{"unterminated"}},
+		{`host=h sslpassword=` + secret + `\ ` + secret + ` port=x`, []string{"invalid port"}},
 	}
 	for _, tt := range tests {
 		_, err := ParseConfig(tt.conn)
@@ -190,13 +212,38 @@ func TestConfigValidate(t *testing.T) {
 		{"zeros", func(c *Config) {
 			c.BalanceInterval, c.ProbeInterval, c.MaxRetries, c.ConnectRate, c.NodeIdentity = 0, 0, 0, 0, ""
 		}, ""},
+		{"smallest intervals", func(c *Config) { c.BalanceInterval, c.ProbeInterval = MinInterval, MinInterval }, ""},
+		{"no connect limit", func(c *Config) { c.ConnectRate = math.Inf(1) }, ""},
+		{"tracer", func(c *Config) { c.Tracer = retryOnly{new(int)} }, ""},
+		{"hook tracer", func(c *Config) { c.Tracer = &hookRecorder{} }, ""},
 		{"negative balance", func(c *Config) { c.BalanceInterval = -time.Second }, "Config.BalanceInterval: invalid value -1s"},
-		{"negative probe", func(c *Config) { c.ProbeInterval = -1 }, "Config.ProbeInterval"},
+		{"1ns balance", func(c *Config) { c.BalanceInterval = 1 }, "Config.BalanceInterval: invalid value 1ns: must be 0 (the default) or at least 1ms"},
+		{"negative probe", func(c *Config) { c.ProbeInterval = -1 }, "Config.ProbeInterval: invalid value -1ns"},
+		{"5ns probe (a missing unit)", func(c *Config) { c.ProbeInterval = 5 }, "Config.ProbeInterval: invalid value 5ns"},
 		{"negative retries", func(c *Config) { c.MaxRetries = -1 }, "Config.MaxRetries: invalid value -1"},
-		{"negative rate", func(c *Config) { c.ConnectRate = -1 }, "Config.ConnectRate"},
-		{"NaN rate", func(c *Config) { c.ConnectRate = math.NaN() }, "Config.ConnectRate"},
+		{"negative rate", func(c *Config) { c.ConnectRate = -1 }, "Config.ConnectRate: invalid value -1"},
+		{"-Inf rate", func(c *Config) { c.ConnectRate = math.Inf(-1) }, "Config.ConnectRate: invalid value -Inf"},
+		{"NaN rate", func(c *Config) { c.ConnectRate = math.NaN() }, "Config.ConnectRate: invalid value NaN"},
 		{"bad identity", func(c *Config) { c.NodeIdentity = "nope" }, `Config.NodeIdentity: invalid value "nope"`},
-		{"nil pgxpool config", func(c *Config) { c.Config = nil }, "ParseConfig"},
+		{"identity not lower case", func(c *Config) { c.NodeIdentity = "BackendKey" }, `Config.NodeIdentity: invalid value "BackendKey"`},
+		{"tracer implementing nothing", func(c *Config) { c.Tracer = "log" }, "Config.Tracer: invalid value of type string: implements none of"},
+		{"query tracer only", func(c *Config) { c.Tracer = releaseTracer{} }, "Config.Tracer: invalid value of type clusterpool.releaseTracer"},
+		{"MaxConns 0", func(c *Config) { c.MaxConns = 0 }, "Config.MaxConns: invalid value 0: must be at least 1"},
+		{"MaxConns negative", func(c *Config) { c.MaxConns = -3 }, "Config.MaxConns: invalid value -3"},
+		{"HealthCheckPeriod 0", func(c *Config) { c.HealthCheckPeriod = 0 }, "Config.HealthCheckPeriod: invalid value 0s: must be positive"},
+		{"nil pgxpool config", func(c *Config) { c.Config = nil }, "Config.Config (nil) was not created by ParseConfig"},
+		{"hand-built pgxpool config", func(c *Config) { c.Config = &pgxpool.Config{ConnConfig: c.ConnConfig, MaxConns: 4} }, "Config.Config (a *pgxpool.Config) was not created by ParseConfig"},
+		{"nil ConnConfig", func(c *Config) { c.ConnConfig = nil }, "Config.ConnConfig (nil) was not created by ParseConfig"},
+		{"hand-built ConnConfig", func(c *Config) { c.ConnConfig = &pgx.ConnConfig{} }, "Config.ConnConfig (a *pgx.ConnConfig) was not created by ParseConfig"},
+		{"hand-built ConnConfig around a parsed pgconn.Config", func(c *Config) { c.ConnConfig = &pgx.ConnConfig{Config: c.ConnConfig.Config} }, "Config.ConnConfig"},
+		{"parsed ConnConfig around a hand-built pgconn.Config", func(c *Config) { c.ConnConfig.Config = pgconn.Config{Host: "h", Port: 5432} }, "Config.ConnConfig"},
+		{"ConnConfig from pgx.ParseConfig", func(c *Config) {
+			cc, err := pgx.ParseConfig("host=other")
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.ConnConfig = cc
+		}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -209,7 +256,78 @@ func TestConfigValidate(t *testing.T) {
 			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
 				t.Errorf("validate() = %v, want error containing %q", err, tt.want)
 			}
+			// NewWithConfig gives the same answer, and never panics.
+			if tt.want == "" {
+				return
+			}
+			p, err := NewWithConfig(context.Background(), c)
+			if err == nil {
+				p.Close()
+				t.Fatalf("NewWithConfig succeeded, want an error containing %q", tt.want)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("NewWithConfig: %v, want an error containing %q", err, tt.want)
+			}
 		})
+	}
+}
+
+// A hand-built Config gets a clear error from NewWithConfig, never a panic
+// (pgxpool panics on a config not made by ParseConfig, and pgx does so in
+// a background goroutine for a hand-built connection config); the zero
+// cluster settings of a parsed Config are the documented defaults.
+func TestNewWithConfigHandBuilt(t *testing.T) {
+	poolCfg, err := pgxpool.ParseConfig("host=127.0.0.1 port=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	handConn := poolCfg.Copy()
+	handConn.ConnConfig = &pgx.ConnConfig{}
+	tests := []struct {
+		name   string
+		config *Config
+		want   string
+	}{
+		{"nil", nil, "clusterpool: nil Config"},
+		{"zero Config", &Config{}, "Config.Config (nil) was not created by ParseConfig"},
+		{"zero pgxpool.Config", &Config{Config: &pgxpool.Config{}}, "Config.ConnConfig (nil) was not created by ParseConfig"},
+		{"zero pgxpool.Config with a parsed ConnConfig", &Config{Config: &pgxpool.Config{ConnConfig: poolCfg.ConnConfig}}, "Config.Config (a *pgxpool.Config)"},
+		{"parsed pgxpool.Config with a hand-built ConnConfig", &Config{Config: handConn}, "Config.ConnConfig (a *pgx.ConnConfig)"},
+		{"parsed pgxpool.Config, zero cluster settings", &Config{Config: poolCfg.Copy()}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := NewWithConfig(context.Background(), tt.config)
+			if tt.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer p.Close()
+				s := p.settings
+				if s.balanceInterval != DefaultBalanceInterval || s.probeInterval != DefaultProbeInterval ||
+					s.maxRetries != 0 || !math.IsInf(s.connectRate, 1) || s.identity != NodeIdentityAuto {
+					t.Errorf("zero cluster settings: %+v", s)
+				}
+				return
+			}
+			if err == nil {
+				p.Close()
+				t.Fatalf("NewWithConfig succeeded, want an error containing %q", tt.want)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("NewWithConfig: %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// Copy of a hand-built Config does not panic either.
+func TestConfigCopyHandBuilt(t *testing.T) {
+	for _, c := range []*Config{{}, {Config: &pgxpool.Config{}}} {
+		n := c.Copy()
+		if (n.Config == nil) != (c.Config == nil) || (n.Config != nil && n.Config == c.Config) {
+			t.Errorf("Copy(%+v) = %+v", c, n)
+		}
 	}
 }
 

@@ -2,7 +2,9 @@ package clusterpool
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -31,6 +33,18 @@ import (
 //     user's hook decides.
 //   - BeforeClose: the user's hook runs first, while the connection is still
 //     counted on its node; then the pool forgets it.
+//
+// A panic in one of these hooks, or in IdentifyNode, is recovered: most of
+// them run on pgxpool's background goroutines, where a panic would end the
+// program, and a panic in PrepareConn would leave its connection acquired
+// for good. The panic is counted (ClusterStat.HookPanics) and reported to a
+// HookTracer, and the hook counts as failed: BeforeConnect, AfterConnect
+// and IdentifyNode as returning an error (the connect fails with an error
+// naming the hook and the panic value, and the connection is closed),
+// PrepareConn and BeforeAcquire as returning (false, that error) (the
+// connection is destroyed and Acquire returns the error). After a panic in
+// BeforeClose the connection is still closed and forgotten. The pool's
+// node counts stay right in every case.
 //
 // AfterRelease is never set by the pool: pgxpool runs every release in a new
 // goroutine when it is. The pool learns of releases through a
@@ -110,6 +124,7 @@ type Pool struct {
 	// The caller's hooks, chained behind the pool's own.
 	userAfterConnect func(context.Context, *pgx.Conn) error
 	userPrepareConn  func(context.Context, *pgx.Conn) (bool, error)
+	prepareConnHook  string // hookPrepareConn or hookBeforeAcquire: which one the user set
 	userBeforeClose  func(*pgx.Conn)
 
 	// Background goroutines (balancer, probe) run under bgCtx; Close cancels
@@ -137,7 +152,7 @@ func New(ctx context.Context, connString string) (*Pool, error) {
 // errors are not returned here: acquire a connection to check.
 func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	if config == nil {
-		return nil, fmt.Errorf("clusterpool: nil Config")
+		return nil, errors.New("clusterpool: nil Config: create it with ParseConfig")
 	}
 	if err := config.validate(); err != nil {
 		return nil, err
@@ -155,21 +170,41 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	pgxCfg := config.Config.Copy()
 	p.userAfterConnect = pgxCfg.AfterConnect
 	p.userBeforeClose = pgxCfg.BeforeClose
-	p.userPrepareConn = pgxCfg.PrepareConn
+	p.userPrepareConn, p.prepareConnHook = pgxCfg.PrepareConn, hookPrepareConn
 	if p.userPrepareConn == nil && pgxCfg.BeforeAcquire != nil {
 		beforeAcquire := pgxCfg.BeforeAcquire
 		p.userPrepareConn = func(ctx context.Context, conn *pgx.Conn) (bool, error) {
 			return beforeAcquire(ctx, conn), nil
 		}
+		p.prepareConnHook = hookBeforeAcquire
 	}
 	pgxCfg.BeforeAcquire = nil
+	if user := pgxCfg.BeforeConnect; user != nil {
+		guarded := func(ctx context.Context, cc *pgx.ConnConfig) (err error) {
+			defer p.recoverHook(ctx, hookBeforeConnect, &err)
+			return user(ctx, cc)
+		}
+		pgxCfg.BeforeConnect = guarded
+		p.config.BeforeConnect = guarded // the probe and the health check call it too
+	}
 	if p.tracking() {
 		pgxCfg.AfterConnect = p.afterConnect
 		pgxCfg.PrepareConn = p.prepareConn
 		pgxCfg.BeforeClose = p.beforeClose
 		pgxCfg.ConnConfig.Tracer = withReleaseTracer(pgxCfg.ConnConfig.Tracer, releaseTracer{p})
 	} else {
-		pgxCfg.PrepareConn = p.userPrepareConn
+		// Nothing to track: the pool's wrappers are there only to recover
+		// the user's panics, and only around hooks the user set.
+		pgxCfg.AfterConnect, pgxCfg.PrepareConn, pgxCfg.BeforeClose = nil, nil, nil
+		if p.userAfterConnect != nil {
+			pgxCfg.AfterConnect = p.afterConnect
+		}
+		if p.userPrepareConn != nil {
+			pgxCfg.PrepareConn = p.prepareConn
+		}
+		if p.userBeforeClose != nil {
+			pgxCfg.BeforeClose = p.beforeClose
+		}
 	}
 	// BeforeConnect: the balancer's hook (rate limit, placement) runs first,
 	// then the user's, on the same per-attempt copy.
@@ -223,18 +258,73 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 		cs = p.tracker.trackDialled(id, addr, host, conn, connectStart(conn), time.Now())
 	}
 	if p.userAfterConnect != nil {
-		if err := p.userAfterConnect(ctx, conn); err != nil {
-			p.tracker.untrack(cs)
+		if err := p.callAfterConnect(ctx, conn); err != nil {
+			p.tracker.untrack(cs) // pgxpool closes conn without BeforeClose
 			return err
 		}
 	}
 	return nil
 }
 
+// Names of the caller's hooks, as TraceHookPanicData.Hook gives them.
+const (
+	hookBeforeConnect = "BeforeConnect"
+	hookAfterConnect  = "AfterConnect"
+	hookIdentifyNode  = "IdentifyNode"
+	hookPrepareConn   = "PrepareConn"
+	hookBeforeAcquire = "BeforeAcquire"
+	hookBeforeClose   = "BeforeClose"
+)
+
+// recoverHook is deferred around each call of a hook of the caller's. It
+// recovers a panic, reports it, and sets *err (when err is not nil) to an
+// error naming the hook and the panic value. It costs nothing measurable
+// when the hook returns.
+func (p *Pool) recoverHook(ctx context.Context, hook string, err *error) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	p.obs.hookPanicked(ctx, hook, v, debug.Stack())
+	if err != nil {
+		*err = hookPanicError(hook, v)
+	}
+}
+
+func hookPanicError(hook string, v any) error {
+	if e, ok := v.(error); ok {
+		return fmt.Errorf("clusterpool: %s hook panicked: %w", hook, e)
+	}
+	return fmt.Errorf("clusterpool: %s hook panicked: %v", hook, v)
+}
+
+func (p *Pool) callAfterConnect(ctx context.Context, conn *pgx.Conn) (err error) {
+	defer p.recoverHook(ctx, hookAfterConnect, &err)
+	return p.userAfterConnect(ctx, conn)
+}
+
+func (p *Pool) callIdentifyNode(ctx context.Context, conn *pgx.Conn) (id NodeID, addr string, err error) {
+	defer p.recoverHook(ctx, hookIdentifyNode, &err)
+	return p.settings.identifyNode(ctx, IdentifyNodeParams{Conn: conn})
+}
+
+// callPrepareConn returns (false, err) after a panic: pgxpool destroys the
+// connection, whose state the hook may have left half changed, and Acquire
+// returns err.
+func (p *Pool) callPrepareConn(ctx context.Context, conn *pgx.Conn) (ok bool, err error) {
+	defer p.recoverHook(ctx, p.prepareConnHook, &err)
+	return p.userPrepareConn(ctx, conn)
+}
+
+func (p *Pool) callBeforeClose(conn *pgx.Conn) {
+	defer p.recoverHook(context.Background(), hookBeforeClose, nil)
+	p.userBeforeClose(conn)
+}
+
 // identify returns the node conn reached, or 0 if it is not to be tracked.
 func (p *Pool) identify(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
-	if f := p.settings.identifyNode; f != nil {
-		return f(ctx, IdentifyNodeParams{Conn: conn})
+	if p.settings.identifyNode != nil {
+		return p.callIdentifyNode(ctx, conn)
 	}
 	crdb := isCockroachDB(conn.PgConn())
 	switch p.settings.identity {
@@ -298,7 +388,7 @@ func (p *Pool) prepareConn(ctx context.Context, conn *pgx.Conn) (bool, error) {
 		if sweeping(ctx) {
 			return true, nil // retireIdle releases it at once; the user's hook is for real acquires
 		}
-		ok, err := p.userPrepareConn(ctx, conn)
+		ok, err := p.callPrepareConn(ctx, conn)
 		if !ok || err != nil {
 			return ok, err
 		}
@@ -309,12 +399,13 @@ func (p *Pool) prepareConn(ctx context.Context, conn *pgx.Conn) (bool, error) {
 	return true, nil
 }
 
-// beforeClose runs the user's BeforeClose, then forgets the connection.
+// beforeClose runs the user's BeforeClose, then forgets the connection,
+// whatever the user's hook did: pgxpool closes the connection next.
 func (p *Pool) beforeClose(conn *pgx.Conn) {
+	defer p.tracker.untrack(connStateOf(conn))
 	if p.userBeforeClose != nil {
-		p.userBeforeClose(conn)
+		p.callBeforeClose(conn)
 	}
-	p.tracker.untrack(connStateOf(conn))
 }
 
 type sweepKey struct{}
@@ -429,8 +520,9 @@ func (p *Pool) AcquireAllIdle(ctx context.Context) []*pgxpool.Conn {
 func (p *Pool) Reset() { p.pool.Reset() }
 
 // Config returns a copy of the pgxpool part of the config used to create the
-// pool, with the caller's own hooks and tracer (not the pool's chained ones),
-// as pgxpool.Pool.Config does. ClusterConfig returns the whole Config.
+// pool, with the caller's own hooks and tracer (not the pool's chained ones;
+// BeforeConnect is wrapped to recover its panics), as pgxpool.Pool.Config
+// does. ClusterConfig returns the whole Config.
 func (p *Pool) Config() *pgxpool.Config { return p.config.Config.Copy() }
 
 // Stat returns pgxpool's statistics for the whole pool. NodeStats has them

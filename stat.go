@@ -19,6 +19,7 @@ type ClusterStat struct {
 	connectWait       time.Duration
 	nodesAdded        int64
 	nodesRemoved      int64
+	hookPanics        int64
 }
 
 // ClusterStat returns a snapshot of the pool's cluster-wide counters. Each
@@ -35,6 +36,7 @@ func (p *Pool) ClusterStat() *ClusterStat {
 		connectWait:       time.Duration(c.connectWait.Load()),
 		nodesAdded:        c.nodesAdded.Load(),
 		nodesRemoved:      c.nodesRemoved.Load(),
+		hookPanics:        c.hookPanics.Load(),
 	}
 	for i := range c.retryOutcomes {
 		s.retryOutcomes[i] = c.retryOutcomes[i].Load()
@@ -90,3 +92,7 @@ func (s *ClusterStat) NodesAdded() int64 { return s.nodesAdded }
 
 // NodesRemoved returns how many times the pool forgot a node that expired.
 func (s *ClusterStat) NodesRemoved() int64 { return s.nodesRemoved }
+
+// HookPanics returns how many times one of the caller's hooks panicked and
+// the pool recovered the panic (see HookTracer).
+func (s *ClusterStat) HookPanics() int64 { return s.hookPanics }

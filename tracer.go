@@ -11,10 +11,11 @@ import (
 )
 
 // Tracers report what the pool does on its own, away from any query: nodes
-// coming and going, evictions, pruning, retries, probes and connect
-// throttling. Config.Tracer is inspected once, when the pool is created, for
-// each of the interfaces below, as pgx inspects ConnConfig.Tracer; a value
-// may implement any of them, and CombineTracers joins several values.
+// coming and going, evictions, pruning, retries, probes, connect throttling
+// and panics in the caller's hooks. Config.Tracer is inspected once, when
+// the pool is created, for each of the interfaces below, as pgx inspects
+// ConnConfig.Tracer; a value may implement any of them, and CombineTracers
+// joins several values.
 //
 // Methods are called synchronously from the goroutine where the event
 // happens (a caller's query for retries and connect throttling, the pool's
@@ -23,8 +24,10 @@ import (
 // methods such as NodeStats and ClusterStat. ctx is the caller's context for
 // retry and connect events, the context of the pool's background work for
 // prune and probe events (it ends when the pool closes, or the probe times
-// out), and context.Background() for node events. The data values may be
-// retained; slices in them are not reused by the pool.
+// out), the hook's context for hook panics (context.Background() for
+// BeforeClose, which has none), and context.Background() for node events.
+// The data values may be retained; slices in them are not reused by the
+// pool.
 
 // NodeTracer traces changes in what the pool knows about the cluster's nodes.
 type NodeTracer interface {
@@ -231,6 +234,30 @@ type TraceConnectThrottledData struct {
 	Err error
 }
 
+// HookTracer traces panics in the caller's hooks that the pool wraps
+// (Config.BeforeConnect, AfterConnect, IdentifyNode, PrepareConn or
+// BeforeAcquire, BeforeClose). Most of them run on pgxpool's own
+// goroutines, where a panic would end the program; the pool recovers it,
+// counts it (ClusterStat.HookPanics), reports it here, and treats the hook
+// as failed. See the Config documentation for what that means per hook.
+type HookTracer interface {
+	// TraceHookPanic is called after a hook panicked and the panic was
+	// recovered.
+	TraceHookPanic(ctx context.Context, pool *Pool, data TraceHookPanicData)
+}
+
+// TraceHookPanicData is passed to HookTracer.TraceHookPanic.
+type TraceHookPanicData struct {
+	// Hook names the hook: "BeforeConnect", "AfterConnect",
+	// "IdentifyNode", "PrepareConn", "BeforeAcquire" or "BeforeClose".
+	Hook string
+	// Value is the value the hook panicked with.
+	Value any
+	// Stack is the panicking goroutine's stack, as runtime/debug.Stack
+	// formats it.
+	Stack []byte
+}
+
 // CombineTracers returns a tracer that forwards each event to every one of
 // tracers that implements the event's interface, in order. Nil values and
 // values that implement none of the interfaces (a pgx.QueryTracer meant for
@@ -275,6 +302,9 @@ func CombineTracers(tracers ...any) any {
 		if t, ok := t.(ConnectTracer); ok {
 			m.connect = append(m.connect, t)
 		}
+		if t, ok := t.(HookTracer); ok {
+			m.hook = append(m.hook, t)
+		}
 	}
 	return m
 }
@@ -282,11 +312,14 @@ func CombineTracers(tracers ...any) any {
 // implementsTracer reports whether t implements at least one tracer interface.
 func implementsTracer(t any) bool {
 	switch t.(type) {
-	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, *multiTracer:
+	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, *multiTracer:
 		return true
 	}
 	return false
 }
+
+// tracerInterfaces lists the tracer interfaces, for errors.
+const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer"
 
 // multiTracer is what CombineTracers returns. It implements every tracer
 // interface; the pool asks it which ones have members (see newObserver).
@@ -297,6 +330,7 @@ type multiTracer struct {
 	retry   []RetryTracer
 	probe   []ProbeTracer
 	connect []ConnectTracer
+	hook    []HookTracer
 }
 
 func (m *multiTracer) TraceNodeAdded(ctx context.Context, pool *Pool, data TraceNodeAddedData) {
@@ -353,6 +387,12 @@ func (m *multiTracer) TraceConnectThrottled(ctx context.Context, pool *Pool, dat
 	}
 }
 
+func (m *multiTracer) TraceHookPanic(ctx context.Context, pool *Pool, data TraceHookPanicData) {
+	for _, t := range m.hook {
+		t.TraceHookPanic(ctx, pool, data)
+	}
+}
+
 // observer is where the rest of the package reports events: it counts them
 // (ClusterStat) and forwards them to the tracers found in Config.Tracer.
 // Every method is safe on a nil *observer and costs a nil check and at most
@@ -365,6 +405,7 @@ type observer struct {
 	retry   RetryTracer
 	probe   ProbeTracer
 	connect ConnectTracer
+	hook    HookTracer
 
 	counters clusterCounters
 
@@ -391,6 +432,7 @@ type clusterCounters struct {
 	connectWait       atomic.Int64 // nanoseconds
 	nodesAdded        atomic.Int64
 	nodesRemoved      atomic.Int64
+	hookPanics        atomic.Int64
 }
 
 // newObserver finds the tracer interfaces tracer implements. A combined
@@ -417,6 +459,9 @@ func newObserver(p *Pool, tracer any) *observer {
 		if len(m.connect) > 0 {
 			o.connect = m
 		}
+		if len(m.hook) > 0 {
+			o.hook = m
+		}
 		return o
 	}
 	o.node, _ = tracer.(NodeTracer)
@@ -424,6 +469,7 @@ func newObserver(p *Pool, tracer any) *observer {
 	o.retry, _ = tracer.(RetryTracer)
 	o.probe, _ = tracer.(ProbeTracer)
 	o.connect, _ = tracer.(ConnectTracer)
+	o.hook, _ = tracer.(HookTracer)
 	return o
 }
 
@@ -621,4 +667,15 @@ func (o *observer) waitConnect(ctx context.Context, limiter *rate.Limiter) error
 		})
 	}
 	return err
+}
+
+// hookPanicked reports a recovered panic in the caller's hook.
+func (o *observer) hookPanicked(ctx context.Context, hook string, value any, stack []byte) {
+	if o == nil {
+		return
+	}
+	o.counters.hookPanics.Add(1)
+	if o.hook != nil {
+		o.hook.TraceHookPanic(ctx, o.pool, TraceHookPanicData{Hook: hook, Value: value, Stack: stack})
+	}
 }
