@@ -25,21 +25,8 @@ import (
 	"github.com/clusterpool/clusterpool/clustertest"
 )
 
-// TestSoak runs mixed load on a 4-node cluster while random faults (drain,
-// kill, restart, partition, latency, add and remove node) come and go, then
-// checks what must hold whatever the faults were:
-//
-//   - every acknowledged write is present exactly once across the nodes'
-//     databases, no non-idempotent write is applied twice, and a write that
-//     failed with a known outcome is absent;
-//   - once quiet, the pool's per-node counts equal the servers' counts;
-//   - the pool never holds more than MaxConns connections;
-//   - after Close, goroutines and heap are back to their baseline.
-//
-// The load runs for 45 s by default (10 s with -short); -soak=10m runs longer.
-// The seed (-soak.seed or CLUSTERPOOL_SOAK_SEED, random by default) is
-// logged; it replays the same fault and operation choices, though not the
-// same interleaving.
+// TestSoak's flags: go test -run TestSoak -soak=10m -soak.seed=N . runs a
+// longer soak, or replays a seed.
 var (
 	soakFlag     = flag.Duration("soak", 0, "how long TestSoak runs its load (0: 45s, 10s with -short)")
 	soakSeedFlag = flag.Int64("soak.seed", 0, "seed for TestSoak's faults and load (0: $CLUSTERPOOL_SOAK_SEED, else random)")
@@ -176,7 +163,6 @@ func (tr *soakTracer) explain(id int64) string {
 }
 
 type soak struct {
-	t     *testing.T
 	c     *clustertest.Cluster
 	pool  *clusterpool.Pool
 	start time.Time
@@ -193,14 +179,31 @@ type soak struct {
 	ctxErrs    map[int64]string // writes ended by the caller's deadline: their errors
 	faults     map[string]int
 	faultLog   []string
-	addWindows [][2]time.Time // AddNode call to schema created
-	unsettled  map[int]time.Time
-	removed    []*soakTally // rows of removed nodes
+	addWindows [][2]time.Time    // AddNode call to schema created
+	unsettled  map[int]time.Time // node -> until when its proxy's count is stale (partition)
+	removed    []*soakTally      // rows of removed nodes
 	violations []string
 
 	maxPool, maxServers atomic.Int64
 }
 
+// TestSoak runs mixed load on a 4-node cluster while random faults (drain,
+// kill, restart, partition, latency, add and remove node) come and go, at
+// most two nodes faulted at once, then checks what must hold whatever the
+// faults were:
+//
+//   - every acknowledged write is present exactly once across the nodes'
+//     databases (which are separate: a row lives on the node that wrote it),
+//     no non-idempotent write is applied twice, and a write that failed with
+//     an error not matching ErrOutcomeUnknown is absent;
+//   - once quiet, the pool's per-node counts equal the servers' counts;
+//   - the pool never holds more than MaxConns connections;
+//   - after Close, goroutines and heap are back to their baseline.
+//
+// The load runs for 45 s by default (10 s with -short). The seed (random by
+// default) is logged; it replays the same fault and operation choices,
+// though not the same interleaving. The last line is the summary the README
+// quotes.
 func TestSoak(t *testing.T) {
 	dur := *soakFlag
 	if dur == 0 {
@@ -233,7 +236,6 @@ func TestSoak(t *testing.T) {
 	}
 
 	s := &soak{
-		t:          t,
 		c:          c,
 		tracer:     &soakTracer{failed: make(map[int64][]int), events: make(map[int64][]string)},
 		errClasses: make(map[string]int),
