@@ -39,6 +39,7 @@
 //	clusterpool_connect_throttle_wait_seconds_total{pool}       counter
 //	clusterpool_nodes_added_total{pool}                         counter
 //	clusterpool_nodes_removed_total{pool}                       counter
+//	clusterpool_hook_panics_total{pool}                         counter
 //
 // The outcome label of clusterpool_retries_total is a
 // clusterpool.RetryOutcome: succeeded, gave_up, outcome_unknown or
@@ -77,6 +78,7 @@ type Collector struct {
 	connectWait       *prometheus.Desc
 	nodesAdded        *prometheus.Desc
 	nodesRemoved      *prometheus.Desc
+	hookPanics        *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -109,6 +111,7 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 		connectWait:       desc("connect_throttle_wait_seconds_total", "Total time new connections waited for the connect rate limit."),
 		nodesAdded:        desc("nodes_added_total", "Times the pool learned of a node."),
 		nodesRemoved:      desc("nodes_removed_total", "Times the pool forgot a node that expired."),
+		hookPanics:        desc("hook_panics_total", "Panics in the caller's connection hooks that the pool recovered."),
 	}
 }
 
@@ -117,7 +120,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.connections, c.nodeHealthy, c.nodeDraining, c.nodePruned, c.nodeRetries, c.nodeEvictions,
 		c.nodes, c.retries, c.retryAttempts, c.evictions, c.probes, c.probeFailures, c.redials,
-		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved,
+		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved, c.hookPanics,
 	} {
 		ch <- d
 	}
@@ -168,6 +171,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.connectWait, st.ConnectWaitDuration().Seconds())
 	counter(c.nodesAdded, float64(st.NodesAdded()))
 	counter(c.nodesRemoved, float64(st.NodesRemoved()))
+	counter(c.hookPanics, float64(st.HookPanics()))
 }
 
 func boolValue(b bool) float64 {

@@ -11,6 +11,7 @@ import (
 	"github.com/clusterpool/clusterpool"
 	"github.com/clusterpool/clusterpool/clusterprom"
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
@@ -211,6 +212,46 @@ func TestTwoPoolsOneRegistry(t *testing.T) {
 	if n, err := testutil.GatherAndCount(reg, "clusterpool_retries_total"); err != nil || n != 2*len(clusterpool.RetryOutcomes()) {
 		t.Errorf("clusterpool_retries_total series = %d, %v; want %d", n, err, 2*len(clusterpool.RetryOutcomes()))
 	}
+}
+
+// A panic in the caller's BeforeClose, which the pool recovers, is counted
+// in clusterpool_hook_panics_total.
+func TestHookPanicsCounted(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2})
+	cfg, err := clusterpool.ParseConfig(c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MinConns, cfg.MaxConns = 2, 2
+	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+	cfg.BeforeClose = func(*pgx.Conn) { panic("boom") }
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(clusterprom.NewCollector("orders", pool))
+	const metric = `clusterpool_hook_panics_total{pool="orders"}`
+	if v := values(t, reg)[metric]; v != 0 {
+		t.Errorf("%s = %v before any panic", metric, v)
+	}
+	waitFor(t, func() string {
+		if n := pool.Stat().IdleConns(); n < 2 { // established, not in construction
+			return fmt.Sprintf("%d idle connections, want 2", n)
+		}
+		return ""
+	})
+	pool.Reset() // closes both, through the panicking BeforeClose
+	waitFor(t, func() string {
+		v, n := values(t, reg)[metric], pool.ClusterStat().HookPanics()
+		if v < 2 || v != float64(n) {
+			return fmt.Sprintf("%s = %v, HookPanics() = %d, want at least 2", metric, v, n)
+		}
+		return ""
+	})
 }
 
 // busyReads runs SELECT 1 in workers goroutines until the returned stop is

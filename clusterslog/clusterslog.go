@@ -16,6 +16,8 @@
 //     or whose context ended between attempts.
 //   - Warn: a node evicted (unhealthy), a call that gave up after retries,
 //     and one not retried because its outcome is unknown.
+//   - Error: a panic in one of the caller's hooks, which the pool recovered;
+//     the record carries the hook, the panic value and the stack.
 //
 // Records never carry a password or a connection string: the events hold
 // node IDs, addresses (host:port) and driver errors, which pgx writes
@@ -29,6 +31,7 @@ package clusterslog
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 
 	"github.com/clusterpool/clusterpool"
@@ -53,6 +56,7 @@ var (
 	_ clusterpool.RetryTracer   = (*Tracer)(nil)
 	_ clusterpool.ProbeTracer   = (*Tracer)(nil)
 	_ clusterpool.ConnectTracer = (*Tracer)(nil)
+	_ clusterpool.HookTracer    = (*Tracer)(nil)
 )
 
 // Attribute keys.
@@ -71,6 +75,9 @@ const (
 	keyWaited   = "waited"
 	keyLimit    = "limit_per_second"
 	keyErr      = "err"
+	keyHook     = "hook"
+	keyPanic    = "panic"
+	keyStack    = "stack"
 )
 
 func (t *Tracer) log(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) {
@@ -204,4 +211,14 @@ func (t *Tracer) TraceConnectThrottled(ctx context.Context, _ *clusterpool.Pool,
 		attrs = append(attrs, errAttr(data.Err))
 	}
 	t.log(ctx, slog.LevelDebug, "clusterpool: new connection throttled", attrs...)
+}
+
+// TraceHookPanic logs at Error, with the hook's name, the panic value and
+// the stack of the panic.
+func (t *Tracer) TraceHookPanic(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceHookPanicData) {
+	if !t.enabled(ctx, slog.LevelError) {
+		return
+	}
+	t.log(ctx, slog.LevelError, "clusterpool: hook panicked (recovered)",
+		slog.String(keyHook, data.Hook), slog.String(keyPanic, fmt.Sprint(data.Value)), slog.String(keyStack, string(data.Stack)))
 }

@@ -141,6 +141,28 @@ func TestLevelsAndAttributes(t *testing.T) {
 	}
 }
 
+// A recovered panic in a hook is logged at Error with the hook, the panic
+// value and the stack, and at every level up to Error.
+func TestHookPanic(t *testing.T) {
+	data := clusterpool.TraceHookPanicData{Hook: "BeforeClose", Value: errors.New("boom"), Stack: []byte("goroutine 7 [running]:\nmain.hook()")}
+	logger, buf := newLogger(slog.LevelError)
+	clusterslog.New(logger).TraceHookPanic(context.Background(), nil, data)
+	recs := buf.records(t)
+	if len(recs) != 1 {
+		t.Fatalf("%d records, want 1: %s", len(recs), buf)
+	}
+	r := recs[0]
+	if r["level"] != "ERROR" || r["msg"] != "clusterpool: hook panicked (recovered)" ||
+		r["hook"] != "BeforeClose" || r["panic"] != "boom" || r["stack"] != string(data.Stack) {
+		t.Errorf("record %v", r)
+	}
+	logger, buf = newLogger(slog.LevelError + 1)
+	clusterslog.New(logger).TraceHookPanic(context.Background(), nil, data)
+	if s := buf.String(); s != "" {
+		t.Errorf("written above its level: %s", s)
+	}
+}
+
 // On a real cluster: node IDs appear in the records, an eviction is a
 // warning, and the password in the connection string never appears.
 func TestLogsOnCluster(t *testing.T) {
