@@ -1,0 +1,13 @@
+package clusterslog_test
+
+import (
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+// TestMain fails the test binary if any goroutine is still running once all
+// tests have finished: the handler starts none, and the pools and clusters tests use must be closed.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
