@@ -54,9 +54,10 @@
 // Pool.NodeStats (per node) and Pool.ClusterStat (pool-wide counters: retries
 // by outcome, pruned connections, evictions, probes) are always available.
 // Events (nodes added, removed, evicted, draining; connections pruned; retry
-// attempts and outcomes; probes; throttled connects) go to Config.Tracer,
-// which the pool inspects once for NodeTracer, PruneTracer, RetryTracer,
-// ProbeTracer and ConnectTracer; CombineTracers joins several. Adapters live
+// attempts and outcomes; probes; throttled connects; recovered hook panics)
+// go to Config.Tracer, which the pool inspects once for NodeTracer,
+// PruneTracer, RetryTracer, ProbeTracer, ConnectTracer and HookTracer;
+// CombineTracers joins several. Adapters live
 // in their own packages and are registered by the caller: clusterslog
 // (log/slog), clusterprom (a Prometheus collector, in a module of its own) and
 // clustersql (a *sql.DB on the pool for database/sql code).
@@ -68,6 +69,28 @@
 // cluster_max_retries, cluster_connect_rate, cluster_node_identity). Config
 // embeds *pgxpool.Config, so pgxpool settings and hooks are set as usual; the
 // pool chains its own hooks with the caller's, never replacing them.
+//
+// Bad input gets an error, not a panic: ParseConfig rejects an invalid or
+// unknown cluster_* value with an error naming the parameter and the value,
+// and masks every password in the errors pgx gives for the rest of the
+// string. NewWithConfig rejects, naming the field and the value, invalid
+// cluster settings (negative, or below MinInterval, 1 ms, for the intervals;
+// negative or NaN rates; negative MaxRetries; an unknown NodeIdentity; a
+// Tracer that implements no tracer interface) and the configs pgx would
+// panic on: nil, hand-built rather than made by ParseConfig, MaxConns below
+// 1, a HealthCheckPeriod that is not positive. Zero cluster settings mean
+// their documented defaults.
+//
+// # Hooks
+//
+// A panic in one of the caller's hooks that the pool wraps (BeforeConnect,
+// AfterConnect, IdentifyNode, PrepareConn or BeforeAcquire, BeforeClose) is
+// recovered: most run on pgxpool's own goroutines, where a panic would end
+// the program. The panic is counted (ClusterStat.HookPanics), reported to a
+// HookTracer, and taken as the hook failing: the connect fails, or the
+// acquire fails and its connection is destroyed; after BeforeClose the
+// connection is still closed. Whatever a hook does, the per-node counts stay
+// equal to the servers' once the pool is quiet.
 //
 // # Lifecycle
 //

@@ -40,7 +40,7 @@ func (r *hookRecorder) count(t *testing.T, hook string) int {
 			continue
 		}
 		n++
-		if d.Value == nil || !strings.Contains(string(d.Stack), "hooks_test.go") {
+		if d.Value == nil || !strings.Contains(string(d.Stack), "_test.go") {
 			t.Errorf("%s panic reported with value %v and stack\n%s", hook, d.Value, d.Stack)
 		}
 	}

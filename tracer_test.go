@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/time/rate"
 )
@@ -55,6 +56,7 @@ func (r *recorder) TraceProbe(_ context.Context, p *Pool, d TraceProbeData) { r.
 func (r *recorder) TraceConnectThrottled(_ context.Context, p *Pool, d TraceConnectThrottledData) {
 	r.record(p, d)
 }
+func (r *recorder) TraceHookPanic(_ context.Context, p *Pool, d TraceHookPanicData) { r.record(p, d) }
 
 // eventsOf returns the recorded events of type T.
 func eventsOf[T any](r *recorder) []T {
@@ -123,7 +125,7 @@ func TestObserverFindsInterfacesOnce(t *testing.T) {
 		t.Errorf("observer of a RetryTracer: %+v", o)
 	}
 	o = newObserver(nil, &recorder{})
-	if o.retry == nil || o.node == nil || o.prune == nil || o.probe == nil || o.connect == nil {
+	if o.retry == nil || o.node == nil || o.prune == nil || o.probe == nil || o.connect == nil || o.hook == nil {
 		t.Errorf("observer of a full tracer misses interfaces: %+v", o)
 	}
 }
@@ -154,6 +156,53 @@ func TestObserverNoTracerNoAllocs(t *testing.T) {
 	nilObs.retrying(ctx, RetryParams{}, 0)
 	nilObs.retryEnded(ctx, RetrySucceeded, 2, nil, nil)
 	nilObs.probed(ctx, 0, nil)
+	nilObs.hookPanicked(ctx, hookBeforeClose, "boom", nil)
+}
+
+// The wrappers around the caller's hooks cost no allocation when the hook
+// returns normally: PrepareConn runs at every acquire.
+func TestHookWrappersNoAllocs(t *testing.T) {
+	p := &Pool{obs: newObserver(nil, nil), prepareConnHook: hookPrepareConn}
+	p.userPrepareConn = func(context.Context, *pgx.Conn) (bool, error) { return true, nil }
+	p.userAfterConnect = func(context.Context, *pgx.Conn) error { return nil }
+	p.userBeforeClose = func(*pgx.Conn) {}
+	ctx := context.Background()
+	allocs := testing.AllocsPerRun(100, func() {
+		_, _ = p.callPrepareConn(ctx, nil)
+		_ = p.callAfterConnect(ctx, nil)
+		p.callBeforeClose(nil)
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per hook calls, want 0", allocs)
+	}
+}
+
+// A recovered hook panic is counted and reaches every HookTracer combined,
+// with the value, and the hook's error names the hook and wraps an error
+// value.
+func TestHookPanicRecovered(t *testing.T) {
+	r1, r2 := &recorder{}, &hookRecorder{}
+	p := &Pool{prepareConnHook: hookBeforeAcquire, tracker: newTracker()}
+	p.obs = newObserver(p, CombineTracers(r1, r2, retryOnly{new(int)}))
+	boom := errors.New("boom")
+	p.userPrepareConn = func(context.Context, *pgx.Conn) (bool, error) { panic(boom) }
+	ok, err := p.callPrepareConn(context.Background(), nil)
+	if ok || !errors.Is(err, boom) || err.Error() != "clusterpool: BeforeAcquire hook panicked: boom" {
+		t.Errorf("callPrepareConn = %v, %v", ok, err)
+	}
+	p.userBeforeClose = func(*pgx.Conn) { panic(nil) } // a *runtime.PanicNilError since Go 1.21
+	p.callBeforeClose(nil)
+	if n := p.ClusterStat().HookPanics(); n != 2 {
+		t.Errorf("HookPanics() = %d, want 2", n)
+	}
+	events := eventsOf[TraceHookPanicData](r1)
+	if len(events) != 2 || events[0].Hook != hookBeforeAcquire || events[0].Value != boom ||
+		events[1].Hook != hookBeforeClose || events[1].Value == nil || len(events[0].Stack) == 0 {
+		t.Errorf("events %+v", events)
+	}
+	if n := r2.count(t, hookBeforeAcquire) + r2.count(t, hookBeforeClose); n != 2 {
+		t.Errorf("second tracer got %d panics, want 2", n)
+	}
 }
 
 func TestObserverCounters(t *testing.T) {
