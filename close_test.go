@@ -1,0 +1,421 @@
+package clusterpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+)
+
+// Close under way: during load, during a probe, during a retry backoff, twice
+// and from two goroutines at once. Each test takes a goroutine baseline once
+// its cluster has started, so every goroutine the pool (or a proxy relay for
+// one of its connections) starts must be gone after Close. The tests log how
+// long Close took; they assert only that it returned before closeDeadline.
+
+// closeDeadline is how long Close, and a call that Close interrupts, may take
+// before the test fails: generous, because the machine may be loaded. A
+// prompt Close takes milliseconds (the tests log it).
+const closeDeadline = 15 * time.Second
+
+// noLeaks waits up to condTimeout for every goroutine started since base (a
+// goleak.IgnoreCurrent taken at the test's start) to exit, then fails the
+// test with the stacks of those still running. goleak's own retries last
+// about a second, too short when the machine is loaded and a proxy relay
+// is still noticing that its client went away.
+func noLeaks(t *testing.T, base goleak.Option) {
+	t.Helper()
+	deadline := time.Now().Add(condTimeout)
+	for goleak.Find(base) != nil && time.Now().Before(deadline) {
+		time.Sleep(condPoll)
+	}
+	goleak.VerifyNone(t, base)
+}
+
+// closeWithin closes p, fails the test if Close has not returned within
+// closeDeadline, and returns how long it took.
+func closeWithin(t *testing.T, p *Pool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	done := make(chan struct{})
+	go func() {
+		p.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return time.Since(start)
+	case <-time.After(closeDeadline):
+		t.Fatalf("Close has not returned after %v; pool goroutines:\n%s", closeDeadline, poolStacks())
+		return 0
+	}
+}
+
+// poolGoroutinesGone waits for the pool's goroutines (and pgxpool's) to
+// exit. Close has waited for them, but a goroutine that has just called
+// WaitGroup.Done still shows in a stack dump until it is scheduled again.
+func poolGoroutinesGone(t *testing.T) {
+	t.Helper()
+	waitCond(t, func() string {
+		if s := poolStacks(); s != "" {
+			return "pool goroutines still running after Close:\n" + s
+		}
+		return ""
+	})
+}
+
+// errClosedPool returns the error pgxpool gives for an acquire on a closed
+// pool (puddle's ErrClosedPool), found by asking a closed pgxpool.Pool, so
+// the tests match it with errors.Is without importing puddle.
+func errClosedPool(t *testing.T) error {
+	t.Helper()
+	p, err := pgxpool.New(context.Background(), "postgres://u@127.0.0.1:1/db?sslmode=disable")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	_, err = p.Acquire(context.Background())
+	if err == nil {
+		t.Fatal("Acquire on a closed pgxpool.Pool succeeded")
+	}
+	return err
+}
+
+// TestCloseDuringLoad closes the pool while many goroutines run every kind
+// of call. Close waits for acquired connections, as pgxpool's does, so the
+// load stops starting calls once Close starts; a call then gets its result or
+// the closed-pool error, and never hangs.
+func TestCloseDuringLoad(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	base := goleak.IgnoreCurrent()
+	closedErr := errClosedPool(t)
+	p := startPool(t, c.DSN(), func(cfg *Config) { cfg.MaxConns = 8 })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	calls := []func(i int) error{
+		func(int) error {
+			_, err := p.Exec(ctx, "SELECT pg_sleep(0.005)")
+			return err
+		},
+		func(int) error {
+			rows, err := p.Query(ctx, "SELECT generate_series(1, 100)")
+			if err != nil {
+				return err
+			}
+			n := 0
+			for rows.Next() {
+				n++
+			}
+			if err := rows.Err(); err != nil {
+				return err
+			}
+			if n != 100 {
+				return fmt.Errorf("Query: %d rows, want 100", n)
+			}
+			return nil
+		},
+		func(i int) error {
+			var got int
+			if err := p.QueryRow(ctx, "SELECT $1::int + 1", i).Scan(&got); err != nil {
+				return err
+			}
+			if got != i+1 {
+				return fmt.Errorf("QueryRow: %d, want %d", got, i+1)
+			}
+			return nil
+		},
+		func(int) error {
+			b := &pgx.Batch{}
+			b.Queue("SELECT 1")
+			b.Queue("SELECT pg_sleep(0.002)")
+			b.Queue("SELECT 3")
+			br := p.SendBatch(ctx, b)
+			for range b.Len() {
+				if _, err := br.Exec(); err != nil {
+					br.Close()
+					return err
+				}
+			}
+			return br.Close()
+		},
+		func(i int) error {
+			return p.BeginFunc(ctx, func(tx pgx.Tx) error {
+				if _, err := tx.Exec(ctx, "SET LOCAL statement_timeout = '10s'"); err != nil {
+					return err
+				}
+				var got int
+				return tx.QueryRow(ctx, "SELECT $1::int", i).Scan(&got)
+			})
+		},
+	}
+
+	var (
+		stopping atomic.Bool
+		done     atomic.Int64
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		results  = map[string]int{}
+	)
+	for w := range 16 {
+		wg.Go(func() {
+			for i := w; !stopping.Load(); i++ {
+				err := calls[i%len(calls)](i)
+				stopped := stopping.Load()
+				switch {
+				case err == nil:
+					done.Add(1)
+				case stopped && errors.Is(err, closedErr):
+					mu.Lock()
+					results["closed pool"]++
+					mu.Unlock()
+				default:
+					mu.Lock()
+					results[err.Error()]++
+					mu.Unlock()
+					if !stopped {
+						t.Errorf("call %d failed before Close: %v", i%len(calls), err)
+					}
+				}
+			}
+		})
+	}
+	waitCond(t, func() string {
+		if n := done.Load(); n < 200 {
+			return fmt.Sprintf("%d calls done", n)
+		}
+		return ""
+	})
+	inUse := p.Stat().AcquiredConns()
+
+	stopping.Store(true)
+	took := closeWithin(t, p)
+	finished := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(finished)
+	}()
+	select {
+	case <-finished:
+	case <-time.After(closeDeadline):
+		t.Fatalf("callers still running %v after Close returned", closeDeadline)
+	}
+	t.Logf("Close during load (%d connections in use, %d calls done): %v; errors after Close: %v", inUse, done.Load(), took, results)
+	for msg := range results {
+		if msg != "closed pool" {
+			t.Errorf("a call failed with %q, want its result or the closed-pool error", msg)
+		}
+	}
+	noLeaks(t, base)
+}
+
+// TestCloseDuringProbe closes the pool while the probe is in the user's
+// BeforeConnect, which the probe calls with its own context: Close must end
+// that context, and the probe goroutine must be gone when Close returns.
+func TestCloseDuringProbe(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	base := goleak.IgnoreCurrent()
+	var armed atomic.Bool
+	inProbe := make(chan struct{}, 1)
+	probeEnded := make(chan error, 1)
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		// The probe times out after min(ProbeInterval, 5 s): long enough
+		// that it is still waiting when Close comes.
+		cfg.ProbeInterval = 3 * time.Second
+		// No connect of the pool's own once armed (no load, no MinConns),
+		// so the connect that blocks is the probe's.
+		cfg.MinConns = 0
+		cfg.BeforeConnect = func(ctx context.Context, _ *pgx.ConnConfig) error {
+			if !armed.Load() {
+				return nil
+			}
+			select {
+			case inProbe <- struct{}{}:
+			default:
+			}
+			<-ctx.Done()
+			select {
+			case probeEnded <- ctx.Err():
+			default:
+			}
+			return ctx.Err()
+		}
+	})
+	ctx := testCtx(t)
+	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	armed.Store(true)
+	select {
+	case <-inProbe:
+	case <-time.After(condTimeout):
+		t.Fatalf("no probe reached BeforeConnect in %v", condTimeout)
+	}
+
+	took := closeWithin(t, p)
+	t.Logf("Close during a probe: %v", took)
+	select {
+	case err := <-probeEnded:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("the probe's context ended with %v, want context.Canceled (ended by Close)", err)
+		}
+	default:
+		t.Error("Close returned while the probe was still in BeforeConnect")
+	}
+	poolGoroutinesGone(t)
+	noLeaks(t, base)
+}
+
+// TestCloseDuringPartitionedProbe closes the pool while the probe's
+// connection waits on a partitioned node, which accepts it and never
+// answers. The proxy holds the partitioned sockets until the cluster closes,
+// so the pool's goroutines are checked after Close, and every goroutine after
+// the cluster's Close.
+func TestCloseDuringPartitionedProbe(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1})
+	base := goleak.IgnoreCurrent()
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.ProbeInterval = 3 * time.Second // also the probe's timeout
+		cfg.MinConns = 0
+	})
+	ctx := testCtx(t)
+	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	n := c.Node(1)
+	n.Partition()
+	accepted := n.TotalConns()
+	// With no load, the next connection the node accepts is the probe's.
+	waitCond(t, func() string {
+		if n.TotalConns() == accepted {
+			return "no probe connection reached the partitioned node"
+		}
+		return ""
+	})
+
+	took := closeWithin(t, p)
+	t.Logf("Close during a probe to a partitioned node: %v", took)
+	poolGoroutinesGone(t)
+	if err := c.Close(); err != nil {
+		t.Error(err)
+	}
+	noLeaks(t, base)
+}
+
+// retrySignal passes on each retry's backoff, for a test to act while the
+// call sleeps.
+type retrySignal chan time.Duration
+
+func (s retrySignal) TraceRetry(_ context.Context, _ *Pool, data TraceRetryData) {
+	select {
+	case s <- data.Delay:
+	default:
+	}
+}
+
+func (retrySignal) TraceRetryEnd(context.Context, *Pool, TraceRetryEndData) {}
+
+// TestCloseDuringRetryBackoff closes the pool while a call sleeps between
+// attempts at a statement that fails with 40001 every time: the sleep wakes,
+// the next attempt meets the closed pool, and the call returns at once.
+func TestCloseDuringRetryBackoff(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	base := goleak.IgnoreCurrent()
+	closedErr := errClosedPool(t)
+	retries := make(retrySignal, 1)
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MaxRetries = 1000
+		cfg.Tracer = retries
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	result := make(chan error, 1)
+	go func() {
+		_, err := p.Exec(ctx, `DO $$ BEGIN RAISE EXCEPTION 'always' USING ERRCODE = '40001'; END $$`)
+		result <- err
+	}()
+	// Backoffs double from 25 ms to at most 1 s: wait for a long one, so
+	// the call is certainly asleep when Close comes.
+	var delay time.Duration
+	deadline := time.After(condTimeout)
+	for delay < 300*time.Millisecond {
+		select {
+		case delay = <-retries:
+		case err := <-result:
+			t.Fatalf("the call returned before Close: %v", err)
+		case <-deadline:
+			t.Fatalf("no retry backed off 300 ms or more in %v (last %v)", condTimeout, delay)
+		}
+	}
+
+	start := time.Now()
+	took := closeWithin(t, p)
+	var err error
+	select {
+	case err = <-result:
+	case <-time.After(closeDeadline):
+		t.Fatalf("the call backing off has not returned %v after Close", closeDeadline)
+	}
+	t.Logf("Close during a %v backoff: %v; the call returned %v after Close began", delay, took, time.Since(start))
+	if !errors.Is(err, closedErr) {
+		t.Errorf("the call returned %v, want the closed-pool error", err)
+	}
+	var re *RetryError
+	if !errors.As(err, &re) {
+		t.Errorf("the call returned %T, want a *RetryError", err)
+	}
+	noLeaks(t, base)
+}
+
+// TestCloseTwiceAndConcurrently closes a pool with open connections from two
+// goroutines at once, then again: every Close returns and nothing is left.
+func TestCloseTwiceAndConcurrently(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	base := goleak.IgnoreCurrent()
+	p := startPool(t, c.DSN(), func(cfg *Config) { cfg.MaxConns, cfg.MinConns = 4, 4 })
+	ctx := testCtx(t)
+	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	waitCond(t, func() string {
+		if n := p.Stat().TotalConns(); n < 4 {
+			return fmt.Sprintf("%d connections, want 4", n)
+		}
+		return ""
+	})
+
+	var took [2]time.Duration
+	var wg sync.WaitGroup
+	for i := range took {
+		wg.Go(func() {
+			start := time.Now()
+			p.Close()
+			took[i] = time.Since(start)
+		})
+	}
+	finished := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(finished)
+	}()
+	select {
+	case <-finished:
+	case <-time.After(closeDeadline):
+		t.Fatalf("concurrent Close calls have not returned after %v; pool goroutines:\n%s", closeDeadline, poolStacks())
+	}
+	again := closeWithin(t, p)
+	t.Logf("Close from two goroutines: %v and %v; again: %v", took[0], took[1], again)
+	if err := p.Ping(ctx); err == nil {
+		t.Error("Ping on a closed pool succeeded")
+	}
+	noLeaks(t, base)
+}
