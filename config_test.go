@@ -2,6 +2,7 @@ package clusterpool
 
 import (
 	"context"
+	"errors"
 	"maps"
 	"math"
 	"strings"
@@ -426,4 +427,20 @@ func FuzzExtractClusterParams(f *testing.F) {
 			}
 		}
 	})
+}
+
+// pgx's parse error is still there for errors.As, with the password masked
+// in its ConnString too.
+func TestParseConfigErrorUnwraps(t *testing.T) {
+	_, err := ParseConfig("postgres://u:s3cr3tpw@h:x/db?cluster_max_retries=1")
+	var pce *pgconn.ParseConfigError
+	if !errors.As(err, &pce) {
+		t.Fatalf("ParseConfig error %v does not unwrap to a *pgconn.ParseConfigError", err)
+	}
+	if strings.Contains(pce.ConnString, "s3cr3tpw") || strings.Contains(pce.Error(), "s3cr3tpw") {
+		t.Errorf("unwrapped error leaks the password: %q, %v", pce.ConnString, pce)
+	}
+	if !strings.Contains(pce.ConnString, "cluster_max_retries=1") {
+		t.Errorf("unwrapped ConnString %q is not the caller's string", pce.ConnString)
+	}
 }
