@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -45,6 +46,11 @@ func noLeaks(t *testing.T, base goleak.Option) {
 // closeDeadline, and returns how long it took.
 func closeWithin(t *testing.T, p *Pool) time.Duration {
 	t.Helper()
+	return closeWithinDeadline(t, p, closeDeadline)
+}
+
+func closeWithinDeadline(t *testing.T, p *Pool, deadline time.Duration) time.Duration {
+	t.Helper()
 	start := time.Now()
 	done := make(chan struct{})
 	go func() {
@@ -54,8 +60,8 @@ func closeWithin(t *testing.T, p *Pool) time.Duration {
 	select {
 	case <-done:
 		return time.Since(start)
-	case <-time.After(closeDeadline):
-		t.Fatalf("Close has not returned after %v; pool goroutines:\n%s", closeDeadline, poolStacks())
+	case <-time.After(deadline):
+		t.Fatalf("Close has not returned after %v; goroutines:\n%s", deadline, allStacks())
 		return 0
 	}
 }
@@ -71,6 +77,12 @@ func poolGoroutinesGone(t *testing.T) {
 		}
 		return ""
 	})
+}
+
+// allStacks returns every goroutine's stack, to show where a Close hangs.
+func allStacks() string {
+	buf := make([]byte, 1<<22)
+	return string(buf[:runtime.Stack(buf, true)])
 }
 
 // errClosedPool returns the error pgxpool gives for an acquire on a closed
@@ -311,6 +323,54 @@ func TestCloseDuringPartitionedProbe(t *testing.T) {
 	noLeaks(t, base)
 }
 
+// pgxAsyncCloseWait is how long pgx may take to close a connection whose
+// call was cut: its asyncClose sends a CancelRequest on a new connection and
+// then drains the old one, bounded only by a fixed 15 s deadline (pgconn.go,
+// PgConn.asyncClose). pgxpool's destructor waits for that (up to 15 s) and
+// its Close waits for the destructors, so on a partitioned node, which
+// holds both sockets, plain pgxpool.Pool.Close takes 15 s after a cut call.
+const pgxAsyncCloseWait = 15 * time.Second
+
+// TestCloseDuringHealthCheck closes the pool while a background health
+// check pings an idle connection on a partitioned node: a call cut by its
+// caller's deadline asked for the check, and the ping waits for an answer
+// that never comes. Close ends the check, but then waits, inside pgxpool,
+// for pgx to give up on the cut connection and on the ping's (see
+// pgxAsyncCloseWait), so the deadline here allows for that.
+func TestCloseDuringHealthCheck(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1})
+	base := goleak.IgnoreCurrent()
+	p := startPool(t, c.DSN(), func(cfg *Config) { cfg.MaxConns, cfg.MinConns = 2, 2 })
+	waitCond(t, func() string {
+		if s := p.Stat(); s.IdleConns() < 2 {
+			return fmt.Sprintf("%d idle connections, want 2", s.IdleConns())
+		}
+		return ""
+	})
+	c.Node(1).Partition()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if _, err := p.Exec(ctx, "SELECT 1"); err == nil {
+		t.Fatal("a call on a partitioned node succeeded")
+	}
+	// The call's connection is gone; the one left is acquired by nobody
+	// but the check's ping.
+	waitCond(t, func() string {
+		if n := p.Stat().AcquiredConns(); n != 1 {
+			return fmt.Sprintf("%d connections acquired, want the health check's ping on 1", n)
+		}
+		return ""
+	})
+
+	took := closeWithinDeadline(t, p, pgxAsyncCloseWait+closeDeadline)
+	t.Logf("Close during a health check of a partitioned node: %v", took)
+	poolGoroutinesGone(t)
+	if err := c.Close(); err != nil {
+		t.Error(err)
+	}
+	noLeaks(t, base)
+}
+
 // retrySignal passes on each retry's backoff, for a test to act while the
 // call sleeps.
 type retrySignal chan time.Duration
@@ -410,7 +470,7 @@ func TestCloseTwiceAndConcurrently(t *testing.T) {
 	select {
 	case <-finished:
 	case <-time.After(closeDeadline):
-		t.Fatalf("concurrent Close calls have not returned after %v; pool goroutines:\n%s", closeDeadline, poolStacks())
+		t.Fatalf("concurrent Close calls have not returned after %v; goroutines:\n%s", closeDeadline, allStacks())
 	}
 	again := closeWithin(t, p)
 	t.Logf("Close from two goroutines: %v and %v; again: %v", took[0], took[1], again)
