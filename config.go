@@ -7,6 +7,7 @@ import (
 	"math"
 	"net/url"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -478,6 +479,8 @@ func (c *Config) validate() error {
 		return notParsed("Config.Config (a *pgxpool.Config)")
 	case !createdByParseConfig(c.Config.ConnConfig), !createdByParseConfig(&c.Config.ConnConfig.Config):
 		return notParsed("Config.ConnConfig (a *pgx.ConnConfig)")
+	case slices.Contains(c.ConnConfig.Fallbacks, nil):
+		return invalid("ConnConfig.Fallbacks", "with a nil element", "pgx dials each fallback")
 	case c.MaxConns < 1:
 		return invalid("MaxConns", c.MaxConns, "must be at least 1")
 	case c.HealthCheckPeriod <= 0:

@@ -229,6 +229,7 @@ func TestConfigValidate(t *testing.T) {
 		{"identity not lower case", func(c *Config) { c.NodeIdentity = "BackendKey" }, `Config.NodeIdentity: invalid value "BackendKey"`},
 		{"tracer implementing nothing", func(c *Config) { c.Tracer = "log" }, "Config.Tracer: invalid value of type string: implements none of"},
 		{"query tracer only", func(c *Config) { c.Tracer = releaseTracer{} }, "Config.Tracer: invalid value of type clusterpool.releaseTracer"},
+		{"nil fallback", func(c *Config) { c.ConnConfig.Fallbacks = append(c.ConnConfig.Fallbacks, nil) }, "Config.ConnConfig.Fallbacks: invalid value with a nil element"},
 		{"MaxConns 0", func(c *Config) { c.MaxConns = 0 }, "Config.MaxConns: invalid value 0: must be at least 1"},
 		{"MaxConns negative", func(c *Config) { c.MaxConns = -3 }, "Config.MaxConns: invalid value -3"},
 		{"HealthCheckPeriod 0", func(c *Config) { c.HealthCheckPeriod = 0 }, "Config.HealthCheckPeriod: invalid value 0s: must be positive"},
