@@ -133,6 +133,18 @@ func classifySQLState(code string) ErrorClass {
 	return ClassPermanent
 }
 
+// notSent reports whether err proves that the work never reached the server.
+// pgconn.SafeToRetry says so, except for pgconn.ErrConnClosed: pgx drops the
+// read error of a simple-protocol statement (a COMMIT, an Exec without
+// arguments) whose connection broke after the statement was written and
+// reports "conn closed", marked safe to retry, instead. A connection the pool
+// hands out is never already closed (pgxpool destroys closed connections at
+// release), so "conn closed" during an attempt means it closed under the
+// statement, and the statement may have been applied.
+func notSent(err error) bool {
+	return pgconn.SafeToRetry(err) && !errors.Is(err, pgconn.ErrConnClosed)
+}
+
 // isCertificateError reports whether the client could not verify the
 // server's certificate (unknown authority, wrong host name, expired). Like a
 // failed authentication it is a configuration error that every attempt would
@@ -220,7 +232,10 @@ type RetryParams struct {
 	// Stage is how far the work had got.
 	Stage Stage
 	// Sent is false when the work certainly did not reach the server
-	// (pgconn.SafeToRetry, or a failure while connecting).
+	// (pgconn.SafeToRetry, or a failure while connecting). pgconn's "conn
+	// closed" error counts as sent although it claims SafeToRetry: pgx
+	// returns it when a simple-protocol statement (a COMMIT, an Exec
+	// without arguments) loses its connection after it was written.
 	Sent bool
 	// ReadOnly is true when the work cannot have changed data; see the Pool
 	// documentation for what counts.
@@ -710,7 +725,7 @@ func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readO
 		Attempt:    l.attempts,
 		MaxRetries: l.p.settings.maxRetries,
 		Stage:      stage,
-		Sent:       stage != StageConnect && !pgconn.SafeToRetry(err),
+		Sent:       stage != StageConnect && !notSent(err),
 		ReadOnly:   readOnly,
 		Idempotent: isIdempotent(ctx),
 	}
