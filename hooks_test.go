@@ -300,3 +300,30 @@ func TestHookPrepareConnPanics(t *testing.T) {
 		})
 	}
 }
+
+// Without node tracking (NodeIdentityNone) the pool installs its wrappers
+// only around the hooks the caller set, and still recovers their panics.
+func TestHookPanicsUntracked(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
+	var closes atomic.Int64
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.NodeIdentity = NodeIdentityNone
+		cfg.MaxConns = 2
+		cfg.BeforeClose = func(*pgx.Conn) {
+			closes.Add(1)
+			panic("boom")
+		}
+	})
+	if p.tracking() {
+		t.Fatal("pool tracks nodes with NodeIdentityNone")
+	}
+	if ok := churn(t, p, 3, 2); ok == 0 {
+		t.Fatal("no acquire succeeded")
+	}
+	waitCond(t, func() string {
+		if n, got := closes.Load(), p.ClusterStat().HookPanics(); n == 0 || got != n || p.Stat().TotalConns() != 0 {
+			return fmt.Sprintf("BeforeClose panicked %d times, HookPanics() = %d, %d connections open", n, got, p.Stat().TotalConns())
+		}
+		return ""
+	})
+}
