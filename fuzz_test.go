@@ -246,6 +246,7 @@ const (
 	fzSafe                 // an error implementing SafeToRetry; 1 byte says what it returns
 	fzTimeout              // a net.Error that timed out
 	fzNil                  // nil (in joins and multi-errors)
+	fzNilPgError           // a typed nil *pgconn.PgError
 	fzNumOps
 )
 
@@ -289,6 +290,8 @@ func buildError(program []byte, pgconnErrs []error) (err error, hasCtx bool) {
 				inner.err = os.NewSyscallError("read", syscall.ECONNRESET)
 			}
 			push(&net.OpError{Op: "read", Net: "tcp", Err: inner.err}, inner.hasCtx)
+		case fzNilPgError:
+			push((*pgconn.PgError)(nil), false)
 		case fzEOF:
 			push(io.EOF, false)
 		case fzUnexpectedEOF:

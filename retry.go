@@ -101,7 +101,7 @@ func Classify(err error) ErrorClass {
 		return ClassCanceled
 	}
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
+	if errors.As(err, &pgErr) && pgErr != nil {
 		return classifySQLState(pgErr.Code)
 	}
 	if isCertificateError(err) {

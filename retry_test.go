@@ -71,6 +71,8 @@ func TestClassify(t *testing.T) {
 		{"08P01 protocol violation", pgErr("08P01"), ClassConnection},
 		{"wrapped 57P01", fmt.Errorf("a: %w", fmt.Errorf("b: %w", pgErr("57P01"))), ClassConnection},
 		{"SQLSTATE wins over transport", errors.Join(io.EOF, pgErr("23505")), ClassPermanent},
+		{"typed nil PgError", fmt.Errorf("x: %w", (*pgconn.PgError)(nil)), ClassPermanent},
+		{"typed nil PgError beside EOF", errors.Join((*pgconn.PgError)(nil), io.EOF), ClassConnection},
 		{"23505 unique violation", pgErr("23505"), ClassPermanent},
 		{"42601 syntax error", pgErr("42601"), ClassPermanent},
 		{"40P01 deadlock", pgErr("40P01"), ClassPermanent},
