@@ -398,14 +398,14 @@ func (b *balancer) start() {
 
 // beforeConnect takes a connect-rate token, without any lock held, then
 // places the connection. Without a connect_timeout of the user's, each host
-// gets defaultConnectTimeout (see health.go): pgxpool runs connects under
+// gets DefaultConnectTimeout: pgxpool runs connects under
 // its own context, not the acquirer's, so a connect to a node that accepts
 // TCP and never answers would otherwise hold a pool slot for pgxpool's
 // 2 minutes, and with hosts listed pgconn moves on to the next host only
 // when the timeout ends the attempt.
 func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
 	if b.p.config.ConnConfig.ConnectTimeout <= 0 {
-		cc.ConnectTimeout = defaultConnectTimeout
+		cc.ConnectTimeout = DefaultConnectTimeout
 	}
 	if b.limiter != nil {
 		if err := b.p.obs.waitConnect(ctx, b.limiter); err != nil {

@@ -437,16 +437,16 @@ func TestChainShouldPing(t *testing.T) {
 }
 
 // TestBeforeConnectDefaultConnectTimeout: each pool connect gets
-// defaultConnectTimeout per host when the connection string sets none
+// DefaultConnectTimeout per host when the connection string sets none
 // (pgxpool would use 2 minutes), and the user's connect_timeout otherwise.
 func TestBeforeConnectDefaultConnectTimeout(t *testing.T) {
 	for _, tt := range []struct {
 		connString string
 		want       time.Duration
 	}{
-		{"postgres://u@127.0.0.1:1/db", defaultConnectTimeout},
+		{"postgres://u@127.0.0.1:1/db", DefaultConnectTimeout},
 		{"postgres://u@127.0.0.1:1/db?connect_timeout=3", 3 * time.Second},
-		{"postgres://u@127.0.0.1:1/db?cluster_node_identity=none", defaultConnectTimeout},
+		{"postgres://u@127.0.0.1:1/db?cluster_node_identity=none", DefaultConnectTimeout},
 	} {
 		cfg, err := ParseConfig(tt.connString)
 		if err != nil {

@@ -24,6 +24,16 @@ const (
 	DefaultMaxRetries      = 5
 	DefaultConnectRate     = 10.0
 
+	// DefaultConnectTimeout bounds each of the pool's connection attempts,
+	// per host, when the connection string sets no connect_timeout
+	// (pgxpool's default is 2 minutes). A node that accepts TCP but never
+	// answers (a network partition, a hung server) would otherwise hold a
+	// pool slot, counted against MaxConns, that long; and with several
+	// hosts listed pgconn tries the next host only when the timeout ends the
+	// attempt. The same value, capped at 5 s, bounds the pool's health
+	// check of a node. Set connect_timeout to choose another bound.
+	DefaultConnectTimeout = 10 * time.Second
+
 	// MinInterval is the shortest BalanceInterval and ProbeInterval
 	// accepted (other than 0, the default). Shorter is almost surely a
 	// missing unit (BalanceInterval = 5 is 5ns), and would run the balancer
@@ -175,6 +185,10 @@ const (
 //   - cluster_connect_rate: new connections per second, 0 or more (default 10;
 //     0 or "inf" means no limit)
 //   - cluster_node_identity: auto, backendkey, query or none (default auto)
+//
+// pgx's connect_timeout keeps its meaning; when it is not set the pool's own
+// connects use DefaultConnectTimeout (10 s) per host rather than pgxpool's
+// 2 minutes.
 //
 // Any other parameter starting with "cluster_" is an error, so a misspelt
 // setting is not silently ignored. Cluster parameters are checked before the

@@ -42,11 +42,6 @@ import (
 
 // Connect and check timeouts.
 const (
-	// defaultConnectTimeout bounds each pool connect (per host) when the
-	// connection string sets no connect_timeout. pgxpool's own default is
-	// 2 minutes: a connect that lands on a node that accepts TCP but never
-	// answers would hold a pool slot, counted against MaxConns, that long.
-	defaultConnectTimeout = 10 * time.Second
 	// maxCheckTimeout bounds one health check; a shorter connect timeout
 	// bounds it further.
 	maxCheckTimeout = 5 * time.Second
@@ -62,12 +57,12 @@ const (
 )
 
 // connectTimeout is the per-host timeout of the pool's own connects: the
-// user's connect_timeout, or defaultConnectTimeout.
+// user's connect_timeout, or DefaultConnectTimeout.
 func (p *Pool) connectTimeout() time.Duration {
 	if d := p.config.ConnConfig.ConnectTimeout; d > 0 {
 		return d
 	}
-	return defaultConnectTimeout
+	return DefaultConnectTimeout
 }
 
 // checkTimeout bounds one health check: how long a node may take to answer

@@ -23,14 +23,18 @@ import (
 // Hooks set on the Config are chained with the pool's own, never replaced:
 //
 //   - BeforeConnect: the pool's hook (a connect-rate token, then host
-//     placement) runs first, then the user's, on the same per-attempt copy
-//     of the connection config.
+//     placement; and DefaultConnectTimeout per host when connect_timeout is
+//     not set) runs first, then the user's, on the same per-attempt copy of
+//     the connection config.
 //   - AfterConnect: the pool identifies the node first, then the user's hook
 //     runs; if the user's hook fails, the connection is forgotten and closed.
 //   - PrepareConn (or the deprecated BeforeAcquire): the pool first refuses
 //     connections marked for retirement or on an evicted node, returning
 //     (false, nil) so pgxpool destroys them and tries another; otherwise the
 //     user's hook decides.
+//   - ShouldPing: the user's hook (or pgxpool's default, ping a connection
+//     idle for more than a second) decides; the pool notes which connection
+//     is pinged, so that a failed ping gets its node checked (below).
 //   - BeforeClose: the user's hook runs first, while the connection is still
 //     counted on its node; then the pool forgets it.
 //
@@ -62,7 +66,11 @@ import (
 // apply work twice. Errors are classified by type and SQLSTATE (Classify),
 // never by message text:
 //
-//   - Not sent (pgconn.SafeToRetry, or a failed connect): retried.
+//   - Not sent (pgconn.SafeToRetry, or a failed connect): retried. pgx's
+//     "conn closed" is the exception: although marked SafeToRetry, it is
+//     what a simple-protocol statement (a COMMIT, an Exec without
+//     arguments) returns when its connection breaks after it was sent, so
+//     it counts as sent.
 //   - 40001 (serialization failure, "restart transaction"): the server
 //     aborted the work; retried after a backoff.
 //   - Connection failures (closed, EOF, reset, refused, network errors,
@@ -71,9 +79,12 @@ import (
 //     evicted (below); the work is retried on a different node if it was not
 //     sent, is read-only, or is marked with WithIdempotent.
 //   - Outcome unknown (40003, a connection lost after a write was sent, a
-//     COMMIT whose answer was lost): never retried unless marked with
-//     WithIdempotent; the error matches ErrOutcomeUnknown.
-//   - Anything else, and the caller's own context errors: returned at once.
+//     COMMIT whose answer was lost, or a write or COMMIT already sent when
+//     the caller's own context ended it): never retried unless marked with
+//     WithIdempotent; the error matches ErrOutcomeUnknown (and, in the last
+//     case, the context error too).
+//   - Anything else, and the caller's own context errors on reads or on
+//     work not yet sent: returned at once, unchanged.
 //
 // A call makes at most Config.MaxRetries+1 attempts (cluster_max_retries,
 // default 5; 0 turns retries off, as does WithoutRetry for one call).
@@ -113,6 +124,16 @@ import (
 // released, and none of N's connections is handed out until N proves healthy
 // again (a successful connect or probe). A caller's own cancellation or
 // deadline never counts against a node.
+//
+// Silent nodes (a network partition, a hung server) show up only as callers'
+// deadlines. Instead of counting those, the pool checks the node in the
+// background when a call on node N is cut by its deadline, an acquire-time
+// ping on N fails, or a connect to N's host fails over to another host: it
+// pings one of N's idle connections, dials N's address when the connection
+// string lists the hosts, or else watches the calls in flight on N (one
+// check per node at a time, at most one a second, bounded by
+// min(connect timeout, 5 s)). If N does not answer, it is evicted as above;
+// a node busy with slow queries still answers the ping.
 type Pool struct {
 	pool     *pgxpool.Pool
 	config   *Config // the caller's config, copied; returned by ClusterConfig

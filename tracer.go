@@ -169,7 +169,10 @@ const (
 	// because its work may have been applied; the error matches
 	// ErrOutcomeUnknown.
 	RetryOutcomeUnknown
-	// RetryInterrupted: the caller's context ended between attempts.
+	// RetryInterrupted: the caller's context ended a call that had been
+	// retried, during an attempt or a backoff. (A first attempt at a write
+	// that the caller's context cut after it was sent counts as
+	// RetryOutcomeUnknown.)
 	RetryInterrupted
 )
 
@@ -618,7 +621,9 @@ func (l *retryLoop) traceSuccess() {
 func (l *retryLoop) traceGiveUp(err error, unknown bool, interrupted error) {
 	var outcome RetryOutcome
 	switch {
-	case interrupted != nil:
+	case interrupted != nil && (l.attempts > 1 || !unknown):
+		// A single write cut by the caller's context after it was sent
+		// is not interrupted between attempts: its outcome is unknown.
 		outcome = RetryInterrupted
 	case unknown:
 		outcome = RetryOutcomeUnknown
