@@ -422,6 +422,7 @@ func (b *balancer) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error 
 	case b.redial.Load():
 		b.installRedial(cc, avoidNodesFrom(ctx))
 	}
+	b.p.bindCancelDials(cc)
 	return nil
 }
 

@@ -509,8 +509,11 @@ func (p *Pool) ClusterConfig() *Config { return p.config.Copy() }
 
 // Close stops the pool's background work and waits for it to exit, then
 // closes all connections as pgxpool.Pool.Close does: it blocks until every
-// acquired connection is released and closed. It is safe to call more than
-// once.
+// acquired connection is released and closed. Unlike pgxpool's, it does not
+// wait for pgx's background cleanup of connections that a deadline cut (a
+// CancelRequest on a new connection, then draining the old one, for up to
+// 15 s on a node that has stopped answering): Close ends those dials and
+// closes their sockets. It is safe to call more than once.
 func (p *Pool) Close() {
 	p.closeOnce.Do(func() {
 		p.bgCancel()
