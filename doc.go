@@ -39,7 +39,10 @@
 // rate-limited (Config.ConnectRate) and, when the connection string lists the
 // nodes' own hosts, placed on the least-connected node. A short-lived probe
 // connection every Config.ProbeInterval finds new nodes; nodes nothing has
-// seen for a while leave the targets.
+// seen for a while leave the targets. A node that stops answering (a network
+// partition, a hung server) is checked in the background when calls on it
+// time out and evicted if it stays silent; pool connects get
+// DefaultConnectTimeout (10 s) per host unless connect_timeout is set.
 //
 // # Retries
 //
@@ -95,5 +98,7 @@
 // # Lifecycle
 //
 // New starts the pool's background work; Close stops it, waits for it to
-// exit, and then closes the connections as pgxpool does.
+// exit, and then closes the connections as pgxpool does, without waiting for
+// pgx's background cleanup of connections cut on a node that has stopped
+// answering. Every goroutine the pool starts has ended when Close returns.
 package clusterpool
