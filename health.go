@@ -297,8 +297,8 @@ func (h *healthChecker) dialNode(ctx context.Context, n *node) (answered, known 
 		return false, false // behind one address a dial reaches any node
 	}
 	cc := h.p.config.ConnConfig.Copy()
-	if h.p.config.BeforeConnect != nil {
-		if err := h.p.config.BeforeConnect(ctx, cc); err != nil {
+	if h.p.userBeforeConnect != nil {
+		if err := h.p.userBeforeConnect(ctx, cc); err != nil {
 			return false, false
 		}
 	}

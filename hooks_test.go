@@ -327,3 +327,32 @@ func TestHookPanicsUntracked(t *testing.T) {
 		return ""
 	})
 }
+
+// TestConfigKeepsTheCallersHooks: the pool recovers panics in the caller's
+// BeforeConnect where it calls it, but Pool.Config and Pool.ClusterConfig
+// hand back the caller's own function, as pgxpool.Pool.Config does.
+func TestConfigKeepsTheCallersHooks(t *testing.T) {
+	cfg, err := ParseConfig("postgres://u@127.0.0.1:1/db?cluster_probe_interval=1h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.BeforeConnect = func(context.Context, *pgx.ConnConfig) error { panic("mine") }
+	p, err := NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	for name, c := range map[string]*pgxpool.Config{"Config": p.Config(), "ClusterConfig": p.ClusterConfig().Config} {
+		func() {
+			defer func() {
+				if v := recover(); v != "mine" {
+					t.Errorf("%s().BeforeConnect recovered its panic (got %v): it is not the caller's function", name, v)
+				}
+			}()
+			_ = c.BeforeConnect(context.Background(), c.ConnConfig.Copy())
+		}()
+	}
+	if n := p.ClusterStat().HookPanics(); n != 0 {
+		t.Errorf("HookPanics = %d after calling the caller's own hook, want 0", n)
+	}
+}

@@ -142,11 +142,13 @@ type Pool struct {
 	balancer *balancer // connect rate, placement, pruning (balancer.go)
 	obs      *observer // events and cluster-wide counters (tracer.go)
 
-	// The caller's hooks, chained behind the pool's own.
-	userAfterConnect func(context.Context, *pgx.Conn) error
-	userPrepareConn  func(context.Context, *pgx.Conn) (bool, error)
-	prepareConnHook  string // hookPrepareConn or hookBeforeAcquire: which one the user set
-	userBeforeClose  func(*pgx.Conn)
+	// The caller's hooks, chained behind the pool's own. userBeforeConnect
+	// recovers the hook's panics; the probe and health checks call it too.
+	userBeforeConnect func(context.Context, *pgx.ConnConfig) error
+	userAfterConnect  func(context.Context, *pgx.Conn) error
+	userPrepareConn   func(context.Context, *pgx.Conn) (bool, error)
+	prepareConnHook   string // hookPrepareConn or hookBeforeAcquire: which one the user set
+	userBeforeClose   func(*pgx.Conn)
 
 	// Background goroutines (balancer, probe) run under bgCtx; Close cancels
 	// it and waits on bgWG.
@@ -206,7 +208,7 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 			return user(ctx, cc)
 		}
 		pgxCfg.BeforeConnect = guarded
-		p.config.BeforeConnect = guarded // the probe and the health check call it too
+		p.userBeforeConnect = guarded
 	}
 	if p.tracking() {
 		pgxCfg.AfterConnect = p.afterConnect
@@ -544,9 +546,8 @@ func (p *Pool) AcquireAllIdle(ctx context.Context) []*pgxpool.Conn {
 func (p *Pool) Reset() { p.pool.Reset() }
 
 // Config returns a copy of the pgxpool part of the config used to create the
-// pool, with the caller's own hooks and tracer (not the pool's chained ones;
-// BeforeConnect is wrapped to recover its panics), as pgxpool.Pool.Config
-// does. ClusterConfig returns the whole Config.
+// pool, with the caller's own hooks and tracer (not the pool's chained ones),
+// as pgxpool.Pool.Config does. ClusterConfig returns the whole Config.
 func (p *Pool) Config() *pgxpool.Config { return p.config.Config.Copy() }
 
 // Stat returns pgxpool's statistics for the whole pool. NodeStats has them

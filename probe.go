@@ -137,8 +137,8 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 		setHosts(cc, groups, order)
 	}
 	st.n++
-	if p.config.BeforeConnect != nil {
-		if err := p.config.BeforeConnect(ctx, cc); err != nil {
+	if p.userBeforeConnect != nil {
+		if err := p.userBeforeConnect(ctx, cc); err != nil {
 			return 0, fmt.Errorf("clusterpool: probe: BeforeConnect: %w", err)
 		}
 	}
