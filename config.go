@@ -378,7 +378,7 @@ func redactKeywordValue(s string) (string, []string) {
 		spaces := len(s) - len(strings.TrimLeft(s, asciiSpace))
 		b.WriteString(s[:spaces])
 		s = s[spaces:]
-		raw, value := readKeywordValue(s)
+		raw, value, _ := readKeywordValue(s)
 		s = s[len(raw):]
 		if isPasswordKey(key) {
 			b.WriteString(redactMask)
@@ -389,10 +389,12 @@ func redactKeywordValue(s string) (string, []string) {
 	}
 }
 
-// readKeywordValue reads the value at the start of s: single-quoted (to the
-// closing quote, or the end of s) or up to the next space, with backslash
-// escapes. It returns the value as written and its meaning.
-func readKeywordValue(s string) (raw, value string) {
+// readKeywordValue reads the value at the start of s as pgconn does:
+// single-quoted (to the closing quote) or up to the next space, with
+// backslash escapes either way. It returns the value as written and its
+// meaning; closed is false for a quote that never closes, whose raw value
+// runs to the end of s.
+func readKeywordValue(s string) (raw, value string, closed bool) {
 	var v strings.Builder
 	quoted := strings.HasPrefix(s, "'")
 	i := 0
@@ -402,7 +404,7 @@ func readKeywordValue(s string) (raw, value string) {
 	for ; i < len(s); i++ {
 		c := s[i]
 		if quoted && c == '\'' {
-			return s[:i+1], v.String()
+			return s[:i+1], v.String(), true
 		}
 		if !quoted && strings.IndexByte(asciiSpace, c) >= 0 {
 			break
@@ -413,7 +415,7 @@ func readKeywordValue(s string) (raw, value string) {
 		}
 		v.WriteByte(c)
 	}
-	return s[:i], v.String()
+	return s[:i], v.String(), !quoted
 }
 
 // setParam applies one cluster_* connection-string parameter.
@@ -678,39 +680,14 @@ func extractFromKeywordValue(connString string) (string, []clusterParam, error) 
 		}
 		key := strings.TrimRight(s[:eq], asciiSpace)
 		s = strings.TrimLeft(s[eq+1:], asciiSpace)
-		var value strings.Builder
-		if strings.HasPrefix(s, "'") {
-			s = s[1:]
-			end := -1
-			for i := 0; i < len(s); i++ {
-				if s[i] == '\\' && i+1 < len(s) {
-					i++
-					value.WriteByte(s[i])
-					continue
-				}
-				if s[i] == '\'' {
-					end = i
-					break
-				}
-				value.WriteByte(s[i])
-			}
-			if end < 0 {
-				return connString, nil, nil // unterminated quote: pgx reports it
-			}
-			s = s[end+1:]
-		} else {
-			i := 0
-			for ; i < len(s) && !strings.ContainsRune(asciiSpace, rune(s[i])); i++ {
-				if s[i] == '\\' && i+1 < len(s) {
-					i++
-				}
-				value.WriteByte(s[i])
-			}
-			s = s[i:]
+		raw, value, closed := readKeywordValue(s)
+		if !closed {
+			return connString, nil, nil // unterminated quote: pgx reports it
 		}
+		s = s[len(raw):]
 		pair := start[:len(start)-len(s)]
 		if strings.HasPrefix(key, paramPrefix) {
-			params = append(params, clusterParam{key, value.String()})
+			params = append(params, clusterParam{key, value})
 		} else {
 			kept = append(kept, pair)
 		}
