@@ -382,26 +382,5 @@ func BenchmarkTLSOverhead(b *testing.B) {
 	quiet := func(string, ...any) {}
 	plain := New(b, Options{Nodes: 1, Logf: quiet})
 	secure := New(b, Options{Nodes: 1, TLS: true, Logf: quiet})
-	ctx := context.Background()
-	var conns [2]*pgx.Conn
-	for i, dsn := range []string{plain.Node(1).DSN(), secure.Node(1).DSN()} {
-		conn, err := pgx.Connect(ctx, dsn)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer conn.Close(ctx)
-		conns[i] = conn
-	}
-	var spent [2]time.Duration
-	var one int
-	for b.Loop() {
-		for i, conn := range conns {
-			start := time.Now()
-			if err := conn.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
-				b.Fatal(err)
-			}
-			spent[i] += time.Since(start)
-		}
-	}
-	b.ReportMetric(float64(spent[1])/float64(spent[0]), "tls/plain")
+	benchAlternate(b, plain.Node(1).DSN(), secure.Node(1).DSN(), "tls/plain")
 }
