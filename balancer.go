@@ -947,7 +947,7 @@ func (b *balancer) retire(ctx context.Context, prune map[NodeID]int, now time.Ti
 			if k == 0 {
 				break
 			}
-			if cs.inUse.Load() && cs.retire.CompareAndSwap(false, true) {
+			if cs.inUse() && cs.retire.CompareAndSwap(false, true) {
 				n.pruned.Add(1)
 				k--
 			}

@@ -226,7 +226,7 @@ type busyConn struct {
 // check started: it was released more often than a cut (whose connection
 // is released once, then destroyed) accounts for.
 func (b busyConn) finished() bool {
-	n := b.cs.releases.Load() - b.releases
+	n := b.cs.releases() - b.releases
 	if b.cs.cut.Load() {
 		return n > 1
 	}
@@ -243,9 +243,9 @@ func (n *node) busyConns(busy []busyConn) []busyConn {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	for cs := range n.connSet {
-		if (cs.inUse.Load() || cs.pinging.Load()) && !cs.retire.Load() && !cs.cut.Load() &&
+		if (cs.inUse() || cs.pinging.Load()) && !cs.retire.Load() && !cs.cut.Load() &&
 			!slices.ContainsFunc(busy, func(b busyConn) bool { return b.cs == cs }) {
-			busy = append(busy, busyConn{cs: cs, releases: cs.releases.Load()})
+			busy = append(busy, busyConn{cs: cs, releases: cs.releases()})
 		}
 	}
 	return busy
@@ -256,7 +256,7 @@ func (n *node) hasIdleConn() bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	for cs := range n.connSet {
-		if !cs.inUse.Load() && !cs.pinging.Load() && !cs.retire.Load() {
+		if !cs.inUse() && !cs.pinging.Load() && !cs.retire.Load() {
 			return true
 		}
 	}
@@ -343,18 +343,28 @@ func nodeSilent(err error) bool {
 // connState.pinging). Without this, an acquire whose ping hangs on a
 // partitioned node ends in the caller's deadline with no node named.
 func chainShouldPing(user func(context.Context, pgxpool.ShouldPingParams) bool) func(context.Context, pgxpool.ShouldPingParams) bool {
-	return func(ctx context.Context, params pgxpool.ShouldPingParams) bool {
-		var ping bool
-		if user != nil {
-			ping = user(ctx, params)
-		} else {
-			ping = params.IdleDuration > time.Second
-		}
-		if ping {
-			if cs := connStateOf(params.Conn); cs != nil {
-				cs.pinging.Store(true)
+	if user == nil {
+		// pgxpool's default, inline: this runs on every acquire.
+		return func(_ context.Context, params pgxpool.ShouldPingParams) bool {
+			if params.IdleDuration <= time.Second {
+				return false
 			}
+			markPinging(params.Conn)
+			return true
 		}
-		return ping
+	}
+	return func(ctx context.Context, params pgxpool.ShouldPingParams) bool {
+		if !user(ctx, params) {
+			return false
+		}
+		markPinging(params.Conn)
+		return true
+	}
+}
+
+// markPinging marks conn as about to be pinged at acquire.
+func markPinging(conn *pgx.Conn) {
+	if cs := connStateOf(conn); cs != nil {
+		cs.pinging.Store(true)
 	}
 }

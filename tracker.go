@@ -141,17 +141,16 @@ type connState struct {
 	host string
 	conn *pgx.Conn
 
-	// inUse is true while a caller holds the connection. It is the only
-	// in-use count: acquire and release each store one flag in the
-	// connection's own state, and NodeStats sums the flags, so the hot path
-	// never writes memory shared between connections.
-	inUse atomic.Bool
-	// releases counts the times a caller gave the connection back: a
-	// health check tells from it that a call on the node finished. Like
-	// inUse it is the connection's own memory.
-	releases atomic.Uint32
-	retire   atomic.Bool // refuse at the next acquire
-	closed   atomic.Bool // untracked; set once
+	// use counts the connection's acquires and releases: it is odd while a
+	// caller holds the connection (inUse), and use/2 is how many times a
+	// caller gave it back (releases; a health check tells from it that a
+	// call on the node finished). It is the only in-use count: acquire and
+	// release each make one atomic write to the connection's own state,
+	// and NodeStats sums the flags, so the hot path never writes memory
+	// shared between connections.
+	use    atomic.Uint32
+	retire atomic.Bool // refuse at the next acquire
+	closed atomic.Bool // untracked; set once
 	// pinging is set when pgxpool is about to ping the connection at
 	// acquire (health.go's ShouldPing), and cleared when the acquire goes
 	// on to PrepareConn, which pgxpool calls only after a successful ping.
@@ -268,14 +267,32 @@ func (t *tracker) untrack(cs *connState) {
 }
 
 // acquired marks the connection in use; called when PrepareConn hands it
-// out. Hot path: one atomic store.
-func (cs *connState) acquired() { cs.inUse.Store(true) }
+// out. Hot path: one atomic write (a second call changes nothing).
+func (cs *connState) acquired() {
+	for {
+		u := cs.use.Load()
+		if u&1 == 1 || cs.use.CompareAndSwap(u, u+1) {
+			return
+		}
+	}
+}
 
 // released marks the connection idle again; called by the release tracer.
+// Hot path: one atomic write (a second call changes nothing).
 func (cs *connState) released() {
-	cs.inUse.Store(false)
-	cs.releases.Add(1)
+	for {
+		u := cs.use.Load()
+		if u&1 == 0 || cs.use.CompareAndSwap(u, u+1) {
+			return
+		}
+	}
 }
+
+// inUse reports whether a caller holds the connection.
+func (cs *connState) inUse() bool { return cs.use.Load()&1 == 1 }
+
+// releases returns how many times a caller gave the connection back.
+func (cs *connState) releases() uint32 { return cs.use.Load() / 2 }
 
 // refused reports whether PrepareConn must refuse the connection.
 // PrepareConn runs right after pgxpool's acquire-time ping succeeded, so it
@@ -314,7 +331,7 @@ func (t *tracker) evict(id NodeID, now time.Time) []*connState {
 	defer n.mu.Unlock()
 	var idle []*connState
 	for cs := range n.connSet {
-		if !cs.inUse.Load() {
+		if !cs.inUse() {
 			cs.retire.Store(true)
 			idle = append(idle, cs)
 		}
@@ -470,7 +487,7 @@ func (t *tracker) snapshot() []NodeStats {
 		addr := n.addr
 		total, inUse := int32(len(n.connSet)), int32(0)
 		for cs := range n.connSet {
-			if cs.inUse.Load() {
+			if cs.inUse() {
 				inUse++
 			}
 		}
