@@ -900,7 +900,7 @@ func (n *node) markedToRetire() int {
 // tops the pool up to MinConns through BeforeConnect, i.e. placement.
 func (b *balancer) retire(ctx context.Context, prune map[NodeID]int, now time.Time) {
 	remaining := maps.Clone(prune)
-	conns := b.p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true))
+	conns := b.p.sweepIdle(ctx)
 	var victims []*pgxpool.Conn
 	var wg sync.WaitGroup
 	for _, c := range conns {

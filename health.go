@@ -267,9 +267,8 @@ func (n *node) hasIdleConn() bool {
 // idle connection to ping.
 func (h *healthChecker) pingIdle(ctx context.Context, n *node) (answered, known bool) {
 	var mine *pgxpool.Conn
-	// The sweep's context makes PrepareConn hand over every idle
-	// connection without the user's hook; all but one go straight back.
-	for _, c := range h.p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true)) {
+	// All but one of the idle connections go straight back.
+	for _, c := range h.p.sweepIdle(ctx) {
 		cs := connStateOf(c.Conn())
 		if mine == nil && cs != nil && cs.node == n && !cs.refused() {
 			mine = c

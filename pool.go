@@ -435,6 +435,15 @@ type sweepKey struct{}
 
 func sweeping(ctx context.Context) bool { return ctx.Value(sweepKey{}) != nil }
 
+// sweepIdle takes every idle connection out of the pool for a sweep (the
+// balancer's pruning and alive check, retireIdle, a health check's ping):
+// under the sweep's context PrepareConn hands each over without the user's
+// hook, refused ones included. Each goes back through releaseSwept or
+// Release.
+func (p *Pool) sweepIdle(ctx context.Context) []*pgxpool.Conn {
+	return p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true))
+}
+
 // retireIdle destroys the idle connections that are marked for retirement or
 // sit on an evicted node, now rather than at their next acquire, and returns
 // how many it destroyed. It briefly takes every idle connection out of the
@@ -442,7 +451,7 @@ func sweeping(ctx context.Context) bool { return ctx.Value(sweepKey{}) != nil }
 // Acquire racing with it may open a new connection.
 func (p *Pool) retireIdle(ctx context.Context) int {
 	n := 0
-	for _, c := range p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true)) {
+	for _, c := range p.sweepIdle(ctx) {
 		if releaseSwept(c) {
 			n++
 		}
