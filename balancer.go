@@ -437,7 +437,13 @@ func (b *balancer) liveNodes(now time.Time, extra, unmappedHosts int) (map[NodeI
 	b.purgeReservationsLocked(now)
 	pending := make(map[NodeID]int)
 	for _, r := range b.reservations {
-		pending[r.node]++
+		id := r.node
+		if id == 0 {
+			// Placed before its host was mapped; another connect has
+			// since learned which node is behind that host.
+			id = b.hostNodes[r.host]
+		}
+		pending[id]++
 	}
 	unmapped := pending[0]
 	b.mu.Unlock()
