@@ -49,6 +49,22 @@ func closeWithin(t *testing.T, p *Pool) time.Duration {
 	return closeWithinDeadline(t, p, closeDeadline)
 }
 
+// waitGroupWithin waits up to closeDeadline for wg, and otherwise fails the
+// test saying what is stuck, with every goroutine's stack.
+func waitGroupWithin(t *testing.T, wg *sync.WaitGroup, what string) {
+	t.Helper()
+	finished := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(finished)
+	}()
+	select {
+	case <-finished:
+	case <-time.After(closeDeadline):
+		t.Fatalf("%s after %v; goroutines:\n%s", what, closeDeadline, allStacks())
+	}
+}
+
 func closeWithinDeadline(t *testing.T, p *Pool, deadline time.Duration) time.Duration {
 	t.Helper()
 	start := time.Now()
@@ -211,16 +227,7 @@ func TestCloseDuringLoad(t *testing.T) {
 
 	stopping.Store(true)
 	took := closeWithin(t, p)
-	finished := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(finished)
-	}()
-	select {
-	case <-finished:
-	case <-time.After(closeDeadline):
-		t.Fatalf("callers still running %v after Close returned", closeDeadline)
-	}
+	waitGroupWithin(t, &wg, "callers still running after Close returned")
 	t.Logf("Close during load (%d connections in use, %d calls done): %v; errors after Close: %v", inUse, done.Load(), took, results)
 	for msg := range results {
 		if msg != "closed pool" {
@@ -458,16 +465,7 @@ func TestCloseTwiceAndConcurrently(t *testing.T) {
 			took[i] = time.Since(start)
 		})
 	}
-	finished := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(finished)
-	}()
-	select {
-	case <-finished:
-	case <-time.After(closeDeadline):
-		t.Fatalf("concurrent Close calls have not returned after %v; goroutines:\n%s", closeDeadline, allStacks())
-	}
+	waitGroupWithin(t, &wg, "concurrent Close calls have not returned")
 	again := closeWithin(t, p)
 	t.Logf("Close from two goroutines: %v and %v; again: %v", took[0], took[1], again)
 	if err := p.Ping(ctx); err == nil {
