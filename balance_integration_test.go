@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -243,34 +242,12 @@ func TestBalanceOffOnPlainPostgres(t *testing.T) {
 	})
 }
 
-// gossipSetup creates crdb_internal.gossip_liveness and gossip_nodes on every
-// node's PostgreSQL with one row per node of the cluster, as CockroachDB
-// would show them. addresses are the nodes' proxy addresses.
+// gossipSetup writes gossip tables on every node's server with one row per
+// node of the cluster, as CockroachDB would show them (Cluster.SetGossip).
 func gossipSetup(t *testing.T, c *clustertest.Cluster, draining map[int]bool) {
 	t.Helper()
-	ctx := testCtx(t)
-	var liveness, nodes []string
-	for _, n := range c.Nodes() {
-		liveness = append(liveness, fmt.Sprintf("(%d, %t, 'active')", n.ID(), draining[n.ID()]))
-		nodes = append(nodes, fmt.Sprintf("(%d, '%s', true)", n.ID(), n.Addr()))
-	}
-	for _, n := range c.Nodes() {
-		conn, err := pgx.Connect(ctx, n.PostgresDSN())
-		if err != nil {
-			t.Fatal(err)
-		}
-		sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
-CREATE TABLE IF NOT EXISTS crdb_internal.gossip_liveness (node_id int, draining bool, membership text);
-CREATE TABLE IF NOT EXISTS crdb_internal.gossip_nodes (node_id int, address text, is_live bool);
-BEGIN;
-DELETE FROM crdb_internal.gossip_liveness; DELETE FROM crdb_internal.gossip_nodes;
-INSERT INTO crdb_internal.gossip_liveness VALUES ` + strings.Join(liveness, ",") + `;
-INSERT INTO crdb_internal.gossip_nodes VALUES ` + strings.Join(nodes, ",") + `;
-COMMIT;`
-		if _, err := conn.Exec(ctx, sql); err != nil {
-			t.Fatal(err)
-		}
-		conn.Close(ctx)
+	if err := c.SetGossip(testCtx(t), draining); err != nil {
+		t.Fatal(err)
 	}
 }
 

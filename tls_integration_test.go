@@ -24,7 +24,6 @@ import (
 
 	"github.com/clusterpool/clusterpool"
 	"github.com/clusterpool/clusterpool/clustertest"
-	"github.com/jackc/pgx/v5"
 )
 
 // tlsPassword is in every connection string of the TLS tests (trust auth
@@ -362,7 +361,11 @@ func TestTLSWrongCANotRetried(t *testing.T) {
 // TLS would be refused with 28000 and the node would get nothing.
 func testTLSGossipScaleOut(t *testing.T, c *clustertest.Cluster) {
 	p, _ := tlsPool(t, c.HostsDSN(), 12, "&cluster_probe_interval=200ms"+tlsBalanceParams)
-	setGossip(t, c)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := c.SetGossip(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
 	tlsWait(t, func() string {
 		for _, s := range p.NodeStats() {
 			if s.TotalConns != 4 {
@@ -371,13 +374,13 @@ func testTLSGossipScaleOut(t *testing.T, c *clustertest.Cluster) {
 		}
 		return ""
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
 	n4, err := c.AddNode(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	setGossip(t, c)
+	if err := c.SetGossip(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
 	tlsWait(t, func() string {
 		if k := n4.OpenConns(); k < 3 {
 			return fmt.Sprintf("node 4, known only from gossip, holds %d connections; servers %v", k, c.OpenConns())
@@ -389,37 +392,4 @@ func testTLSGossipScaleOut(t *testing.T, c *clustertest.Cluster) {
 		}
 		return fmt.Sprintf("the pool does not count node 4's connections: %+v", p.NodeStats())
 	})
-}
-
-// setGossip writes crdb_internal.gossip_liveness and gossip_nodes on every
-// node's server (straight, without the proxy), one live node per row with its
-// proxy address.
-func setGossip(t *testing.T, c *clustertest.Cluster) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	var liveness, nodes []string
-	for _, n := range c.Nodes() {
-		liveness = append(liveness, fmt.Sprintf("(%d, false, 'active')", n.ID()))
-		nodes = append(nodes, fmt.Sprintf("(%d, '%s', true)", n.ID(), n.Addr()))
-	}
-	sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
-CREATE TABLE IF NOT EXISTS crdb_internal.gossip_liveness (node_id int, draining bool, membership text);
-CREATE TABLE IF NOT EXISTS crdb_internal.gossip_nodes (node_id int, address text, is_live bool);
-BEGIN;
-DELETE FROM crdb_internal.gossip_liveness; DELETE FROM crdb_internal.gossip_nodes;
-INSERT INTO crdb_internal.gossip_liveness VALUES ` + strings.Join(liveness, ",") + `;
-INSERT INTO crdb_internal.gossip_nodes VALUES ` + strings.Join(nodes, ",") + `;
-COMMIT;`
-	for _, n := range c.Nodes() {
-		conn, err := pgx.Connect(ctx, n.PostgresDSN())
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = conn.Exec(ctx, sql)
-		conn.Close(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 }

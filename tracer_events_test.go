@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -183,30 +182,18 @@ func TestTraceProbeFailure(t *testing.T) {
 
 // CockroachDB's gossip says node 2 is draining: the probe reports it, and
 // the balancer retires node 2's connections as unavailable. The clustertest
-// nodes are PostgreSQL, so each gets a crdb_internal schema with the two
-// gossip tables the probe reads, which the test then edits.
+// nodes are PostgreSQL, so each gets the two gossip tables the probe reads
+// (Cluster.SetGossip), which the test then rewrites.
 func TestTraceGossipDraining(t *testing.T) {
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	ctx := testCtx(t)
-	gossip := func(sql string) {
+	gossip := func(draining map[int]bool) {
 		t.Helper()
-		for _, n := range c.Nodes() {
-			conn, err := pgx.Connect(ctx, n.DSN())
-			if err != nil {
-				t.Fatal(err)
-			}
-			_, err = conn.Exec(ctx, sql)
-			conn.Close(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
+		if err := c.SetGossip(ctx, draining); err != nil {
+			t.Fatal(err)
 		}
 	}
-	gossip(`CREATE SCHEMA crdb_internal;
-CREATE TABLE crdb_internal.gossip_liveness (node_id INT8, draining BOOL, membership TEXT);
-CREATE TABLE crdb_internal.gossip_nodes (node_id INT8, address TEXT, is_live BOOL);
-INSERT INTO crdb_internal.gossip_liveness VALUES (1, false, 'active'), (2, false, 'active'), (3, false, 'active');
-INSERT INTO crdb_internal.gossip_nodes VALUES (1, '', true), (2, '', true), (3, '', true)`)
+	gossip(nil)
 
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -223,7 +210,7 @@ INSERT INTO crdb_internal.gossip_nodes VALUES (1, '', true), (2, '', true), (3, 
 		return ""
 	})
 
-	gossip(`UPDATE crdb_internal.gossip_liveness SET draining = true WHERE node_id = 2`)
+	gossip(map[int]bool{2: true})
 	waitEvent(t, r, "node 2 draining", func(e TraceNodeDrainingData) bool { return e.Node == 2 && e.Draining })
 	waitEvent(t, r, "node 2 pruned as unavailable", func(e TracePruneData) bool {
 		return e.Node == 2 && e.Reason == PruneNodeUnavailable && e.Count > 0
@@ -235,6 +222,6 @@ INSERT INTO crdb_internal.gossip_nodes VALUES (1, '', true), (2, '', true), (3, 
 		return ""
 	})
 
-	gossip(`UPDATE crdb_internal.gossip_liveness SET draining = false WHERE node_id = 2`)
+	gossip(nil)
 	waitEvent(t, r, "node 2 no longer draining", func(e TraceNodeDrainingData) bool { return e.Node == 2 && !e.Draining })
 }

@@ -54,6 +54,16 @@
 // each query round trip and Node.SetCapacity bounds the queries in flight,
 // which makes an over-connected node a real bottleneck.
 //
+// # Gossip
+//
+// CockroachDB shows its view of the cluster in crdb_internal.gossip_liveness
+// (draining, membership) and crdb_internal.gossip_nodes (addresses).
+// Cluster.SetGossip writes those tables into every node's server, with the
+// cluster's current nodes at their proxy addresses and the draining flags
+// given, so a client that reads them (to discover nodes, or to notice a
+// drain before it starts refusing connections) can be tested. The tables do
+// not follow AddNode, RemoveNode or Drain: call SetGossip again.
+//
 // # Speed
 //
 // initdb runs once per machine (per PostgreSQL version and user): its data

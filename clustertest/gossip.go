@@ -1,0 +1,55 @@
+package clustertest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// SetGossip writes CockroachDB's view of the cluster into every node's
+// server, where a client reading crdb_internal finds it: the tables
+// crdb_internal.gossip_liveness (node_id, draining, membership) and
+// crdb_internal.gossip_nodes (node_id, address, is_live), with one row per
+// node of the cluster now, each live and active at its proxy address, and
+// draining where draining says so (nil: none). It creates the tables if
+// needed and replaces their rows in one transaction per server.
+//
+// The tables do not follow the cluster: call SetGossip again after AddNode,
+// RemoveNode or a change of draining. Nodes stopped or partitioned still
+// get their rows, since it writes straight to the servers, not through the
+// proxies. It needs PostgreSQL servers, so it fails with Options.InProcess.
+func (c *Cluster) SetGossip(ctx context.Context, draining map[int]bool) error {
+	if c.opts.InProcess {
+		return errors.New("clustertest: SetGossip needs PostgreSQL servers, not Options.InProcess")
+	}
+	nodes := c.Nodes()
+	var liveness, addrs []string
+	for _, n := range nodes {
+		liveness = append(liveness, fmt.Sprintf("(%d, %t, 'active')", n.ID(), draining[n.ID()]))
+		addrs = append(addrs, fmt.Sprintf("(%d, '%s', true)", n.ID(), n.Addr()))
+	}
+	sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
+CREATE TABLE IF NOT EXISTS crdb_internal.gossip_liveness (node_id INT8, draining BOOL, membership TEXT);
+CREATE TABLE IF NOT EXISTS crdb_internal.gossip_nodes (node_id INT8, address TEXT, is_live BOOL);
+BEGIN;
+DELETE FROM crdb_internal.gossip_liveness;
+DELETE FROM crdb_internal.gossip_nodes;
+INSERT INTO crdb_internal.gossip_liveness VALUES ` + strings.Join(liveness, ", ") + `;
+INSERT INTO crdb_internal.gossip_nodes VALUES ` + strings.Join(addrs, ", ") + `;
+COMMIT;`
+	for _, n := range nodes {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			return fmt.Errorf("clustertest: SetGossip on node %d: %w", n.ID(), err)
+		}
+		_, err = conn.Exec(ctx, sql)
+		conn.Close(ctx)
+		if err != nil {
+			return fmt.Errorf("clustertest: SetGossip on node %d: %w", n.ID(), err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,80 @@
+package clustertest
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// SetGossip writes one row per node on every server, readable through the
+// proxies as a client's probe reads it, and a second call replaces the rows
+// with the cluster as it is now.
+func TestSetGossip(t *testing.T) {
+	c := New(t, Options{Nodes: 2})
+	ctx := testCtx(t)
+	// view reads both tables through node id's proxy, one line per node.
+	view := func(id int) string {
+		conn := connect(t, ctx, c.Node(id).DSN())
+		rows, err := conn.Query(ctx, `SELECT l.node_id, l.draining, l.membership, n.address, n.is_live
+FROM crdb_internal.gossip_liveness l JOIN crdb_internal.gossip_nodes n USING (node_id) ORDER BY 1`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var lines []string
+		for rows.Next() {
+			var id int64
+			var draining, live bool
+			var membership, addr string
+			if err := rows.Scan(&id, &draining, &membership, &addr, &live); err != nil {
+				t.Fatal(err)
+			}
+			lines = append(lines, fmt.Sprintf("%d %t %s %s %t", id, draining, membership, addr, live))
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(lines, "\n")
+	}
+	want := func(draining map[int]bool) string {
+		var lines []string
+		for _, n := range c.Nodes() {
+			lines = append(lines, fmt.Sprintf("%d %t active %s true", n.ID(), draining[n.ID()], n.Addr()))
+		}
+		return strings.Join(lines, "\n")
+	}
+
+	if err := c.SetGossip(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes() {
+		if got, w := view(n.ID()), want(nil); got != w {
+			t.Errorf("node %d's gossip:\n%s\nwant:\n%s", n.ID(), got, w)
+		}
+	}
+
+	n3, err := c.AddNode(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	draining := map[int]bool{1: true}
+	if err := c.SetGossip(ctx, draining); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes() {
+		if got, w := view(n.ID()), want(draining); got != w {
+			t.Errorf("after AddNode, node %d's gossip:\n%s\nwant:\n%s", n.ID(), got, w)
+		}
+	}
+	if !strings.Contains(view(1), n3.Addr()) {
+		t.Errorf("node 3 (%s) missing from node 1's gossip", n3.Addr())
+	}
+}
+
+func TestSetGossipInProcess(t *testing.T) {
+	c := New(t, Options{Nodes: 1, InProcess: true})
+	err := c.SetGossip(testCtx(t), nil)
+	if err == nil || !strings.Contains(err.Error(), "InProcess") {
+		t.Fatalf("SetGossip on an in-process cluster: %v, want an error naming Options.InProcess", err)
+	}
+}
