@@ -126,22 +126,7 @@ func TestTraceDrainedNode(t *testing.T) {
 		t.Errorf("retry event %+v", re)
 	}
 	stop()
-	st := p.ClusterStat()
-	if st.Evictions() < 1 || st.RetryAttempts() < 1 || st.RetryOutcome(RetrySucceeded) < 1 {
-		t.Errorf("ClusterStat: evictions %d retries %d succeeded %d", st.Evictions(), st.RetryAttempts(), st.RetryOutcome(RetrySucceeded))
-	}
-	var seen2 bool
-	for _, s := range p.NodeStats() {
-		if s.ID == 2 {
-			seen2 = true
-			if s.Healthy || s.Evictions < 1 || s.Retries < 1 {
-				t.Errorf("node 2 stats %+v", s)
-			}
-		}
-	}
-	if !seen2 {
-		t.Errorf("node 2 missing from NodeStats %+v", p.NodeStats())
-	}
+	assertEvictedAfterRetry(t, p, 2)
 	// Node 2 is down after the drain and nothing can reach it, so nothing
 	// may have called it healthy again.
 	for _, e := range eventsOf[TraceNodeHealthData](r) {

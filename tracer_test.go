@@ -356,6 +356,25 @@ func waitEvent[T any](t *testing.T, r *recorder, what string, ok func(T) bool) T
 	return found
 }
 
+// assertEvictedAfterRetry checks what an eviction of node id, and a retry
+// that moved off it and succeeded, leave in ClusterStat and NodeStats.
+func assertEvictedAfterRetry(t *testing.T, p *Pool, id NodeID) {
+	t.Helper()
+	st := p.ClusterStat()
+	if st.Evictions() < 1 || st.RetryAttempts() < 1 || st.RetryOutcome(RetrySucceeded) < 1 {
+		t.Errorf("ClusterStat: evictions %d retries %d succeeded %d", st.Evictions(), st.RetryAttempts(), st.RetryOutcome(RetrySucceeded))
+	}
+	stats := p.NodeStats()
+	i := slices.IndexFunc(stats, func(s NodeStats) bool { return s.ID == id })
+	if i < 0 {
+		t.Errorf("node %d missing from NodeStats %+v", id, stats)
+		return
+	}
+	if s := stats[i]; s.Healthy || s.Evictions < 1 || s.Retries < 1 {
+		t.Errorf("node %d stats %+v", id, s)
+	}
+}
+
 // waitSettled waits until the pool holds want connections spread over every
 // node of c, none still being established, and the node proxies count the
 // same connections. A connect still in flight when a test kills or drains a
@@ -414,22 +433,7 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 	if end.Attempts < 2 || end.Err != nil {
 		t.Errorf("retry end %+v", end)
 	}
-	st := p.ClusterStat()
-	if st.Evictions() < 1 || st.RetryAttempts() < 1 || st.RetryOutcome(RetrySucceeded) < 1 {
-		t.Errorf("ClusterStat: evictions %d retries %d succeeded %d", st.Evictions(), st.RetryAttempts(), st.RetryOutcome(RetrySucceeded))
-	}
-	var seen2 bool
-	for _, s := range p.NodeStats() {
-		if s.ID == 2 {
-			seen2 = true
-			if s.Healthy || s.Evictions < 1 || s.Retries < 1 {
-				t.Errorf("node 2 stats %+v", s)
-			}
-		}
-	}
-	if !seen2 {
-		t.Errorf("node 2 missing from NodeStats %+v", p.NodeStats())
-	}
+	assertEvictedAfterRetry(t, p, 2)
 
 	stop()
 	// Nothing could reach node 2 while it was down, so nothing may have
