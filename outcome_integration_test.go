@@ -23,18 +23,12 @@ func TestLostCommitIsNotRetried(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	for _, n := range c.Nodes() {
-		conn, err := pgx.Connect(ctx, n.PostgresDSN())
-		if err != nil {
-			t.Fatal(err)
-		}
 		// A deferred trigger makes every COMMIT that inserted into r take
 		// a second on the server, long enough to kill the node under it.
-		_, err = conn.Exec(ctx, `
+		if err := n.ExecDirect(ctx, `
 			CREATE TABLE r (op int NOT NULL);
 			CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
-			CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON r DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();`)
-		conn.Close(ctx)
-		if err != nil {
+			CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON r DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();`); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -51,17 +51,11 @@ func newKVCluster(t testing.TB, nodes int) *clustertest.Cluster {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	for _, n := range c.Nodes() {
-		conn, err := pgx.Connect(ctx, n.PostgresDSN())
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = conn.Exec(ctx, `
+		if err := n.ExecDirect(ctx, `
 			CREATE TABLE IF NOT EXISTS kv (k INT PRIMARY KEY, v INT NOT NULL);
 			CREATE TABLE IF NOT EXISTS ids (worker INT NOT NULL, seq INT NOT NULL);
 			CREATE OR REPLACE FUNCTION fail_with(code text) RETURNS int LANGUAGE plpgsql AS
-				$$ BEGIN RAISE EXCEPTION 'fail_with %', code USING ERRCODE = code; END $$`)
-		conn.Close(ctx)
-		if err != nil {
+				$$ BEGIN RAISE EXCEPTION 'fail_with %', code USING ERRCODE = code; END $$`); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -375,13 +369,7 @@ func testRetryNonIdempotentKill(t *testing.T, c *clustertest.Cluster) {
 	p := newRetryPool(t, c.DSN(), 12)
 	ctx := faultCtx(t)
 	for _, n := range c.Nodes() {
-		conn, err := pgx.Connect(ctx, n.PostgresDSN())
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = conn.Exec(ctx, "TRUNCATE ids")
-		conn.Close(ctx)
-		if err != nil {
+		if err := n.ExecDirect(ctx, "TRUNCATE ids"); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -230,7 +230,7 @@ func TestSoak(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), soakStepTimeout)
 	defer cancel()
 	for _, n := range c.Nodes() {
-		if err := soakCreateSchema(ctx, n); err != nil {
+		if err := n.ExecDirect(ctx, soakSchema); err != nil {
 			t.Fatalf("node %d: %v", n.ID(), err)
 		}
 	}
@@ -712,7 +712,7 @@ func (s *soak) addNode(nodes map[int]*soakNodeState) {
 	n.Kill()
 	s.logFault("node %d: added", n.ID())
 	s.countFault("add")
-	err = soakCreateSchema(ctx, n)
+	err = n.ExecDirect(ctx, soakSchema)
 	s.mu.Lock()
 	s.addWindows[win][1] = time.Now()
 	s.mu.Unlock()
@@ -820,16 +820,6 @@ func (t *soakTally) merge(o *soakTally) {
 		t.pairs[id] = append(t.pairs[id], rows...)
 		t.tables[id] = o.tables[id]
 	}
-}
-
-func soakCreateSchema(ctx context.Context, n *clustertest.Node) error {
-	conn, err := pgx.Connect(ctx, n.PostgresDSN())
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	_, err = conn.Exec(ctx, soakSchema)
-	return err
 }
 
 // soakReadNode reads a node's rows straight from its server, once no client

@@ -3,6 +3,7 @@ package clustertest
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -197,5 +198,32 @@ func TestSweepStale(t *testing.T) {
 		if _, err := os.Stat(dir); err != nil {
 			t.Errorf("%s removed: %v", dir, err)
 		}
+	}
+}
+
+// ExecDirect reaches the node's own server (each node is a separate
+// database) without going through the proxy, so it is not counted and not
+// subject to the node's faults; its errors name the node.
+func TestExecDirect(t *testing.T) {
+	c := New(t, Options{Nodes: 2})
+	ctx := testCtx(t)
+	if err := c.Node(1).ExecDirect(ctx, "CREATE TABLE direct (x int); INSERT INTO direct VALUES (7)"); err != nil {
+		t.Fatal(err)
+	}
+	if open := c.OpenConns(); open[1] != 0 || open[2] != 0 {
+		t.Errorf("ExecDirect counted on the proxies: %v", open)
+	}
+	var x int
+	if err := connect(t, ctx, c.Node(1).DSN()).QueryRow(ctx, "SELECT x FROM direct").Scan(&x); err != nil || x != 7 {
+		t.Fatalf("node 1 through its proxy: %d, %v; want 7", x, err)
+	}
+	err := c.Node(2).ExecDirect(ctx, "INSERT INTO direct VALUES (8)")
+	if sqlState(err) != "42P01" || !strings.Contains(err.Error(), "node 2") {
+		t.Fatalf("node 2 has no table direct: got %v, want 42P01 naming node 2", err)
+	}
+	c.Node(1).Partition()
+	defer c.Node(1).Heal()
+	if err := c.Node(1).ExecDirect(ctx, "INSERT INTO direct VALUES (9)"); err != nil {
+		t.Fatalf("ExecDirect on a partitioned node: %v; want it to bypass the proxy", err)
 	}
 }

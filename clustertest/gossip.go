@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-
-	"github.com/jackc/pgx/v5"
 )
 
 // SetGossip writes CockroachDB's view of the cluster into every node's
@@ -41,14 +39,8 @@ INSERT INTO crdb_internal.gossip_liveness VALUES ` + strings.Join(liveness, ", "
 INSERT INTO crdb_internal.gossip_nodes VALUES ` + strings.Join(addrs, ", ") + `;
 COMMIT;`
 	for _, n := range nodes {
-		conn, err := pgx.Connect(ctx, n.PostgresDSN())
-		if err != nil {
-			return fmt.Errorf("clustertest: SetGossip on node %d: %w", n.ID(), err)
-		}
-		_, err = conn.Exec(ctx, sql)
-		conn.Close(ctx)
-		if err != nil {
-			return fmt.Errorf("clustertest: SetGossip on node %d: %w", n.ID(), err)
+		if err := n.ExecDirect(ctx, sql); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // State is a node's state as the load balancer and clients see it.
@@ -101,6 +103,24 @@ func (n *Node) DSN() string {
 // even in TLS mode.
 func (n *Node) PostgresDSN() string {
 	return "postgres://postgres@" + n.backend.addr() + "/postgres?sslmode=disable"
+}
+
+// ExecDirect runs sql (one or more statements, no arguments) on the node's
+// server over a connection of its own, bypassing the proxy as PostgresDSN
+// does, and closes the connection: for setting up a test's schema or data
+// without faults and without touching the proxy's connection counts. Each
+// node is a separate database, so a table every node needs is created on
+// each. Errors name the node.
+func (n *Node) ExecDirect(ctx context.Context, sql string) error {
+	conn, err := pgx.Connect(ctx, n.PostgresDSN())
+	if err != nil {
+		return fmt.Errorf("clustertest: node %d: %w", n.id, err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, sql); err != nil {
+		return fmt.Errorf("clustertest: node %d: %w", n.id, err)
+	}
+	return nil
 }
 
 func (n *Node) backendAddr() string { return n.backend.addr() }

@@ -263,13 +263,8 @@ func clusterpoolSettings(params []string) (*clusterpool.Config, map[string]strin
 func ensureKV(ctx context.Context, n *clustertest.Node) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, n.PostgresDSN())
-	if err != nil {
-		return fmt.Errorf("clusterbench: node %d: %w", n.ID(), err)
-	}
-	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, createKV); err != nil {
-		return fmt.Errorf("clusterbench: node %d: %w", n.ID(), err)
+	if err := n.ExecDirect(ctx, createKV); err != nil {
+		return fmt.Errorf("clusterbench: %w", err)
 	}
 	return nil
 }
