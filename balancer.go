@@ -332,7 +332,7 @@ type balancer struct {
 	// connection string they are dialled too, so a node added to the
 	// cluster after the pool started is reachable; see groupsFor.
 	gossipHosts map[NodeID]string
-	// reservations are connects under way, by host and chosen node.
+	// reservations are connects under way, by the host placed first.
 	reservations []reservation
 	// downHosts holds when a dial to a host (an IP literal placed first)
 	// last failed; placement tries such a host last for hostDownFor, or
@@ -341,8 +341,7 @@ type balancer struct {
 }
 
 type reservation struct {
-	host  string
-	node  NodeID // 0: host not mapped yet
+	host  string // host:port, a key of hostNodes once mapped
 	until time.Time
 }
 
@@ -437,13 +436,10 @@ func (b *balancer) liveNodes(now time.Time, extra, unmappedHosts int) (map[NodeI
 	b.purgeReservationsLocked(now)
 	pending := make(map[NodeID]int)
 	for _, r := range b.reservations {
-		id := r.node
-		if id == 0 {
-			// Placed before its host was mapped; another connect has
-			// since learned which node is behind that host.
-			id = b.hostNodes[r.host]
-		}
-		pending[id]++
+		// The node behind the host now: a connect placed before its host
+		// was mapped counts towards the node another connect has since
+		// found there (0 while the host is still unmapped).
+		pending[b.hostNodes[r.host]]++
 	}
 	unmapped := pending[0]
 	b.mu.Unlock()
@@ -519,7 +515,7 @@ func (b *balancer) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now time.
 	}
 	order := placementOrder(hostNodes, hostPending, hostDown, info, b.seed)
 	first := groups[order[0]].key
-	b.reservations = append(b.reservations, reservation{host: first, node: hostNodes[order[0]], until: now.Add(reservationTTL)})
+	b.reservations = append(b.reservations, reservation{host: first, until: now.Add(reservationTTL)})
 	b.mu.Unlock()
 
 	setHosts(cc, groups, order)
