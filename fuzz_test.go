@@ -20,7 +20,7 @@ import (
 // Fuzz tests. Their seed corpora are committed under testdata/fuzz/<Name>/
 // and run with the ordinary tests; .ci/run also fuzzes each one for a few
 // seconds. FuzzDecodeProcessID is in backendkey_test.go and
-// FuzzExtractClusterParams in config_test.go.
+// FuzzExtractClusterParams in connstring_test.go.
 
 // clusterParamNames are the cluster_* parameters FuzzParseConfig sets.
 var clusterParamNames = []string{
