@@ -187,8 +187,11 @@ const (
 // connects use DefaultConnectTimeout (10 s) per host rather than pgxpool's
 // 2 minutes.
 //
-// Any other parameter starting with "cluster_" is an error, so a misspelt
-// setting is not silently ignored. Cluster parameters are checked before the
+// Any other parameter whose name, lower-cased, starts with "cluster_" is an
+// error naming it (with "did you mean" for a near miss), so a misspelt
+// setting is neither ignored nor sent to the server. Names are
+// case-sensitive, as pgx's are: CLUSTER_MAX_RETRIES is an error that names
+// cluster_max_retries, not a synonym. Cluster parameters are checked before the
 // rest of the string; their errors name the parameter and its value, never
 // the rest of the connection string. pgx's errors for the rest quote the
 // string with every password masked (pgx masks them on a best-effort basis;
@@ -269,9 +272,58 @@ func (c *Config) setParam(key, value string) error {
 		}
 		c.NodeIdentity = id
 	default:
-		return fmt.Errorf("clusterpool: unknown connection parameter %q", key)
+		return unknownParam(key, value)
 	}
 	return nil
+}
+
+// clusterParamNames returns the cluster_* parameters ParseConfig reads.
+func clusterParamNames() []string {
+	return []string{paramBalanceInterval, paramProbeInterval, paramMaxRetries, paramConnectRate, paramNodeIdentity}
+}
+
+// unknownParam is the error for a parameter that looks like a cluster
+// setting (its lower-cased name starts with "cluster_") but is none. Names
+// are case-sensitive, as pgx's are: a case-insensitive match of a known
+// name is an error naming the exact spelling, not a quiet synonym, so that
+// one spelling works in every tool that reads the string.
+func unknownParam(key, value string) error {
+	msg := fmt.Sprintf("clusterpool: unknown connection parameter %q (value %q)", key, value)
+	lower := strings.ToLower(key)
+	best, bestDist := "", 4 // a near miss is at most 3 edits away
+	for _, name := range clusterParamNames() {
+		if lower == name {
+			return fmt.Errorf("%s: cluster parameter names are case-sensitive; write %s", msg, name)
+		}
+		if d := editDistance(lower, name); d < bestDist {
+			best, bestDist = name, d
+		}
+	}
+	if best != "" {
+		return fmt.Errorf("%s: did you mean %s?", msg, best)
+	}
+	return fmt.Errorf("%s: known ones are %s", msg, strings.Join(clusterParamNames(), ", "))
+}
+
+// editDistance is the Levenshtein distance between a and b, in bytes.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }
 
 func (id NodeIdentity) valid() bool {

@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"strings"
 	"testing"
@@ -394,5 +395,40 @@ func TestParseConfigErrorUnwraps(t *testing.T) {
 	}
 	if !strings.Contains(pce.ConnString, "cluster_max_retries=1") {
 		t.Errorf("unwrapped ConnString %q is not the caller's string", pce.ConnString)
+	}
+}
+
+// A parameter that looks like a cluster setting but is none is an error
+// naming it and its value, in both forms, whatever its case; it never
+// reaches the server as a run-time parameter. Names are case-sensitive.
+func TestParseConfigUnknownClusterParam(t *testing.T) {
+	tests := []struct {
+		param string
+		want  string // in the error, after the name and value
+	}{
+		{"Cluster_Balance_Interval=1s", "cluster parameter names are case-sensitive; write cluster_balance_interval"},
+		{"CLUSTER_MAX_RETRIES=3", "cluster parameter names are case-sensitive; write cluster_max_retries"},
+		{"cluster_max_retry=3", "did you mean cluster_max_retries?"},
+		{"cluster_max_retires=3", "did you mean cluster_max_retries?"},
+		{"Cluster_Conect_Rate=3", "did you mean cluster_connect_rate?"},
+		{"cluster_nodeidentity=none", "did you mean cluster_node_identity?"},
+		{"cluster_bogus=3", "known ones are cluster_balance_interval, "},
+	}
+	for _, tt := range tests {
+		key, value, _ := strings.Cut(tt.param, "=")
+		for _, conn := range []string{
+			"postgres://u:pw@h/db?sslmode=disable&" + tt.param,
+			"host=h password=pw " + tt.param + " sslmode=disable",
+		} {
+			cfg, err := ParseConfig(conn)
+			if err == nil {
+				t.Errorf("ParseConfig(%q) succeeded (RuntimeParams %v), want an error", conn, cfg.ConnConfig.RuntimeParams)
+				continue
+			}
+			want := fmt.Sprintf("clusterpool: unknown connection parameter %q (value %q): %s", key, value, tt.want)
+			if !strings.HasPrefix(err.Error(), want) {
+				t.Errorf("ParseConfig(%q) = %v, want an error starting %q", conn, err, want)
+			}
+		}
 	}
 }

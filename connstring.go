@@ -240,7 +240,7 @@ func extractFromURL(connString string) (string, []clusterParam, error) {
 		// pgx decodes %XX but not '+', and ignores spaces around a key.
 		key, err := url.PathUnescape(rawKey)
 		key = strings.TrimSpace(key)
-		if err != nil || !strings.HasPrefix(key, paramPrefix) {
+		if err != nil || !isClusterParam(key) {
 			// Not ours (or malformed): pgx reports its own errors.
 			kept = append(kept, item)
 			continue
@@ -287,7 +287,7 @@ func extractFromKeywordValue(connString string) (string, []clusterParam, error) 
 		}
 		s = s[len(raw):]
 		pair := start[:len(start)-len(s)]
-		if strings.HasPrefix(key, paramPrefix) {
+		if isClusterParam(key) {
 			params = append(params, clusterParam{key, value})
 		} else {
 			kept = append(kept, pair)
@@ -300,3 +300,11 @@ func extractFromKeywordValue(connString string) (string, []clusterParam, error) 
 }
 
 const asciiSpace = " \t\n\r\v\f"
+
+// isClusterParam says whether a parameter is for ParseConfig rather than
+// pgx: its lower-cased name starts with "cluster_". Upper-case spellings
+// are taken out too, so that setParam reports them rather than the server
+// receiving them as run-time parameters.
+func isClusterParam(key string) bool {
+	return strings.HasPrefix(strings.ToLower(key), paramPrefix)
+}

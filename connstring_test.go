@@ -2,7 +2,6 @@ package clusterpool
 
 import (
 	"maps"
-	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -39,7 +38,7 @@ func FuzzExtractClusterParams(f *testing.F) {
 			t.Fatalf("pgx accepts %q but not its remainder %q: %v", conn, rest, err)
 		}
 		for k := range want.RuntimeParams {
-			if strings.HasPrefix(k, paramPrefix) {
+			if isClusterParam(k) {
 				delete(want.RuntimeParams, k)
 			}
 		}
@@ -49,7 +48,7 @@ func FuzzExtractClusterParams(f *testing.F) {
 			t.Fatalf("remainder %q of %q parses differently:\n got %+v\nwant %+v", rest, conn, got, want)
 		}
 		for _, p := range params {
-			if !strings.HasPrefix(p.key, paramPrefix) {
+			if !isClusterParam(p.key) {
 				t.Fatalf("extracted a parameter that is not ours: %q", p.key)
 			}
 		}

@@ -22,11 +22,6 @@ import (
 // seconds. FuzzDecodeProcessID is in backendkey_test.go and
 // FuzzExtractClusterParams in connstring_test.go.
 
-// clusterParamNames are the cluster_* parameters FuzzParseConfig sets.
-var clusterParamNames = []string{
-	paramBalanceInterval, paramProbeInterval, paramMaxRetries, paramConnectRate, paramNodeIdentity,
-}
-
 // FuzzParseConfig parses connection strings in both forms, with a password
 // written correctly for the form (escaped in a URL's userinfo, quoted as a
 // keyword/value pair) among arbitrary other text and one cluster_*
@@ -55,7 +50,8 @@ func FuzzParseConfig(f *testing.F) {
 		// holding the marker holds a piece of the password, however short,
 		// and not a coincidence.
 		pw := passwordMarker + interleave(password, passwordMarker) + passwordMarker
-		name := clusterParamNames[int(paramIndex)%len(clusterParamNames)]
+		names := clusterParamNames()
+		name := names[int(paramIndex)%len(names)]
 		value = plainToken(value)
 		var conn, pwText string
 		if kv {
