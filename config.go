@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"net"
 	"reflect"
 	"slices"
 	"strconv"
@@ -459,6 +460,10 @@ func distinctHosts(cc *pgx.ConnConfig) int {
 	return len(seen)
 }
 
+// hostPort is the key the pool gives a host: "host:port", with an IPv6
+// literal bracketed ("[::1]:5432"), so that net.SplitHostPort reads it
+// back. Placement splits the key to tell an IP from a name before marking
+// a host down.
 func hostPort(host string, port uint16) string {
-	return host + ":" + strconv.Itoa(int(port))
+	return net.JoinHostPort(host, strconv.Itoa(int(port)))
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -429,6 +430,30 @@ func TestParseConfigUnknownClusterParam(t *testing.T) {
 			if !strings.HasPrefix(err.Error(), want) {
 				t.Errorf("ParseConfig(%q) = %v, want an error starting %q", conn, err, want)
 			}
+		}
+	}
+}
+
+// An IPv6 host's key reads back with net.SplitHostPort, as placement does
+// before marking a host down, and equals the key of the address a
+// connection reports.
+func TestHostPortIPv6(t *testing.T) {
+	for _, tt := range []struct {
+		host   string
+		remote string
+	}{
+		{"::1", "[::1]:5432"},
+		{"fe80::1%eth0", "[fe80::1%eth0]:5432"},
+		{"127.0.0.1", "127.0.0.1:5432"},
+		{"db.example.com", "db.example.com:5432"},
+	} {
+		key := hostPort(tt.host, 5432)
+		host, port, err := net.SplitHostPort(key)
+		if err != nil || host != tt.host || port != "5432" {
+			t.Errorf("hostPort(%q, 5432) = %q: SplitHostPort gives %q, %q, %v", tt.host, key, host, port, err)
+		}
+		if got := addrKey(tt.remote); got != key {
+			t.Errorf("addrKey(%q) = %q, want %q (the host's key)", tt.remote, got, key)
 		}
 	}
 }
