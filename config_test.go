@@ -3,8 +3,9 @@ package clusterpool
 import (
 	"context"
 	"errors"
-	"maps"
+	"fmt"
 	"math"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -382,54 +383,6 @@ func TestConfigCopy(t *testing.T) {
 	}
 }
 
-// FuzzExtractClusterParams checks, for any connection string pgx accepts,
-// that removing the cluster_* parameters leaves exactly what pgx would have
-// parsed without them: same host, user, password, database and run-time
-// parameters, minus the cluster_* ones.
-func FuzzExtractClusterParams(f *testing.F) {
-	for _, s := range []string{
-		"host=h user=u cluster_max_retries=7 dbname=db",
-		`password='a b\'c cluster_x=9' cluster_node_identity='none' host=h`,
-		"host = h cluster_balance_interval = 3s  user=u application_name=a\\ b",
-		"postgres://u:pw@h:5432/db?sslmode=disable&cluster_max_retries=3&application_name=x",
-		"postgresql://u@h1:1,h2:2/db?cluster_connect_rate=2&search_path=a%2Cb",
-		"postgres://u@h/db?cluster%5Fprobe_interval=90s#frag",
-		"postgres://u:pa?ss@h/db?cluster_max_retries=2&sslmode=disable",
-		"postgres://u:p%40ss@h/db?cluster_max_retries=+2",
-	} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, conn string) {
-		rest, params, err := extractClusterParams(conn)
-		if err != nil {
-			return
-		}
-		want, err := pgconn.ParseConfig(conn)
-		if err != nil {
-			return
-		}
-		got, err := pgconn.ParseConfig(rest)
-		if err != nil {
-			t.Fatalf("pgx accepts %q but not its remainder %q: %v", conn, rest, err)
-		}
-		for k := range want.RuntimeParams {
-			if strings.HasPrefix(k, paramPrefix) {
-				delete(want.RuntimeParams, k)
-			}
-		}
-		if got.Host != want.Host || got.Port != want.Port || got.User != want.User ||
-			got.Password != want.Password || got.Database != want.Database ||
-			!maps.Equal(got.RuntimeParams, want.RuntimeParams) || len(got.Fallbacks) != len(want.Fallbacks) {
-			t.Fatalf("remainder %q of %q parses differently:\n got %+v\nwant %+v", rest, conn, got, want)
-		}
-		for _, p := range params {
-			if !strings.HasPrefix(p.key, paramPrefix) {
-				t.Fatalf("extracted a parameter that is not ours: %q", p.key)
-			}
-		}
-	})
-}
-
 // pgx's parse error is still there for errors.As, with the password masked
 // in its ConnString too.
 func TestParseConfigErrorUnwraps(t *testing.T) {
@@ -443,5 +396,64 @@ func TestParseConfigErrorUnwraps(t *testing.T) {
 	}
 	if !strings.Contains(pce.ConnString, "cluster_max_retries=1") {
 		t.Errorf("unwrapped ConnString %q is not the caller's string", pce.ConnString)
+	}
+}
+
+// A parameter that looks like a cluster setting but is none is an error
+// naming it and its value, in both forms, whatever its case; it never
+// reaches the server as a run-time parameter. Names are case-sensitive.
+func TestParseConfigUnknownClusterParam(t *testing.T) {
+	tests := []struct {
+		param string
+		want  string // in the error, after the name and value
+	}{
+		{"Cluster_Balance_Interval=1s", "cluster parameter names are case-sensitive; write cluster_balance_interval"},
+		{"CLUSTER_MAX_RETRIES=3", "cluster parameter names are case-sensitive; write cluster_max_retries"},
+		{"cluster_max_retry=3", "did you mean cluster_max_retries?"},
+		{"cluster_max_retires=3", "did you mean cluster_max_retries?"},
+		{"Cluster_Conect_Rate=3", "did you mean cluster_connect_rate?"},
+		{"cluster_nodeidentity=none", "did you mean cluster_node_identity?"},
+		{"cluster_bogus=3", "known ones are cluster_balance_interval, "},
+	}
+	for _, tt := range tests {
+		key, value, _ := strings.Cut(tt.param, "=")
+		for _, conn := range []string{
+			"postgres://u:pw@h/db?sslmode=disable&" + tt.param,
+			"host=h password=pw " + tt.param + " sslmode=disable",
+		} {
+			cfg, err := ParseConfig(conn)
+			if err == nil {
+				t.Errorf("ParseConfig(%q) succeeded (RuntimeParams %v), want an error", conn, cfg.ConnConfig.RuntimeParams)
+				continue
+			}
+			want := fmt.Sprintf("clusterpool: unknown connection parameter %q (value %q): %s", key, value, tt.want)
+			if !strings.HasPrefix(err.Error(), want) {
+				t.Errorf("ParseConfig(%q) = %v, want an error starting %q", conn, err, want)
+			}
+		}
+	}
+}
+
+// An IPv6 host's key reads back with net.SplitHostPort, as placement does
+// before marking a host down, and equals the key of the address a
+// connection reports.
+func TestHostPortIPv6(t *testing.T) {
+	for _, tt := range []struct {
+		host   string
+		remote string
+	}{
+		{"::1", "[::1]:5432"},
+		{"fe80::1%eth0", "[fe80::1%eth0]:5432"},
+		{"127.0.0.1", "127.0.0.1:5432"},
+		{"db.example.com", "db.example.com:5432"},
+	} {
+		key := hostPort(tt.host, 5432)
+		host, port, err := net.SplitHostPort(key)
+		if err != nil || host != tt.host || port != "5432" {
+			t.Errorf("hostPort(%q, 5432) = %q: SplitHostPort gives %q, %q, %v", tt.host, key, host, port, err)
+		}
+		if got := addrKey(tt.remote); got != key {
+			t.Errorf("addrKey(%q) = %q, want %q (the host's key)", tt.remote, got, key)
+		}
 	}
 }

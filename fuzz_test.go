@@ -20,12 +20,7 @@ import (
 // Fuzz tests. Their seed corpora are committed under testdata/fuzz/<Name>/
 // and run with the ordinary tests; .ci/run also fuzzes each one for a few
 // seconds. FuzzDecodeProcessID is in backendkey_test.go and
-// FuzzExtractClusterParams in config_test.go.
-
-// clusterParamNames are the cluster_* parameters FuzzParseConfig sets.
-var clusterParamNames = []string{
-	paramBalanceInterval, paramProbeInterval, paramMaxRetries, paramConnectRate, paramNodeIdentity,
-}
+// FuzzExtractClusterParams in connstring_test.go.
 
 // FuzzParseConfig parses connection strings in both forms, with a password
 // written correctly for the form (escaped in a URL's userinfo, quoted as a
@@ -55,7 +50,8 @@ func FuzzParseConfig(f *testing.F) {
 		// holding the marker holds a piece of the password, however short,
 		// and not a coincidence.
 		pw := passwordMarker + interleave(password, passwordMarker) + passwordMarker
-		name := clusterParamNames[int(paramIndex)%len(clusterParamNames)]
+		names := clusterParamNames()
+		name := names[int(paramIndex)%len(names)]
 		value = plainToken(value)
 		var conn, pwText string
 		if kv {
