@@ -265,8 +265,11 @@ func (p *Pool) goBackground(f func(ctx context.Context)) {
 // afterConnect identifies the new connection's node, then runs the user's
 // AfterConnect.
 func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
+	// The connect's reservation (placement) counts the connection until
+	// it is tracked on its node, or until it fails.
 	id, addr, err := p.identify(ctx, conn)
 	if err != nil {
+		p.balancer.counted(conn.PgConn())
 		return err
 	}
 	var cs *connState
@@ -280,6 +283,7 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 		}
 		cs = p.tracker.trackDialled(id, addr, host, conn, connectStart(conn), time.Now())
 	}
+	p.balancer.counted(conn.PgConn())
 	if p.userAfterConnect != nil {
 		if err := p.callAfterConnect(ctx, conn); err != nil {
 			p.tracker.untrack(cs) // pgxpool closes conn without BeforeClose
