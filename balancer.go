@@ -323,6 +323,12 @@ type balancer struct {
 
 	lastPrune atomic.Int64 // unix nanoseconds of the last round that pruned
 
+	// Starting the loops (start, startOnTracked); ready and wanted are
+	// protected by Pool.bgMu. ready: the pgxpool exists, so the loops may
+	// run; wanted: a connection was tracked before that.
+	started       atomic.Bool
+	ready, wanted bool
+
 	mu sync.Mutex // protects the fields below
 	// hostNodes maps a dialled address ("ip:port") to the node behind it,
 	// learned from connections; bounded by the number of hosts dialled.
@@ -392,11 +398,52 @@ func (b *balancer) install(cfg *pgxpool.Config) {
 	}
 }
 
-// start runs the balancing loop (and the probe) until the pool closes.
+// start runs the balancing loop, the probe and the health checker until the
+// pool closes. With one host and an identity read from the BackendKey
+// (auto, backend_key) the server may be plain PostgreSQL, which identifies
+// no node: the pool is then pgxpool, with no goroutine and no sweep of its
+// idle connections, so the loops wait for the first connection that is
+// tracked on a node (startOnTracked). Called once the pgxpool exists.
 func (b *balancer) start() {
 	if !b.p.tracking() {
 		return
 	}
+	b.p.bgMu.Lock()
+	defer b.p.bgMu.Unlock()
+	b.ready = true
+	if b.lazyStart() && !b.wanted {
+		return
+	}
+	b.startLocked()
+}
+
+// lazyStart reports whether the loops wait for a tracked connection.
+func (b *balancer) lazyStart() bool {
+	s := b.p.settings
+	return !s.multiHost && s.identifyNode == nil &&
+		(s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey)
+}
+
+// startOnTracked starts the loops if they wait for a tracked connection,
+// which AfterConnect has just counted. After the first time it costs a lock.
+func (b *balancer) startOnTracked() {
+	if b.started.Load() {
+		return
+	}
+	b.p.bgMu.Lock()
+	defer b.p.bgMu.Unlock()
+	b.wanted = true
+	if b.ready { // else start, under way in NewWithConfig, sees wanted
+		b.startLocked()
+	}
+}
+
+// startLocked starts the loops once; the caller holds Pool.bgMu.
+func (b *balancer) startLocked() {
+	if b.p.bgClosed || b.started.Load() {
+		return
+	}
+	b.started.Store(true)
 	b.p.goBackground(b.run)
 	b.p.goBackground(b.p.runProbe)
 	b.p.goBackground(b.health.run)

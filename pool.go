@@ -155,6 +155,10 @@ type Pool struct {
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
+	// bgMu orders starting the loops late (balancer.startOnTracked, from
+	// AfterConnect) with Close: no goroutine starts once Close has begun.
+	bgMu     sync.Mutex
+	bgClosed bool
 
 	closeOnce sync.Once
 }
@@ -241,7 +245,7 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	}
 	p.pool = pool
 
-	p.balancer.start() // the balancing loop and the probe
+	p.balancer.start() // the balancing loop and the probe, now or at the first tracked connection
 
 	return p, nil
 }
@@ -253,7 +257,7 @@ func (p *Pool) tracking() bool {
 }
 
 // goBackground runs f in a goroutine that Close cancels (through ctx) and
-// waits for. Call it only from NewWithConfig, before the pool is returned.
+// waits for. The caller holds bgMu and has checked bgClosed.
 func (p *Pool) goBackground(f func(ctx context.Context)) {
 	p.bgWG.Add(1)
 	go func() {
@@ -282,6 +286,7 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 			addr = host
 		}
 		cs = p.tracker.trackDialled(id, addr, host, conn, connectStart(conn), time.Now())
+		p.balancer.startOnTracked()
 	}
 	p.balancer.counted(conn.PgConn())
 	if p.userAfterConnect != nil {
@@ -531,6 +536,9 @@ func (p *Pool) ClusterConfig() *Config { return p.config.Copy() }
 // closes their sockets. It is safe to call more than once.
 func (p *Pool) Close() {
 	p.closeOnce.Do(func() {
+		p.bgMu.Lock()
+		p.bgClosed = true
+		p.bgMu.Unlock()
 		p.bgCancel()
 		p.bgWG.Wait()
 		p.pool.Close()
