@@ -673,7 +673,9 @@ func (b *balancer) connected(res *reservation, reserved string, pgConn *pgconn.P
 		addr = addrKey(nc.RemoteAddr().String())
 	}
 	var id NodeID
-	if isCockroachDB(pgConn) {
+	if isCockroachDB(pgConn) && b.p.cockroachIDs() {
+		// Otherwise AfterConnect identifies the node and learnHosts maps
+		// the address, in the pool's own ID space.
 		id = DecodeProcessID(pgConn.PID())
 	}
 	now := time.Now()

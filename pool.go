@@ -353,6 +353,15 @@ func (p *Pool) callBeforeClose(conn *pgx.Conn) {
 	p.userBeforeClose(conn)
 }
 
+// cockroachIDs reports whether the pool's node IDs are CockroachDB's own
+// (from the BackendKey) whenever the server is CockroachDB. With the query
+// identity or IdentifyNode they are the pool's or the user's, a different ID
+// space: CockroachDB's IDs (gossip, a BackendKey) must not be matched against
+// them.
+func (p *Pool) cockroachIDs() bool {
+	return p.settings.identifyNode == nil && p.settings.identity != NodeIdentityQuery
+}
+
 // identify returns the node conn reached, or 0 if it is not to be tracked.
 func (p *Pool) identify(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
 	if p.settings.identifyNode != nil {
