@@ -323,6 +323,12 @@ type balancer struct {
 
 	lastPrune atomic.Int64 // unix nanoseconds of the last round that pruned
 
+	// Starting the loops (start, startOnTracked); ready and wanted are
+	// protected by Pool.bgMu. ready: the pgxpool exists, so the loops may
+	// run; wanted: a connection was tracked before that.
+	started       atomic.Bool
+	ready, wanted bool
+
 	mu sync.Mutex // protects the fields below
 	// hostNodes maps a dialled address ("ip:port") to the node behind it,
 	// learned from connections; bounded by the number of hosts dialled.
@@ -332,8 +338,11 @@ type balancer struct {
 	// connection string they are dialled too, so a node added to the
 	// cluster after the pool started is reachable; see groupsFor.
 	gossipHosts map[NodeID]string
-	// reservations are connects under way, by the host placed first.
-	reservations []reservation
+	// reservations are connects under way, by the host placed first and,
+	// once the connection is up, by the address it reached. Each is held
+	// until AfterConnect has counted the connection on its node (see
+	// counted), so a connect always counts somewhere.
+	reservations []*reservation
 	// downHosts holds when a dial to a host (an IP literal placed first)
 	// last failed; placement tries such a host last for hostDownFor, or
 	// until a probe reaches it. Bounded by the hosts dialled.
@@ -344,6 +353,10 @@ type reservation struct {
 	host  string // host:port, a key of hostNodes once mapped
 	until time.Time
 }
+
+// reservationKey is where a new connection's CustomData holds the
+// reservation its connect made, for counted to drop.
+const reservationKey = "clusterpool.reservation"
 
 func newBalancer(p *Pool) *balancer {
 	s := p.settings
@@ -385,11 +398,52 @@ func (b *balancer) install(cfg *pgxpool.Config) {
 	}
 }
 
-// start runs the balancing loop (and the probe) until the pool closes.
+// start runs the balancing loop, the probe and the health checker until the
+// pool closes. With one host and an identity read from the BackendKey
+// (auto, backend_key) the server may be plain PostgreSQL, which identifies
+// no node: the pool is then pgxpool, with no goroutine and no sweep of its
+// idle connections, so the loops wait for the first connection that is
+// tracked on a node (startOnTracked). Called once the pgxpool exists.
 func (b *balancer) start() {
 	if !b.p.tracking() {
 		return
 	}
+	b.p.bgMu.Lock()
+	defer b.p.bgMu.Unlock()
+	b.ready = true
+	if b.lazyStart() && !b.wanted {
+		return
+	}
+	b.startLocked()
+}
+
+// lazyStart reports whether the loops wait for a tracked connection.
+func (b *balancer) lazyStart() bool {
+	s := b.p.settings
+	return !s.multiHost && s.identifyNode == nil &&
+		(s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey)
+}
+
+// startOnTracked starts the loops if they wait for a tracked connection,
+// which AfterConnect has just counted. After the first time it costs a lock.
+func (b *balancer) startOnTracked() {
+	if b.started.Load() {
+		return
+	}
+	b.p.bgMu.Lock()
+	defer b.p.bgMu.Unlock()
+	b.wanted = true
+	if b.ready { // else start, under way in NewWithConfig, sees wanted
+		b.startLocked()
+	}
+}
+
+// startLocked starts the loops once; the caller holds Pool.bgMu.
+func (b *balancer) startLocked() {
+	if b.p.bgClosed || b.started.Load() {
+		return
+	}
+	b.started.Store(true)
 	b.p.goBackground(b.run)
 	b.p.goBackground(b.p.runProbe)
 	b.p.goBackground(b.health.run)
@@ -472,7 +526,7 @@ func (b *balancer) liveNodes(now time.Time, extra, unmappedHosts int) (map[NodeI
 }
 
 func (b *balancer) purgeReservationsLocked(now time.Time) {
-	b.reservations = slices.DeleteFunc(b.reservations, func(r reservation) bool { return now.After(r.until) })
+	b.reservations = slices.DeleteFunc(b.reservations, func(r *reservation) bool { return now.After(r.until) })
 }
 
 // placeHosts reorders cc's hosts (Host and Fallbacks) so the connection goes
@@ -515,12 +569,13 @@ func (b *balancer) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now time.
 	}
 	order := placementOrder(hostNodes, hostPending, hostDown, info, b.seed)
 	first := groups[order[0]].key
-	b.reservations = append(b.reservations, reservation{host: first, until: now.Add(reservationTTL)})
+	res := &reservation{host: first, until: now.Add(reservationTTL)}
+	b.reservations = append(b.reservations, res)
 	b.mu.Unlock()
 
 	setHosts(cc, groups, order)
 	b.chainValidate(cc, func(ctx context.Context, pgConn *pgconn.PgConn) error {
-		b.connected(first, pgConn)
+		b.connected(res, first, pgConn)
 		return nil
 	})
 }
@@ -607,23 +662,29 @@ func setHosts(cc *pgx.ConnConfig, groups []*hostGroup, order []int) {
 	cc.Fallbacks = sorted[1:]
 }
 
-// connected drops the reservation a connect made and learns which node is
-// behind the address it reached.
-func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
+// connected moves the reservation a connect made to the address it reached
+// and learns which node is behind that address. The reservation stays until
+// AfterConnect has counted the connection (counted): dropping it here would
+// leave the connection counted nowhere while AfterConnect identifies it, and
+// a connect placed in that moment would pick the same node.
+func (b *balancer) connected(res *reservation, reserved string, pgConn *pgconn.PgConn) {
 	var addr string
 	if nc := pgConn.Conn(); nc != nil && nc.RemoteAddr() != nil {
 		addr = addrKey(nc.RemoteAddr().String())
 	}
 	var id NodeID
-	if isCockroachDB(pgConn) {
+	if isCockroachDB(pgConn) && b.p.cockroachIDs() {
+		// Otherwise AfterConnect identifies the node and learnHosts maps
+		// the address, in the pool's own ID space.
 		id = DecodeProcessID(pgConn.PID())
 	}
 	now := time.Now()
 	var failed NodeID
 	b.mu.Lock()
-	if i := slices.IndexFunc(b.reservations, func(r reservation) bool { return r.host == reserved }); i >= 0 {
-		b.reservations = slices.Delete(b.reservations, i, i+1)
+	if addr != "" {
+		res.host = addr
 	}
+	pgConn.CustomData()[reservationKey] = res
 	if id != 0 && addr != "" {
 		b.hostNodes[addr] = id
 	}
@@ -643,6 +704,19 @@ func (b *balancer) connected(reserved string, pgConn *pgconn.PgConn) {
 		// is gone or silent from one that answers.
 		b.p.suspectNode(b.p.tracker.node(failed))
 	}
+}
+
+// counted drops the reservation of the connect that opened pgConn, once
+// AfterConnect has counted the connection on its node or failed it.
+func (b *balancer) counted(pgConn *pgconn.PgConn) {
+	res, _ := pgConn.CustomData()[reservationKey].(*reservation)
+	if res == nil {
+		return
+	}
+	delete(pgConn.CustomData(), reservationKey)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.reservations = slices.DeleteFunc(b.reservations, func(r *reservation) bool { return r == res })
 }
 
 // reached records that a connection (a probe) reached remote, so placement

@@ -292,10 +292,10 @@ func TestLiveNodesCountsUnmappedReservations(t *testing.T) {
 	p.tracker.seen(2, now)
 	until := now.Add(reservationTTL)
 	for range 4 {
-		b.reservations = append(b.reservations, reservation{host: "10.0.0.1:26257", until: until})
+		b.reservations = append(b.reservations, &reservation{host: "10.0.0.1:26257", until: until})
 	}
 	b.hostNodes["10.0.0.2:26257"] = 2
-	b.reservations = append(b.reservations, reservation{host: "10.0.0.2:26257", until: until})
+	b.reservations = append(b.reservations, &reservation{host: "10.0.0.2:26257", until: until})
 
 	info, total := b.liveNodes(now, 1, 0)
 	if total != 6 || info[1].Conns != 0 || info[2].Conns != 1 {

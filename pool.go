@@ -155,6 +155,10 @@ type Pool struct {
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
+	// bgMu orders starting the loops late (balancer.startOnTracked, from
+	// AfterConnect) with Close: no goroutine starts once Close has begun.
+	bgMu     sync.Mutex
+	bgClosed bool
 
 	closeOnce sync.Once
 }
@@ -241,7 +245,7 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	}
 	p.pool = pool
 
-	p.balancer.start() // the balancing loop and the probe
+	p.balancer.start() // the balancing loop and the probe, now or at the first tracked connection
 
 	return p, nil
 }
@@ -253,7 +257,7 @@ func (p *Pool) tracking() bool {
 }
 
 // goBackground runs f in a goroutine that Close cancels (through ctx) and
-// waits for. Call it only from NewWithConfig, before the pool is returned.
+// waits for. The caller holds bgMu and has checked bgClosed.
 func (p *Pool) goBackground(f func(ctx context.Context)) {
 	p.bgWG.Add(1)
 	go func() {
@@ -265,8 +269,11 @@ func (p *Pool) goBackground(f func(ctx context.Context)) {
 // afterConnect identifies the new connection's node, then runs the user's
 // AfterConnect.
 func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
+	// The connect's reservation (placement) counts the connection until
+	// it is tracked on its node, or until it fails.
 	id, addr, err := p.identify(ctx, conn)
 	if err != nil {
+		p.balancer.counted(conn.PgConn())
 		return err
 	}
 	var cs *connState
@@ -279,7 +286,9 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 			addr = host
 		}
 		cs = p.tracker.trackDialled(id, addr, host, conn, connectStart(conn), time.Now())
+		p.balancer.startOnTracked()
 	}
+	p.balancer.counted(conn.PgConn())
 	if p.userAfterConnect != nil {
 		if err := p.callAfterConnect(ctx, conn); err != nil {
 			p.tracker.untrack(cs) // pgxpool closes conn without BeforeClose
@@ -342,6 +351,15 @@ func (p *Pool) callPrepareConn(ctx context.Context, conn *pgx.Conn) (ok bool, er
 func (p *Pool) callBeforeClose(conn *pgx.Conn) {
 	defer p.recoverHook(context.Background(), hookBeforeClose, nil)
 	p.userBeforeClose(conn)
+}
+
+// cockroachIDs reports whether the pool's node IDs are CockroachDB's own
+// (from the BackendKey) whenever the server is CockroachDB. With the query
+// identity or IdentifyNode they are the pool's or the user's, a different ID
+// space: CockroachDB's IDs (gossip, a BackendKey) must not be matched against
+// them.
+func (p *Pool) cockroachIDs() bool {
+	return p.settings.identifyNode == nil && p.settings.identity != NodeIdentityQuery
 }
 
 // identify returns the node conn reached, or 0 if it is not to be tracked.
@@ -527,6 +545,9 @@ func (p *Pool) ClusterConfig() *Config { return p.config.Copy() }
 // closes their sockets. It is safe to call more than once.
 func (p *Pool) Close() {
 	p.closeOnce.Do(func() {
+		p.bgMu.Lock()
+		p.bgClosed = true
+		p.bgMu.Unlock()
 		p.bgCancel()
 		p.bgWG.Wait()
 		p.pool.Close()

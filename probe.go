@@ -219,6 +219,10 @@ func isTransient(err error) bool {
 // is gossip_nodes.address, CockroachDB's RPC address, which is also its SQL
 // address unless the node listens for SQL on a separate port.
 func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) error {
+	if !p.cockroachIDs() {
+		// Gossip names CockroachDB's node IDs, which are not the pool's.
+		return nil
+	}
 	rows, err := conn.Query(ctx, gossipQuery)
 	if err != nil {
 		return err
