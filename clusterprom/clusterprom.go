@@ -4,8 +4,8 @@
 //	...
 //	reg.MustRegister(clusterprom.NewCollector("orders", pool))
 //
-// The Collector reads the pool's statistics at each scrape (Pool.NodeStats,
-// Pool.ClusterStat); it needs no tracer and adds nothing to the pool's hot
+// The Collector reads the pool's statistics at each scrape (Pool.Stat,
+// Pool.NodeStats, Pool.ClusterStat); it needs no tracer and adds nothing to the pool's hot
 // path. It registers nothing by itself: the caller registers it in the
 // registry of their choice. Every metric carries a constant "pool" label with
 // the name given to NewCollector, so several pools can be registered in one
@@ -40,6 +40,25 @@
 //	clusterpool_nodes_added_total{pool}                         counter
 //	clusterpool_nodes_removed_total{pool}                       counter
 //	clusterpool_hook_panics_total{pool}                         counter
+//
+// Per pool, pgxpool's own figures (Pool.Stat, which reads pgxpool.Stat):
+//
+//	clusterpool_acquire_total{pool}                             counter, successful acquires
+//	clusterpool_acquire_duration_seconds_total{pool}            counter
+//	clusterpool_empty_acquire_total{pool}                       counter, acquires that waited
+//	clusterpool_empty_acquire_wait_seconds_total{pool}          counter
+//	clusterpool_canceled_acquire_total{pool}                    counter
+//	clusterpool_conns{pool,state="idle"|"acquired"|"constructing"} gauge
+//	clusterpool_max_conns{pool}                                 gauge
+//	clusterpool_new_conns_total{pool}                           counter
+//	clusterpool_max_lifetime_destroy_total{pool}                counter
+//	clusterpool_max_idle_destroy_total{pool}                    counter
+//
+// pgxpool's TotalConns is the sum of the three states of clusterpool_conns
+// (sum by (pool) (clusterpool_conns)); it is not exported again, so that a
+// sum over the metric does not count it twice. clusterpool_conns counts what
+// pgxpool holds, including connections being dialled; clusterpool_connections
+// counts established connections per node.
 //
 // The outcome label of clusterpool_retries_total is a
 // clusterpool.RetryOutcome: succeeded, gave_up, outcome_unknown or
@@ -79,6 +98,17 @@ type Collector struct {
 	nodesAdded        *prometheus.Desc
 	nodesRemoved      *prometheus.Desc
 	hookPanics        *prometheus.Desc
+
+	acquires          *prometheus.Desc
+	acquireDuration   *prometheus.Desc
+	emptyAcquires     *prometheus.Desc
+	emptyAcquireWait  *prometheus.Desc
+	canceledAcquires  *prometheus.Desc
+	conns             *prometheus.Desc
+	maxConns          *prometheus.Desc
+	newConns          *prometheus.Desc
+	lifetimeDestroyed *prometheus.Desc
+	idleDestroyed     *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -112,6 +142,17 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 		nodesAdded:        desc("nodes_added_total", "Times the pool learned of a node."),
 		nodesRemoved:      desc("nodes_removed_total", "Times the pool forgot a node that expired."),
 		hookPanics:        desc("hook_panics_total", "Panics in the caller's connection hooks that the pool recovered."),
+
+		acquires:          desc("acquire_total", "Successful acquires from the pool (pgxpool.Stat.AcquireCount)."),
+		acquireDuration:   desc("acquire_duration_seconds_total", "Total time of successful acquires (pgxpool.Stat.AcquireDuration)."),
+		emptyAcquires:     desc("empty_acquire_total", "Successful acquires that waited because the pool had no idle connection (pgxpool.Stat.EmptyAcquireCount)."),
+		emptyAcquireWait:  desc("empty_acquire_wait_seconds_total", "Total time successful acquires waited because the pool had no idle connection (pgxpool.Stat.EmptyAcquireWaitTime)."),
+		canceledAcquires:  desc("canceled_acquire_total", "Acquires ended by their context (pgxpool.Stat.CanceledAcquireCount)."),
+		conns:             desc("conns", "Connections held by pgxpool by state: idle, acquired, or being established (pgxpool.Stat).", "state"),
+		maxConns:          desc("max_conns", "Maximum size of the pool (pgxpool.Stat.MaxConns)."),
+		newConns:          desc("new_conns_total", "New connections opened (pgxpool.Stat.NewConnsCount)."),
+		lifetimeDestroyed: desc("max_lifetime_destroy_total", "Connections closed because they exceeded MaxConnLifetime (pgxpool.Stat.MaxLifetimeDestroyCount)."),
+		idleDestroyed:     desc("max_idle_destroy_total", "Connections closed because they exceeded MaxConnIdleTime (pgxpool.Stat.MaxIdleDestroyCount)."),
 	}
 }
 
@@ -121,13 +162,15 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		c.connections, c.nodeHealthy, c.nodeDraining, c.nodePruned, c.nodeRetries, c.nodeEvictions,
 		c.nodes, c.retries, c.retryAttempts, c.evictions, c.probes, c.probeFailures, c.redials,
 		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved, c.hookPanics,
+		c.acquires, c.acquireDuration, c.emptyAcquires, c.emptyAcquireWait, c.canceledAcquires,
+		c.conns, c.maxConns, c.newConns, c.lifetimeDestroyed, c.idleDestroyed,
 	} {
 		ch <- d
 	}
 }
 
-// Collect implements prometheus.Collector. It takes one NodeStats and one
-// ClusterStat snapshot per scrape.
+// Collect implements prometheus.Collector. It takes one Stat, one NodeStats
+// and one ClusterStat snapshot per scrape.
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
@@ -172,6 +215,20 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.nodesAdded, float64(st.NodesAdded()))
 	counter(c.nodesRemoved, float64(st.NodesRemoved()))
 	counter(c.hookPanics, float64(st.HookPanics()))
+
+	ps := c.pool.Stat()
+	counter(c.acquires, float64(ps.AcquireCount()))
+	counter(c.acquireDuration, ps.AcquireDuration().Seconds())
+	counter(c.emptyAcquires, float64(ps.EmptyAcquireCount()))
+	counter(c.emptyAcquireWait, ps.EmptyAcquireWaitTime().Seconds())
+	counter(c.canceledAcquires, float64(ps.CanceledAcquireCount()))
+	gauge(c.conns, float64(ps.IdleConns()), "idle")
+	gauge(c.conns, float64(ps.AcquiredConns()), "acquired")
+	gauge(c.conns, float64(ps.ConstructingConns()), "constructing")
+	gauge(c.maxConns, float64(ps.MaxConns()))
+	counter(c.newConns, float64(ps.NewConnsCount()))
+	counter(c.lifetimeDestroyed, float64(ps.MaxLifetimeDestroyCount()))
+	counter(c.idleDestroyed, float64(ps.MaxIdleDestroyCount()))
 }
 
 func boolValue(b bool) float64 {

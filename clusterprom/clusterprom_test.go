@@ -282,3 +282,101 @@ func busyReads(t *testing.T, pool *clusterpool.Pool, workers int) (stop func()) 
 	t.Cleanup(stop)
 	return stop
 }
+
+// pgxpool's Stat figures, exported under their own names, follow acquires on
+// a live pool: waits for a connection being dialled, an acquire ended by its
+// context, connections acquired and idle. Each value equals what Pool.Stat
+// reports at the scrape; nothing else uses the pool meanwhile.
+func TestPgxpoolStatOnCluster(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1})
+	cfg, err := clusterpool.ParseConfig(c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// MinConns 0: the first acquires find the pool empty and wait for a dial.
+	cfg.MinConns, cfg.MaxConns = 0, 2
+	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+	cfg.ConnectRate = 0
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(clusterprom.NewCollector("orders", pool))
+	if problems, err := testutil.GatherAndLint(reg); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %+v", err, problems)
+	}
+
+	a, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := values(t, reg)
+	for _, state := range []string{"acquired", "idle", "constructing"} {
+		want := map[string]float64{"acquired": 2}[state]
+		if x := v[`clusterpool_conns{pool="orders",state="`+state+`"}`]; x != want {
+			t.Errorf("conns %s = %v with both connections acquired, want %v", state, x, want)
+		}
+	}
+	// The pool is full: this acquire waits until its context ends.
+	short, cancelShort := context.WithTimeout(ctx, 50*time.Millisecond)
+	if conn, err := pool.Acquire(short); err == nil {
+		conn.Release()
+		t.Fatal("a third acquire from a full pool of 2 succeeded")
+	}
+	cancelShort()
+	a.Release()
+	b.Release()
+	waitFor(t, func() string {
+		if n := pool.Stat().IdleConns(); n != 2 {
+			return fmt.Sprintf("%d idle connections, want 2", n)
+		}
+		return ""
+	})
+
+	v = values(t, reg)
+	ps := pool.Stat()
+	for name, want := range map[string]float64{
+		`clusterpool_acquire_total{pool="orders"}`:                    float64(ps.AcquireCount()),
+		`clusterpool_acquire_duration_seconds_total{pool="orders"}`:   ps.AcquireDuration().Seconds(),
+		`clusterpool_empty_acquire_total{pool="orders"}`:              float64(ps.EmptyAcquireCount()),
+		`clusterpool_empty_acquire_wait_seconds_total{pool="orders"}`: ps.EmptyAcquireWaitTime().Seconds(),
+		`clusterpool_canceled_acquire_total{pool="orders"}`:           float64(ps.CanceledAcquireCount()),
+		`clusterpool_conns{pool="orders",state="idle"}`:               float64(ps.IdleConns()),
+		`clusterpool_conns{pool="orders",state="acquired"}`:           float64(ps.AcquiredConns()),
+		`clusterpool_conns{pool="orders",state="constructing"}`:       float64(ps.ConstructingConns()),
+		`clusterpool_max_conns{pool="orders"}`:                        float64(ps.MaxConns()),
+		`clusterpool_new_conns_total{pool="orders"}`:                  float64(ps.NewConnsCount()),
+		`clusterpool_max_lifetime_destroy_total{pool="orders"}`:       float64(ps.MaxLifetimeDestroyCount()),
+		`clusterpool_max_idle_destroy_total{pool="orders"}`:           float64(ps.MaxIdleDestroyCount()),
+	} {
+		if x, ok := v[name]; !ok || x != want {
+			t.Errorf("%s = %v (present %v), Pool.Stat says %v", name, x, ok, want)
+		}
+	}
+	// And the values are the ones the acquires above must have produced.
+	for name, check := range map[string]func(float64) bool{
+		`clusterpool_acquire_total{pool="orders"}`:                    func(x float64) bool { return x >= 2 },
+		`clusterpool_acquire_duration_seconds_total{pool="orders"}`:   func(x float64) bool { return x > 0 },
+		`clusterpool_empty_acquire_total{pool="orders"}`:              func(x float64) bool { return x >= 2 },
+		`clusterpool_empty_acquire_wait_seconds_total{pool="orders"}`: func(x float64) bool { return x > 0 },
+		`clusterpool_canceled_acquire_total{pool="orders"}`:           func(x float64) bool { return x == 1 },
+		`clusterpool_conns{pool="orders",state="idle"}`:               func(x float64) bool { return x == 2 },
+		`clusterpool_conns{pool="orders",state="acquired"}`:           func(x float64) bool { return x == 0 },
+		`clusterpool_max_conns{pool="orders"}`:                        func(x float64) bool { return x == 2 },
+		`clusterpool_new_conns_total{pool="orders"}`:                  func(x float64) bool { return x >= 2 },
+		`clusterpool_max_lifetime_destroy_total{pool="orders"}`:       func(x float64) bool { return x == 0 },
+		`clusterpool_max_idle_destroy_total{pool="orders"}`:           func(x float64) bool { return x == 0 },
+	} {
+		if x := v[name]; !check(x) {
+			t.Errorf("%s = %v", name, x)
+		}
+	}
+}
