@@ -254,9 +254,6 @@ func gossipSetup(t *testing.T, c *clustertest.Cluster, draining map[int]bool) {
 // A node that gossip reports as draining leaves the targets and loses its
 // connections; when it stops draining it gets its share back.
 func TestBalanceGossipDraining(t *testing.T) {
-	if err := clustertest.Available(); err != nil {
-		t.Skip(err)
-	}
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, nil)
 	p := startPool(t, c.DSN(), balancedConfig(30, 30))
@@ -302,9 +299,6 @@ func TestBalanceHostsPlacement(t *testing.T) {
 // minimum number of connections opened (the minimum being its share).
 // Removing a node brings the targets back to the remaining nodes.
 func TestBalanceScaleOutWithGossip(t *testing.T) {
-	if err := clustertest.Available(); err != nil {
-		t.Skip(err)
-	}
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, nil)
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
@@ -504,9 +498,6 @@ func TestBalanceRoundSeenExpired(t *testing.T) {
 // Plain PostgreSQL servers listed in the connection string: nodes are
 // identified by one query per connection, and placement spreads the pool.
 func TestBalanceHostsPlacementPostgres(t *testing.T) {
-	if err := clustertest.Available(); err != nil {
-		t.Skip(err)
-	}
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Postgres: true})
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
