@@ -296,15 +296,44 @@ func TestCloseDuringProbe(t *testing.T) {
 
 // TestCloseDuringPartitionedProbe closes the pool while the probe's
 // connection waits on a partitioned node, which accepts it and never
-// answers. The proxy holds the partitioned sockets until the cluster closes,
-// so the pool's goroutines are checked after Close, and every goroutine after
-// the cluster's Close.
+// answers. It holds the probe to both halves of what probe.go promises,
+// read from the probe's own context (which the probe hands to the user's
+// BeforeConnect) rather than from how long anything took:
+//
+//   - left alone, a probe to a node that never answers ends by its
+//     timeout: its context's deadline is at most the probe timeout after it
+//     started, it ends with DeadlineExceeded, and the failure is counted;
+//   - Close ends a probe in flight: its context ends with Canceled, not by
+//     its deadline, and the failure is not counted against anything.
+//
+// The proxy holds the partitioned sockets until the cluster closes, so the
+// pool's goroutines are checked after Close, and every goroutine after the
+// cluster's Close.
 func TestCloseDuringPartitionedProbe(t *testing.T) {
 	c := clustertest.New(t, clustertest.Options{Nodes: 1})
 	base := goleak.IgnoreCurrent()
+	// The probe times out after min(ProbeInterval, 5 s).
+	const probeTimeout = 3 * time.Second
+	type probeStart struct {
+		ctx context.Context
+		at  time.Time
+	}
+	var armed atomic.Bool
+	probes := make(chan probeStart, 8)
 	p := startPool(t, c.DSN(), func(cfg *Config) {
-		cfg.ProbeInterval = 3 * time.Second // also the probe's timeout
+		cfg.ProbeInterval = probeTimeout
+		// No connect of the pool's own once armed (no load, no MinConns),
+		// so the connects BeforeConnect sees are the probe's.
 		cfg.MinConns = 0
+		cfg.BeforeConnect = func(ctx context.Context, _ *pgx.ConnConfig) error {
+			if armed.Load() {
+				select {
+				case probes <- probeStart{ctx, time.Now()}:
+				default:
+				}
+			}
+			return nil
+		}
 	})
 	ctx := testCtx(t)
 	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
@@ -312,17 +341,59 @@ func TestCloseDuringPartitionedProbe(t *testing.T) {
 	}
 	n := c.Node(1)
 	n.Partition()
+	nextProbe := func() probeStart {
+		t.Helper()
+		select {
+		case ps := <-probes:
+			return ps
+		case <-time.After(condTimeout):
+			t.Fatalf("no probe started in %v", condTimeout)
+			return probeStart{}
+		}
+	}
+	failures := p.ClusterStat().ProbeFailures()
+	armed.Store(true)
+
+	// A probe left alone ends by its own timeout.
+	first := nextProbe()
+	deadline, ok := first.ctx.Deadline()
+	if !ok || deadline.Sub(first.at) > probeTimeout {
+		t.Fatalf("the probe's context has deadline %v (set: %v), want at most %v after it started", deadline.Sub(first.at), ok, probeTimeout)
+	}
+	select {
+	case <-first.ctx.Done():
+	case <-time.After(condTimeout):
+		t.Fatalf("a probe to a partitioned node still running %v after it started", condTimeout)
+	}
+	if err := first.ctx.Err(); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the first probe's context ended with %v, want its deadline", err)
+	}
+	waitCond(t, func() string {
+		if got := p.ClusterStat().ProbeFailures(); got == failures {
+			return fmt.Sprintf("ProbeFailures still %d after a probe timed out", got)
+		}
+		return ""
+	})
+
+	// The next probe: once its connection has reached the node, it waits
+	// there, and Close must end it.
 	accepted := n.TotalConns()
-	// With no load, the next connection the node accepts is the probe's.
+	second := nextProbe()
 	waitCond(t, func() string {
 		if n.TotalConns() == accepted {
 			return "no probe connection reached the partitioned node"
 		}
 		return ""
 	})
-
+	failures = p.ClusterStat().ProbeFailures()
 	took := closeWithin(t, p)
 	t.Logf("Close during a probe to a partitioned node: %v", took)
+	if err := second.ctx.Err(); !errors.Is(err, context.Canceled) {
+		t.Errorf("after Close the probe's context ended with %v, want context.Canceled (ended by Close, not by its timeout)", err)
+	}
+	if got := p.ClusterStat().ProbeFailures(); got != failures {
+		t.Errorf("ProbeFailures went from %d to %d: the probe Close ended counted as a failure", failures, got)
+	}
 	poolGoroutinesGone(t)
 	if err := c.Close(); err != nil {
 		t.Error(err)

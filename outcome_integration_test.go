@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -40,22 +41,56 @@ func TestLostCommitIsNotRetried(t *testing.T) {
 	}
 	defer pool.Close()
 
-	applied := func(op int) int {
-		total := 0
-		for _, n := range c.Nodes() {
-			conn, err := pgx.Connect(ctx, n.PostgresDSN())
-			if err != nil {
-				t.Fatal(err)
-			}
-			var k int
-			err = conn.QueryRow(ctx, "SELECT count(*) FROM r WHERE op = $1", op).Scan(&k)
-			conn.Close(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			total += k
+	// Each node's server is read straight, past the proxy, on connections
+	// of the test's own.
+	direct := make(map[int]*pgx.Conn)
+	for _, n := range c.Nodes() {
+		conn, err := pgx.Connect(ctx, n.PostgresDSN())
+		if err != nil {
+			t.Fatal(err)
 		}
-		return total
+		defer conn.Close(context.Background())
+		direct[n.ID()] = conn
+	}
+	// otherBackends counts the client backends on node id's server other
+	// than the test's own that are in state (any state if "") and, if
+	// waitEvent is set, waiting on it.
+	otherBackends := func(id int, state, waitEvent string) (int, error) {
+		var k int
+		err := direct[id].QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+			AND ($1 = '' OR state = $1) AND ($2 = '' OR wait_event = $2)`, state, waitEvent).Scan(&k)
+		return k, err
+	}
+	// applied waits until no statement runs on any node's server (the
+	// killed node's finishes its commit on its own, or is cancelled) and
+	// op's row count across the nodes has read the same five polls in a
+	// row, and returns that count: a commit that lands late still counts.
+	applied := func(op int) int {
+		t.Helper()
+		last, same := -1, 0
+		waitCond(t, func() string {
+			total := 0
+			for id, conn := range direct {
+				if busy, err := otherBackends(id, "active", ""); err != nil || busy > 0 {
+					same = 0
+					return fmt.Sprintf("node %d: %d statements still running (%v)", id, busy, err)
+				}
+				var k int
+				if err := conn.QueryRow(ctx, "SELECT count(*) FROM r WHERE op = $1", op).Scan(&k); err != nil {
+					return fmt.Sprintf("node %d: count rows: %v", id, err)
+				}
+				total += k
+			}
+			if total != last {
+				last, same = total, 0
+			}
+			if same++; same < 5 {
+				return fmt.Sprintf("row count %d read %d times in a row, want 5", total, same)
+			}
+			return ""
+		})
+		return last
 	}
 
 	cases := []struct {
@@ -103,14 +138,30 @@ func TestLostCommitIsNotRetried(t *testing.T) {
 				killed = c.Node(int(id))
 				go func() {
 					defer close(done)
-					time.Sleep(300 * time.Millisecond) // the COMMIT is in its 1 s trigger
-					killed.Kill()
+					defer killed.Kill()
+					// Kill once the server is in the commit's 1 s trigger
+					// (its pg_sleep), so the COMMIT was sent and is
+					// unanswered: the case under test, not luck.
+					deadline := time.Now().Add(condTimeout)
+					for {
+						k, err := otherBackends(killed.ID(), "active", "PgSleep")
+						if err != nil {
+							t.Errorf("node %d: pg_stat_activity: %v", killed.ID(), err)
+							return
+						}
+						if k > 0 {
+							return
+						}
+						if time.Now().After(deadline) {
+							t.Errorf("node %d: no commit in its trigger after %v", killed.ID(), condTimeout)
+							return
+						}
+						time.Sleep(5 * time.Millisecond)
+					}
 				}()
 			}
 			callErr := tc.run(op, kill)
 			<-done
-			// The killed node's server finishes its commit on its own.
-			time.Sleep(1500 * time.Millisecond)
 			n := applied(op)
 			t.Logf("caller saw %v; applied %d times", callErr, n)
 			switch {

@@ -625,9 +625,6 @@ func TestSameAsPgxpool(t *testing.T) {
 // TestAcquireAllocs: acquiring and releasing through clusterpool allocates no
 // more than through pgxpool.
 func TestAcquireAllocs(t *testing.T) {
-	if testing.Short() {
-		t.Skip("needs a cluster")
-	}
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
 	ctx := testCtx(t)
 	ref, err := pgxpool.New(ctx, c.DSN())

@@ -12,9 +12,7 @@ import (
 // cluster in the steady state of a test suite: the initdb template exists
 // and each iteration reuses the spare data directories the previous one left.
 func BenchmarkStartCluster3(b *testing.B) {
-	if err := Available(); err != nil {
-		b.Skip(err)
-	}
+	requirePostgres(b)
 	ctx := context.Background()
 	for b.Loop() {
 		c, err := Start(ctx, Options{Nodes: 3})

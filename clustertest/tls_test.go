@@ -337,11 +337,6 @@ func BenchmarkTLSConnect(b *testing.B) {
 			name = "inprocess"
 		}
 		b.Run(name, func(b *testing.B) {
-			if !inProcess {
-				if err := Available(); err != nil {
-					b.Skip(err)
-				}
-			}
 			quiet := func(string, ...any) {}
 			plain := New(b, Options{Nodes: 1, InProcess: inProcess, Logf: quiet})
 			secure := New(b, Options{Nodes: 1, InProcess: inProcess, TLS: true, Logf: quiet})
@@ -376,9 +371,6 @@ func BenchmarkTLSConnect(b *testing.B) {
 // cluster's node and one on a TLS cluster's (both PostgreSQL behind the
 // proxy), and reports the TLS round trip's time over the plain one.
 func BenchmarkTLSOverhead(b *testing.B) {
-	if err := Available(); err != nil {
-		b.Skip(err)
-	}
 	quiet := func(string, ...any) {}
 	plain := New(b, Options{Nodes: 1, Logf: quiet})
 	secure := New(b, Options{Nodes: 1, TLS: true, Logf: quiet})
