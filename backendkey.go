@@ -10,7 +10,7 @@ import (
 //
 // When nodes are identified by a query (NodeIdentityQuery) the IDs are local to
 // the pool: 1, 2, 3... in the order the pool discovered the servers' addresses.
-// They are not CockroachDB node IDs; NodeStats.Addr names the server.
+// They are not CockroachDB node IDs; NodeStat.Addr names the server.
 type NodeID int64
 
 // crdbVersionParam is the ParameterStatus CockroachDB sends at connect and

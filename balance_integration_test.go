@@ -288,7 +288,7 @@ func TestBalanceGossipDraining(t *testing.T) {
 	})
 	for _, s := range p.NodeStats() {
 		if s.ID == 3 && !s.Draining {
-			t.Errorf("NodeStats for node 3: Draining false")
+			t.Errorf("NodeStat for node 3: Draining false")
 		}
 	}
 	gossipSetup(t, c, nil)
@@ -431,7 +431,7 @@ func TestBalanceReport(t *testing.T) {
 				seenRounds := int64(-1) // rounds when the pool first saw node 4
 				for {
 					spread = spreadOf(c, ph.want)
-					if seenRounds < 0 && p != nil && slices.ContainsFunc(p.NodeStats(), func(s NodeStats) bool { return s.ID == 4 }) {
+					if seenRounds < 0 && p != nil && slices.ContainsFunc(p.NodeStats(), func(s NodeStat) bool { return s.ID == 4 }) {
 						seenRounds = rounds()
 					}
 					if spread == "" || time.Since(start) > 30*time.Second {

@@ -127,7 +127,7 @@ type Config struct {
 	// connection, before the user's AfterConnect. Its outcomes:
 	//
 	//	- (id, addr, nil) with id != 0: the connection is counted on node id;
-	//	  addr (may be empty) is shown in NodeStats.Addr.
+	//	  addr (may be empty) is shown in NodeStat.Addr.
 	//	- (0, _, nil): the connection is not assigned to any node.
 	//	- (_, _, err): the connection is closed and the connect fails with err.
 	IdentifyNode func(ctx context.Context, params IdentifyNodeParams) (id NodeID, addr string, err error)

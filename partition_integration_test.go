@@ -91,13 +91,13 @@ func (l *partitionLoad) halt() {
 	l.wg.Wait()
 }
 
-func nodeStat(p *Pool, id int) (NodeStats, bool) {
+func nodeStat(p *Pool, id int) (NodeStat, bool) {
 	for _, s := range p.NodeStats() {
 		if int(s.ID) == id {
 			return s, true
 		}
 	}
-	return NodeStats{}, false
+	return NodeStat{}, false
 }
 
 // testPartitionNode partitions one of the three nodes, each holding two of

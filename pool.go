@@ -524,7 +524,7 @@ func withReleaseTracer(user pgx.QueryTracer, rt releaseTracer) pgx.QueryTracer {
 // sorted by ID. It is empty when nodes are not identified (plain PostgreSQL
 // with a single host, or NodeIdentityNone): the pool never reports an
 // operating-system process ID as a node.
-func (p *Pool) NodeStats() []NodeStats {
+func (p *Pool) NodeStats() []NodeStat {
 	return p.tracker.snapshot()
 }
 

@@ -175,7 +175,7 @@ func TestSqlcQueriesOnCluster(t *testing.T) {
 		acquired += int(s.AcquiredConns)
 	}
 	if acquired != 1 {
-		t.Errorf("NodeStats: %d acquired during the transaction, want 1: %+v", acquired, pool.NodeStats())
+		t.Errorf("NodeStat: %d acquired during the transaction, want 1: %+v", acquired, pool.NodeStats())
 	}
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)

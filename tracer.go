@@ -49,7 +49,7 @@ type NodeTracer interface {
 // TraceNodeAddedData is passed to NodeTracer.TraceNodeAdded.
 type TraceNodeAddedData struct {
 	Node NodeID
-	// Addr is the node's address when known (see NodeStats.Addr).
+	// Addr is the node's address when known (see NodeStat.Addr).
 	Addr string
 }
 

@@ -44,7 +44,7 @@ func TestTraceNodeLifecycleAndPruning(t *testing.T) {
 		perNode += s.Pruned
 	}
 	if perNode != st.PrunedConns() {
-		t.Errorf("NodeStats pruned sum %d != ClusterStat.PrunedConns %d", perNode, st.PrunedConns())
+		t.Errorf("NodeStat pruned sum %d != ClusterStat.PrunedConns %d", perNode, st.PrunedConns())
 	}
 
 	// A node that leaves the cluster: its connections go, and once no probe

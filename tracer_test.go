@@ -365,9 +365,9 @@ func assertEvictedAfterRetry(t *testing.T, p *Pool, id NodeID) {
 		t.Errorf("ClusterStat: evictions %d retries %d succeeded %d", st.Evictions(), st.RetryAttempts(), st.RetryOutcome(RetrySucceeded))
 	}
 	stats := p.NodeStats()
-	i := slices.IndexFunc(stats, func(s NodeStats) bool { return s.ID == id })
+	i := slices.IndexFunc(stats, func(s NodeStat) bool { return s.ID == id })
 	if i < 0 {
-		t.Errorf("node %d missing from NodeStats %+v", id, stats)
+		t.Errorf("node %d missing from NodeStat %+v", id, stats)
 		return
 	}
 	if s := stats[i]; s.Healthy || s.Evictions < 1 || s.Retries < 1 {

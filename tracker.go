@@ -122,7 +122,7 @@ type node struct {
 	evictions atomic.Int64 // times the node was evicted
 
 	mu sync.Mutex // protects the fields below
-	// addr is the node's address when known (see NodeStats.Addr).
+	// addr is the node's address when known (see NodeStat.Addr).
 	addr string
 	// connSet holds the node's tracked connections.
 	connSet map[*connState]struct{}
@@ -448,9 +448,9 @@ func (n *node) sweepClosed(t *tracker) {
 	}
 }
 
-// NodeStats is a snapshot of one node's connections and health, as returned
+// NodeStat is a snapshot of one node's connections and health, as returned
 // by Pool.NodeStats. Field names follow pgxpool.Stat.
-type NodeStats struct {
+type NodeStat struct {
 	// ID is the node's ID: the CockroachDB SQL instance ID with BackendKey
 	// identity, a pool-local ID (1, 2, ... in discovery order) with query
 	// identity, or what Config.IdentifyNode returned.
@@ -478,9 +478,9 @@ type NodeStats struct {
 }
 
 // snapshot returns NodeStats for every known node, sorted by ID.
-func (t *tracker) snapshot() []NodeStats {
+func (t *tracker) snapshot() []NodeStat {
 	nodes := t.nodeList()
-	stats := make([]NodeStats, 0, len(nodes))
+	stats := make([]NodeStat, 0, len(nodes))
 	for _, n := range nodes {
 		n.sweepClosed(t)
 		n.mu.Lock()
@@ -492,7 +492,7 @@ func (t *tracker) snapshot() []NodeStats {
 			}
 		}
 		n.mu.Unlock()
-		stats = append(stats, NodeStats{
+		stats = append(stats, NodeStat{
 			ID:            n.id,
 			Addr:          addr,
 			TotalConns:    total,

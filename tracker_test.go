@@ -10,8 +10,8 @@ import (
 
 var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 
-func statsByID(stats []NodeStats) map[NodeID]NodeStats {
-	m := make(map[NodeID]NodeStats)
+func statsByID(stats []NodeStat) map[NodeID]NodeStat {
+	m := make(map[NodeID]NodeStat)
 	for _, s := range stats {
 		m[s.ID] = s
 	}

@@ -86,7 +86,7 @@ func TestDatabaseSQLOnCluster(t *testing.T) {
 		total += int(s.TotalConns)
 	}
 	if acquired != 4 || total < 4 {
-		t.Errorf("NodeStats: %d acquired of %d, want 4 acquired: %+v", acquired, total, pool.NodeStats())
+		t.Errorf("NodeStat: %d acquired of %d, want 4 acquired: %+v", acquired, total, pool.NodeStats())
 	}
 	if st := pool.Stat(); st.AcquiredConns() != 4 {
 		t.Errorf("pgxpool Stat: %d acquired, want 4", st.AcquiredConns())
