@@ -30,6 +30,8 @@ type Cluster struct {
 	// owner stays locked while the cluster is open (see sweepStale).
 	owner *os.File
 	seed  uint64
+	// epoch is when the cluster started; the nodes' accept logs count from it.
+	epoch time.Time
 
 	lb   *balancer
 	keys cancelKeys
@@ -104,6 +106,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	c := &Cluster{
 		opts:   opts,
 		seed:   seed,
+		epoch:  time.Now(),
 		rng:    rand.New(rand.NewPCG(seed, 0x6b657973)), // "keys"
 		nodes:  make(map[int]*Node),
 		nextID: opts.FirstID,
@@ -203,7 +206,7 @@ func (c *Cluster) logf(format string, args ...any) {
 // startNode starts node id's server and proxy. On error nothing is left
 // running.
 func (c *Cluster) startNode(ctx context.Context, id int) (*Node, error) {
-	n := &Node{c: c, id: id, queries: newLimiter(), conns: make(map[*proxyConn]struct{})}
+	n := &Node{c: c, id: id, queries: newLimiter(), sessions: newSessionLog(c.epoch), conns: make(map[*proxyConn]struct{})}
 	var err error
 	if c.opts.InProcess {
 		n.backend, err = startFake()
@@ -351,6 +354,27 @@ func (c *Cluster) OpenConns() map[int]int {
 	m := make(map[int]int)
 	for _, n := range c.Nodes() {
 		m[n.id] = n.OpenConns()
+	}
+	return m
+}
+
+// OpenConnsByApp returns, for each application_name with at least one
+// connection open on some node, the connections open with it on every node of
+// the cluster, 0 included (see Node.OpenConnsByApp): a fleet's pools, each
+// with its own application_name, as the servers see them.
+func (c *Cluster) OpenConnsByApp() map[string]map[int]int {
+	nodes := c.Nodes()
+	m := make(map[string]map[int]int)
+	for _, n := range nodes {
+		for app, count := range n.OpenConnsByApp() {
+			if m[app] == nil {
+				m[app] = make(map[int]int, len(nodes))
+				for _, other := range nodes {
+					m[app][other.id] = 0
+				}
+			}
+			m[app][n.id] = count
+		}
 	}
 	return m
 }

@@ -19,7 +19,11 @@
 // Options.Postgres turns both off: the cluster then looks like plain
 // PostgreSQL servers behind a load balancer. Each proxy counts the client
 // connections open on it (Node.OpenConns), the server-side truth against
-// which a client pool's own bookkeeping can be checked. Node.PostgresDSN
+// which a client pool's own bookkeeping can be checked; it also groups them
+// by the application_name of their StartupMessage (Node.OpenConnsByApp,
+// Cluster.OpenConnsByApp: a fleet of pools, one name each) and logs when it
+// accepted each session (Node.AcceptTimes, Node.PeakAcceptRate: the new
+// sessions per second a reconnect storm puts on one gateway). Node.PostgresDSN
 // and Node.ExecDirect reach the server past the proxy, for setup and checks
 // that should be neither counted nor faulted; each node is a separate
 // database, so a table every node needs is created on each.

@@ -67,6 +67,7 @@ type Node struct {
 	partition atomic.Pointer[chan struct{}] // non-nil while partitioned; closed by Heal
 	open      atomic.Int64
 	total     atomic.Int64
+	sessions  *sessionLog
 
 	// life serialises Restart, Kill-for-restart and removal, so two
 	// Restarts do not race for the port.
@@ -133,8 +134,40 @@ func (n *Node) backendAddr() string { return n.backend.addr() }
 func (n *Node) OpenConns() int { return int(n.open.Load()) }
 
 // TotalConns returns the number of client connections the proxy has ever
-// accepted, counted as OpenConns counts them (refused ones included).
+// accepted, counted as OpenConns counts them (refused ones included): the
+// sessions the node has had to set up, across restarts.
 func (n *Node) TotalConns() int64 { return n.total.Load() }
+
+// OpenConnsByApp returns the client connections open on the node's proxy now
+// (counted as OpenConns counts them) by the application_name of their
+// StartupMessage, "" for none. A later SET application_name does not move a
+// connection. Applications with no connection open are absent.
+func (n *Node) OpenConnsByApp() map[string]int { return n.sessions.byApp() }
+
+// AcceptTimes returns when the node accepted each session (counted as
+// TotalConns counts them) from from to to inclusive, oldest first. The node
+// remembers its last 65,536 accepts (across restarts); older ones are
+// forgotten.
+func (n *Node) AcceptTimes(from, to time.Time) []time.Time {
+	since := n.sessions.between(from, to)
+	out := make([]time.Time, len(since))
+	for i, d := range since {
+		out[i] = n.c.epoch.Add(d)
+	}
+	return out
+}
+
+// PeakAcceptRate returns the largest number of sessions the node accepted
+// within any window-long interval between from and to (of the accepts
+// AcceptTimes returns): with window = time.Second, the peak of new sessions
+// per second a reconnect storm puts on this gateway, wherever the second
+// falls. A window <= 0 returns 0.
+func (n *Node) PeakAcceptRate(from, to time.Time, window time.Duration) int {
+	if window <= 0 {
+		return 0
+	}
+	return peakInWindow(n.sessions.between(from, to), window)
+}
 
 // State returns the node's current state.
 func (n *Node) State() State {

@@ -50,6 +50,7 @@ type proxyConn struct {
 	server  net.Conn
 	closed  bool
 	counted bool       // counted in the node's OpenConns
+	app     string     // the StartupMessage's application_name, once counted
 	key     *cancelKey // the key given to the client, while registered
 
 	// wmu serialises writes to the client, so that a shutdown message is
@@ -86,7 +87,7 @@ func (pc *proxyConn) close() {
 		return
 	}
 	pc.closed = true
-	server, counted, key := pc.server, pc.counted, pc.key
+	server, counted, key, app := pc.server, pc.counted, pc.key, pc.app
 	pc.key = nil
 	pc.mu.Unlock()
 
@@ -97,6 +98,7 @@ func (pc *proxyConn) close() {
 	}
 	if counted {
 		pc.n.open.Add(-1)
+		pc.n.sessions.closed(app)
 	}
 	if key != nil {
 		pc.n.c.keys.remove(*key)
@@ -155,12 +157,16 @@ func (pc *proxyConn) writeClient(flush bool, bs ...[]byte) error {
 	return nil
 }
 
-func (pc *proxyConn) count() {
+// count counts the connection as a session of application app on the node,
+// once.
+func (pc *proxyConn) count(app string) {
 	pc.mu.Lock()
 	if !pc.closed && !pc.counted {
 		pc.counted = true
+		pc.app = app
 		pc.n.open.Add(1)
 		pc.n.total.Add(1)
+		pc.n.sessions.opened(app)
 	}
 	pc.mu.Unlock()
 }
@@ -262,7 +268,7 @@ func (pc *proxyConn) serve() {
 			startup = pkt
 		}
 	}
-	pc.count()
+	pc.count(startupParam(startup, "application_name"))
 	if secure && !encrypted {
 		pc.writeClient(true, errorMessage(sqlStateInvalidAuthorization, msgSSLRequired))
 		return
@@ -309,7 +315,7 @@ func (pc *proxyConn) negotiate(pkt []byte, cr *bufio.Reader) bool {
 	if answer[0] == 'N' {
 		return true
 	}
-	pc.count()
+	pc.count("")
 	pc.n.c.wg.Add(1)
 	go func() {
 		defer pc.n.c.wg.Done()
