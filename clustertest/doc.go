@@ -59,7 +59,9 @@
 // Node.Restart brings the node back with the same ID and address,
 // Node.Partition holds all bytes until Node.Heal, Node.SetLatency delays
 // each query round trip and Node.SetCapacity bounds the queries in flight,
-// which makes an over-connected node a real bottleneck.
+// which makes an over-connected node a real bottleneck. Node.SetMaxConnections
+// is CockroachDB's server.max_connections_per_gateway: beyond it a new
+// session is refused with FATAL 53300 while the node stays healthy.
 //
 // # Gossip
 //

@@ -67,7 +67,12 @@ type Node struct {
 	partition atomic.Pointer[chan struct{}] // non-nil while partitioned; closed by Heal
 	open      atomic.Int64
 	total     atomic.Int64
+	refused   atomic.Int64
 	sessions  *sessionLog
+	// maxConns is the session limit (SetMaxConnections), 0 for none;
+	// admitted counts the sessions it has let in that are still open.
+	maxConns atomic.Int64
+	admitted atomic.Int64
 
 	// life serialises Restart, Kill-for-restart and removal, so two
 	// Restarts do not race for the port.
@@ -130,13 +135,36 @@ func (n *Node) backendAddr() string { return n.backend.addr() }
 // proxy now. A connection counts from its startup message (so CancelRequest
 // connections never count) until either side closes it; connections refused
 // while draining, or for want of TLS in TLS mode, count for the moment they
-// are open.
+// are open, connections refused beyond SetMaxConnections never do.
 func (n *Node) OpenConns() int { return int(n.open.Load()) }
 
 // TotalConns returns the number of client connections the proxy has ever
 // accepted, counted as OpenConns counts them (refused ones included): the
 // sessions the node has had to set up, across restarts.
 func (n *Node) TotalConns() int64 { return n.total.Load() }
+
+// RefusedConns returns the number of connections the proxy has refused with
+// a FATAL error at startup: while draining (57P01), for want of TLS in TLS
+// mode (28000), or beyond SetMaxConnections (53300).
+func (n *Node) RefusedConns() int64 { return n.refused.Load() }
+
+// SetMaxConnections makes the node refuse a new session once max sessions
+// are open on it, as CockroachDB's server.max_connections_per_gateway does:
+// after reading the StartupMessage (so TLS is negotiated first), the proxy
+// answers FATAL 53300 "sorry, too many clients already" and closes the
+// connection. The node is healthy, only full: sessions already open are not
+// affected, even when max is lowered below their number, and one that closes
+// frees its slot for the next. Unlike CockroachDB, no user is exempt (every
+// clustertest client is the postgres superuser). A refused connection counts
+// in TotalConns, RefusedConns and AcceptTimes but never in OpenConns, so
+// OpenConns stays within max. It takes effect at once and lasts across
+// Restart; max <= 0 (the default) means no limit.
+func (n *Node) SetMaxConnections(max int) {
+	if max < 0 {
+		max = 0
+	}
+	n.maxConns.Store(int64(max))
+}
 
 // OpenConnsByApp returns the client connections open on the node's proxy now
 // (counted as OpenConns counts them) by the application_name of their

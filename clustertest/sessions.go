@@ -34,11 +34,14 @@ func newSessionLog(epoch time.Time) *sessionLog {
 	return &sessionLog{epoch: epoch, openByApp: make(map[string]int)}
 }
 
-// opened records a session accepted now for app.
-func (l *sessionLog) opened(app string) {
+// accepted records a session accepted now for app, open until closed(app)
+// unless it was refused at once (open false).
+func (l *sessionLog) accepted(app string, open bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.openByApp[app]++
+	if open {
+		l.openByApp[app]++
+	}
 	// Read the clock under the lock so the ring stays in time order.
 	at := time.Since(l.epoch)
 	if len(l.accepts) < acceptLogSize {

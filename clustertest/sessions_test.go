@@ -88,7 +88,7 @@ func TestSessionLogRing(t *testing.T) {
 	l := newSessionLog(epoch)
 	const extra = 1000
 	for i := 0; i < acceptLogSize+extra; i++ {
-		l.opened("a")
+		l.accepted("a", true)
 	}
 	all := l.between(epoch, epoch.Add(time.Hour))
 	if len(all) != acceptLogSize {
