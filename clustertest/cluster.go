@@ -153,10 +153,14 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	errs := make([]error, len(ids))
 	var wg sync.WaitGroup
 	for i, id := range ids {
+		var locality string
+		if i < len(opts.Localities) {
+			locality = opts.Localities[i]
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			nodes[i], errs[i] = c.startNode(ctx, id)
+			nodes[i], errs[i] = c.startNode(ctx, id, locality)
 		}()
 	}
 	wg.Wait()
@@ -203,10 +207,10 @@ func (c *Cluster) logf(format string, args ...any) {
 	}
 }
 
-// startNode starts node id's server and proxy. On error nothing is left
-// running.
-func (c *Cluster) startNode(ctx context.Context, id int) (*Node, error) {
-	n := &Node{c: c, id: id, queries: newLimiter(), sessions: newSessionLog(c.epoch), conns: make(map[*proxyConn]struct{})}
+// startNode starts node id's server and proxy, with a locality already
+// validated. On error nothing is left running.
+func (c *Cluster) startNode(ctx context.Context, id int, locality string) (*Node, error) {
+	n := &Node{c: c, id: id, locality: locality, queries: newLimiter(), sessions: newSessionLog(c.epoch), conns: make(map[*proxyConn]struct{})}
 	var err error
 	if c.opts.InProcess {
 		n.backend, err = startFake()
@@ -219,6 +223,16 @@ func (c *Cluster) startNode(ctx context.Context, id int) (*Node, error) {
 			os.RemoveAll(n.dir)
 		}
 		return nil, fmt.Errorf("clustertest: node %d: %w", id, err)
+	}
+	// Defining the function costs a start some 50 ms (the DDL, and the
+	// catalog files the spare must then reset), so only clusters that use
+	// localities pay it.
+	if !c.opts.InProcess && !c.opts.Postgres && (c.opts.Localities != nil || locality != "") {
+		tiers, _ := parseLocality(locality)
+		if err := n.ExecDirect(ctx, localityFunctionSQL(tiers)); err != nil {
+			n.remove()
+			return nil, err
+		}
 	}
 	if err := n.listen(ctx); err != nil {
 		n.remove()
@@ -299,8 +313,17 @@ func (c *Cluster) Node(id int) *Node {
 }
 
 // AddNode starts a new node with the next ID (one more than the largest ID
-// the cluster ever had) and adds it to the load balancer.
+// the cluster ever had) and adds it to the load balancer. The node has no
+// locality; AddNodeWith gives it one.
 func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
+	return c.AddNodeWith(ctx, NodeOptions{})
+}
+
+// AddNodeWith is AddNode for a node configured by opts.
+func (c *Cluster) AddNodeWith(ctx context.Context, opts NodeOptions) (*Node, error) {
+	if _, err := parseLocality(opts.Locality); err != nil {
+		return nil, fmt.Errorf("clustertest: NodeOptions.Locality %q: %w", opts.Locality, err)
+	}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -318,7 +341,7 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
 	defer c.wg.Done()
 	c.mu.Unlock()
 
-	n, err := c.startNode(ctx, id)
+	n, err := c.startNode(ctx, id, opts.Locality)
 	if err != nil {
 		return nil, err
 	}

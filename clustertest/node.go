@@ -56,11 +56,12 @@ type backend interface {
 // through the cluster's load balancer (Cluster.DSN), or bypass the proxy
 // with PostgresDSN. All methods are safe for concurrent use.
 type Node struct {
-	c       *Cluster
-	id      int
-	addr    string // the proxy's address, the same across restarts
-	dir     string // the data directory, "" for InProcess
-	backend backend
+	c        *Cluster
+	id       int
+	addr     string // the proxy's address, the same across restarts
+	dir      string // the data directory, "" for InProcess
+	locality string
+	backend  backend
 
 	latency   atomic.Int64                  // nanoseconds added to each round trip
 	queries   *limiter                      // capacity
@@ -94,6 +95,10 @@ type drainOp struct {
 
 // ID returns the node's ID, which its BackendKeyData carries.
 func (n *Node) ID() int { return n.id }
+
+// Locality returns the node's locality (Options.Localities,
+// NodeOptions.Locality), "" if it has none.
+func (n *Node) Locality() string { return n.locality }
 
 // Addr returns the node proxy's host:port. It stays the same across Restart.
 func (n *Node) Addr() string { return n.addr }

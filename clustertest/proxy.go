@@ -429,8 +429,13 @@ func (pc *proxyConn) clientToServer(cr *bufio.Reader, server net.Conn) {
 			return
 		}
 		buf = msg
-		if msg[0] != 'X' && pc.startupDone.Load() && !pc.beginRoundTrip(msg[0]) {
-			return
+		if msg[0] != 'X' && pc.startupDone.Load() {
+			if !pc.beginRoundTrip(msg[0]) {
+				return
+			}
+			if (msg[0] == 'Q' || msg[0] == 'P') && !pc.n.c.opts.Postgres {
+				msg = rewriteShowLocality(msg, pc.n.locality)
+			}
 		}
 		if !pc.n.waitHealed(pc.done) {
 			return

@@ -1,6 +1,7 @@
 package clustertest
 
 import (
+	"bytes"
 	"encoding/binary"
 	"sort"
 	"sync"
@@ -129,10 +130,6 @@ func startupParam(pkt []byte, name string) string {
 }
 
 func cutNUL(b []byte) (string, []byte, bool) {
-	for i, c := range b {
-		if c == 0 {
-			return string(b[:i]), b[i+1:], true
-		}
-	}
-	return "", nil, false
+	before, after, ok := bytes.Cut(b, []byte{0})
+	return string(before), after, ok
 }
