@@ -66,12 +66,24 @@
 // # Gossip
 //
 // CockroachDB shows its view of the cluster in crdb_internal.gossip_liveness
-// (draining, membership) and crdb_internal.gossip_nodes (addresses).
+// (draining, membership) and crdb_internal.gossip_nodes (addresses, localities).
 // Cluster.SetGossip writes those tables into every node's server, with the
 // cluster's current nodes at their proxy addresses and the draining flags
 // given, so a client that reads them (to discover nodes, or to notice a
 // drain before it starts refusing connections) can be tested. The tables do
 // not follow AddNode, RemoveNode or Drain: call SetGossip again.
+//
+// # Localities
+//
+// Options.Localities gives each node a locality in CockroachDB's --locality
+// form ("region=us-east1,zone=us-east1-b"), and Cluster.AddNodeWith gives
+// one to a node added later. Each node answers SHOW LOCALITY with one row in
+// a column named locality ("" for none): the proxy rewrites the statement,
+// in the simple and the extended protocol, into a SELECT of the node's
+// locality. With Options.Localities set, each PostgreSQL node also has a
+// function crdb_internal.locality_value(key) returning its tier's value, NULL
+// for a key it lacks, as CockroachDB's builtin does; and SetGossip writes
+// every node's locality into crdb_internal.gossip_nodes.locality.
 //
 // # Speed
 //
