@@ -66,12 +66,7 @@ type Cluster struct {
 func New(t testing.TB, opts Options) *Cluster {
 	t.Helper()
 	if !opts.InProcess {
-		if err := Available(); err != nil {
-			if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
-				t.Fatalf("%v (CLUSTERTEST_REQUIRE=1)", err)
-			}
-			t.Skip(err)
-		}
+		skipUnlessRequired(t, Available())
 	}
 	if opts.Logf == nil {
 		opts.Logf = t.Logf
@@ -88,6 +83,21 @@ func New(t testing.TB, opts Options) *Cluster {
 		}
 	})
 	return c
+}
+
+// skipUnlessRequired is the one place where clustertest lets a test skip: it
+// skips t for the reason err (what to install) if err is not nil, and fails
+// it instead when CLUSTERTEST_REQUIRE=1.
+func skipUnlessRequired(t testing.TB, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
+		t.Fatalf("%v (CLUSTERTEST_REQUIRE=1)", err)
+		return
+	}
+	t.Skip(err)
 }
 
 // Start starts a cluster of opts.Nodes nodes in parallel and its load
