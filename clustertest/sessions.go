@@ -13,9 +13,9 @@ import (
 // fleet's reconnect storm can be measured without the log growing forever.
 const acceptLogSize = 1 << 16
 
-// sessionLog is a node's server-side record of client sessions, what
-// CockroachDB shows in SHOW SESSIONS and its sql.new_conns metric: the
-// sessions open now per application_name, and when each session was
+// sessionLog is a node's server-side record of client sessions, as a
+// gateway sees them: the sessions open now per application_name (what
+// CockroachDB's SHOW SESSIONS groups by), and when each session was
 // accepted. It counts what Node.OpenConns and Node.TotalConns count.
 type sessionLog struct {
 	// epoch is the cluster's start: accept times are stored as durations
