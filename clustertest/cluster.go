@@ -30,6 +30,8 @@ type Cluster struct {
 	// owner stays locked while the cluster is open (see sweepStale).
 	owner *os.File
 	seed  uint64
+	// epoch is when the cluster started; the nodes' accept logs count from it.
+	epoch time.Time
 
 	lb   *balancer
 	keys cancelKeys
@@ -64,12 +66,7 @@ type Cluster struct {
 func New(t testing.TB, opts Options) *Cluster {
 	t.Helper()
 	if !opts.InProcess {
-		if err := Available(); err != nil {
-			if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
-				t.Fatalf("%v (CLUSTERTEST_REQUIRE=1)", err)
-			}
-			t.Skip(err)
-		}
+		skipUnlessRequired(t, Available())
 	}
 	if opts.Logf == nil {
 		opts.Logf = t.Logf
@@ -88,6 +85,21 @@ func New(t testing.TB, opts Options) *Cluster {
 	return c
 }
 
+// skipUnlessRequired is the one place where clustertest lets a test skip: it
+// skips t for the reason err (what to install) if err is not nil, and fails
+// it instead when CLUSTERTEST_REQUIRE=1.
+func skipUnlessRequired(t testing.TB, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
+		t.Fatalf("%v (CLUSTERTEST_REQUIRE=1)", err)
+		return
+	}
+	t.Skip(err)
+}
+
 // Start starts a cluster of opts.Nodes nodes in parallel and its load
 // balancer, and returns once every node accepts connections. Each node's
 // data directory is a copy of a template made by initdb once and kept under
@@ -104,6 +116,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	c := &Cluster{
 		opts:   opts,
 		seed:   seed,
+		epoch:  time.Now(),
 		rng:    rand.New(rand.NewPCG(seed, 0x6b657973)), // "keys"
 		nodes:  make(map[int]*Node),
 		nextID: opts.FirstID,
@@ -150,10 +163,14 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	errs := make([]error, len(ids))
 	var wg sync.WaitGroup
 	for i, id := range ids {
+		var locality string
+		if i < len(opts.Localities) {
+			locality = opts.Localities[i]
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			nodes[i], errs[i] = c.startNode(ctx, id)
+			nodes[i], errs[i] = c.startNode(ctx, id, locality)
 		}()
 	}
 	wg.Wait()
@@ -200,10 +217,10 @@ func (c *Cluster) logf(format string, args ...any) {
 	}
 }
 
-// startNode starts node id's server and proxy. On error nothing is left
-// running.
-func (c *Cluster) startNode(ctx context.Context, id int) (*Node, error) {
-	n := &Node{c: c, id: id, queries: newLimiter(), conns: make(map[*proxyConn]struct{})}
+// startNode starts node id's server and proxy, with a locality already
+// validated. On error nothing is left running.
+func (c *Cluster) startNode(ctx context.Context, id int, locality string) (*Node, error) {
+	n := &Node{c: c, id: id, locality: locality, queries: newLimiter(), sessions: newSessionLog(c.epoch), conns: make(map[*proxyConn]struct{})}
 	var err error
 	if c.opts.InProcess {
 		n.backend, err = startFake()
@@ -216,6 +233,16 @@ func (c *Cluster) startNode(ctx context.Context, id int) (*Node, error) {
 			os.RemoveAll(n.dir)
 		}
 		return nil, fmt.Errorf("clustertest: node %d: %w", id, err)
+	}
+	// Defining the function costs a start some 50 ms (the DDL, and the
+	// catalog files the spare must then reset), so only clusters that use
+	// localities pay it.
+	if !c.opts.InProcess && !c.opts.Postgres && (c.opts.Localities != nil || locality != "") {
+		tiers, _ := parseLocality(locality)
+		if err := n.ExecDirect(ctx, localityFunctionSQL(tiers)); err != nil {
+			n.remove()
+			return nil, err
+		}
 	}
 	if err := n.listen(ctx); err != nil {
 		n.remove()
@@ -296,8 +323,17 @@ func (c *Cluster) Node(id int) *Node {
 }
 
 // AddNode starts a new node with the next ID (one more than the largest ID
-// the cluster ever had) and adds it to the load balancer.
+// the cluster ever had) and adds it to the load balancer. The node has no
+// locality; AddNodeWith gives it one.
 func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
+	return c.AddNodeWith(ctx, NodeOptions{})
+}
+
+// AddNodeWith is AddNode for a node configured by opts.
+func (c *Cluster) AddNodeWith(ctx context.Context, opts NodeOptions) (*Node, error) {
+	if _, err := parseLocality(opts.Locality); err != nil {
+		return nil, fmt.Errorf("clustertest: NodeOptions.Locality %q: %w", opts.Locality, err)
+	}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -315,7 +351,7 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
 	defer c.wg.Done()
 	c.mu.Unlock()
 
-	n, err := c.startNode(ctx, id)
+	n, err := c.startNode(ctx, id, opts.Locality)
 	if err != nil {
 		return nil, err
 	}
@@ -351,6 +387,27 @@ func (c *Cluster) OpenConns() map[int]int {
 	m := make(map[int]int)
 	for _, n := range c.Nodes() {
 		m[n.id] = n.OpenConns()
+	}
+	return m
+}
+
+// OpenConnsByApp returns, for each application_name with at least one
+// connection open on some node, the connections open with it on every node of
+// the cluster, 0 included (see Node.OpenConnsByApp): a fleet's pools, each
+// with its own application_name, as the servers see them.
+func (c *Cluster) OpenConnsByApp() map[string]map[int]int {
+	nodes := c.Nodes()
+	m := make(map[string]map[int]int)
+	for _, n := range nodes {
+		for app, count := range n.OpenConnsByApp() {
+			if m[app] == nil {
+				m[app] = make(map[int]int, len(nodes))
+				for _, other := range nodes {
+					m[app][other.id] = 0
+				}
+			}
+			m[app][n.id] = count
+		}
 	}
 	return m
 }

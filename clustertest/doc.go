@@ -19,7 +19,11 @@
 // Options.Postgres turns both off: the cluster then looks like plain
 // PostgreSQL servers behind a load balancer. Each proxy counts the client
 // connections open on it (Node.OpenConns), the server-side truth against
-// which a client pool's own bookkeeping can be checked. Node.PostgresDSN
+// which a client pool's own bookkeeping can be checked; it also groups them
+// by the application_name of their StartupMessage (Node.OpenConnsByApp,
+// Cluster.OpenConnsByApp: a fleet of pools, one name each) and logs when it
+// accepted each session (Node.AcceptTimes, Node.PeakAcceptRate: the new
+// sessions per second a reconnect storm puts on one gateway). Node.PostgresDSN
 // and Node.ExecDirect reach the server past the proxy, for setup and checks
 // that should be neither counted nor faulted; each node is a separate
 // database, so a table every node needs is created on each.
@@ -55,17 +59,31 @@
 // Node.Restart brings the node back with the same ID and address,
 // Node.Partition holds all bytes until Node.Heal, Node.SetLatency delays
 // each query round trip and Node.SetCapacity bounds the queries in flight,
-// which makes an over-connected node a real bottleneck.
+// which makes an over-connected node a real bottleneck. Node.SetMaxConnections
+// is CockroachDB's server.max_connections_per_gateway: beyond it a new
+// session is refused with FATAL 53300 while the node stays healthy.
 //
 // # Gossip
 //
 // CockroachDB shows its view of the cluster in crdb_internal.gossip_liveness
-// (draining, membership) and crdb_internal.gossip_nodes (addresses).
+// (draining, membership) and crdb_internal.gossip_nodes (addresses, localities).
 // Cluster.SetGossip writes those tables into every node's server, with the
 // cluster's current nodes at their proxy addresses and the draining flags
 // given, so a client that reads them (to discover nodes, or to notice a
 // drain before it starts refusing connections) can be tested. The tables do
 // not follow AddNode, RemoveNode or Drain: call SetGossip again.
+//
+// # Localities
+//
+// Options.Localities gives each node a locality in CockroachDB's --locality
+// form ("region=us-east1,zone=us-east1-b"), and Cluster.AddNodeWith gives
+// one to a node added later. Each node answers SHOW LOCALITY with one row in
+// a column named locality ("" for none): the proxy rewrites the statement,
+// in the simple and the extended protocol, into a SELECT of the node's
+// locality. With Options.Localities set, each PostgreSQL node also has a
+// function crdb_internal.locality_value(key) returning its tier's value, NULL
+// for a key it lacks, as CockroachDB's builtin does; and SetGossip writes
+// every node's locality into crdb_internal.gossip_nodes.locality.
 //
 // # Speed
 //

@@ -405,12 +405,8 @@ func TestBadInput(t *testing.T) {
 func TestPostgresFailsToStart(t *testing.T) {
 	// Root without a postgres user has nothing to run the fake as: skip as
 	// New would, or fail under CLUSTERTEST_REQUIRE=1.
-	if _, err := lookupRunAs(); err != nil {
-		if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
-			t.Fatalf("%v (CLUSTERTEST_REQUIRE=1)", err)
-		}
-		t.Skip(err)
-	}
+	_, err := lookupRunAs()
+	skipUnlessRequired(t, err)
 	dir := t.TempDir()
 	// The fake programs run as the postgres user when the test runs as root.
 	for p := dir; p != filepath.Dir(p) && p != os.TempDir(); p = filepath.Dir(p) {

@@ -10,8 +10,9 @@ import (
 // SetGossip writes CockroachDB's view of the cluster into every node's
 // server, where a client reading crdb_internal finds it: the tables
 // crdb_internal.gossip_liveness (node_id, draining, membership) and
-// crdb_internal.gossip_nodes (node_id, address, is_live), with one row per
-// node of the cluster now, each live and active at its proxy address, and
+// crdb_internal.gossip_nodes (node_id, address, is_live, locality), with one
+// row per node of the cluster now, each live and active at its proxy
+// address, with its locality ("" for none, as CockroachDB shows it), and
 // draining where draining says so (nil: none). It creates the tables if
 // needed and replaces their rows in one transaction per server.
 //
@@ -27,11 +28,11 @@ func (c *Cluster) SetGossip(ctx context.Context, draining map[int]bool) error {
 	var liveness, addrs []string
 	for _, n := range nodes {
 		liveness = append(liveness, fmt.Sprintf("(%d, %t, 'active')", n.ID(), draining[n.ID()]))
-		addrs = append(addrs, fmt.Sprintf("(%d, '%s', true)", n.ID(), n.Addr()))
+		addrs = append(addrs, fmt.Sprintf("(%d, '%s', true, %s)", n.ID(), n.Addr(), quoteLiteral(n.Locality())))
 	}
 	sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
 CREATE TABLE IF NOT EXISTS crdb_internal.gossip_liveness (node_id INT8, draining BOOL, membership TEXT);
-CREATE TABLE IF NOT EXISTS crdb_internal.gossip_nodes (node_id INT8, address TEXT, is_live BOOL);
+CREATE TABLE IF NOT EXISTS crdb_internal.gossip_nodes (node_id INT8, address TEXT, is_live BOOL, locality TEXT);
 BEGIN;
 DELETE FROM crdb_internal.gossip_liveness;
 DELETE FROM crdb_internal.gossip_nodes;

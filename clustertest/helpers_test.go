@@ -3,7 +3,7 @@ package clustertest
 import (
 	"context"
 	"errors"
-	"os"
+	"fmt"
 	"testing"
 	"time"
 
@@ -41,16 +41,11 @@ func eventually(t testing.TB, what string, cond func() bool) {
 	}
 }
 
-// requirePostgres skips a test that starts clusters with Start instead of
-// New, as New would: unless CLUSTERTEST_REQUIRE=1, then it fails.
+// requirePostgres skips or fails a test that starts clusters with Start
+// instead of New, exactly as New would.
 func requirePostgres(t testing.TB) {
 	t.Helper()
-	if err := Available(); err != nil {
-		if os.Getenv("CLUSTERTEST_REQUIRE") == "1" {
-			t.Fatalf("%v (CLUSTERTEST_REQUIRE=1)", err)
-		}
-		t.Skip(err)
-	}
+	skipUnlessRequired(t, Available())
 }
 
 func sqlState(err error) string {
@@ -59,4 +54,38 @@ func sqlState(err error) string {
 		return pgErr.Code
 	}
 	return ""
+}
+
+// recordingTB records how a test would have ended.
+type recordingTB struct {
+	testing.TB
+	skipped, failed string
+}
+
+func (r *recordingTB) Helper()                        {}
+func (r *recordingTB) Skip(args ...any)               { r.skipped = fmt.Sprint(args...) }
+func (r *recordingTB) Fatalf(format string, a ...any) { r.failed = fmt.Sprintf(format, a...) }
+
+// Without PostgreSQL a test skips, naming what to install, unless
+// CLUSTERTEST_REQUIRE=1, which makes it fail instead.
+func TestSkipUnlessRequired(t *testing.T) {
+	missing := errors.New("clustertest: install PostgreSQL")
+	for _, tc := range []struct {
+		require       string
+		err           error
+		skip, failure string
+	}{
+		{"", nil, "", ""},
+		{"1", nil, "", ""},
+		{"", missing, missing.Error(), ""},
+		{"0", missing, missing.Error(), ""},
+		{"1", missing, "", missing.Error() + " (CLUSTERTEST_REQUIRE=1)"},
+	} {
+		t.Setenv("CLUSTERTEST_REQUIRE", tc.require)
+		r := &recordingTB{TB: t}
+		skipUnlessRequired(r, tc.err)
+		if r.skipped != tc.skip || r.failed != tc.failure {
+			t.Errorf("REQUIRE=%q, %v: skipped %q, failed %q; want %q, %q", tc.require, tc.err, r.skipped, r.failed, tc.skip, tc.failure)
+		}
+	}
 }

@@ -56,17 +56,24 @@ type backend interface {
 // through the cluster's load balancer (Cluster.DSN), or bypass the proxy
 // with PostgresDSN. All methods are safe for concurrent use.
 type Node struct {
-	c       *Cluster
-	id      int
-	addr    string // the proxy's address, the same across restarts
-	dir     string // the data directory, "" for InProcess
-	backend backend
+	c        *Cluster
+	id       int
+	addr     string // the proxy's address, the same across restarts
+	dir      string // the data directory, "" for InProcess
+	locality string
+	backend  backend
 
 	latency   atomic.Int64                  // nanoseconds added to each round trip
 	queries   *limiter                      // capacity
 	partition atomic.Pointer[chan struct{}] // non-nil while partitioned; closed by Heal
 	open      atomic.Int64
 	total     atomic.Int64
+	refused   atomic.Int64
+	sessions  *sessionLog
+	// maxConns is the session limit (SetMaxConnections), 0 for none;
+	// admitted counts the sessions it has let in that are still open.
+	maxConns atomic.Int64
+	admitted atomic.Int64
 
 	// life serialises Restart, Kill-for-restart and removal, so two
 	// Restarts do not race for the port.
@@ -88,6 +95,10 @@ type drainOp struct {
 
 // ID returns the node's ID, which its BackendKeyData carries.
 func (n *Node) ID() int { return n.id }
+
+// Locality returns the node's locality (Options.Localities,
+// NodeOptions.Locality), "" if it has none.
+func (n *Node) Locality() string { return n.locality }
 
 // Addr returns the node proxy's host:port. It stays the same across Restart.
 func (n *Node) Addr() string { return n.addr }
@@ -129,12 +140,67 @@ func (n *Node) backendAddr() string { return n.backend.addr() }
 // proxy now. A connection counts from its startup message (so CancelRequest
 // connections never count) until either side closes it; connections refused
 // while draining, or for want of TLS in TLS mode, count for the moment they
-// are open.
+// are open, connections refused beyond SetMaxConnections never do.
 func (n *Node) OpenConns() int { return int(n.open.Load()) }
 
 // TotalConns returns the number of client connections the proxy has ever
-// accepted, counted as OpenConns counts them (refused ones included).
+// accepted, counted as OpenConns counts them (refused ones included): the
+// sessions the node has had to set up, across restarts.
 func (n *Node) TotalConns() int64 { return n.total.Load() }
+
+// RefusedConns returns the number of connections the proxy has refused with
+// a FATAL error at startup: while draining (57P01), for want of TLS in TLS
+// mode (28000), or beyond SetMaxConnections (53300).
+func (n *Node) RefusedConns() int64 { return n.refused.Load() }
+
+// SetMaxConnections makes the node refuse a new session once max sessions
+// are open on it, as CockroachDB's server.max_connections_per_gateway does:
+// after reading the StartupMessage (so TLS is negotiated first), the proxy
+// answers FATAL 53300 "sorry, too many clients already" and closes the
+// connection. The node is healthy, only full: sessions already open are not
+// affected, even when max is lowered below their number, and one that closes
+// frees its slot for the next. Unlike CockroachDB, no user is exempt (every
+// clustertest client is the postgres superuser). A refused connection counts
+// in TotalConns, RefusedConns and AcceptTimes but never in OpenConns, so
+// OpenConns stays within max. It takes effect at once and lasts across
+// Restart; max <= 0 (the default) means no limit.
+func (n *Node) SetMaxConnections(max int) {
+	if max < 0 {
+		max = 0
+	}
+	n.maxConns.Store(int64(max))
+}
+
+// OpenConnsByApp returns the client connections open on the node's proxy now
+// (counted as OpenConns counts them) by the application_name of their
+// StartupMessage, "" for none. A later SET application_name does not move a
+// connection. Applications with no connection open are absent.
+func (n *Node) OpenConnsByApp() map[string]int { return n.sessions.byApp() }
+
+// AcceptTimes returns when the node accepted each session (counted as
+// TotalConns counts them) from from to to inclusive, oldest first. The node
+// remembers its last 65,536 accepts (across restarts); older ones are
+// forgotten.
+func (n *Node) AcceptTimes(from, to time.Time) []time.Time {
+	since := n.sessions.between(from, to)
+	out := make([]time.Time, len(since))
+	for i, d := range since {
+		out[i] = n.c.epoch.Add(d)
+	}
+	return out
+}
+
+// PeakAcceptRate returns the largest number of sessions the node accepted
+// within any window-long interval between from and to (of the accepts
+// AcceptTimes returns): with window = time.Second, the peak of new sessions
+// per second a reconnect storm puts on this gateway, wherever the second
+// falls. A window <= 0 returns 0.
+func (n *Node) PeakAcceptRate(from, to time.Time, window time.Duration) int {
+	if window <= 0 {
+		return 0
+	}
+	return peakInWindow(n.sessions.between(from, to), window)
+}
 
 // State returns the node's current state.
 func (n *Node) State() State {

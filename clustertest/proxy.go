@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -27,6 +28,17 @@ const (
 	msgShuttingDown = "server is shutting down"
 )
 
+// CockroachDB's refusal of a session beyond server.max_connections_per_gateway
+// ((*Server).IncrementConnectionCount in pkg/sql/conn_executor.go, sent by
+// checkMaxConnections in pkg/sql/pgwire/conn.go): pgcode.TooManyConnections,
+// "sorry, too many clients already" (PostgreSQL's words for its own
+// max_connections), with this hint.
+const (
+	sqlStateTooManyConnections = "53300"
+	msgTooManyConnections      = "sorry, too many clients already"
+	hintTooManyConnections     = "the maximum number of allowed connections is %d and can be modified using the server.max_connections_per_gateway config key"
+)
+
 // proxyConn is one client connection on a node proxy. The proxy forwards
 // whole protocol messages (type byte, int32 length, body) and decodes only
 // what it needs: BackendKeyData to rewrite, ReadyForQuery to know where the
@@ -47,10 +59,12 @@ type proxyConn struct {
 
 	mu sync.Mutex // protects the fields below
 	// server is the connection to the node's server; nil until dialled.
-	server  net.Conn
-	closed  bool
-	counted bool       // counted in the node's OpenConns
-	key     *cancelKey // the key given to the client, while registered
+	server   net.Conn
+	closed   bool
+	counted  bool       // counted in the node's OpenConns
+	admitted bool       // holds one of the node's session slots
+	app      string     // the StartupMessage's application_name, once counted
+	key      *cancelKey // the key given to the client, while registered
 
 	// wmu serialises writes to the client, so that a shutdown message is
 	// written between two relayed messages, never inside one. It also
@@ -86,7 +100,7 @@ func (pc *proxyConn) close() {
 		return
 	}
 	pc.closed = true
-	server, counted, key := pc.server, pc.counted, pc.key
+	server, counted, admitted, key, app := pc.server, pc.counted, pc.admitted, pc.key, pc.app
 	pc.key = nil
 	pc.mu.Unlock()
 
@@ -97,6 +111,10 @@ func (pc *proxyConn) close() {
 	}
 	if counted {
 		pc.n.open.Add(-1)
+		pc.n.sessions.closed(app)
+	}
+	if admitted {
+		pc.n.admitted.Add(-1)
 	}
 	if key != nil {
 		pc.n.c.keys.remove(*key)
@@ -155,14 +173,50 @@ func (pc *proxyConn) writeClient(flush bool, bs ...[]byte) error {
 	return nil
 }
 
-func (pc *proxyConn) count() {
+// count counts the connection as a session of application app on the node,
+// once.
+func (pc *proxyConn) count(app string) {
 	pc.mu.Lock()
 	if !pc.closed && !pc.counted {
 		pc.counted = true
+		pc.app = app
 		pc.n.open.Add(1)
 		pc.n.total.Add(1)
+		pc.n.sessions.accepted(app, true)
 	}
 	pc.mu.Unlock()
+}
+
+// admit takes one of the node's session slots (Node.SetMaxConnections) and
+// reports whether there was one. CockroachDB counts a session against
+// server.max_connections_per_gateway from its admission until it closes,
+// and never counts a refused one; so does the proxy.
+func (pc *proxyConn) admit() bool {
+	n := pc.n
+	for {
+		cur := n.admitted.Load()
+		if max := n.maxConns.Load(); max > 0 && cur >= max {
+			return false
+		}
+		if n.admitted.CompareAndSwap(cur, cur+1) {
+			break
+		}
+	}
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.closed {
+		n.admitted.Add(-1)
+		return false
+	}
+	pc.admitted = true
+	return true
+}
+
+// refuse sends a FATAL ErrorResponse that ends the startup and counts the
+// refusal.
+func (pc *proxyConn) refuse(code, msg, hint string) {
+	pc.n.refused.Add(1)
+	pc.writeClient(true, errorResponse(code, msg, hint))
 }
 
 func (pc *proxyConn) dialServer() (net.Conn, error) {
@@ -262,15 +316,26 @@ func (pc *proxyConn) serve() {
 			startup = pkt
 		}
 	}
-	pc.count()
-	if secure && !encrypted {
-		pc.writeClient(true, errorMessage(sqlStateInvalidAuthorization, msgSSLRequired))
+	app := startupParam(startup, "application_name")
+	switch {
+	case secure && !encrypted:
+		pc.count(app)
+		pc.refuse(sqlStateInvalidAuthorization, msgSSLRequired, "")
+		return
+	case pc.n.State() != Up:
+		pc.count(app)
+		pc.refuse(sqlStateAdminShutdown, msgNotAccepting, "")
+		return
+	case !pc.admit():
+		// A refusal for a full node never counts as open, so OpenConns
+		// stays within the limit.
+		pc.n.total.Add(1)
+		pc.n.sessions.accepted(app, false)
+		pc.refuse(sqlStateTooManyConnections, msgTooManyConnections,
+			fmt.Sprintf(hintTooManyConnections, pc.n.maxConns.Load()))
 		return
 	}
-	if pc.n.State() != Up {
-		pc.writeClient(true, errorMessage(sqlStateAdminShutdown, msgNotAccepting))
-		return
-	}
+	pc.count(app)
 	server, err := pc.dialServer()
 	if err != nil {
 		return
@@ -309,7 +374,7 @@ func (pc *proxyConn) negotiate(pkt []byte, cr *bufio.Reader) bool {
 	if answer[0] == 'N' {
 		return true
 	}
-	pc.count()
+	pc.count("")
 	pc.n.c.wg.Add(1)
 	go func() {
 		defer pc.n.c.wg.Done()
@@ -364,8 +429,13 @@ func (pc *proxyConn) clientToServer(cr *bufio.Reader, server net.Conn) {
 			return
 		}
 		buf = msg
-		if msg[0] != 'X' && pc.startupDone.Load() && !pc.beginRoundTrip(msg[0]) {
-			return
+		if msg[0] != 'X' && pc.startupDone.Load() {
+			if !pc.beginRoundTrip(msg[0]) {
+				return
+			}
+			if (msg[0] == 'Q' || msg[0] == 'P') && !pc.n.c.opts.Postgres {
+				msg = rewriteShowLocality(msg, pc.n.locality)
+			}
 		}
 		if !pc.n.waitHealed(pc.done) {
 			return
@@ -520,9 +590,17 @@ const (
 )
 
 // errorMessage is an ErrorResponse with severity FATAL.
-func errorMessage(code, msg string) []byte {
+func errorMessage(code, msg string) []byte { return errorResponse(code, msg, "") }
+
+// errorResponse is an ErrorResponse with severity FATAL and, unless empty, a
+// hint.
+func errorResponse(code, msg, hint string) []byte {
 	b := []byte{'E', 0, 0, 0, 0}
-	for _, f := range [][2]string{{"S", "FATAL"}, {"V", "FATAL"}, {"C", code}, {"M", msg}} {
+	fields := [][2]string{{"S", "FATAL"}, {"V", "FATAL"}, {"C", code}, {"M", msg}}
+	if hint != "" {
+		fields = append(fields, [2]string{"H", hint})
+	}
+	for _, f := range fields {
 		b = append(b, f[0][0])
 		b = append(b, f[1]...)
 		b = append(b, 0)
