@@ -537,8 +537,9 @@ func (p *Pool) NodeStats() []NodeStat {
 // but it neither retries nor balances on its own; do not Close it directly.
 func (p *Pool) PgxPool() *pgxpool.Pool { return p.pool }
 
-// ClusterConfig returns a copy of the Config used to create the pool.
-func (p *Pool) ClusterConfig() *Config { return p.config.Copy() }
+// ClusterConfig returns a copy of the Config used to create the pool, with
+// the cluster settings in effect: a zero setting reads as its default.
+func (p *Pool) ClusterConfig() *Config { return p.config.withDefaults() }
 
 // Close stops the pool's background work and waits for it to exit, then
 // closes all connections as pgxpool.Pool.Close does: it blocks until every

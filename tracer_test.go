@@ -407,7 +407,7 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
 		cfg.BalanceInterval = time.Hour // no pruning: the test controls the connections
 		cfg.ProbeInterval = time.Hour   // no probe: nothing reaches node 2 while it is down
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1            // no limit
 		cfg.Tracer = r
 		// pgxpool pings a connection idle for over a second before handing
 		// it out and quietly drops it if the ping fails: node 2's
@@ -475,7 +475,7 @@ func TestTraceWriteOutcomeUnknown(t *testing.T) {
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 1, 1
 		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1 // no limit
 		cfg.Tracer = r
 	})
 	ctx := testCtx(t)
