@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/clusterpool/clusterpool/clustertest"
 )
 
 // notSentError stands for the pgconn errors that implement SafeToRetry.
@@ -796,5 +798,38 @@ func TestRetryDeadlineEndsRetries(t *testing.T) {
 		if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "deadline") {
 			t.Errorf("Exec with a %v deadline = %v, want an error matching and naming the deadline", timeout, err)
 		}
+	}
+}
+
+// QueryRow sends its query when called, with the arguments as they are
+// then; a failure that Scan meets (here a 40001 on the first execution) is
+// retried with those same arguments, not with what the caller's slice holds
+// by the time of Scan.
+func TestQueryRowRetryKeepsArguments(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, Postgres: true})
+	if err := c.Nodes()[0].ExecDirect(testCtx(t), `
+		CREATE SEQUENCE flaky_calls;
+		CREATE FUNCTION flaky(v int) RETURNS int LANGUAGE plpgsql AS $$
+		BEGIN
+			IF nextval('flaky_calls') = 1 THEN
+				RAISE EXCEPTION 'first call fails' USING ERRCODE = '40001';
+			END IF;
+			RETURN v;
+		END $$`); err != nil {
+		t.Fatal(err)
+	}
+	events := &retryEvents{}
+	p := startPool(t, c.DSN(), func(cfg *Config) { cfg.Tracer = events })
+	args := []any{1}
+	row := p.QueryRow(testCtx(t), "SELECT flaky($1)", args...)
+	args[0] = 99
+	var v int
+	if err := row.Scan(&v); err != nil || v != 1 {
+		t.Fatalf("Scan = %d, %v; want 1, nil", v, err)
+	}
+	events.mu.Lock()
+	defer events.mu.Unlock()
+	if len(events.ends) != 1 || events.ends[0].Outcome != RetrySucceeded || events.ends[0].Attempts != 2 {
+		t.Errorf("retry ends %+v, want one success after 2 attempts", events.ends)
 	}
 }
