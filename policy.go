@@ -77,7 +77,8 @@ type RetryParams struct {
 	// without arguments) loses its connection after it was written.
 	Sent bool
 	// ReadOnly is true when the work cannot have changed data; see the Pool
-	// documentation for what counts.
+	// documentation for what counts. It is false at StageConnect, where no
+	// work was sent.
 	ReadOnly bool
 	// Idempotent is true when the caller marked the work with WithIdempotent.
 	Idempotent bool
