@@ -23,7 +23,7 @@ func balancedConfig(minConns, maxConns int32) func(*Config) {
 		cfg.MinConns, cfg.MaxConns = minConns, maxConns
 		cfg.BalanceInterval = testBalanceInterval
 		cfg.ProbeInterval = testProbeInterval
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1 // no limit
 	}
 }
 

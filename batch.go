@@ -38,33 +38,28 @@ type poolBatchResults struct {
 
 // send acquires a connection and sends the batch on it.
 func (br *poolBatchResults) send() error {
-	for {
-		c, err := br.l.acquire()
-		if err != nil {
-			if err := br.l.attemptFailed(nil, err, StageConnect, false); err != nil {
-				return err
-			}
-			continue
-		}
-		batch := br.b
-		if br.l.attempts > 0 {
-			// pgx stores each query's statement description, prepared
-			// on the first connection, in the batch: a resend needs
-			// fresh queries.
-			batch = &pgx.Batch{}
-			for _, q := range br.b.QueuedQueries {
-				batch.Queue(q.SQL, q.Arguments...).Fn = q.Fn
-			}
-		}
-		br.BatchResults = c.SendBatch(br.l.ctx, batch)
-		if tx := br.BatchResults.Tx(); tx != nil {
-			br.tx = &poolTx{Tx: tx, c: c}
-			br.delivered = true
-		} else {
-			br.c = c
-		}
-		return nil
+	c, err := br.l.conn()
+	if err != nil {
+		return err
 	}
+	batch := br.b
+	if br.l.attempts > 0 {
+		// pgx stores each query's statement description, prepared
+		// on the first connection, in the batch: a resend needs
+		// fresh queries.
+		batch = &pgx.Batch{}
+		for _, q := range br.b.QueuedQueries {
+			batch.Queue(q.SQL, q.Arguments...).Fn = q.Fn
+		}
+	}
+	br.BatchResults = c.SendBatch(br.l.ctx, batch)
+	if tx := br.BatchResults.Tx(); tx != nil {
+		br.tx = &poolTx{Tx: tx, c: c}
+		br.delivered = true
+	} else {
+		br.c = c
+	}
+	return nil
 }
 
 // first runs the caller's first read of the results; while it fails in a
@@ -89,7 +84,7 @@ func (br *poolBatchResults) first(read func() error) error {
 		br.BatchResults.Close()
 		c := br.c
 		br.c = nil
-		if err := br.l.attemptFailed(c, err, StageStatement, br.readOnly()); err != nil {
+		if err := br.l.failed(c, err, StageStatement, br.readOnly()); err != nil {
 			br.delivered = true
 			br.BatchResults = pgx.FailedBatchResults(br.b, err)
 			return err

@@ -74,17 +74,23 @@ type IdentifyNodeParams struct {
 	Conn *pgx.Conn
 }
 
-// Config is the configuration for a Pool. It must be created by ParseConfig
-// and can then be modified, like pgxpool.Config, which it embeds: every
+// Config is the configuration for a Pool. Create it with ParseConfig, or
+// wrap a config from pgxpool.ParseConfig (&Config{Config: pgxpoolConfig}),
+// and modify it as needed, like pgxpool.Config, which it embeds: every
 // pgxpool setting and hook (MaxConns, AfterConnect, ...) is set as usual.
+//
+// The zero value of each cluster setting means its default, as documented
+// on the field, so a wrapped pgxpool config means what ParseConfig of the
+// same connection string means; Pool.ClusterConfig reports the values in
+// effect. A setting that can be turned off (MaxRetries, ConnectRate) is
+// turned off by a negative value, never by zero.
 //
 // NewWithConfig checks the Config and returns an error naming the field and
 // the value, where pgxpool would panic or misbehave: a nil Config, a
 // Config, pgxpool.Config or pgx.ConnConfig not made by a ParseConfig (pgx
 // panics on those, for the connection config in a background goroutine),
 // MaxConns below 1, a HealthCheckPeriod that is not positive, and invalid
-// cluster settings below. The zero value of each cluster setting means its
-// default, as documented on the field.
+// cluster settings below.
 //
 // A panic in one of the caller's hooks that the pool wraps (BeforeConnect,
 // AfterConnect, IdentifyNode, PrepareConn or BeforeAcquire, BeforeClose) is
@@ -105,17 +111,21 @@ type Config struct {
 	// (1 ms), is an error.
 	ProbeInterval time.Duration
 
-	// MaxRetries is how many times a failed query may be retried (so a call
-	// makes at most MaxRetries+1 attempts). ParseConfig sets DefaultMaxRetries
-	// (5). Zero means no retries: errors are returned as pgxpool returns them.
-	// Negative is an error.
+	// MaxRetries is how many times a failed call may be retried (so a call
+	// makes at most MaxRetries+1 attempts). Zero means DefaultMaxRetries (5),
+	// which ParseConfig also sets. Negative means no retries: errors are
+	// returned as pgxpool returns them; cluster_max_retries=0 (or off) in a
+	// connection string sets -1. (Before, a zero MaxRetries meant no
+	// retries, so a Config wrapping a pgxpool config retried nothing.)
 	MaxRetries int
 
 	// ConnectRate limits how many new connections per second the pool opens.
 	// The burst is the pool's MaxConns, so a cold start or a full refill is not
-	// slowed; a reconnect storm after a node restart is. ParseConfig sets
-	// DefaultConnectRate (10 per second). Zero (or +Inf) means no limit, as in
-	// pgxpool. Negative or NaN is an error.
+	// slowed; a reconnect storm after a node restart is. Zero means
+	// DefaultConnectRate (10 per second), which ParseConfig also sets.
+	// Negative or +Inf means no limit, as in pgxpool; cluster_connect_rate=0
+	// (or off) in a connection string sets -1. NaN is an error. (Before, a
+	// zero ConnectRate meant no limit.)
 	ConnectRate float64
 
 	// NodeIdentity says how connections are mapped to nodes; see the
@@ -170,6 +180,15 @@ const (
 	paramMaxRetries      = "cluster_max_retries"
 	paramConnectRate     = "cluster_connect_rate"
 	paramNodeIdentity    = "cluster_node_identity"
+
+	// paramOff turns a setting off, as 0 does.
+	paramOff = "off"
+)
+
+// The values that turn a setting off in a Config; any negative value does.
+const (
+	offMaxRetries  = -1
+	offConnectRate = -1.0
 )
 
 // ParseConfig builds a Config from connString. It accepts everything
@@ -179,9 +198,10 @@ const (
 //
 //   - cluster_balance_interval: duration, 0 (the default, 5s) or at least 1ms
 //   - cluster_probe_interval: duration, 0 (the default, 5s) or at least 1ms
-//   - cluster_max_retries: integer, 0 or more (default 5; 0 turns retries off)
-//   - cluster_connect_rate: new connections per second, 0 or more (default 10;
-//     0 or "inf" means no limit)
+//   - cluster_max_retries: integer, 0 or more (default 5); 0 or "off" turns
+//     retries off (Config.MaxRetries -1)
+//   - cluster_connect_rate: new connections per second, 0 or more (default
+//     10); 0 or "off" means no limit (Config.ConnectRate -1), as does "inf"
 //   - cluster_node_identity: auto, backendkey, query or none (default auto)
 //
 // pgx's connect_timeout keeps its meaning; when it is not set the pool's own
@@ -249,23 +269,37 @@ func (c *Config) setParam(key, value string) error {
 			c.ProbeInterval = d
 		}
 	case paramMaxRetries:
+		if strings.EqualFold(value, paramOff) {
+			c.MaxRetries = offMaxRetries
+			break
+		}
 		n, err := strconv.ParseInt(value, 10, 32)
 		if err != nil {
 			return invalid(err)
 		}
 		if n < 0 {
-			return invalid("must not be negative")
+			return invalid("must not be negative (0 or off turns retries off)")
 		}
 		c.MaxRetries = int(n)
+		if n == 0 {
+			c.MaxRetries = offMaxRetries
+		}
 	case paramConnectRate:
+		if strings.EqualFold(value, paramOff) {
+			c.ConnectRate = offConnectRate
+			break
+		}
 		r, err := strconv.ParseFloat(value, 64)
 		if err != nil {
 			return invalid(err)
 		}
 		if r < 0 || math.IsNaN(r) {
-			return invalid("must be 0 (no limit) or more")
+			return invalid("must be 0 or off (no limit), or more")
 		}
 		c.ConnectRate = r
+		if r == 0 {
+			c.ConnectRate = offConnectRate
+		}
 	case paramNodeIdentity:
 		id := NodeIdentity(strings.ToLower(value))
 		if id == "" || !id.valid() {
@@ -365,10 +399,8 @@ func (c *Config) validate() error {
 		return invalid("BalanceInterval", c.BalanceInterval, checkInterval(c.BalanceInterval))
 	case checkInterval(c.ProbeInterval) != "":
 		return invalid("ProbeInterval", c.ProbeInterval, checkInterval(c.ProbeInterval))
-	case c.MaxRetries < 0:
-		return invalid("MaxRetries", c.MaxRetries, "must not be negative")
-	case c.ConnectRate < 0 || math.IsNaN(c.ConnectRate):
-		return invalid("ConnectRate", c.ConnectRate, "must be 0 (no limit) or more")
+	case math.IsNaN(c.ConnectRate):
+		return invalid("ConnectRate", c.ConnectRate, "must be a number: 0 for the default, negative or +Inf for no limit")
 	case c.Tracer != nil && !implementsTracer(c.Tracer):
 		return invalid("Tracer", fmt.Sprintf("of type %T", c.Tracer), "implements none of "+tracerInterfaces)
 	case !c.NodeIdentity.valid():
@@ -424,6 +456,7 @@ type settings struct {
 }
 
 func (c *Config) settings() settings {
+	c = c.withDefaults()
 	s := settings{
 		balanceInterval: c.BalanceInterval,
 		probeInterval:   c.ProbeInterval,
@@ -434,19 +467,35 @@ func (c *Config) settings() settings {
 		identifyNode:    c.IdentifyNode,
 		multiHost:       distinctHosts(c.ConnConfig) > 1,
 	}
-	if s.balanceInterval == 0 {
-		s.balanceInterval = DefaultBalanceInterval
+	if s.maxRetries < 0 {
+		s.maxRetries = 0
 	}
-	if s.probeInterval == 0 {
-		s.probeInterval = DefaultProbeInterval
-	}
-	if s.connectRate == 0 {
+	if s.connectRate < 0 {
 		s.connectRate = math.Inf(1)
 	}
-	if s.identity == "" {
-		s.identity = NodeIdentityAuto
-	}
 	return s
+}
+
+// withDefaults returns a copy of c with each zero cluster setting replaced
+// by its default: the values a pool made from c works with.
+func (c *Config) withDefaults() *Config {
+	n := c.Copy()
+	if n.BalanceInterval == 0 {
+		n.BalanceInterval = DefaultBalanceInterval
+	}
+	if n.ProbeInterval == 0 {
+		n.ProbeInterval = DefaultProbeInterval
+	}
+	if n.MaxRetries == 0 {
+		n.MaxRetries = DefaultMaxRetries
+	}
+	if n.ConnectRate == 0 {
+		n.ConnectRate = DefaultConnectRate
+	}
+	if n.NodeIdentity == "" {
+		n.NodeIdentity = NodeIdentityAuto
+	}
+	return n
 }
 
 // distinctHosts counts the distinct host:port pairs pgx may dial. Fallbacks

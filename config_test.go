@@ -67,7 +67,7 @@ func TestParseConfigClusterParams(t *testing.T) {
 		{
 			name:     "url multiple hosts",
 			conn:     "postgres://u@h1:1,h2:2/db?cluster_max_retries=0",
-			check:    func(c *Config) bool { return c.MaxRetries == 0 && len(c.ConnConfig.Fallbacks) > 0 },
+			check:    func(c *Config) bool { return c.MaxRetries == -1 && len(c.ConnConfig.Fallbacks) > 0 },
 			wantRest: "postgres://u@h1:1,h2:2/db",
 		},
 		{
@@ -103,10 +103,18 @@ func TestParseConfigClusterParams(t *testing.T) {
 			wantRest: "host=h",
 		},
 		{
+			// A 0 spelt out keeps its meaning: no limit, the default
+			// interval, no retries. In the Config, off is negative.
 			name:     "zero values",
 			conn:     "host=h cluster_connect_rate=0 cluster_balance_interval=0s cluster_max_retries=0",
-			check:    func(c *Config) bool { return c.ConnectRate == 0 && c.BalanceInterval == 0 && c.MaxRetries == 0 },
+			check:    func(c *Config) bool { return c.ConnectRate == -1 && c.BalanceInterval == 0 && c.MaxRetries == -1 },
 			wantRest: "host=h",
+		},
+		{
+			name:     "off",
+			conn:     "postgres://u@h/db?cluster_connect_rate=off&cluster_max_retries=OFF",
+			check:    func(c *Config) bool { return c.ConnectRate == -1 && c.MaxRetries == -1 },
+			wantRest: "postgres://u@h/db",
 		},
 	}
 	for _, tt := range tests {
@@ -222,10 +230,10 @@ func TestConfigValidate(t *testing.T) {
 		{"1ns balance", func(c *Config) { c.BalanceInterval = 1 }, "Config.BalanceInterval: invalid value 1ns: must be 0 (the default) or at least 1ms"},
 		{"negative probe", func(c *Config) { c.ProbeInterval = -1 }, "Config.ProbeInterval: invalid value -1ns"},
 		{"5ns probe (a missing unit)", func(c *Config) { c.ProbeInterval = 5 }, "Config.ProbeInterval: invalid value 5ns"},
-		{"negative retries", func(c *Config) { c.MaxRetries = -1 }, "Config.MaxRetries: invalid value -1"},
-		{"negative rate", func(c *Config) { c.ConnectRate = -1 }, "Config.ConnectRate: invalid value -1"},
-		{"-Inf rate", func(c *Config) { c.ConnectRate = math.Inf(-1) }, "Config.ConnectRate: invalid value -Inf"},
-		{"NaN rate", func(c *Config) { c.ConnectRate = math.NaN() }, "Config.ConnectRate: invalid value NaN"},
+		{"negative retries: off", func(c *Config) { c.MaxRetries = -1 }, ""},
+		{"negative rate: no limit", func(c *Config) { c.ConnectRate = -1 }, ""},
+		{"-Inf rate: no limit", func(c *Config) { c.ConnectRate = math.Inf(-1) }, ""},
+		{"NaN rate", func(c *Config) { c.ConnectRate = math.NaN() }, "Config.ConnectRate: invalid value NaN: must be a number"},
 		{"bad identity", func(c *Config) { c.NodeIdentity = "nope" }, `Config.NodeIdentity: invalid value "nope"`},
 		{"identity not lower case", func(c *Config) { c.NodeIdentity = "BackendKey" }, `Config.NodeIdentity: invalid value "BackendKey"`},
 		{"tracer implementing nothing", func(c *Config) { c.Tracer = "log" }, "Config.Tracer: invalid value of type string: implements none of"},
@@ -308,7 +316,7 @@ func TestNewWithConfigHandBuilt(t *testing.T) {
 				defer p.Close()
 				s := p.settings
 				if s.balanceInterval != DefaultBalanceInterval || s.probeInterval != DefaultProbeInterval ||
-					s.maxRetries != 0 || !math.IsInf(s.connectRate, 1) || s.identity != NodeIdentityAuto {
+					s.maxRetries != DefaultMaxRetries || s.connectRate != DefaultConnectRate || s.identity != NodeIdentityAuto {
 					t.Errorf("zero cluster settings: %+v", s)
 				}
 				return
@@ -339,11 +347,71 @@ func TestConfigSettingsDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.BalanceInterval, cfg.ProbeInterval, cfg.ConnectRate, cfg.NodeIdentity = 0, 0, 0, ""
+	cfg.BalanceInterval, cfg.ProbeInterval, cfg.MaxRetries, cfg.ConnectRate, cfg.NodeIdentity = 0, 0, 0, 0, ""
 	s := cfg.settings()
-	if s.balanceInterval != DefaultBalanceInterval || s.probeInterval != DefaultProbeInterval ||
-		!math.IsInf(s.connectRate, 1) || s.connectBurst != 7 || s.identity != NodeIdentityAuto || s.multiHost {
-		t.Errorf("settings() = %+v", s)
+	if s.balanceInterval != DefaultBalanceInterval || s.probeInterval != DefaultProbeInterval || s.maxRetries != DefaultMaxRetries ||
+		s.connectRate != DefaultConnectRate || s.connectBurst != 7 || s.identity != NodeIdentityAuto || s.multiHost {
+		t.Errorf("settings() from zeros = %+v", s)
+	}
+	// Off is negative.
+	cfg.MaxRetries, cfg.ConnectRate = -1, -1
+	if s := cfg.settings(); s.maxRetries != 0 || !math.IsInf(s.connectRate, 1) {
+		t.Errorf("settings() from -1 = %+v", s)
+	}
+	cfg.MaxRetries, cfg.ConnectRate = -7, math.Inf(1)
+	if s := cfg.settings(); s.maxRetries != 0 || !math.IsInf(s.connectRate, 1) {
+		t.Errorf("settings() from -7, +Inf = %+v", s)
+	}
+}
+
+// A Config wrapping pgxpool.ParseConfig's config means what ParseConfig of
+// the same string means, and ClusterConfig reports the values in effect.
+// A 0 spelt out in the string keeps its meaning (no retries, no limit);
+// the defaults are what a zero in the struct means.
+func TestConfigWrappedPgxpoolConfig(t *testing.T) {
+	addr := "127.0.0.1:1"
+	for _, conn := range []string{
+		"postgres://u@" + addr + "/db?sslmode=disable",
+		"host=127.0.0.1 port=1 pool_max_conns=3",
+	} {
+		pc, err := pgxpool.ParseConfig(conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		parsed, err := ParseConfig(conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for name, cfg := range map[string]*Config{"wrapped": {Config: pc}, "parsed": parsed} {
+			p, err := NewWithConfig(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := p.ClusterConfig()
+			s := p.settings
+			p.Close()
+			if got.BalanceInterval != DefaultBalanceInterval || got.ProbeInterval != DefaultProbeInterval ||
+				got.MaxRetries != DefaultMaxRetries || got.ConnectRate != DefaultConnectRate || got.NodeIdentity != NodeIdentityAuto {
+				t.Errorf("%s %q: ClusterConfig() = %+v, want the defaults", name, conn, got)
+			}
+			if s.maxRetries != DefaultMaxRetries || s.connectRate != DefaultConnectRate || s.connectBurst != int(pc.MaxConns) {
+				t.Errorf("%s %q: settings %+v, want the defaults", name, conn, s)
+			}
+		}
+	}
+
+	off, err := ParseConfig("host=127.0.0.1 port=1 cluster_max_retries=0 cluster_connect_rate=0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := NewWithConfig(context.Background(), off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, s := p.ClusterConfig(), p.settings
+	p.Close()
+	if got.MaxRetries >= 0 || got.ConnectRate >= 0 || s.maxRetries != 0 || !math.IsInf(s.connectRate, 1) {
+		t.Errorf("=0 in the string: ClusterConfig() MaxRetries %d, ConnectRate %v; settings %+v; want off", got.MaxRetries, got.ConnectRate, s)
 	}
 }
 

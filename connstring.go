@@ -20,7 +20,8 @@ const redactMask = "xxxxx"
 
 // parseError is pgx's error for a connection string that does not parse,
 // with every password in it masked. It unwraps to a copy of pgx's
-// *pgconn.ParseConfigError whose ConnString is masked the same way.
+// *pgconn.ParseConfigError whose ConnString is masked the same way, or to
+// pgx's error itself when that is something else.
 type parseError struct {
 	msg string
 	err error
@@ -39,7 +40,9 @@ func redactParseError(connString string, err error) error {
 	masked, secrets := redactConnString(connString)
 	var pce *pgconn.ParseConfigError
 	if !errors.As(err, &pce) || error(pce) != err {
-		return errors.New("clusterpool: " + maskSecrets(err.Error(), secrets))
+		// Not pgx's parse error itself: the message is masked, and the
+		// error stays behind it for errors.Is and errors.As.
+		return &parseError{msg: "clusterpool: " + maskSecrets(err.Error(), secrets), err: err}
 	}
 	// pgx's message is "cannot parse `<string>`: <detail>"; the detail
 	// alone comes from a copy without the string.

@@ -1,7 +1,11 @@
 package clusterpool
 
 import (
+	"errors"
+	"fmt"
+	"io/fs"
 	"maps"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -53,4 +57,33 @@ func FuzzExtractClusterParams(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A parse error that is not pgx's *pgconn.ParseConfigError itself (wrapped,
+// or another error) keeps its chain for errors.Is and errors.As behind the
+// masked message; it used to be flattened to a string.
+func TestRedactParseErrorWraps(t *testing.T) {
+	const secret = "s3cr3tpw"
+	conn := "postgres://u:" + secret + "@h/db"
+	pce := pgconn.NewParseConfigError(conn, "invalid port", nil)
+	for _, tt := range []struct {
+		name   string
+		err    error
+		target error
+	}{
+		{"a plain error", fmt.Errorf("reading service file near %s: %w", secret, fs.ErrNotExist), fs.ErrNotExist},
+		{"a wrapped ParseConfigError", fmt.Errorf("pool: %w", pce), pce},
+	} {
+		err := redactParseError(conn, tt.err)
+		if !errors.Is(err, tt.target) {
+			t.Errorf("%s: errors.Is(%v, %v) = false", tt.name, err, tt.target)
+		}
+		if msg := err.Error(); !strings.HasPrefix(msg, "clusterpool: ") || strings.Contains(msg, secret) {
+			t.Errorf("%s: message %q", tt.name, msg)
+		}
+	}
+	var got *pgconn.ParseConfigError
+	if err := redactParseError(conn, fmt.Errorf("pool: %w", pce)); !errors.As(err, &got) {
+		t.Errorf("errors.As finds no *pgconn.ParseConfigError in %v", err)
+	}
 }

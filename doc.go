@@ -78,11 +78,13 @@
 // and masks every password in the errors pgx gives for the rest of the
 // string. NewWithConfig rejects, naming the field and the value, invalid
 // cluster settings (negative, or below MinInterval, 1 ms, for the intervals;
-// negative or NaN rates; negative MaxRetries; an unknown NodeIdentity; a
-// Tracer that implements no tracer interface) and the configs pgx would
-// panic on: nil, hand-built rather than made by ParseConfig, MaxConns below
-// 1, a HealthCheckPeriod that is not positive. Zero cluster settings mean
-// their documented defaults.
+// a NaN rate; an unknown NodeIdentity; a Tracer that implements no tracer
+// interface) and the configs pgx would panic on: nil, hand-built rather
+// than made by ParseConfig, MaxConns below 1, a HealthCheckPeriod that is
+// not positive. Zero cluster settings mean their documented defaults, so
+// &Config{Config: pgxpoolConfig} means what ParseConfig of the same string
+// means; a negative MaxRetries or ConnectRate turns retries or the connect
+// limit off.
 //
 // # Hooks
 //

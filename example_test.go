@@ -6,6 +6,10 @@ import (
 	"log"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/clusterpool/clusterpool"
 	"github.com/clusterpool/clusterpool/clustertest"
 )
@@ -115,4 +119,47 @@ func ExampleDecodeProcessID() {
 	// Output:
 	// 3
 	// 5000
+}
+
+// DB is what a function that took a *pgxpool.Pool needs of it: the methods
+// it calls. *pgxpool.Pool and *clusterpool.Pool both have them.
+type DB interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func selectOne(ctx context.Context, db DB) (int, error) {
+	var n int
+	err := db.QueryRow(ctx, "SELECT 1").Scan(&n)
+	return n, err
+}
+
+// Code that took a *pgxpool.Pool takes an interface of the methods it uses,
+// and then either pool.
+func Example_pgxpoolParameter() {
+	ctx := context.Background()
+	cluster, err := clustertest.Start(ctx, clustertest.Options{Nodes: 1, InProcess: true})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer cluster.Close()
+
+	pgxPool, err := pgxpool.New(ctx, cluster.DSN())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pgxPool.Close()
+	clusterPool, err := clusterpool.New(ctx, cluster.DSN())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer clusterPool.Close()
+
+	for _, db := range []DB{pgxPool, clusterPool} {
+		n, err := selectOne(ctx, db)
+		fmt.Printf("%T: %d %v\n", db, n, err)
+	}
+	// Output:
+	// *pgxpool.Pool: 1 <nil>
+	// *clusterpool.Pool: 1 <nil>
 }

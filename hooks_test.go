@@ -119,7 +119,7 @@ func hookCluster(t *testing.T, mutate func(*Config)) (*clustertest.Cluster, *Poo
 	rec := &hookRecorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MaxConns = 6
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1            // no limit
 		cfg.BalanceInterval = time.Hour // pruning would close connections the test counts on
 		cfg.Tracer = rec
 		mutate(cfg)

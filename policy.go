@@ -55,7 +55,10 @@ type RetryParams struct {
 	// Err is the attempt's error, as the driver returned it.
 	Err error
 	// Class is Classify(Err), except that a context error while the
-	// caller's context is live counts as ClassConnection.
+	// caller's context is live (a connect_timeout, say) counts as
+	// ClassConnection, and a connection error that a BeginFunc function
+	// returns while its transaction's connection is still open counts as
+	// ClassPermanent: it came from something else the function talked to.
 	Class ErrorClass
 	// Attempt is the number of the attempt that failed, from 1.
 	Attempt int
@@ -74,7 +77,8 @@ type RetryParams struct {
 	// without arguments) loses its connection after it was written.
 	Sent bool
 	// ReadOnly is true when the work cannot have changed data; see the Pool
-	// documentation for what counts.
+	// documentation for what counts. It is false at StageConnect, where no
+	// work was sent.
 	ReadOnly bool
 	// Idempotent is true when the caller marked the work with WithIdempotent.
 	Idempotent bool
@@ -140,7 +144,8 @@ type RetryError struct {
 	// Attempts is the number of attempts made.
 	Attempts int
 	// Nodes are the nodes the attempts ran on, in order of first use,
-	// without repeats; attempts on an unknown node are not listed.
+	// without repeats; attempts on an unknown node (a failed connect, or
+	// balancing off) are not listed, so Nodes may be empty.
 	Nodes []NodeID
 	// Err is the last attempt's error; when the caller's context ended an
 	// attempt, the error of the attempt before it, which says more.
@@ -148,9 +153,10 @@ type RetryError struct {
 	// OutcomeUnknown is true when an attempt may have been applied: its
 	// outcome was unknown (only idempotent work is retried after that).
 	OutcomeUnknown bool
-	// Interrupted is the caller's context error when the context ended the
-	// call (during an attempt or a backoff) after a retry or with the
-	// outcome unknown; nil otherwise.
+	// Interrupted is set when the caller's context ended the retries: the
+	// context's error when it ended during an attempt or a backoff, or an
+	// error matching context.DeadlineExceeded when the deadline was too near
+	// to back off and try again. Nil otherwise.
 	Interrupted error
 }
 
@@ -161,9 +167,7 @@ func (e *RetryError) Error() string {
 	case e.OutcomeUnknown:
 		b.WriteString("outcome unknown")
 	case e.Interrupted != nil:
-		b.WriteString("context done (")
 		b.WriteString(e.Interrupted.Error())
-		b.WriteString(")")
 	default:
 		b.WriteString("gave up")
 	}
@@ -171,9 +175,22 @@ func (e *RetryError) Error() string {
 	if e.Attempts != 1 {
 		b.WriteString("s")
 	}
-	fmt.Fprintf(&b, " on nodes %v: %v", e.Nodes, e.Err)
+	if len(e.Nodes) > 0 {
+		fmt.Fprintf(&b, " on nodes %v", e.Nodes)
+	}
+	fmt.Fprintf(&b, ": %v", e.Err)
 	return b.String()
 }
+
+// errDeadlineTooNear ends the retries when the caller's deadline would pass
+// during the backoff before the next attempt: sleeping into it would only
+// trade the last attempt's error for a bare context error.
+var errDeadlineTooNear error = deadlineTooNearError{}
+
+type deadlineTooNearError struct{}
+
+func (deadlineTooNearError) Error() string { return "context deadline too near to retry" }
+func (deadlineTooNearError) Unwrap() error { return context.DeadlineExceeded }
 
 // Unwrap returns the last attempt's error and, when set, the context error
 // that ended the retries.

@@ -87,28 +87,32 @@ import (
 //     work not yet sent: returned at once, unchanged.
 //
 // A call makes at most Config.MaxRetries+1 attempts (cluster_max_retries,
-// default 5; 0 turns retries off, as does WithoutRetry for one call).
-// Retries on another node go at once; retries on the same node (only one
-// healthy node left) and after 40001 back off exponentially with jitter,
-// 25 ms doubling to at most 1 s, and never sleep past the context's
-// deadline: the call returns the error instead. A retry prefers a
-// connection on a node that has not failed; new connections it opens are
-// placed away from failed nodes when the connection string lists several
-// hosts. When retries do not hide a failure, the error is a *RetryError
-// naming the attempts and nodes and wrapping the last error, so errors.Is
-// and errors.As still find the *pgconn.PgError and context errors; a single
-// attempt's ordinary error is returned unchanged. Config.RetryPolicy
+// default 5; cluster_max_retries=0 or a negative MaxRetries turns retries
+// off, as does WithoutRetry for one call). Retries on another node go at
+// once; retries on the same node (only one healthy node left) and after
+// 40001 back off exponentially with jitter, 25 ms doubling to at most 1 s,
+// and never sleep past the context's deadline: the call returns instead. A
+// retry prefers a connection on a node that has not failed; new connections
+// it opens are placed away from failed nodes when the connection string
+// lists several hosts. When retries do not hide a failure, the error is a
+// *RetryError naming the attempts (and the nodes, when known) and wrapping
+// the last error, so errors.Is and errors.As still find the
+// *pgconn.PgError; when the caller's context ended the retries (or its
+// deadline left no time for the next one) it matches the context error too.
+// A single attempt's ordinary error is returned unchanged. Config.RetryPolicy
 // replaces DefaultRetryPolicy within these bounds.
 //
-// What each method retries: Exec and QueryRow the whole statement (a failed
-// Scan re-runs the query; QueryRow runs the query when Scan is called);
+// What each method retries: Exec the whole statement; QueryRow the whole
+// statement too (it sends the query when called, as pgxpool does, and a
+// failure that Scan meets is retried there with the arguments of the call);
 // Query until its first row, or the end of an empty result, has arrived
 // (Query reads it before returning; later errors are reported by Rows, as
-// with pgxpool); Begin and BeginTx the BEGIN; SendBatch and CopyFrom only
-// getting a connection (a batch's results are read one by one by the
-// caller, and a CopyFromSource cannot be rewound); BeginFunc and
-// BeginTxFunc the whole transaction, on 40001 or a connection lost before
-// COMMIT, like CockroachDB's client-side retry loop.
+// with pgxpool); Begin and BeginTx the BEGIN; SendBatch until the first
+// result has been read; CopyFrom only getting a connection (a
+// CopyFromSource cannot be rewound); BeginFunc and BeginTxFunc the whole
+// transaction, on 40001 or a connection lost before COMMIT, like
+// CockroachDB's client-side retry loop. pgx.BeginFunc(ctx, pool, fn) calls
+// Begin once, so it retries only the BEGIN.
 //
 // Read-only work is: a transaction begun with pgx.ReadOnly access mode, and
 // a statement that a deliberately narrow textual rule accepts — a single
@@ -533,8 +537,9 @@ func (p *Pool) NodeStats() []NodeStat {
 // but it neither retries nor balances on its own; do not Close it directly.
 func (p *Pool) PgxPool() *pgxpool.Pool { return p.pool }
 
-// ClusterConfig returns a copy of the Config used to create the pool.
-func (p *Pool) ClusterConfig() *Config { return p.config.Copy() }
+// ClusterConfig returns a copy of the Config used to create the pool, with
+// the cluster settings in effect: a zero setting reads as its default.
+func (p *Pool) ClusterConfig() *Config { return p.config.withDefaults() }
 
 // Close stops the pool's background work and waits for it to exit, then
 // closes all connections as pgxpool.Pool.Close does: it blocks until every
@@ -587,7 +592,22 @@ func (p *Pool) Stat() *pgxpool.Stat { return p.pool.Stat() }
 // Exec acquires a connection, executes sql and releases the connection.
 // See pgxpool.Pool.Exec.
 func (p *Pool) Exec(ctx context.Context, sql string, arguments ...any) (pgconn.CommandTag, error) {
-	return p.exec(ctx, sql, arguments)
+	l := p.newRetryLoop(ctx)
+	for {
+		c, err := l.conn()
+		if err != nil {
+			return pgconn.CommandTag{}, err
+		}
+		tag, err := c.Exec(ctx, sql, arguments...)
+		if err == nil {
+			c.Release()
+			l.traceSuccess()
+			return tag, nil
+		}
+		if err := l.failed(c, err, StageStatement, readOnlySQL(sql)); err != nil {
+			return tag, err
+		}
+	}
 }
 
 // Query acquires a connection and executes a query that returns rows; the
@@ -599,7 +619,7 @@ func (p *Pool) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, er
 // QueryRow acquires a connection and executes a query expected to return at
 // most one row; the connection is released by Scan. See pgxpool.Pool.QueryRow.
 func (p *Pool) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
-	return &retryRow{p: p, ctx: ctx, sql: sql, args: args}
+	return p.queryRow(ctx, sql, args)
 }
 
 // SendBatch acquires a connection and sends the batch on it. See
@@ -623,7 +643,14 @@ func (p *Pool) BeginTx(ctx context.Context, txOptions pgx.TxOptions) (pgx.Tx, er
 // CopyFrom acquires a connection and copies rows into tableName. See
 // pgxpool.Pool.CopyFrom.
 func (p *Pool) CopyFrom(ctx context.Context, tableName pgx.Identifier, columnNames []string, rowSrc pgx.CopyFromSource) (int64, error) {
-	return p.copyFrom(ctx, tableName, columnNames, rowSrc)
+	l := p.newRetryLoop(ctx)
+	c, err := l.conn()
+	if err != nil {
+		return 0, err
+	}
+	defer c.Release()
+	l.traceSuccess() // the retried part, getting a connection, succeeded
+	return c.Conn().CopyFrom(ctx, tableName, columnNames, rowSrc)
 }
 
 // Ping acquires a connection and checks that the server answers. See

@@ -662,9 +662,9 @@ func TestNewWithConfigErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.MaxRetries = -3
+	cfg.ConnectRate = math.NaN()
 	_, err = NewWithConfig(context.Background(), cfg)
-	if err == nil || !strings.Contains(err.Error(), "MaxRetries") || strings.Contains(err.Error(), "topsecret") {
+	if err == nil || !strings.Contains(err.Error(), "ConnectRate") || strings.Contains(err.Error(), "topsecret") {
 		t.Errorf("NewWithConfig = %v", err)
 	}
 	if _, err := NewWithConfig(context.Background(), nil); err == nil {
@@ -676,7 +676,7 @@ func TestNewWithConfigErrors(t *testing.T) {
 }
 
 // TestWrapPgxpoolConfig: a Config built around an existing pgxpool.Config
-// (cluster fields left zero) works, with the documented zero meanings.
+// (cluster fields left zero) works, with the defaults.
 func TestWrapPgxpoolConfig(t *testing.T) {
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
 	pgxCfg, err := pgxpool.ParseConfig(c.DSN())
@@ -693,7 +693,7 @@ func TestWrapPgxpoolConfig(t *testing.T) {
 	if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
 		t.Fatal(err)
 	}
-	if s := p.settings; s.balanceInterval != DefaultBalanceInterval || s.maxRetries != 0 || !math.IsInf(s.connectRate, 1) {
+	if s := p.settings; s.balanceInterval != DefaultBalanceInterval || s.maxRetries != DefaultMaxRetries || s.connectRate != DefaultConnectRate {
 		t.Errorf("settings from zero fields: %+v", s)
 	}
 	waitCond(t, countsMatch(p, c))

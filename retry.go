@@ -6,10 +6,13 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
+
+// The retry loop of one call: get a connection, run an attempt, and after a
+// failed one settle its connection and node, then decide (a pure function of
+// what the call has seen, the time and the deadline) whether to retry now,
+// back off first, or give up with which error.
 
 // Acquiring away from failed nodes: at most this many connections on
 // avoided nodes are set aside before the pool settles for one of them, and
@@ -23,15 +26,23 @@ const (
 // retryLoop is one call's retry state. It lives on the caller's stack; the
 // first attempt allocates nothing for it.
 type retryLoop struct {
-	p        *Pool
-	ctx      context.Context
-	attempts int
+	p   *Pool
+	ctx context.Context
+	retryState
+	avoid []NodeID // nodes that failed at the connection level
+	bo    *backoff.ExponentialBackOff
+}
+
+// retryState is what a call has learnt from its failed attempts: decide
+// reads it and returns the next one.
+type retryState struct {
+	attempts int      // attempts made, the failed one included
 	nodes    []NodeID // nodes tried, in order of first use
-	avoid    []NodeID // nodes that failed at the connection level
-	bo       *backoff.ExponentialBackOff
-	// lastErr is the last error that was not the caller's context ending:
-	// it says more about why the call failed than "deadline exceeded".
-	lastErr error
+	// lastErr (and lastClass) is the last error that was not the caller's
+	// context ending: it says more about why the call failed than
+	// "deadline exceeded".
+	lastErr   error
+	lastClass ErrorClass
 	// unknown is set once an attempt may have been applied (idempotent work
 	// is retried anyway); the call's error then says so whatever follows.
 	unknown bool
@@ -39,6 +50,21 @@ type retryLoop struct {
 
 func (p *Pool) newRetryLoop(ctx context.Context) retryLoop {
 	return retryLoop{p: p, ctx: ctx}
+}
+
+// conn returns a connection for the next attempt. Failing to get one is an
+// attempt of its own, at StageConnect, retried like any other; conn returns
+// the error for the caller once the loop gives up.
+func (l *retryLoop) conn() (*pgxpool.Conn, error) {
+	for {
+		c, err := l.acquire()
+		if err == nil {
+			return c, nil
+		}
+		if err := l.failed(nil, err, StageConnect, false); err != nil {
+			return nil, err
+		}
+	}
 }
 
 // acquire returns a connection for the next attempt: on the first attempt
@@ -90,144 +116,217 @@ func (p *Pool) otherHealthyNode(avoid []NodeID) bool {
 	return false
 }
 
-// attemptFailed handles the failure err of one attempt at stage. c is the
-// connection the attempt ran on, or nil when acquiring failed; attemptFailed
-// releases it (retiring it first after a connection-level failure). It
-// returns nil when the caller should make another attempt (after sleeping any
-// backoff here), or the error to return to the caller.
-func (l *retryLoop) attemptFailed(c *pgxpool.Conn, err error, stage Stage, readOnly bool) error {
+// failed handles the failure err of one attempt at stage. c is the
+// connection the attempt ran on, or nil when getting one failed; failed
+// releases it. It returns nil when the caller should make another attempt
+// (after sleeping any backoff here), or the error to return to the caller.
+func (l *retryLoop) failed(c *pgxpool.Conn, err error, stage Stage, readOnly bool) error {
 	l.attempts++
-	ctx := l.ctx
-	callerDone := ctx.Err() != nil
-	class := Classify(err)
-	if class == ClassCanceled && !callerDone {
-		// A timeout of the pool's own (connect_timeout, a dial deadline):
-		// the node did not answer in time.
-		class = ClassConnection
-	}
+	callerErr := l.ctx.Err()
+	class := attemptClass(Classify(err), stage, callerErr != nil, c != nil && !c.Conn().IsClosed())
+	n := l.settle(c, class, callerErr != nil)
 
-	if class == ClassConnection && stage == StageTx && c != nil && !c.Conn().IsClosed() {
-		// A BeginFunc function returned a network error while the
-		// transaction's own connection is fine: it came from something
-		// else the function talked to, not from this node.
-		class = ClassPermanent
-	}
-
-	var n *node
-	cut := false // the caller's context cut a call in flight (pgx closed the connection)
-	if c != nil {
-		cut = callerDone && class == ClassCanceled && c.Conn().IsClosed()
-		if cs := connStateOf(c.Conn()); cs != nil {
-			n = cs.node
-			if cut {
-				cs.cut.Store(true)
-			}
-			if !slices.Contains(l.nodes, n.id) {
-				l.nodes = append(l.nodes, n.id)
-			}
-			if class == ClassConnection {
-				cs.retire.Store(true)
-			}
-		}
-		if class == ClassConnection && !c.Conn().IsClosed() {
-			// Closed now so that Release destroys it rather than pooling
-			// it. A done context makes Close skip the Terminate message.
-			closeCtx, cancel := context.WithCancel(context.Background())
-			cancel()
-			c.Conn().Close(closeCtx)
-		}
-		c.Release()
-	}
-	// A caller's own cancellation never counts against a node (the
-	// connection is gone either way; pgx closed it).
-	if class == ClassConnection && !callerDone && n != nil {
-		l.p.nodeFailed(n)
-		l.avoid = append(l.avoid, n.id)
-	}
-	if cut && n != nil {
-		// The caller's deadline cut a call in flight on n: a slow query, or
-		// a node that stopped answering. Not counted against n, but n is
-		// asked in the background whether it still answers (health.go).
-		l.p.callCut(n)
-	}
-
-	params := RetryParams{
-		Err:        err,
-		Class:      class,
-		Attempt:    l.attempts,
-		MaxRetries: l.p.settings.maxRetries,
-		Stage:      stage,
-		Sent:       stage != StageConnect && !notSent(err),
-		ReadOnly:   readOnly,
-		Idempotent: isIdempotent(ctx),
+	f := failure{
+		RetryParams: RetryParams{
+			Err:        err,
+			Class:      class,
+			Attempt:    l.attempts,
+			MaxRetries: l.p.settings.maxRetries,
+			Stage:      stage,
+			Sent:       stage != StageConnect && !notSent(err),
+			ReadOnly:   readOnly,
+			Idempotent: isIdempotent(l.ctx),
+		},
+		callerErr: callerErr,
+		noRetry:   retryDisabled(l.ctx),
 	}
 	if n != nil {
-		params.Node = n.id
-	}
-	unknown := params.OutcomeUnknown() || l.unknown
-	if callerDone {
-		// The caller's context ended the call. A write or COMMIT it
-		// interrupted after sending may have been applied: the error says
-		// so (and still matches the context error).
-		if l.attempts == 1 && !unknown {
-			return err
-		}
-		if class == ClassCanceled && l.lastErr != nil {
-			err = l.lastErr
-		}
-		return l.giveUp(err, unknown, ctx.Err())
-	}
-	l.lastErr = err
-	l.unknown = unknown
-	if retryDisabled(ctx) || l.attempts > l.p.settings.maxRetries {
-		return l.giveUp(err, unknown, nil)
+		f.Node = n.id
 	}
 	policy := l.p.config.RetryPolicy
 	if policy == nil {
 		policy = DefaultRetryPolicy
 	}
-	if !policy(ctx, params) {
-		return l.giveUp(err, unknown, nil)
-	}
-
-	// A retry on another node goes at once: that node did not fail. Going
-	// back to the same node, or waiting out a conflict, backs off.
-	var delay time.Duration
-	if class == ClassRestartTxn || !l.p.otherHealthyNode(l.avoid) {
-		if l.bo == nil {
-			l.bo = newBackoff()
-		}
-		deadline, hasDeadline := ctx.Deadline()
-		d, ok := nextBackoff(l.bo.NextBackOff(), time.Now(), deadline, hasDeadline)
-		if !ok {
-			return l.giveUp(err, unknown, nil)
-		}
-		delay = d
+	deadline, hasDeadline := l.ctx.Deadline()
+	v := decide(l.retryState, f, time.Now(), deadline, hasDeadline, retryEnv{
+		allow:     func(p RetryParams) bool { return policy(l.ctx, p) },
+		otherNode: func() bool { return l.p.otherHealthyNode(l.avoid) },
+		backoff: func() time.Duration {
+			if l.bo == nil {
+				l.bo = newBackoff()
+			}
+			return l.bo.NextBackOff()
+		},
+	})
+	l.retryState = v.state
+	if !v.retry {
+		l.traceGiveUp(v)
+		return v.err
 	}
 	if n != nil {
 		n.retries.Add(1)
 	}
-	l.p.obs.retrying(ctx, params, delay)
-	if serr := sleepCtx(ctx, l.p.bgCtx.Done(), delay); serr != nil {
-		return l.giveUp(err, unknown, serr)
+	l.p.obs.retrying(l.ctx, f.RetryParams, v.delay)
+	if serr := sleepCtx(l.ctx, l.p.bgCtx.Done(), v.delay); serr != nil {
+		v := giveUp(l.retryState, l.lastErr, l.lastClass, l.unknown, serr)
+		l.traceGiveUp(v)
+		return v.err
 	}
 	return nil
 }
 
-// giveUp returns the error for the caller: the driver's error unchanged when
-// there was a single attempt with a known outcome, else a *RetryError.
-func (l *retryLoop) giveUp(err error, unknown bool, interrupted error) error {
-	l.traceGiveUp(err, unknown, interrupted)
-	if l.attempts == 1 && !unknown && interrupted == nil {
-		return err
+// attemptClass is what a failed attempt's error class means for the retry:
+// a context error while the caller's context is live is a timeout of the
+// pool's own (connect_timeout, a dial deadline), so the node did not answer
+// in time; and a network error that a BeginFunc function returns while the
+// transaction's own connection is fine came from something else the
+// function talked to, not from this node.
+func attemptClass(class ErrorClass, stage Stage, callerDone, connOpen bool) ErrorClass {
+	if class == ClassCanceled && !callerDone {
+		class = ClassConnection
 	}
-	return &RetryError{
-		Attempts:       l.attempts,
-		Nodes:          slices.Clone(l.nodes),
-		Err:            err,
-		OutcomeUnknown: unknown,
-		Interrupted:    interrupted,
+	if class == ClassConnection && stage == StageTx && connOpen {
+		class = ClassPermanent
 	}
+	return class
+}
+
+// settle releases the failed attempt's connection c (nil when getting one
+// failed) and reports what the failure says about its node, which it
+// returns (nil when not known). After a connection-level failure c is
+// destroyed rather than pooled, the node is evicted (unless the caller's own
+// context ended the attempt, which never counts against a node) and the
+// rest of the call avoids it. A call in flight that the caller's deadline
+// cut gets its node checked in the background (health.go): a slow query,
+// or a node that stopped answering.
+func (l *retryLoop) settle(c *pgxpool.Conn, class ErrorClass, callerDone bool) *node {
+	if c == nil {
+		return nil
+	}
+	var n *node
+	cut := callerDone && class == ClassCanceled && c.Conn().IsClosed() // pgx closed it
+	if cs := connStateOf(c.Conn()); cs != nil {
+		n = cs.node
+		if cut {
+			cs.cut.Store(true)
+		}
+		if !slices.Contains(l.nodes, n.id) {
+			l.nodes = append(l.nodes, n.id)
+		}
+		if class == ClassConnection {
+			cs.retire.Store(true)
+		}
+	}
+	if class == ClassConnection && !c.Conn().IsClosed() {
+		// Closed now so that Release destroys it rather than pooling it.
+		// A done context makes Close skip the Terminate message.
+		closeCtx, cancel := context.WithCancel(context.Background())
+		cancel()
+		c.Conn().Close(closeCtx)
+	}
+	c.Release()
+	if n == nil {
+		return nil
+	}
+	if class == ClassConnection && !callerDone {
+		l.p.nodeFailed(n)
+		l.avoid = append(l.avoid, n.id)
+	}
+	if cut {
+		l.p.callCut(n)
+	}
+	return n
+}
+
+// failure is what the loop knows about one failed attempt.
+type failure struct {
+	RetryParams       // as the policy sees them
+	callerErr   error // the caller's context error; nil while it is live
+	noRetry     bool  // the work was marked WithoutRetry
+}
+
+// retryEnv holds decide's questions to the pool, each asked only when its
+// answer matters: whether the policy allows another attempt, whether a
+// healthy node that has not failed is known, and the backoff's next
+// interval (asking advances the backoff).
+type retryEnv struct {
+	allow     func(RetryParams) bool
+	otherNode func() bool
+	backoff   func() time.Duration
+}
+
+// verdict is decide's answer.
+type verdict struct {
+	retry bool
+	delay time.Duration // before the next attempt, when retry
+	// err is the caller's error when the call ends: the driver's error
+	// unchanged after a single attempt with a known outcome, else a
+	// *RetryError wrapping cause.
+	err     error
+	cause   error      // the error the call ends with, unwrapped
+	class   ErrorClass // cause's class, as the policy saw it
+	outcome RetryOutcome
+	state   retryState
+}
+
+// decide returns what follows the failed attempt f, given what the call
+// learnt before it (s, whose attempts and nodes already count f), the time
+// and the caller's deadline. It is pure apart from env's questions.
+func decide(s retryState, f failure, now, deadline time.Time, hasDeadline bool, env retryEnv) verdict {
+	unknown := f.OutcomeUnknown() || s.unknown
+	if f.callerErr != nil {
+		// The caller's context ended the call. A write or COMMIT it
+		// interrupted after sending may have been applied: the error says
+		// so (and still matches the context error).
+		if s.attempts == 1 && !unknown {
+			return giveUp(s, f.Err, f.Class, false, nil)
+		}
+		err, class := f.Err, f.Class
+		if class == ClassCanceled && s.lastErr != nil {
+			err, class = s.lastErr, s.lastClass
+		}
+		return giveUp(s, err, class, unknown, f.callerErr)
+	}
+	s.lastErr, s.lastClass, s.unknown = f.Err, f.Class, unknown
+	if f.noRetry || s.attempts > f.MaxRetries || !env.allow(f.RetryParams) {
+		return giveUp(s, f.Err, f.Class, unknown, nil)
+	}
+	// A retry on another node goes at once: that node did not fail. Going
+	// back to the same node, or waiting out a conflict, backs off.
+	var delay time.Duration
+	if f.Class == ClassRestartTxn || !env.otherNode() {
+		d, ok := nextBackoff(env.backoff(), now, deadline, hasDeadline)
+		if !ok {
+			// The backoff has no elapsed-time limit: only the deadline
+			// stops it.
+			return giveUp(s, f.Err, f.Class, unknown, errDeadlineTooNear)
+		}
+		delay = d
+	}
+	return verdict{retry: true, delay: delay, state: s}
+}
+
+// giveUp is the verdict that ends the call with err (of class class): the
+// error unchanged when there was a single attempt with a known outcome and
+// no interruption, else a *RetryError.
+func giveUp(s retryState, err error, class ErrorClass, unknown bool, interrupted error) verdict {
+	v := verdict{
+		err:     err,
+		cause:   err,
+		class:   class,
+		outcome: giveUpOutcome(s.attempts, unknown, interrupted),
+		state:   s,
+	}
+	if s.attempts > 1 || unknown || interrupted != nil {
+		v.err = &RetryError{
+			Attempts:       s.attempts,
+			Nodes:          slices.Clone(s.nodes),
+			Err:            err,
+			OutcomeUnknown: unknown,
+			Interrupted:    interrupted,
+		}
+	}
+	return v
 }
 
 // nodeFailed is drain-aware eviction: after a connection-level failure on
@@ -249,43 +348,4 @@ func (p *Pool) nodeFailed(n *node) {
 	if first {
 		p.retireIdle(context.Background())
 	}
-}
-
-// exec is Exec with retries.
-func (p *Pool) exec(ctx context.Context, sql string, args []any) (pgconn.CommandTag, error) {
-	l := p.newRetryLoop(ctx)
-	for {
-		c, err := l.acquire()
-		if err != nil {
-			if err := l.attemptFailed(nil, err, StageConnect, false); err != nil {
-				return pgconn.CommandTag{}, err
-			}
-			continue
-		}
-		tag, err := c.Exec(ctx, sql, args...)
-		if err == nil {
-			c.Release()
-			l.traceSuccess()
-			return tag, nil
-		}
-		if err := l.attemptFailed(c, err, StageStatement, readOnlySQL(sql)); err != nil {
-			return tag, err
-		}
-	}
-}
-
-// copyFrom is CopyFrom with retries of the acquire only: the rows source
-// cannot be rewound, so once COPY has started nothing is retried.
-func (p *Pool) copyFrom(ctx context.Context, tableName pgx.Identifier, columnNames []string, rowSrc pgx.CopyFromSource) (int64, error) {
-	l := p.newRetryLoop(ctx)
-	c, err := l.acquire()
-	for err != nil {
-		if err := l.attemptFailed(nil, err, StageConnect, false); err != nil {
-			return 0, err
-		}
-		c, err = l.acquire()
-	}
-	defer c.Release()
-	l.traceSuccess() // the retried part, getting a connection, succeeded
-	return c.Conn().CopyFrom(ctx, tableName, columnNames, rowSrc)
 }

@@ -9,12 +9,16 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/clusterpool/clusterpool/clustertest"
 )
 
 // notSentError stands for the pgconn errors that implement SafeToRetry.
@@ -244,8 +248,25 @@ func TestRetryError(t *testing.T) {
 	if !errors.Is(interrupted, context.DeadlineExceeded) || !errors.Is(interrupted, io.EOF) {
 		t.Errorf("interrupted error does not match: %v", interrupted)
 	}
-	if got := interrupted.Error(); !strings.Contains(got, "after 2 attempts on nodes [1]") {
-		t.Errorf("Error() = %q", got)
+	if got, want := interrupted.Error(), "clusterpool: context deadline exceeded after 2 attempts on nodes [1]: EOF"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
+
+	// Attempts on no known node (every connect failed): no empty list.
+	refused := fmt.Errorf("failed to connect: %w", sysErr(syscall.ECONNREFUSED))
+	noNodes := error(&RetryError{Attempts: 6, Err: refused})
+	if got, want := noNodes.Error(), "clusterpool: gave up after 6 attempts: failed to connect: read tcp: read: connection refused"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
+
+	// The deadline too near for the next attempt's backoff ended the
+	// retries: the error matches the deadline and says so.
+	near := error(&RetryError{Attempts: 3, Nodes: []NodeID{2}, Err: refused, Interrupted: errDeadlineTooNear})
+	if !errors.Is(near, context.DeadlineExceeded) || !errors.Is(near, syscall.ECONNREFUSED) {
+		t.Errorf("deadline-ended error does not match: %v", near)
+	}
+	if got, want := near.Error(), "clusterpool: context deadline too near to retry after 3 attempts on nodes [2]: failed to connect: read tcp: read: connection refused"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
 	}
 
 	// A write the caller's deadline cut after it was sent: one attempt,
@@ -412,4 +433,403 @@ func FuzzReadOnlySQL(f *testing.F) {
 			t.Errorf("readOnlySQL(%q) = true", sql)
 		}
 	})
+}
+
+// TestDecide runs the retry decision over a table, without a cluster or a
+// clock: what follows a failed attempt given what the call saw before it,
+// the time and the caller's deadline.
+func TestDecide(t *testing.T) {
+	now := time.Unix(1000, 0)
+	refused := sysErr(syscall.ECONNREFUSED)
+	conflict := pgErr("40001")
+	unique := pgErr("23505")
+	cut := fmt.Errorf("timeout: %w", context.DeadlineExceeded)
+	type want struct {
+		retry       bool
+		delay       time.Duration
+		raw         bool         // the caller gets the attempt's error unchanged
+		cause       error        // the error the call ends with (RetryError.Err)
+		class       ErrorClass   // cause's class, as traced
+		attempts    int          // RetryError.Attempts
+		unknown     bool         // RetryError.OutcomeUnknown
+		interrupted error        // RetryError.Interrupted
+		outcome     RetryOutcome // the trace event; 0 for none
+	}
+	tests := []struct {
+		name        string
+		state       retryState // attempts already counts the failed one
+		f           failure
+		deadline    time.Duration // from now; 0: none
+		otherNode   bool
+		policy      bool
+		backoff     time.Duration
+		want        want
+		askedOther  bool // whether decide may ask for another node
+		askedPolicy bool // whether decide may ask the policy
+	}{
+		{
+			name:  "permanent error at the first attempt: unchanged, as pgxpool returns it",
+			state: retryState{attempts: 1},
+			f:     failure{RetryParams: RetryParams{Err: unique, Class: ClassPermanent, Attempt: 1, MaxRetries: 5, Stage: StageStatement, Sent: true}},
+			want:  want{raw: true, cause: unique, class: ClassPermanent},
+			// DefaultRetryPolicy would say no; here the policy is asked.
+			askedPolicy: true,
+		},
+		{
+			name:      "connect refused, another healthy node known: at once",
+			state:     retryState{attempts: 1},
+			f:         failure{RetryParams: RetryParams{Err: refused, Class: ClassConnection, Attempt: 1, MaxRetries: 5, Stage: StageConnect}},
+			otherNode: true, policy: true, backoff: 40 * time.Millisecond,
+			want:       want{retry: true},
+			askedOther: true, askedPolicy: true,
+		},
+		{
+			name:      "connect refused, no other node: back off",
+			state:     retryState{attempts: 2},
+			f:         failure{RetryParams: RetryParams{Err: refused, Class: ClassConnection, Attempt: 2, MaxRetries: 5, Stage: StageConnect}},
+			otherNode: false, policy: true, backoff: 40 * time.Millisecond,
+			want:       want{retry: true, delay: 40 * time.Millisecond},
+			askedOther: true, askedPolicy: true,
+		},
+		{
+			name:   "40001 backs off even with another node",
+			state:  retryState{attempts: 1},
+			f:      failure{RetryParams: RetryParams{Err: conflict, Class: ClassRestartTxn, Attempt: 1, MaxRetries: 5, Stage: StageStatement, Sent: true}},
+			policy: true, otherNode: true, backoff: 5 * time.Second,
+			want:        want{retry: true, delay: backoffMax},
+			askedPolicy: true,
+		},
+		{
+			name:     "backoff fits before the deadline",
+			state:    retryState{attempts: 1},
+			f:        failure{RetryParams: RetryParams{Err: conflict, Class: ClassRestartTxn, Attempt: 1, MaxRetries: 5, Stage: StageStatement, Sent: true}},
+			deadline: time.Second, policy: true, backoff: 40 * time.Millisecond,
+			want:        want{retry: true, delay: 40 * time.Millisecond},
+			askedPolicy: true,
+		},
+		{
+			name:     "the deadline leaves no time for the backoff: the deadline ends the call",
+			state:    retryState{attempts: 3, nodes: []NodeID{2}},
+			f:        failure{RetryParams: RetryParams{Err: conflict, Class: ClassRestartTxn, Attempt: 3, MaxRetries: 5, Stage: StageStatement, Sent: true}},
+			deadline: 30 * time.Millisecond, policy: true, backoff: 40 * time.Millisecond,
+			want:        want{cause: conflict, class: ClassRestartTxn, attempts: 3, interrupted: errDeadlineTooNear, outcome: RetryInterrupted},
+			askedPolicy: true,
+		},
+		{
+			name:     "the deadline leaves no time even at the first attempt",
+			state:    retryState{attempts: 1},
+			f:        failure{RetryParams: RetryParams{Err: refused, Class: ClassConnection, Attempt: 1, MaxRetries: 5, Stage: StageConnect}},
+			deadline: 10 * time.Millisecond, policy: true, backoff: 25 * time.Millisecond,
+			want:       want{cause: refused, class: ClassConnection, attempts: 1, interrupted: errDeadlineTooNear, outcome: RetryInterrupted},
+			askedOther: true, askedPolicy: true,
+		},
+		{
+			name:  "attempts used up",
+			state: retryState{attempts: 6},
+			f:     failure{RetryParams: RetryParams{Err: refused, Class: ClassConnection, Attempt: 6, MaxRetries: 5, Stage: StageConnect}},
+			want:  want{cause: refused, class: ClassConnection, attempts: 6, outcome: RetryGaveUp},
+		},
+		{
+			name:  "retries off: the first error unchanged",
+			state: retryState{attempts: 1},
+			f:     failure{RetryParams: RetryParams{Err: refused, Class: ClassConnection, Attempt: 1, MaxRetries: 0, Stage: StageConnect}},
+			want:  want{raw: true, cause: refused, class: ClassConnection},
+		},
+		{
+			name:  "WithoutRetry, outcome unknown: still says so",
+			state: retryState{attempts: 1, nodes: []NodeID{1}},
+			f:     failure{RetryParams: RetryParams{Err: io.ErrUnexpectedEOF, Class: ClassConnection, Attempt: 1, MaxRetries: 5, Stage: StageStatement, Sent: true}, noRetry: true},
+			want:  want{cause: io.ErrUnexpectedEOF, class: ClassConnection, attempts: 1, unknown: true, outcome: RetryOutcomeUnknown},
+		},
+		{
+			name:        "policy declines",
+			state:       retryState{attempts: 2},
+			f:           failure{RetryParams: RetryParams{Err: refused, Class: ClassConnection, Attempt: 2, MaxRetries: 5, Stage: StageConnect}},
+			policy:      false,
+			want:        want{cause: refused, class: ClassConnection, attempts: 2, outcome: RetryGaveUp},
+			askedPolicy: true,
+		},
+		{
+			name:  "an earlier unknown outcome sticks",
+			state: retryState{attempts: 2, unknown: true, lastErr: io.EOF, lastClass: ClassConnection},
+			f:     failure{RetryParams: RetryParams{Err: unique, Class: ClassPermanent, Attempt: 2, MaxRetries: 5, Stage: StageStatement, Sent: true}},
+			want:  want{cause: unique, class: ClassPermanent, attempts: 2, unknown: true, outcome: RetryOutcomeUnknown},
+			// The policy is asked and says no.
+			askedPolicy: true,
+		},
+		{
+			name:  "caller's context ends the first attempt: its error unchanged",
+			state: retryState{attempts: 1},
+			f:     failure{RetryParams: RetryParams{Err: cut, Class: ClassCanceled, Attempt: 1, MaxRetries: 5, Stage: StageStatement, Sent: true, ReadOnly: true}, callerErr: context.DeadlineExceeded},
+			want:  want{raw: true, cause: cut, class: ClassCanceled},
+		},
+		{
+			name:  "caller's context cuts a write after it was sent",
+			state: retryState{attempts: 1, nodes: []NodeID{3}},
+			f:     failure{RetryParams: RetryParams{Err: cut, Class: ClassCanceled, Attempt: 1, MaxRetries: 5, Stage: StageStatement, Sent: true}, callerErr: context.DeadlineExceeded},
+			want:  want{cause: cut, class: ClassCanceled, attempts: 1, unknown: true, interrupted: context.DeadlineExceeded, outcome: RetryOutcomeUnknown},
+		},
+		{
+			name:  "caller's deadline after retries: the earlier error, which says more",
+			state: retryState{attempts: 3, nodes: []NodeID{1, 2}, lastErr: refused, lastClass: ClassConnection},
+			f:     failure{RetryParams: RetryParams{Err: cut, Class: ClassCanceled, Attempt: 3, MaxRetries: 5, Stage: StageConnect}, callerErr: context.DeadlineExceeded},
+			want:  want{cause: refused, class: ClassConnection, attempts: 3, interrupted: context.DeadlineExceeded, outcome: RetryInterrupted},
+		},
+		{
+			name:      "idempotent write lost with its connection: retried, unknown remembered",
+			state:     retryState{attempts: 1, nodes: []NodeID{1}},
+			f:         failure{RetryParams: RetryParams{Err: io.EOF, Class: ClassConnection, Attempt: 1, MaxRetries: 5, Stage: StageStatement, Sent: true, Idempotent: true}},
+			otherNode: true, policy: true,
+			want:       want{retry: true},
+			askedOther: true, askedPolicy: true,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var askedOther, askedPolicy, askedBackoff bool
+			deadline, has := time.Time{}, tt.deadline != 0
+			if has {
+				deadline = now.Add(tt.deadline)
+			}
+			v := decide(tt.state, tt.f, now, deadline, has, retryEnv{
+				allow:     func(RetryParams) bool { askedPolicy = true; return tt.policy },
+				otherNode: func() bool { askedOther = true; return tt.otherNode },
+				backoff:   func() time.Duration { askedBackoff = true; return tt.backoff },
+			})
+			w := tt.want
+			if askedOther && !tt.askedOther || askedPolicy != tt.askedPolicy {
+				t.Errorf("asked for another node %v (allowed %v), the policy %v (want %v)", askedOther, tt.askedOther, askedPolicy, tt.askedPolicy)
+			}
+			if askedBackoff && w.retry && w.delay == 0 {
+				t.Errorf("drew a backoff for a retry that goes at once")
+			}
+			if v.retry != w.retry || v.delay != w.delay {
+				t.Fatalf("retry %v after %v, want %v after %v (err %v)", v.retry, v.delay, w.retry, w.delay, v.err)
+			}
+			if w.retry {
+				if v.state.attempts != tt.state.attempts || v.state.lastErr != tt.f.Err {
+					t.Errorf("state %+v does not record the attempt", v.state)
+				}
+				if v.state.unknown != tt.f.OutcomeUnknown() {
+					t.Errorf("state.unknown = %v", v.state.unknown)
+				}
+				return
+			}
+			if v.cause != w.cause || v.class != w.class || v.outcome != w.outcome {
+				t.Errorf("ends with %v (%v), outcome %v; want %v (%v), outcome %v", v.cause, v.class, v.outcome, w.cause, w.class, w.outcome)
+			}
+			if w.raw {
+				if v.err != tt.f.Err {
+					t.Errorf("err = %v, want the attempt's error unchanged", v.err)
+				}
+				return
+			}
+			var re *RetryError
+			if !errors.As(v.err, &re) {
+				t.Fatalf("err = %v (%T), want a *RetryError", v.err, v.err)
+			}
+			if re.Attempts != w.attempts || re.Err != w.cause || re.OutcomeUnknown != w.unknown || re.Interrupted != w.interrupted {
+				t.Errorf("RetryError %+v, want attempts %d, err %v, unknown %v, interrupted %v", re, w.attempts, w.cause, w.unknown, w.interrupted)
+			}
+			if !slices.Equal(re.Nodes, tt.state.nodes) {
+				t.Errorf("RetryError.Nodes = %v, want %v", re.Nodes, tt.state.nodes)
+			}
+			if w.interrupted != nil {
+				if !errors.Is(v.err, context.DeadlineExceeded) || !strings.Contains(v.err.Error(), "deadline") {
+					t.Errorf("err = %q: the caller's deadline ended the call but it does not say so", v.err)
+				}
+			}
+		})
+	}
+}
+
+func TestAttemptClass(t *testing.T) {
+	tests := []struct {
+		class            ErrorClass
+		stage            Stage
+		callerDone, open bool
+		want             ErrorClass
+	}{
+		{ClassCanceled, StageConnect, false, false, ClassConnection}, // a connect_timeout
+		{ClassCanceled, StageStatement, true, false, ClassCanceled},  // the caller's
+		{ClassConnection, StageTx, false, true, ClassPermanent},      // fn's own network error
+		{ClassConnection, StageTx, false, false, ClassConnection},    // the transaction's connection broke
+		{ClassCanceled, StageTx, false, true, ClassPermanent},        // fn's own timeout
+		{ClassConnection, StageStatement, false, true, ClassConnection},
+		{ClassRestartTxn, StageTx, false, true, ClassRestartTxn},
+	}
+	for _, tt := range tests {
+		if got := attemptClass(tt.class, tt.stage, tt.callerDone, tt.open); got != tt.want {
+			t.Errorf("attemptClass(%v, %v, callerDone %v, open %v) = %v, want %v", tt.class, tt.stage, tt.callerDone, tt.open, got, tt.want)
+		}
+	}
+}
+
+// retryEvents records a pool's retry events.
+type retryEvents struct {
+	mu      sync.Mutex
+	retries []TraceRetryData
+	ends    []TraceRetryEndData
+}
+
+func (r *retryEvents) TraceRetry(_ context.Context, _ *Pool, d TraceRetryData) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.retries = append(r.retries, d)
+}
+
+func (r *retryEvents) TraceRetryEnd(_ context.Context, _ *Pool, d TraceRetryEndData) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ends = append(r.ends, d)
+}
+
+// silentServer accepts connections and never answers, like a partitioned
+// node; it returns the address.
+func silentServer(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return ln.Addr().String()
+}
+
+// A connect that times out on the pool's own connect_timeout is a context
+// error while the caller's context is live: the retry policy sees it as a
+// connection failure. Both retry events name that class, the one the
+// policy decided on; TraceRetryEnd used to carry the raw class (canceled).
+func TestRetryTraceClassesAgree(t *testing.T) {
+	cfg, err := ParseConfig("postgres://u@" + silentServer(t) + "/db?sslmode=disable&cluster_max_retries=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.ConnConfig.ConnectTimeout = 50 * time.Millisecond
+	events := &retryEvents{}
+	cfg.Tracer = events
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	p, err := NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	_, err = p.Exec(ctx, "SELECT 1")
+	var re *RetryError
+	if !errors.As(err, &re) || re.Attempts != 2 {
+		t.Fatalf("Exec = %v, want a *RetryError after 2 attempts", err)
+	}
+	if errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, ErrOutcomeUnknown) && strings.Contains(err.Error(), "context deadline exceeded after") {
+		t.Errorf("the pool's own connect timeout reads as the caller's deadline: %v", err)
+	}
+	events.mu.Lock()
+	defer events.mu.Unlock()
+	if len(events.retries) != 1 || len(events.ends) != 1 {
+		t.Fatalf("events: %d retries, %d ends; want 1 and 1", len(events.retries), len(events.ends))
+	}
+	if r, e := events.retries[0].Class, events.ends[0].Class; r != ClassConnection || e != r {
+		t.Errorf("TraceRetryData.Class = %v, TraceRetryEndData.Class = %v; want both %v", r, e, ClassConnection)
+	}
+}
+
+// deadAddr returns an address nobody listens on.
+func deadAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// Exec on a dead address gives up after its attempts with an error that
+// names them, and no empty node list: no node was ever reached.
+func TestRetryDeadAddressError(t *testing.T) {
+	p := startPool(t, "postgres://u@"+deadAddr(t)+"/db?sslmode=disable", nil)
+	_, err := p.Exec(testCtx(t), "SELECT 1")
+	var re *RetryError
+	if !errors.As(err, &re) || re.Attempts != DefaultMaxRetries+1 || len(re.Nodes) != 0 {
+		t.Fatalf("Exec = %v, want a *RetryError after %d attempts on no node", err, DefaultMaxRetries+1)
+	}
+	if want := fmt.Sprintf("clusterpool: gave up after %d attempts: failed to connect to ", DefaultMaxRetries+1); !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("Exec error %q does not start %q", err, want)
+	}
+	if strings.Contains(err.Error(), "nodes") || !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("Exec error %q", err)
+	}
+}
+
+// When the caller's deadline ends the retries, whether it passes during an
+// attempt or a backoff or is too near for the next backoff, the error
+// matches context.DeadlineExceeded and says so. MaxRetries is high, so only
+// the deadline can end these calls.
+func TestRetryDeadlineEndsRetries(t *testing.T) {
+	p := startPool(t, "postgres://u@"+deadAddr(t)+"/db?sslmode=disable&cluster_max_retries=1000", nil)
+	for _, timeout := range []time.Duration{30 * time.Millisecond, 300 * time.Millisecond, time.Second} {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		_, err := p.Exec(ctx, "SELECT 1")
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "deadline") {
+			t.Errorf("Exec with a %v deadline = %v, want an error matching and naming the deadline", timeout, err)
+		}
+	}
+}
+
+// QueryRow sends its query when called, with the arguments as they are
+// then; a failure that Scan meets (here a 40001 on the first execution) is
+// retried with those same arguments, not with what the caller's slice holds
+// by the time of Scan.
+func TestQueryRowRetryKeepsArguments(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, Postgres: true})
+	if err := c.Nodes()[0].ExecDirect(testCtx(t), `
+		CREATE SEQUENCE flaky_calls;
+		CREATE FUNCTION flaky(v int) RETURNS int LANGUAGE plpgsql AS $$
+		BEGIN
+			IF nextval('flaky_calls') = 1 THEN
+				RAISE EXCEPTION 'first call fails' USING ERRCODE = '40001';
+			END IF;
+			RETURN v;
+		END $$`); err != nil {
+		t.Fatal(err)
+	}
+	events := &retryEvents{}
+	p := startPool(t, c.DSN(), func(cfg *Config) { cfg.Tracer = events })
+	args := []any{1}
+	row := p.QueryRow(testCtx(t), "SELECT flaky($1)", args...)
+	args[0] = 99
+	var v int
+	if err := row.Scan(&v); err != nil || v != 1 {
+		t.Fatalf("Scan = %d, %v; want 1, nil", v, err)
+	}
+	events.mu.Lock()
+	defer events.mu.Unlock()
+	if len(events.ends) != 1 || events.ends[0].Outcome != RetrySucceeded || events.ends[0].Attempts != 2 {
+		t.Errorf("retry ends %+v, want one success after 2 attempts", events.ends)
+	}
 }

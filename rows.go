@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"context"
 	"errors"
+	"slices"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -10,35 +11,75 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// retryRow is QueryRow's pgx.Row: Scan runs the query, scans and retries as
-// a whole, so a failed Scan re-runs the query.
+// queryRow is QueryRow with retries. As with pgxpool, the query is sent
+// now, with the arguments as they are now, and the row is read by Scan; a
+// failure that Scan meets is retried there, with the same arguments.
+func (p *Pool) queryRow(ctx context.Context, sql string, args []any) pgx.Row {
+	l := p.newRetryLoop(ctx)
+	c, err := l.conn()
+	if err != nil {
+		return errRows{err: err}
+	}
+	return &retryRow{
+		l:    l,
+		sql:  sql,
+		args: slices.Clone(args), // a retry sends what this call was given
+		c:    c,
+		row:  c.QueryRow(ctx, sql, args...),
+	}
+}
+
+// retryRow is QueryRow's pgx.Row: the first attempt's row, whose Scan runs
+// the next attempts when it fails in a way the policy retries.
 type retryRow struct {
-	p    *Pool
-	ctx  context.Context
+	l    retryLoop
 	sql  string
 	args []any
+	c    *pgxpool.Conn // released by Scan
+	row  pgx.Row
 }
 
 func (r *retryRow) Scan(dest ...any) error {
-	l := r.p.newRetryLoop(r.ctx)
-	for {
-		c, err := l.acquire()
-		if err != nil {
-			if err := l.attemptFailed(nil, err, StageConnect, false); err != nil {
-				return err
-			}
-			continue
-		}
-		err = c.QueryRow(r.ctx, r.sql, r.args...).Scan(dest...)
-		if err == nil || errors.Is(err, pgx.ErrNoRows) {
-			c.Release()
-			l.traceSuccess()
-			return err
-		}
-		if err := l.attemptFailed(c, err, StageStatement, readOnlySQL(r.sql)); err != nil {
-			return err
-		}
+	if r.c == nil {
+		return r.row.Scan(dest...) // scanned before: pgx's answer for a second Scan
 	}
+	for {
+		err := r.scan(dest)
+		if err == nil || errors.Is(err, pgx.ErrNoRows) {
+			r.l.traceSuccess()
+			return err
+		}
+		if err := r.l.failed(r.c, err, StageStatement, readOnlySQL(r.sql)); err != nil {
+			r.c = nil
+			return err
+		}
+		c, err := r.l.conn()
+		if err != nil {
+			r.c = nil
+			return err
+		}
+		r.c, r.row = c, c.QueryRow(r.l.ctx, r.sql, r.args...)
+	}
+}
+
+// scan scans the current attempt's row. On success its connection goes back
+// to the pool; on failure the connection stays for the retry loop to settle.
+// A panic in a scanner releases it, as pgxpool's row does.
+func (r *retryRow) scan(dest []any) error {
+	panicked := true
+	defer func() {
+		if panicked {
+			r.c.Release()
+			r.c = nil
+		}
+	}()
+	err := r.row.Scan(dest...)
+	panicked = false
+	if err == nil || errors.Is(err, pgx.ErrNoRows) {
+		r.c.Release()
+		r.c = nil
+	}
+	return err
 }
 
 // query is Query with retries until the first row (or the end of an empty
@@ -46,12 +87,9 @@ func (r *retryRow) Scan(dest ...any) error {
 func (p *Pool) query(ctx context.Context, sql string, args []any) (pgx.Rows, error) {
 	l := p.newRetryLoop(ctx)
 	for {
-		c, err := l.acquire()
+		c, err := l.conn()
 		if err != nil {
-			if err := l.attemptFailed(nil, err, StageConnect, false); err != nil {
-				return errRows{err: err}, err
-			}
-			continue
+			return errRows{err: err}, err
 		}
 		rows, err := c.Query(ctx, sql, args...)
 		if err == nil {
@@ -66,7 +104,7 @@ func (p *Pool) query(ctx context.Context, sql string, args []any) (pgx.Rows, err
 			err = rows.Err()
 			rows.Close()
 		}
-		if err := l.attemptFailed(c, err, StageStatement, readOnlySQL(sql)); err != nil {
+		if err := l.failed(c, err, StageStatement, readOnlySQL(sql)); err != nil {
 			return errRows{err: err}, err
 		}
 	}

@@ -131,7 +131,8 @@ type TraceRetryData struct {
 	Attempt int
 	// Node is the node the attempt ran on; 0 when not known.
 	Node NodeID
-	// Err is the attempt's error and Class its classification.
+	// Err is the attempt's error and Class its class as the retry policy
+	// saw it (RetryParams.Class).
 	Err   error
 	Class ErrorClass
 	// Stage is how far the work had got.
@@ -150,7 +151,8 @@ type TraceRetryEndData struct {
 	// use, without repeats; attempts on an unknown node are not listed.
 	Nodes []NodeID
 	// Err is the last attempt's error (nil when Outcome is RetrySucceeded)
-	// and Class its classification. The caller gets Err wrapped in a
+	// and Class its class as the retry policy saw it (RetryParams.Class,
+	// the same as TraceRetryData.Class). The caller gets Err wrapped in a
 	// *RetryError.
 	Err   error
 	Class ErrorClass
@@ -588,21 +590,15 @@ func (o *observer) retrying(ctx context.Context, params RetryParams, delay time.
 	}
 }
 
-// retryEnded reports a call's end after retries (or a refused retry); err
-// is the last attempt's error.
-func (o *observer) retryEnded(ctx context.Context, outcome RetryOutcome, attempts int, nodes []NodeID, err error) {
+// retryEnded reports a call's end after retries (or a refused retry).
+func (o *observer) retryEnded(ctx context.Context, data TraceRetryEndData) {
 	if o == nil {
 		return
 	}
-	o.counters.retryOutcomes[outcome].Add(1)
+	o.counters.retryOutcomes[data.Outcome].Add(1)
 	if o.retry != nil {
-		o.retry.TraceRetryEnd(ctx, o.pool, TraceRetryEndData{
-			Outcome:  outcome,
-			Attempts: attempts,
-			Nodes:    slices.Clone(nodes),
-			Err:      err,
-			Class:    Classify(err),
-		})
+		data.Nodes = slices.Clone(data.Nodes)
+		o.retry.TraceRetryEnd(ctx, o.pool, data)
 	}
 }
 
@@ -611,28 +607,39 @@ func (o *observer) retryEnded(ctx context.Context, outcome RetryOutcome, attempt
 // succeeds at once pays one comparison.
 func (l *retryLoop) traceSuccess() {
 	if l.attempts > 0 {
-		l.p.obs.retryEnded(l.ctx, RetrySucceeded, l.attempts+1, l.nodes, nil)
+		l.p.obs.retryEnded(l.ctx, TraceRetryEndData{Outcome: RetrySucceeded, Attempts: l.attempts + 1, Nodes: l.nodes})
 	}
 }
 
-// traceGiveUp reports a call that returns an error through giveUp. A single
-// attempt with a known outcome and no interruption involved no retry and is
-// not an event.
-func (l *retryLoop) traceGiveUp(err error, unknown bool, interrupted error) {
-	var outcome RetryOutcome
-	switch {
-	case interrupted != nil && (l.attempts > 1 || !unknown):
-		// A single write cut by the caller's context after it was sent
-		// is not interrupted between attempts: its outcome is unknown.
-		outcome = RetryInterrupted
-	case unknown:
-		outcome = RetryOutcomeUnknown
-	case l.attempts > 1:
-		outcome = RetryGaveUp
-	default:
+// traceGiveUp reports a call that ends with v's error, if that is an event.
+func (l *retryLoop) traceGiveUp(v verdict) {
+	if v.outcome == 0 {
 		return
 	}
-	l.p.obs.retryEnded(l.ctx, outcome, l.attempts, l.nodes, err)
+	l.p.obs.retryEnded(l.ctx, TraceRetryEndData{
+		Outcome:  v.outcome,
+		Attempts: v.state.attempts,
+		Nodes:    v.state.nodes,
+		Err:      v.cause,
+		Class:    v.class,
+	})
+}
+
+// giveUpOutcome is how a call that gives up after attempts ended, or 0 when
+// that is no event: a single attempt with a known outcome and no
+// interruption involved no retry.
+func giveUpOutcome(attempts int, unknown bool, interrupted error) RetryOutcome {
+	switch {
+	case interrupted != nil && (attempts > 1 || !unknown):
+		// A single write cut by the caller's context after it was sent
+		// is not interrupted between attempts: its outcome is unknown.
+		return RetryInterrupted
+	case unknown:
+		return RetryOutcomeUnknown
+	case attempts > 1:
+		return RetryGaveUp
+	}
+	return 0
 }
 
 // probed reports one probe's result.

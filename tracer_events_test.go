@@ -18,7 +18,7 @@ func TestTraceNodeLifecycleAndPruning(t *testing.T) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
 		cfg.BalanceInterval = traceBalanceInterval
 		cfg.ProbeInterval = traceProbeInterval
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1 // no limit
 		cfg.Tracer = r
 	})
 	for _, id := range []NodeID{1, 2} {
@@ -98,7 +98,7 @@ func TestTraceDrainedNode(t *testing.T) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
 		cfg.BalanceInterval = time.Hour // no sweep: only a failed read may find node 2's closed connections
 		cfg.ProbeInterval = time.Hour   // no probe: nothing reaches node 2 once it is down
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1            // no limit
 		cfg.Tracer = r
 		// pgxpool pings a connection idle for over a second before handing
 		// it out and quietly drops it if the ping fails: node 2's
@@ -146,7 +146,7 @@ func TestTraceProbeFailure(t *testing.T) {
 		cfg.MinConns, cfg.MaxConns = 1, 1
 		cfg.BalanceInterval = time.Hour
 		cfg.ProbeInterval = traceProbeInterval
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1 // no limit
 		cfg.Tracer = r
 	})
 	waitEvent(t, r, "successful probe", func(e TraceProbeData) bool { return e.Err == nil && e.Node == 1 })
@@ -185,7 +185,7 @@ func TestTraceGossipDraining(t *testing.T) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
 		cfg.BalanceInterval = traceBalanceInterval
 		cfg.ProbeInterval = traceProbeInterval
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1 // no limit
 		cfg.Tracer = r
 	})
 	waitCond(t, func() string {

@@ -111,7 +111,7 @@ func TestCombineTracers(t *testing.T) {
 		t.Errorf("interfaces no member implements were found: node %v prune %v connect %v", o.node, o.prune, o.connect)
 	}
 	o.retrying(context.Background(), RetryParams{Attempt: 1}, 0)
-	o.retryEnded(context.Background(), RetryGaveUp, 2, nil, errors.New("x"))
+	o.retryEnded(context.Background(), TraceRetryEndData{Outcome: RetryGaveUp, Attempts: 2, Err: errors.New("x"), Class: ClassPermanent})
 	o.probed(context.Background(), 1, nil)
 	if a != 11 || b != 11 || c != 1 {
 		t.Errorf("calls: a=%d b=%d c=%d, want 11 11 1", a, b, c)
@@ -141,7 +141,7 @@ func TestObserverNoTracerNoAllocs(t *testing.T) {
 		o.nodeHealth(1, false)
 		o.nodeDraining(1, true)
 		o.retrying(ctx, RetryParams{Attempt: 1, Err: err}, time.Millisecond)
-		o.retryEnded(ctx, RetryGaveUp, 2, nodes, err)
+		o.retryEnded(ctx, TraceRetryEndData{Outcome: RetryGaveUp, Attempts: 2, Nodes: nodes, Err: err, Class: ClassPermanent})
 		o.probed(ctx, 1, err)
 	})
 	if allocs != 0 {
@@ -154,7 +154,7 @@ func TestObserverNoTracerNoAllocs(t *testing.T) {
 	nilObs.nodeDraining(1, true)
 	nilObs.pruned(ctx, nil, nil)
 	nilObs.retrying(ctx, RetryParams{}, 0)
-	nilObs.retryEnded(ctx, RetrySucceeded, 2, nil, nil)
+	nilObs.retryEnded(ctx, TraceRetryEndData{Outcome: RetrySucceeded, Attempts: 2})
 	nilObs.probed(ctx, 0, nil)
 	nilObs.hookPanicked(ctx, hookBeforeClose, "boom", nil)
 }
@@ -230,8 +230,8 @@ func TestObserverCounters(t *testing.T) {
 	o.pruned(ctx, []*node{n1, n2again}, views)
 
 	o.retrying(ctx, RetryParams{Attempt: 1, Node: 1, Class: ClassConnection, Stage: StageStatement}, 0)
-	o.retryEnded(ctx, RetrySucceeded, 2, []NodeID{1}, nil)
-	o.retryEnded(ctx, RetryOutcomeUnknown, 1, []NodeID{2}, ErrOutcomeUnknown)
+	o.retryEnded(ctx, TraceRetryEndData{Outcome: RetrySucceeded, Attempts: 2, Nodes: []NodeID{1}})
+	o.retryEnded(ctx, TraceRetryEndData{Outcome: RetryOutcomeUnknown, Attempts: 1, Nodes: []NodeID{2}, Err: ErrOutcomeUnknown, Class: ClassPermanent})
 	o.probed(ctx, 0, errors.New("refused"))
 	o.probed(ctx, 3, nil)
 
@@ -407,7 +407,7 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
 		cfg.BalanceInterval = time.Hour // no pruning: the test controls the connections
 		cfg.ProbeInterval = time.Hour   // no probe: nothing reaches node 2 while it is down
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1            // no limit
 		cfg.Tracer = r
 		// pgxpool pings a connection idle for over a second before handing
 		// it out and quietly drops it if the ping fails: node 2's
@@ -475,7 +475,7 @@ func TestTraceWriteOutcomeUnknown(t *testing.T) {
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 1, 1
 		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1 // no limit
 		cfg.Tracer = r
 	})
 	ctx := testCtx(t)

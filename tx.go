@@ -12,19 +12,16 @@ import (
 func (p *Pool) beginTx(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error) {
 	l := p.newRetryLoop(ctx)
 	for {
-		c, err := l.acquire()
+		c, err := l.conn()
 		if err != nil {
-			if err := l.attemptFailed(nil, err, StageConnect, false); err != nil {
-				return nil, err
-			}
-			continue
+			return nil, err
 		}
 		tx, err := c.BeginTx(ctx, opts)
 		if err == nil {
 			l.traceSuccess()
 			return &poolTx{Tx: tx, c: c}, nil
 		}
-		if err := l.attemptFailed(c, err, StageStatement, true); err != nil {
+		if err := l.failed(c, err, StageStatement, true); err != nil {
 			return nil, err
 		}
 	}
@@ -76,16 +73,13 @@ func (p *Pool) BeginTxFunc(ctx context.Context, txOptions pgx.TxOptions, fn func
 	readOnly := txOptions.AccessMode == pgx.ReadOnly
 	l := p.newRetryLoop(ctx)
 	for {
-		c, err := l.acquire()
+		c, err := l.conn()
 		if err != nil {
-			if err := l.attemptFailed(nil, err, StageConnect, readOnly); err != nil {
-				return err
-			}
-			continue
+			return err
 		}
 		tx, err := c.BeginTx(ctx, txOptions)
 		if err != nil {
-			if err := l.attemptFailed(c, err, StageStatement, true); err != nil {
+			if err := l.failed(c, err, StageStatement, true); err != nil {
 				return err
 			}
 			continue
@@ -96,7 +90,7 @@ func (p *Pool) BeginTxFunc(ctx context.Context, txOptions pgx.TxOptions, fn func
 				// left in a transaction is destroyed on release.
 				_ = tx.Rollback(ctx)
 			}
-			if err := l.attemptFailed(c, err, StageTx, readOnly); err != nil {
+			if err := l.failed(c, err, StageTx, readOnly); err != nil {
 				return err
 			}
 			continue
@@ -107,7 +101,7 @@ func (p *Pool) BeginTxFunc(ctx context.Context, txOptions pgx.TxOptions, fn func
 			l.traceSuccess()
 			return nil
 		}
-		if err := l.attemptFailed(c, err, StageCommit, readOnly); err != nil {
+		if err := l.failed(c, err, StageCommit, readOnly); err != nil {
 			return err
 		}
 	}

@@ -68,7 +68,7 @@ func TestMetricsOnCluster(t *testing.T) {
 	}
 	cfg.MinConns, cfg.MaxConns = 0, 2
 	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
-	cfg.ConnectRate = 0
+	cfg.ConnectRate = -1 // no limit
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	pool, err := clusterpool.NewWithConfig(ctx, cfg)

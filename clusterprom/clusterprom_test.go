@@ -26,7 +26,7 @@ func startPool(t *testing.T, c *clustertest.Cluster, conns int32) *clusterpool.P
 	cfg.MinConns, cfg.MaxConns = conns, conns
 	// No background rounds: the test decides what happens.
 	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
-	cfg.ConnectRate = 0
+	cfg.ConnectRate = -1 // no limit
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	p, err := clusterpool.NewWithConfig(ctx, cfg)
@@ -296,7 +296,7 @@ func TestPgxpoolStatOnCluster(t *testing.T) {
 	// MinConns 0: the first acquires find the pool empty and wait for a dial.
 	cfg.MinConns, cfg.MaxConns = 0, 2
 	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
-	cfg.ConnectRate = 0
+	cfg.ConnectRate = -1 // no limit
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	pool, err := clusterpool.NewWithConfig(ctx, cfg)

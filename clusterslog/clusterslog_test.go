@@ -180,7 +180,7 @@ func TestLogsOnCluster(t *testing.T) {
 	cfg.Tracer = clusterslog.New(logger)
 	cfg.MinConns, cfg.MaxConns = 6, 6
 	cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
-	cfg.ConnectRate = 0
+	cfg.ConnectRate = -1 // no limit
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	pool, err := clusterpool.NewWithConfig(ctx, cfg)

@@ -21,7 +21,7 @@ func TestDatabaseSQLOnCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.MinConns, cfg.MaxConns = 6, 6
-	cfg.ConnectRate = 0
+	cfg.ConnectRate = -1 // no limit
 	pool, err := clusterpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
