@@ -78,6 +78,7 @@ func TestFleetEven(t *testing.T) {
 		{"each pool within ±1", map[string]map[int]int{"a": {1: 2, 2: 1, 3: 1}, "b": {1: 1, 2: 2, 3: 1}}, 0, 0, true},
 		{"one pool spread 2", map[string]map[int]int{"a": {1: 2, 2: 2, 3: 0}, "b": {1: 1, 2: 2, 3: 1}}, 0, 0, false},
 		{"one pool short of its conns", map[string]map[int]int{"a": {1: 1, 2: 1, 3: 1}, "b": {1: 1, 2: 2, 3: 1}}, 0, 0, false},
+		{"a move's replacement open beside the old conn", map[string]map[int]int{"a": {1: 2, 2: 2, 3: 1}, "b": {1: 1, 2: 2, 3: 1}}, 0, 0, true},
 		{"a pool missing", map[string]map[int]int{"a": {1: 2, 2: 1, 3: 1}}, 0, 0, false},
 		{"rejoined node at 95% of fair, rounded down", map[string]map[int]int{"a": {1: 2, 2: 1, 3: 1}, "b": {1: 1, 2: 2, 3: 1}}, 3, 2.2, true},
 		{"rejoined node below 95% of fair", map[string]map[int]int{"a": {1: 2, 2: 1, 3: 1}, "b": {1: 1, 2: 2, 3: 1}}, 3, 4, false}, // 2 < ⌊3.8⌋

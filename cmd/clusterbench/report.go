@@ -64,7 +64,11 @@ func reportHTML(res *Results) string {
 		settings = append(settings, "<code>"+e(k)+"="+e(v)+"</code>")
 	}
 	sort.Strings(settings)
-	fmt.Fprintf(&b, "<p class=\"note\">clusterpool settings: %s. Both pools run the same workload on a fresh cluster started with the same seed, so the load balancer makes the same choices for both. Connection counts are the servers' own. Ratios are clusterpool ÷ pgxpool. A scenario with settings of its own says so.</p>\n", strings.Join(settings, " "))
+	runSettings := ""
+	if single != "" {
+		runSettings = "clusterpool settings: " + strings.Join(settings, " ") + ". "
+	}
+	fmt.Fprintf(&b, "<p class=\"note\">%sBoth pools run the same workload on a fresh cluster started with the same seed, so the load balancer makes the same choices for both. Connection counts are the servers' own. Ratios are clusterpool ÷ pgxpool. A scenario with settings of its own says so.</p>\n", runSettings)
 	if len(res.Skipped) > 0 {
 		fmt.Fprintf(&b, "<p class=\"note\">Skipped (they would disturb a real cluster): %s.</p>\n", e(strings.Join(res.Skipped, ", ")))
 	}
