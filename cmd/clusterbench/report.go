@@ -102,7 +102,7 @@ func reportHTML(res *Results) string {
 		}
 		b.WriteString("</table>\n")
 		if tr := s.TurnRatios; tr != nil {
-			fmt.Fprintf(&b, "<p>Throughput ratio (clusterpool ÷ pgxpool) per pair of turns: %s — median %s, range %s–%s. A ratio within that range is noise, not a cost.</p>\n",
+			fmt.Fprintf(&b, "<p>Throughput ratio (clusterpool ÷ pgxpool) per pair of turns: %s — median %s, range %s–%s. The range is how far the machine's speed drifts between turns: a ratio inside it tells the pools apart no better than chance.</p>\n",
 				e(joinRatios(tr.Values)), e(formatRatio(&tr.Median)), e(formatRatio(&tr.Min)), e(formatRatio(&tr.Max)))
 		}
 		if hasPlot(s) {

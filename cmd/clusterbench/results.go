@@ -259,6 +259,9 @@ func writeTable(w io.Writer, res *Results) {
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", name, m.Label, base, formatValue(m), formatRatio(s.Ratios[m.Name]))
 		}
+		if tr := s.TurnRatios; tr != nil {
+			fmt.Fprintf(tw, "\tthroughput ratio per pair of turns (median, range)\t\t\t%s (%s–%s)\t\n", formatRatio(&tr.Median), formatRatio(&tr.Min), formatRatio(&tr.Max))
+		}
 	}
 	tw.Flush()
 }
