@@ -163,10 +163,10 @@ func runFleet(ctx context.Context, h *harness, kind string) (res PoolResult, err
 		return nil
 	}
 	rec := newRecorder(start)
-	work := func(ctx context.Context) {
+	work := func(until context.Context) {
 		var wg sync.WaitGroup
 		for i, p := range pools {
-			wg.Go(func() { runLoad(ctx, p, kvMix, fleetWorkersPerPool, o.seed+int64(i), rec) })
+			wg.Go(func() { runLoad(ctx, until, p, kvMix, fleetWorkersPerPool, o.seed+int64(i), rec) })
 		}
 		wg.Wait()
 	}
@@ -174,6 +174,7 @@ func runFleet(ctx context.Context, h *harness, kind string) (res PoolResult, err
 	if err != nil {
 		return res, err
 	}
+	loadEnd := time.Since(start).Seconds()
 
 	// The servers and the pools agree once nothing is opening or closing.
 	var final map[int]int
@@ -245,7 +246,9 @@ func runFleet(ctx context.Context, h *harness, kind string) (res PoolResult, err
 	addAt, okAdd := at["add node "+strconv.Itoa(added)]
 	drainAt, okDrain := at["drain 1"]
 	upAt, okUp := at["up 1"]
-	runEnd := smooth[len(smooth)-1].T
+	// The last phase ends with the load: what the pools hold afterwards
+	// is no longer under test.
+	runEnd := loadEnd
 	startTo := addAt
 	if !okAdd {
 		startTo = runEnd

@@ -214,7 +214,9 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	if plan.script != nil {
 		script = func(ctx context.Context) error { return plan.script(ctx, t.c, ev.mark) }
 	}
-	work := func(ctx context.Context) { runLoad(ctx, pool, plan.workload, h.opts.workers, h.opts.seed, rec) }
+	work := func(until context.Context) {
+		runLoad(ctx, until, pool, plan.workload, h.opts.workers, h.opts.seed, rec)
+	}
 	elapsed, err := h.load(ctx, s.name, kind, h.opts.duration, script, work, rec)
 	if err != nil {
 		return res, err
@@ -249,7 +251,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	return res, nil
 }
 
-// load runs work, which must return when its context ends (and the
+// load runs work, which must return soon after its context ends (and the
 // scenario's script, if any) for d, with progress, and returns how long the
 // load ran.
 func (h *harness) load(ctx context.Context, scenario, label string, d time.Duration, script func(context.Context) error, work func(context.Context), rec *recorder) (time.Duration, error) {
@@ -355,7 +357,9 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		a.done++
 		label := fmt.Sprintf("%s (turn %d of %d)", kind, a.done, turns)
 		ops0 := a.rec.ops.Load()
-		work := func(ctx context.Context) { runLoad(ctx, pool, plan.workload, h.opts.workers, h.opts.seed, a.rec) }
+		work := func(until context.Context) {
+			runLoad(ctx, until, pool, plan.workload, h.opts.workers, h.opts.seed, a.rec)
+		}
 		el, err := h.load(ctx, s.name, label, turn, nil, work, a.rec)
 		a.elapsed += el
 		if el > 0 {
