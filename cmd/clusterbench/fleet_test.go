@@ -17,31 +17,35 @@ func appsAt(t float64, apps map[string]map[int]int) fleetSample {
 	return fleetSample{T: t, Apps: apps}
 }
 
-func TestMedian3(t *testing.T) {
-	for _, tc := range [][4]int{{1, 2, 3, 2}, {3, 2, 1, 2}, {2, 3, 1, 2}, {5, 5, 0, 5}, {0, 1, 0, 0}, {7, 7, 7, 7}} {
-		if got := median3(tc[0], tc[1], tc[2]); got != tc[3] {
-			t.Errorf("median3(%d, %d, %d) = %d, want %d", tc[0], tc[1], tc[2], got, tc[3])
+func TestMedian(t *testing.T) {
+	for _, tc := range []struct {
+		v    []int
+		want int
+	}{{[]int{1, 2, 3}, 2}, {[]int{3, 2, 1}, 2}, {[]int{5, 5, 0}, 5}, {[]int{0, 1, 0, 1, 0}, 0}, {[]int{2, 3, 3, 2, 3}, 3}, {[]int{7}, 7}} {
+		if got := median(slices.Clone(tc.v)); got != tc.want {
+			t.Errorf("median(%v) = %d, want %d", tc.v, got, tc.want)
 		}
 	}
 }
 
 func TestSmoothAppsDropsProbesKeepsMoves(t *testing.T) {
 	// Pool a holds 3 on node 1 throughout; a probe of pool b shows on node
-	// 2 in one sample only; pool a moves one connection from node 1 to
-	// node 2 at sample 3 for good.
+	// 2 in one sample, a slower one of pool a on node 1 in two; pool a
+	// moves one connection from node 1 to node 2 at sample 4 for good.
 	raw := []fleetSample{
 		appsAt(0.0, map[string]map[int]int{"a": {1: 3, 2: 0}}),
 		appsAt(0.1, map[string]map[int]int{"a": {1: 3, 2: 0}, "b": {1: 0, 2: 1}}),
-		appsAt(0.2, map[string]map[int]int{"a": {1: 3, 2: 0}}),
-		appsAt(0.3, map[string]map[int]int{"a": {1: 2, 2: 1}}),
+		appsAt(0.2, map[string]map[int]int{"a": {1: 4, 2: 0}}),
+		appsAt(0.3, map[string]map[int]int{"a": {1: 4, 2: 0}}),
 		appsAt(0.4, map[string]map[int]int{"a": {1: 2, 2: 1}}),
 		appsAt(0.5, map[string]map[int]int{"a": {1: 2, 2: 1}}),
+		appsAt(0.6, map[string]map[int]int{"a": {1: 2, 2: 1}}),
 	}
 	got := smoothApps(raw)
 	if len(got) != len(raw) {
 		t.Fatalf("%d samples, want %d", len(got), len(raw))
 	}
-	want := [][2]int{{3, 0}, {3, 0}, {3, 0}, {2, 1}, {2, 1}, {2, 1}}
+	want := [][2]int{{3, 0}, {3, 0}, {3, 0}, {3, 0}, {2, 1}, {2, 1}, {2, 1}}
 	for i, s := range got {
 		if s.T != raw[i].T {
 			t.Errorf("sample %d at %v, want %v", i, s.T, raw[i].T)
@@ -192,6 +196,29 @@ func TestFleetPhaseResult(t *testing.T) {
 	p = fleetPhaseResult("scale-out", samples, accepts, apps, 3, []int{1, 2, 3}, 3, 1, 2)
 	if p.EvenAfter != nil || p.WorstPoolSpread != 2 || p.PoolsWithinOne != 1 || p.ClusterSpread != 2 {
 		t.Errorf("cut at t=2: %+v, even %v", p, deref(p.EvenAfter))
+	}
+}
+
+func TestFleetPoints(t *testing.T) {
+	apps := []string{"a", "b"}
+	samples := []fleetSample{
+		appsAt(0, map[string]map[int]int{"a": {1: 2, 2: 1, 3: 1}, "b": {1: 2, 2: 1, 3: 1}}),
+		appsAt(1, map[string]map[int]int{"a": {1: 2, 2: 1, 3: 1, 4: 0}, "b": {1: 2, 2: 1, 3: 1, 4: 0}}),
+		appsAt(2, map[string]map[int]int{"a": {1: 1, 2: 1, 3: 1, 4: 1}, "b": {1: 1, 2: 1, 3: 1, 4: 1}}),
+	}
+	got := fleetPoints(samples, apps, 4, func(t float64) ([]int, int) {
+		if t >= 1 {
+			return nodeIDs(1, 4), 4
+		}
+		return nodeIDs(1, 3), 0
+	})
+	want := []FleetPoint{
+		{T: 0, ClusterSpread: 2, WorstPoolSpread: 1, PoolsWithinOne: 2, Even: true},
+		{T: 1, ClusterSpread: 4, WorstPoolSpread: 2, PoolsWithinOne: 0, Even: false},
+		{T: 2, ClusterSpread: 0, WorstPoolSpread: 0, PoolsWithinOne: 2, Even: true},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("fleetPoints:\n got %+v\nwant %+v", got, want)
 	}
 }
 
@@ -437,11 +464,16 @@ func TestFleetInProcess(t *testing.T) {
 		if f.Phases[1].Rejoin != 4 || f.Phases[2].Rejoin != 1 || f.Phases[1].Fair != 3 {
 			t.Errorf("%s: rejoining nodes %d, %d, fair share %v", where, f.Phases[1].Rejoin, f.Phases[2].Rejoin, f.Phases[1].Fair)
 		}
-		if got := sum(p.FinalNodeConns); got != p.FinalPoolConns {
+		// A pool may count idle connections the drained node closed until
+		// it next acquires them (pgxpool does): never fewer than the servers.
+		if got := sum(p.FinalNodeConns); got > p.FinalPoolConns || got == 0 {
 			t.Errorf("%s: servers hold %d of the fleet's sessions (%v), the pools %d", where, got, p.FinalNodeConns, p.FinalPoolConns)
 		}
 		if f.Sessions < p.PoolSize {
 			t.Errorf("%s: servers accepted %d sessions for %d connections", where, f.Sessions, p.PoolSize)
+		}
+		if len(f.OverTime) != len(p.Samples) {
+			t.Errorf("%s: %d points over time for %d samples", where, len(f.OverTime), len(p.Samples))
 		}
 		if p.Ops <= 0 || len(p.Samples) == 0 || len(p.Events) != 4 {
 			t.Errorf("%s: ops %d, %d samples, events %v", where, p.Ops, len(p.Samples), p.Events)

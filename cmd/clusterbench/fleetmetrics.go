@@ -32,6 +32,33 @@ type FleetDetail struct {
 	// ProbeSessions how many of them were clusterpool's probes.
 	Sessions      int   `json:"sessions"`
 	ProbeSessions int64 `json:"probe_sessions"`
+	// OverTime is the fleet's state at every sample.
+	OverTime []FleetPoint `json:"over_time"`
+}
+
+// FleetPoint is the fleet's state in one (smoothed) sample: the
+// cluster-wide spread over time, each pool's spread and whether the fleet
+// is even (fleetEven).
+type FleetPoint struct {
+	T               float64 `json:"t"`
+	ClusterSpread   int     `json:"cluster_spread"`
+	WorstPoolSpread int     `json:"worst_pool_spread"`
+	PoolsWithinOne  int     `json:"pools_within_one"`
+	Even            bool    `json:"even"`
+}
+
+// fleetPoints computes a FleetPoint for every sample, over the nodes that
+// nodesAt gives for its time and the rejoining node rejoinAt gives.
+func fleetPoints(samples []fleetSample, apps []string, conns int, nodesAt func(t float64) (nodes []int, rejoin int)) []FleetPoint {
+	out := make([]FleetPoint, len(samples))
+	for i, s := range samples {
+		nodes, rejoin := nodesAt(s.T)
+		_, worst, within := poolSpreads(s, apps, nodes)
+		fair := float64(len(apps)*conns) / float64(len(nodes))
+		out[i] = FleetPoint{T: s.T, ClusterSpread: spread(nodeCounts(s, apps), nodes), WorstPoolSpread: worst, PoolsWithinOne: within,
+			Even: fleetEven(s, apps, conns, nodes, rejoin, fair)}
+	}
+	return out
 }
 
 // FleetPhase is the state of the cluster at the end of one phase of a fleet
@@ -61,25 +88,36 @@ type FleetPhase struct {
 	PeakAcceptsPerSec int `json:"peak_accepts_per_sec,omitempty"`
 }
 
+// smoothWindow is how many samples on each side of a sample smoothApps
+// takes the median over: five samples, 400 ms at 100 ms.
+const smoothWindow = 2
+
 // smoothApps keeps pool sessions only: each pool's count on each node is
-// replaced by the median of it and its neighbours in time. A probe's
-// session lives for a few milliseconds and shows in one 100 ms sample at
-// most, so it goes; a pool connection that stays open two samples stays.
+// replaced by the median of it and its neighbours in time (smoothWindow on
+// each side). A probe's session lives for a few milliseconds (3–30 ms on
+// an idle cluster, longer under load), so it shows in two samples of five
+// at most, and goes; a pool connection that stays open three samples
+// stays, and a lasting change (a move, a node going down) keeps its time,
+// since a median moves no step.
 func smoothApps(samples []fleetSample) []fleetSample {
 	out := make([]fleetSample, len(samples))
 	at := func(i int, app string, node int) int {
 		i = max(0, min(i, len(samples)-1))
 		return samples[i].Apps[app][node]
 	}
+	window := make([]int, 2*smoothWindow+1)
 	for i, s := range samples {
 		apps := make(map[string]map[int]int, len(s.Apps))
-		for j := max(0, i-1); j <= min(i+1, len(samples)-1); j++ {
+		for j := max(0, i-smoothWindow); j <= min(i+smoothWindow, len(samples)-1); j++ {
 			for app, nodes := range samples[j].Apps {
 				if apps[app] == nil {
 					apps[app] = make(map[int]int, len(nodes))
 				}
 				for node := range nodes {
-					apps[app][node] = median3(at(i-1, app, node), at(i, app, node), at(i+1, app, node))
+					for k := range window {
+						window[k] = at(i-smoothWindow+k, app, node)
+					}
+					apps[app][node] = median(window)
 				}
 			}
 		}
@@ -88,8 +126,11 @@ func smoothApps(samples []fleetSample) []fleetSample {
 	return out
 }
 
-func median3(a, b, c int) int {
-	return max(min(a, b), min(max(a, b), c))
+// median returns the middle value of an odd number of values (which it
+// sorts).
+func median(v []int) int {
+	sort.Ints(v)
+	return v[len(v)/2]
 }
 
 // nodeCounts sums the pools' sessions per node.
