@@ -293,7 +293,11 @@ func plotSVG(s ScenarioResult, standalone bool) string {
 	if standalone {
 		fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="#ffffff"/>`+"\n", width, height)
 	}
-	fmt.Fprintf(&b, `<text x="%d" y="20" font-weight="600">%s — open connections per node (servers' counts) over time</text>`+"\n", left, html.EscapeString(s.Name))
+	what := "open connections per node (servers' counts) over time"
+	if s.Name == fleetName {
+		what = "the fleet's pool sessions per node (servers' counts, all pools) over time"
+	}
+	fmt.Fprintf(&b, `<text x="%d" y="20" font-weight="600">%s — %s</text>`+"\n", left, html.EscapeString(s.Name), what)
 	for pi, p := range s.Pools {
 		x0 := float64(left + pi*(panelW+gap))
 		y0 := float64(top)
