@@ -25,10 +25,14 @@ var defaultClusterParams = []string{"cluster_balance_interval=250ms", "cluster_p
 
 // clusterParams merges the defaults with the user's -cluster settings
 // (which win), in a stable order.
-func clusterParams(user []string) []string {
+func clusterParams(user []string) []string { return mergeParams(defaultClusterParams, user) }
+
+// mergeParams merges key=value defaults with the user's settings (which
+// win), in a stable order.
+func mergeParams(defaults, user []string) []string {
 	merged := make(map[string]string)
 	var keys []string
-	for _, kv := range append(append([]string{}, defaultClusterParams...), user...) {
+	for _, kv := range append(append([]string{}, defaults...), user...) {
 		k, v, _ := strings.Cut(kv, "=")
 		if _, ok := merged[k]; !ok {
 			keys = append(keys, k)

@@ -24,10 +24,23 @@ type harness struct {
 	// one among them that turns times into rounds.
 	cluster         []string
 	balanceInterval time.Duration
+	// userCluster are the -cluster settings as given, for scenarios with
+	// defaults of their own.
+	userCluster []string
 }
 
 func (h *harness) runScenario(ctx context.Context, s scenario) (ScenarioResult, error) {
-	res := ScenarioResult{Name: s.name, Description: s.description}
+	res := ScenarioResult{Name: s.name, Description: s.description, Headline: s.headline}
+	if s.describe != nil {
+		res.Description = s.describe(h)
+	}
+	if s.clusterParams != nil {
+		_, settings, err := clusterpoolSettings(s.clusterParams(h))
+		if err != nil {
+			return res, fmt.Errorf("%s: %w", s.name, err)
+		}
+		res.Settings = settings
+	}
 	if s.alternate {
 		pools, err := h.runAlternating(ctx, s)
 		if err != nil {
@@ -35,8 +48,12 @@ func (h *harness) runScenario(ctx context.Context, s scenario) (ScenarioResult, 
 		}
 		res.Pools = pools
 	} else {
+		runPool := h.runPool
+		if s.run != nil {
+			runPool = func(ctx context.Context, s scenario, kind string) (PoolResult, error) { return s.run(ctx, h, kind) }
+		}
 		for _, kind := range poolKinds {
-			r, err := h.runPool(ctx, s, kind)
+			r, err := runPool(ctx, s, kind)
 			if err != nil {
 				return res, fmt.Errorf("%s with %s: %w", s.name, kind, err)
 			}
@@ -197,7 +214,10 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	if plan.script != nil {
 		script = func(ctx context.Context) error { return plan.script(ctx, t.c, ev.mark) }
 	}
-	elapsed, err := h.load(ctx, s.name, kind, h.opts.duration, script, pool, plan.workload, rec)
+	work := func(until context.Context) {
+		runLoad(ctx, until, pool, plan.workload, h.opts.workers, h.opts.seed, rec)
+	}
+	elapsed, err := h.load(ctx, s.name, kind, h.opts.duration, script, work, rec)
 	if err != nil {
 		return res, err
 	}
@@ -231,9 +251,10 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	return res, nil
 }
 
-// load runs the workload (and the scenario's script, if any) for d, with
-// progress, and returns how long the load ran.
-func (h *harness) load(ctx context.Context, scenario, label string, d time.Duration, script func(context.Context) error, pool db, w workload, rec *recorder) (time.Duration, error) {
+// load runs work, which must return soon after its context ends (and the
+// scenario's script, if any) for d, with progress, and returns how long the
+// load ran.
+func (h *harness) load(ctx context.Context, scenario, label string, d time.Duration, script func(context.Context) error, work func(context.Context), rec *recorder) (time.Duration, error) {
 	h.prog.begin(scenario, label, d)
 	loadStart := time.Now()
 	loadCtx, cancel := context.WithTimeout(ctx, d)
@@ -252,7 +273,7 @@ func (h *harness) load(ctx context.Context, scenario, label string, d time.Durat
 		h.prog.run(loadCtx, loadStart, d)
 	}()
 	opsBefore, errsBefore := rec.ops.Load(), rec.errs.Load()
-	runLoad(loadCtx, pool, w, h.opts.workers, h.opts.seed, rec)
+	work(loadCtx)
 	elapsed := time.Since(loadStart)
 	cancel()
 	<-progDone
@@ -314,6 +335,7 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		samples   []Sample
 		opened    int64
 		probes    int64
+		turnRates []float64
 		lib       map[string]float64
 		final     map[int]int
 		poolTotal int
@@ -334,8 +356,15 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 		smp := startSampler(ctx, t.counter, time.Now(), a.elapsed.Seconds())
 		a.done++
 		label := fmt.Sprintf("%s (turn %d of %d)", kind, a.done, turns)
-		el, err := h.load(ctx, s.name, label, turn, nil, pool, plan.workload, a.rec)
+		ops0 := a.rec.ops.Load()
+		work := func(until context.Context) {
+			runLoad(ctx, until, pool, plan.workload, h.opts.workers, h.opts.seed, a.rec)
+		}
+		el, err := h.load(ctx, s.name, label, turn, nil, work, a.rec)
 		a.elapsed += el
+		if el > 0 {
+			a.turnRates = append(a.turnRates, float64(a.rec.ops.Load()-ops0)/el.Seconds())
+		}
 		if err == nil {
 			a.final, a.poolTotal = settleCounts(ctx, t.counter, pool)
 			smp.take()
@@ -362,7 +391,7 @@ func (h *harness) runAlternating(ctx context.Context, s scenario) (res []PoolRes
 	for k, kind := range poolKinds {
 		a := accs[k]
 		r := poolResult(kind, a.rec, a.elapsed, a.samples, nil, a.final, a.poolTotal, a.opened-a.probes)
-		r.PoolSize, r.ProbeConns, r.Library = plan.poolSize, a.probes, a.lib
+		r.PoolSize, r.ProbeConns, r.Library, r.TurnOpsPerSec = plan.poolSize, a.probes, a.lib, a.turnRates
 		r.Metrics = commonMetrics(&r, s.metrics(h, &r, info))
 		res = append(res, r)
 	}

@@ -96,8 +96,13 @@ func (r *recorder) fail(err error) {
 	r.examples = append(r.examples, msg)
 }
 
-// runLoad runs workers until ctx is done and records into rec.
-func runLoad(ctx context.Context, d db, w workload, workers int, seed int64, rec *recorder) {
+// runLoad runs workers until until is done and records into rec. Each
+// operation runs under ctx, not until: the load's end lets operations in
+// flight finish, as a service's shutdown would, because pgx closes a
+// connection whose query is cancelled, and the harness's own cancellations
+// would otherwise take up to one connection per worker from the pool just
+// before its final counts are read.
+func runLoad(ctx, until context.Context, d db, w workload, workers int, seed int64, rec *recorder) {
 	var wg sync.WaitGroup
 	for i := range workers {
 		wg.Add(1)
@@ -105,11 +110,11 @@ func runLoad(ctx context.Context, d db, w workload, workers int, seed int64, rec
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(seed), uint64(i)))
 			lat := make([]time.Duration, 0, 4096)
-			for ctx.Err() == nil {
+			for until.Err() == nil {
 				t0 := time.Now()
 				err := doOp(ctx, d, w, rng)
 				el := time.Since(t0)
-				if ctx.Err() != nil {
+				if until.Err() != nil {
 					break // the run ended during this op: neither success nor failure
 				}
 				lat = append(lat, el)
@@ -118,7 +123,7 @@ func runLoad(ctx context.Context, d db, w workload, workers int, seed int64, rec
 					rec.fail(err)
 				}
 				if w == kvMix {
-					sleepCtx(ctx, 2*time.Millisecond)
+					sleepCtx(until, 2*time.Millisecond)
 				}
 			}
 			rec.add(lat)

@@ -95,8 +95,20 @@ func checkReport(t *testing.T, res *Results, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.Count(string(html), "<svg"); got != len(res.Scenarios) {
-		t.Errorf("report has %d plots, want one per scenario (%d)", got, len(res.Scenarios))
+	plotted := 0
+	for _, s := range res.Scenarios {
+		if hasPlot(s) {
+			plotted++
+		}
+	}
+	if got := strings.Count(string(html), "<svg"); got != plotted {
+		t.Errorf("report has %d plots, want one per scenario but overhead (%d)", got, plotted)
+	}
+	summary, _, _ := strings.Cut(string(html)[max(0, strings.Index(string(html), `id="summary"`)):], "</table>")
+	for _, s := range res.Scenarios {
+		if s.Verdict == "" || !strings.Contains(summary, `<a href="#`+s.Name+`">`) {
+			t.Errorf("summary has no row for %s (verdict %q)", s.Name, s.Verdict)
+		}
 	}
 	for _, bad := range []string{"<script", "http://", "https://"} {
 		if strings.Contains(strings.ReplaceAll(string(html), `xmlns="http://www.w3.org/2000/svg"`, ""), bad) {
@@ -108,6 +120,9 @@ func checkReport(t *testing.T, res *Results, dir string) {
 		t.Errorf("results.json missing or incomplete: %v", err)
 	}
 	for _, s := range res.Scenarios {
+		if !hasPlot(s) {
+			continue
+		}
 		svg, err := os.ReadFile(filepath.Join(dir, s.Name+".svg"))
 		if err != nil || !strings.HasPrefix(string(svg), "<svg") {
 			t.Errorf("%s.svg: %v", s.Name, err)
@@ -255,6 +270,9 @@ func TestBadInput(t *testing.T) {
 		{"-nodes", "0"},
 		{"-workers", "-1"},
 		{"-backend", "oracle"},
+		{"-pools", "0"},
+		{"-pool-conns", "0"},
+		{"-fleet-phase", "100ms"},
 		{"-cluster", "pool_max_conns=3"},
 		{"-cluster", "cluster_bogus=1"},
 		{"-cluster", "cluster_connect_rate=-1"},

@@ -26,6 +26,9 @@ func writeReport(dir string, res *Results) (string, error) {
 		return "", err
 	}
 	for _, s := range res.Scenarios {
+		if !hasPlot(s) {
+			continue
+		}
 		svg := plotSVG(s, true)
 		if err := os.WriteFile(filepath.Join(dir, s.Name+".svg"), []byte(svg), 0o644); err != nil {
 			return "", err
@@ -47,28 +50,34 @@ func reportHTML(res *Results) string {
 	e := html.EscapeString
 	fmt.Fprintf(&b, "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>clusterbench: clusterpool vs pgxpool</title><style>%s</style></head><body>\n", css)
 	fmt.Fprintf(&b, "<h1>clusterbench: clusterpool vs pgxpool</h1>\n")
-	fmt.Fprintf(&b, "<p class=\"note\">%s · backend: %s · %d nodes · %d workers, pool size %d (MinConns = MaxConns) · %s per scenario per pool · seed %d</p>\n",
-		e(res.Date), e(res.Backend), res.Nodes, res.Workers, res.Workers, e(res.Duration), res.Seed)
+	single := ""
+	for _, s := range res.Scenarios {
+		if len(s.Settings) == 0 { // not a scenario with settings of its own
+			single = fmt.Sprintf(" · %d workers, pool size %d (MinConns = MaxConns) · %s per scenario per pool", res.Workers, res.Workers, res.Duration)
+			break
+		}
+	}
+	fmt.Fprintf(&b, "<p class=\"note\">%s · backend: %s · %d nodes%s · seed %d</p>\n",
+		e(res.Date), e(res.Backend), res.Nodes, e(single), res.Seed)
 	var settings []string
 	for k, v := range res.Settings {
 		settings = append(settings, "<code>"+e(k)+"="+e(v)+"</code>")
 	}
 	sort.Strings(settings)
-	fmt.Fprintf(&b, "<p class=\"note\">clusterpool settings: %s. Both pools run the same workload on a fresh cluster started with the same seed, so the load balancer makes the same choices for both. Connection counts are the servers' own. Ratios are clusterpool ÷ pgxpool.</p>\n", strings.Join(settings, " "))
+	runSettings := ""
+	if single != "" {
+		runSettings = "clusterpool settings: " + strings.Join(settings, " ") + ". "
+	}
+	fmt.Fprintf(&b, "<p class=\"note\">%sBoth pools run the same workload on a fresh cluster started with the same seed, so the load balancer makes the same choices for both. Connection counts are the servers' own. Ratios are clusterpool ÷ pgxpool. A scenario with settings of its own says so.</p>\n", runSettings)
 	if len(res.Skipped) > 0 {
 		fmt.Fprintf(&b, "<p class=\"note\">Skipped (they would disturb a real cluster): %s.</p>\n", e(strings.Join(res.Skipped, ", ")))
 	}
-	b.WriteString("<p>Scenarios:")
-	for i, s := range res.Scenarios {
-		sep := ","
-		if i == 0 {
-			sep = ""
-		}
-		fmt.Fprintf(&b, "%s <a href=\"#%s\">%s</a>", sep, e(s.Name), e(s.Name))
-	}
-	b.WriteString(".</p>\n")
+	writeSummary(&b, res)
 	for _, s := range res.Scenarios {
 		fmt.Fprintf(&b, "<h2 id=\"%s\">%s</h2>\n<p>%s</p>\n", e(s.Name), e(s.Name), e(s.Description))
+		if len(s.Settings) > 0 {
+			fmt.Fprintf(&b, "<p class=\"note\">clusterpool settings for this scenario: %s.</p>\n", e(settingsLine(s.Settings)))
+		}
 		if len(s.Pools) != 2 {
 			continue
 		}
@@ -92,7 +101,13 @@ func reportHTML(res *Results) string {
 				e(m.Label), e(baseText), class, e(formatValue(m)), e(formatRatio(s.Ratios[m.Name])))
 		}
 		b.WriteString("</table>\n")
-		b.WriteString(plotSVG(s, false))
+		if tr := s.TurnRatios; tr != nil {
+			fmt.Fprintf(&b, "<p>Throughput ratio (clusterpool ÷ pgxpool) per pair of turns: %s — median %s, range %s–%s. The range is how far the machine's speed drifts between turns: a ratio inside it tells the pools apart no better than chance.</p>\n",
+				e(joinRatios(tr.Values)), e(formatRatio(&tr.Median)), e(formatRatio(&tr.Min)), e(formatRatio(&tr.Max)))
+		}
+		if hasPlot(s) {
+			b.WriteString(plotSVG(s, false))
+		}
 		b.WriteString("\n<table><tr><th>latency (ms)</th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>ops</th><th>errors</th><th>conns opened</th><th>probe conns</th></tr>\n")
 		for _, p := range s.Pools {
 			l := p.Latency
@@ -125,32 +140,113 @@ func reportHTML(res *Results) string {
 	return b.String()
 }
 
-// compare says whether m is better (1), worse (-1) or no different (0)
-// than base, by the metric's direction.
-func compare(base, m Metric) int {
-	if base.Value == nil && m.Value == nil {
-		return 0
+// writeSummary writes the table at the top of the report: one row per
+// scenario with the figure that matters most, both pools and the verdict.
+func writeSummary(b *strings.Builder, res *Results) {
+	e := html.EscapeString
+	b.WriteString("<h2 id=\"summary\">Summary</h2>\n<table><tr><th>scenario</th><th>figure</th><th>pgxpool</th><th>clusterpool</th><th>ratio</th><th>verdict</th></tr>\n")
+	for _, s := range res.Scenarios {
+		if len(s.Pools) != 2 {
+			continue
+		}
+		base, m := s.Pools[0].metric(s.Headline), s.Pools[1].metric(s.Headline)
+		if base == nil || m == nil {
+			continue
+		}
+		ratio := formatRatio(s.Ratios[m.Name])
+		if tr := s.TurnRatios; tr != nil {
+			ratio += fmt.Sprintf(" (turns %s–%s)", formatRatio(&tr.Min), formatRatio(&tr.Max))
+		}
+		fmt.Fprintf(b, "<tr><td><a href=\"#%s\">%s</a></td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td%s>%s</td></tr>\n",
+			e(s.Name), e(s.Name), e(m.Label), e(formatValue(*base)), e(formatValue(*m)), e(ratio), verdictClass(s.Verdict), e(s.Verdict))
 	}
-	if base.Value == nil { // pgxpool never got there
-		if m.Better == "lower" {
+	b.WriteString("</table>\n<p class=\"note\">Verdicts and colours mark only differences beyond the noise: 20% for latencies, 10% for other figures, and a figure's own step where it has one (one connection of a spread, one sample of a time); a value at its ideal (no errors, a spread of at most 1, the fair share) is never marked worse.</p>\n")
+}
+
+func verdictClass(v string) string {
+	switch v {
+	case "clusterpool better":
+		return " class=\"better\""
+	case "pgxpool better":
+		return " class=\"worse\""
+	}
+	return ""
+}
+
+func joinRatios(r []float64) string {
+	parts := make([]string, len(r))
+	for i := range r {
+		parts[i] = formatRatio(&r[i])
+	}
+	return strings.Join(parts, ", ")
+}
+
+// hasPlot reports whether the scenario's connections over time are worth a
+// plot: not for overhead, whose single node holds the whole pool throughout.
+func hasPlot(s ScenarioResult) bool {
+	sc, ok := scenarioByName(s.Name)
+	return !ok || !sc.noPlot
+}
+
+// compare says whether m is better (1), worse (-1) or no different (0)
+// than base, by the metric's direction. A difference within the noise
+// (noiseOf) is none; a value at its ideal is never worse, and one beside a
+// base already at its ideal never better.
+func compare(base, m Metric) int {
+	lower := m.Better == "lower"
+	switch {
+	case base.Value == nil && m.Value == nil:
+		return 0
+	case base.Value == nil: // pgxpool never got there
+		if lower {
 			return 1
 		}
 		return 0
-	}
-	if m.Value == nil {
-		if m.Better == "lower" {
+	case m.Value == nil:
+		if lower {
 			return -1
 		}
 		return 0
 	}
-	d := *m.Value - *base.Value
-	if math.Abs(d) <= 0.1*math.Max(math.Abs(*base.Value), math.Abs(*m.Value)) {
+	b, v := *base.Value, *m.Value
+	rel, abs := noiseOf(m)
+	d := v - b
+	if math.Abs(d) <= abs || math.Abs(d) <= rel*math.Max(math.Abs(b), math.Abs(v)) {
 		return 0
 	}
-	if (d < 0) == (m.Better == "lower") {
+	if (d < 0) == lower {
+		if atIdeal(m, b) {
+			return 0
+		}
 		return 1
 	}
+	if atIdeal(m, v) {
+		return 0
+	}
 	return -1
+}
+
+// noiseOf returns the relative and absolute differences below which two
+// values of m are not told apart: latencies move by a fifth between runs
+// of the same build on a shared machine, other figures by a tenth, and
+// counts by the metric's own Noise.
+func noiseOf(m Metric) (rel, abs float64) {
+	rel = 0.10
+	if m.Unit == "ms" {
+		rel = 0.20
+	}
+	return rel, m.Noise
+}
+
+// atIdeal reports whether v is at or past m's ideal value.
+func atIdeal(m Metric, v float64) bool {
+	if m.Ideal == nil {
+		return false
+	}
+	if m.Better == "lower" {
+		return v <= *m.Ideal
+	}
+	return v >= *m.Ideal
 }
 
 var nodeColors = []string{"#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"}
@@ -197,7 +293,11 @@ func plotSVG(s ScenarioResult, standalone bool) string {
 	if standalone {
 		fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="#ffffff"/>`+"\n", width, height)
 	}
-	fmt.Fprintf(&b, `<text x="%d" y="20" font-weight="600">%s — open connections per node (servers' counts) over time</text>`+"\n", left, html.EscapeString(s.Name))
+	what := "open connections per node (servers' counts) over time"
+	if s.Name == fleetName {
+		what = "the fleet's pool sessions per node (servers' counts, all pools) over time"
+	}
+	fmt.Fprintf(&b, `<text x="%d" y="20" font-weight="600">%s — %s</text>`+"\n", left, html.EscapeString(s.Name), what)
 	for pi, p := range s.Pools {
 		x0 := float64(left + pi*(panelW+gap))
 		y0 := float64(top)

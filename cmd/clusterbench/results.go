@@ -35,6 +35,26 @@ type ScenarioResult struct {
 	// Ratios are clusterpool ÷ pgxpool for each metric, by metric name; null
 	// when undefined (pgxpool's value is 0 or one side has no value).
 	Ratios map[string]*float64 `json:"ratios"`
+	// Headline names the metric that matters most for the scenario, and
+	// Verdict says which pool did better on it beyond noise: "clusterpool
+	// better", "pgxpool better" or "no real difference".
+	Headline string `json:"headline"`
+	Verdict  string `json:"verdict"`
+	// TurnRatios are clusterpool ÷ pgxpool throughput for each pair of
+	// turns of an alternating scenario (overhead): their spread shows how
+	// far the overall ratio can be trusted.
+	TurnRatios *Spread `json:"turn_ratios,omitempty"`
+	// Settings are clusterpool's settings when the scenario uses its own
+	// (fleet); null means the run's.
+	Settings map[string]string `json:"settings,omitempty"`
+}
+
+// Spread is the median and range of a few values.
+type Spread struct {
+	Median float64   `json:"median"`
+	Min    float64   `json:"min"`
+	Max    float64   `json:"max"`
+	Values []float64 `json:"values"`
 }
 
 // PoolResult is one pool's run of one scenario.
@@ -66,6 +86,11 @@ type PoolResult struct {
 	LastErrorAt float64 `json:"last_error_s"`
 	// ErrorExamples are a few distinct error messages callers saw.
 	ErrorExamples []string `json:"error_examples,omitempty"`
+	// TurnOpsPerSec is the throughput of each turn of an alternating
+	// scenario, in the pool's turn order.
+	TurnOpsPerSec []float64 `json:"turn_ops_per_sec,omitempty"`
+	// Fleet holds the fleet scenario's details.
+	Fleet *FleetDetail `json:"fleet,omitempty"`
 }
 
 // Latency percentiles of every operation, failed ones included, in milliseconds.
@@ -84,6 +109,16 @@ type Metric struct {
 	Unit   string   `json:"unit"`
 	Value  *float64 `json:"value"`
 	Better string   `json:"better"` // "lower" or "higher"
+	// Text, when set, is shown instead of the value: "no errors" rather
+	// than a time of 0 ms, "38 of 40" for a share of a fair share.
+	Text string `json:"text,omitempty"`
+	// Ideal is the best value the figure can take (0 errors, a spread of
+	// 1, the fair share); a value at or past it is never shown as worse.
+	Ideal *float64 `json:"ideal,omitempty"`
+	// Noise is the absolute difference below which two values are not
+	// told apart (one connection of a spread, one sampling interval); the
+	// relative threshold comes from the unit (see noiseOf).
+	Noise float64 `json:"noise,omitempty"`
 }
 
 // Sample is the servers' open connections per node at T seconds into the run.
@@ -109,7 +144,8 @@ func (r *PoolResult) metric(name string) *Metric {
 	return nil
 }
 
-// computeRatios fills s.Ratios: clusterpool ÷ pgxpool for every metric.
+// computeRatios fills s.Ratios (clusterpool ÷ pgxpool for every metric),
+// the turn ratios of an alternating scenario and the headline's verdict.
 func (s *ScenarioResult) computeRatios() {
 	s.Ratios = make(map[string]*float64)
 	if len(s.Pools) != 2 {
@@ -124,10 +160,49 @@ func (s *ScenarioResult) computeRatios() {
 		}
 		s.Ratios[m.Name] = value(*m.Value / *b.Value)
 	}
+	s.TurnRatios = turnRatios(base.TurnOpsPerSec, other.TurnOpsPerSec)
+	if b, m := base.metric(s.Headline), other.metric(s.Headline); b != nil && m != nil {
+		s.Verdict = verdict(compare(*b, *m))
+	}
 }
 
-// formatValue prints a metric value with its unit; "never" for null.
+// turnRatios pairs the two pools' turns in order (the k-th turn of one with
+// the k-th of the other) and returns the spread of their throughput ratios.
+func turnRatios(base, other []float64) *Spread {
+	var r []float64
+	for k := range min(len(base), len(other)) {
+		if base[k] > 0 {
+			r = append(r, other[k]/base[k])
+		}
+	}
+	if len(r) == 0 {
+		return nil
+	}
+	sorted := append([]float64(nil), r...)
+	sort.Float64s(sorted)
+	med := sorted[len(sorted)/2]
+	if len(sorted)%2 == 0 {
+		med = (sorted[len(sorted)/2-1] + sorted[len(sorted)/2]) / 2
+	}
+	return &Spread{Median: med, Min: sorted[0], Max: sorted[len(sorted)-1], Values: r}
+}
+
+func verdict(c int) string {
+	switch c {
+	case 1:
+		return "clusterpool better"
+	case -1:
+		return "pgxpool better"
+	}
+	return "no real difference"
+}
+
+// formatValue prints a metric value with its unit (or its Text); "never"
+// for null.
 func formatValue(m Metric) string {
+	if m.Text != "" {
+		return m.Text
+	}
 	if m.Value == nil {
 		return "never"
 	}
@@ -183,6 +258,9 @@ func writeTable(w io.Writer, res *Results) {
 				base = formatValue(*b)
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", name, m.Label, base, formatValue(m), formatRatio(s.Ratios[m.Name]))
+		}
+		if tr := s.TurnRatios; tr != nil {
+			fmt.Fprintf(tw, "\tthroughput ratio per pair of turns (median, range)\t\t\t%s (%s–%s)\t\n", formatRatio(&tr.Median), formatRatio(&tr.Min), formatRatio(&tr.Max))
 		}
 	}
 	tw.Flush()

@@ -27,7 +27,12 @@ type options struct {
 	json      bool
 	dsn       string
 	backend   string
-	cluster   []string // cluster_* settings for clusterpool
+	cluster   []string // cluster_* settings for clusterpool, defaults merged in
+	// userCluster are the -cluster settings as given.
+	userCluster []string
+	// The fleet scenario's: pools, connections per pool, phase length.
+	pools, poolConns int
+	fleetPhase       time.Duration
 }
 
 const (
@@ -45,7 +50,8 @@ with the same seed for each pool; prints a table of results with ratios to
 pgxpool and writes an HTML report with plots. Without PostgreSQL on the
 machine it uses an in-process Postgres-wire backend instead, and says so.
 
-Scenarios: %s
+Scenarios: %s (all), and %s, which takes about two minutes and runs
+only when named (-scenario fleet, or -scenario all,fleet).
 
 Flags:
 `
@@ -77,7 +83,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Duration: o.duration.String(),
 		Settings: settings,
 	}
-	h := &harness{opts: *o, cluster: o.cluster, balanceInterval: ccfg.BalanceInterval}
+	h := &harness{opts: *o, cluster: o.cluster, balanceInterval: ccfg.BalanceInterval, userCluster: o.userCluster}
 
 	// The first line says what the benchmark runs on.
 	switch {
@@ -124,10 +130,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(log, "clusterbench: embedded %d-node cluster of PostgreSQL servers behind CockroachDB-like proxies and a random load balancer (clustertest); seed %d\n", o.nodes, o.seed)
 		}
 	}
-	fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool; clusterpool with %s\n",
-		o.workers, o.workers, o.duration, settingsLine(res.Settings))
+	var loadTime time.Duration
+	for _, name := range o.scenarios {
+		if name == fleetName {
+			loadTime += 2 * newFleetTimeline(o.fleetPhase).end
+			_, fs, _ := clusterpoolSettings(mergeParams(fleetClusterDefaults, o.userCluster))
+			fmt.Fprintf(log, "clusterbench: fleet: %d pools × %d conns (MinConns = MaxConns), each its own application_name, %d callers each, phase %v; clusterpool with balance interval %s and probe interval %s (as issue 13's harness)\n",
+				o.pools, o.poolConns, fleetWorkersPerPool, o.fleetPhase, fs["cluster_balance_interval"], fs["cluster_probe_interval"])
+			continue
+		}
+		loadTime += 2 * o.duration
+	}
+	if slices.ContainsFunc(o.scenarios, func(n string) bool { return n != fleetName }) {
+		fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool; clusterpool with %s\n",
+			o.workers, o.workers, o.duration, settingsLine(res.Settings))
+	}
 
-	h.prog = newProgress(log, time.Duration(2*len(o.scenarios))*o.duration)
+	h.prog = newProgress(log, loadTime)
 	for _, name := range o.scenarios {
 		s, _ := scenarioByName(name)
 		sr, err := h.runScenario(ctx, s)
@@ -171,18 +190,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 // parseFlags reads the command line; on bad usage it prints why and the
 // usage and returns nil with the exit code (0 for -h).
 func parseFlags(args []string, stderr io.Writer) (*options, int) {
-	var names []string
-	for _, s := range scenarios {
-		names = append(names, s.name)
+	var names, separate []string
+	for _, s := range allScenarios() {
+		if s.separate {
+			separate = append(separate, s.name)
+		} else {
+			names = append(names, s.name)
+		}
 	}
 	fs := flag.NewFlagSet("clusterbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), usageText, strings.Join(names, ", "))
+		fmt.Fprintf(fs.Output(), usageText, strings.Join(names, ", "), strings.Join(separate, ", "))
 		fs.PrintDefaults()
 	}
 	var o options
-	scenarioFlag := fs.String("scenario", "all", "comma-separated scenarios to run, or all")
+	scenarioFlag := fs.String("scenario", "all", "comma-separated scenarios to run: all (every scenario but fleet), or names")
+	fs.StringVar(scenarioFlag, "scenarios", "all", "the same as -scenario")
+	fs.IntVar(&o.pools, "pools", 16, "fleet: how many pools, each with its own application_name")
+	fs.IntVar(&o.poolConns, "pool-conns", 10, "fleet: connections per pool (MinConns = MaxConns)")
+	fs.DurationVar(&o.fleetPhase, "fleet-phase", 10*time.Second, "fleet: phase length: the quiet start lasts 2.5 phases (the at-rest window is its last fifth), a phase follows the scale-out, a fifth of one the drain and restart, a phase the restart")
 	fs.DurationVar(&o.duration, "duration", 5*time.Second, "how long each scenario runs, for each pool")
 	fs.IntVar(&o.nodes, "nodes", 3, "nodes in the embedded cluster")
 	fs.IntVar(&o.workers, "workers", 24, "concurrent callers; the pool size is the same (MinConns = MaxConns)")
@@ -215,6 +242,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 		return usageErr("-workers must be between 1 and 10000")
 	case o.backend != backendAuto && o.backend != backendPostgres && o.backend != backendInProcess:
 		return usageErr("-backend must be auto, postgres or inprocess, not %q", o.backend)
+	case o.pools < 1 || o.pools > 1000:
+		return usageErr("-pools must be between 1 and 1000")
+	case o.poolConns < 1 || o.poolConns > 1000:
+		return usageErr("-pool-conns must be between 1 and 1000")
+	case o.fleetPhase < time.Second:
+		return usageErr("-fleet-phase must be at least 1s")
 	}
 	for _, n := range strings.Split(*scenarioFlag, ",") {
 		n = strings.TrimSpace(n)
@@ -222,7 +255,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 		case n == "all":
 			o.scenarios = append(o.scenarios, names...)
 		case n == "":
-		case slices.Contains(names, n):
+		case slices.Contains(names, n) || slices.Contains(separate, n):
 			o.scenarios = append(o.scenarios, n)
 		default:
 			return usageErr("unknown scenario %q", n)
@@ -237,6 +270,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 		}
 		o.cluster = append(o.cluster, kv)
 	}
+	o.userCluster = o.cluster
 	o.cluster = clusterParams(o.cluster)
 	if _, _, err := clusterpoolSettings(o.cluster); err != nil {
 		return usageErr("-cluster: %v", err)

@@ -29,6 +29,21 @@ type scenario struct {
 	// plan describes one pool's run; metrics turns its raw result into figures.
 	plan    func(h *harness) runPlan
 	metrics func(h *harness, r *PoolResult, info runInfo) []Metric
+	// run, when set, replaces the harness's single-pool run (fleet);
+	// describe, when set, replaces description with one that names the
+	// run's settings; clusterParams, when set, are the cluster_* settings
+	// the scenario's clusterpool runs with instead of the run's.
+	run           func(ctx context.Context, h *harness, kind string) (PoolResult, error)
+	describe      func(h *harness) string
+	clusterParams func(h *harness) []string
+	// headline names the metric the report's summary shows.
+	headline string
+	// noPlot leaves out the plot of connections over time (overhead, whose
+	// one node holds the whole pool throughout).
+	noPlot bool
+	// separate scenarios are not part of "all": they take minutes (fleet)
+	// and are asked for by name.
+	separate bool
 }
 
 // runPlan is what one pool run does.
@@ -58,6 +73,7 @@ type runInfo struct {
 var scenarios = []scenario{
 	{
 		name:        "balance",
+		headline:    "spread_end",
 		description: "Start-up: the pool opens all its connections through the load balancer, which spreads them at random. Spread of the servers' per-node counts (max − min), and time until balanced (spread ≤ 1 for the rest of the run).",
 		plan: func(h *harness) runPlan {
 			return runPlan{nodes: h.opts.nodes, poolSize: h.opts.workers, workload: kvMix}
@@ -77,16 +93,17 @@ var scenarios = []scenario{
 			}
 			at := settledAt(r.Samples, 0, nodes, info.plan.poolSize)
 			return []Metric{
-				{Name: "spread_start", Label: "spread at start (max−min conns)", Value: nanNil(startSpread), Better: "lower"},
-				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodes))), Better: "lower"},
-				{Name: "time_to_balance", Label: "time until balanced", Unit: "s", Value: at, Better: "lower"},
-				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: h.rounds(at), Better: "lower"},
-				{Name: "reconnects", Label: fmt.Sprintf("conns opened beyond pool size (minimum moves %d)", moves), Value: value(float64(r.ConnsOpened - int64(info.plan.poolSize))), Better: "lower"},
+				{Name: "spread_start", Label: "spread at start (max−min conns)", Value: nanNil(startSpread), Better: "lower", Ideal: value(1), Noise: 1},
+				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodes))), Better: "lower", Ideal: value(1), Noise: 1},
+				{Name: "time_to_balance", Label: "time until balanced", Unit: "s", Value: at, Better: "lower", Ideal: value(0), Noise: timeNoise},
+				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: h.rounds(at), Better: "lower", Ideal: value(0), Noise: 1},
+				{Name: "reconnects", Label: fmt.Sprintf("conns opened beyond pool size (minimum moves %d)", moves), Value: value(float64(r.ConnsOpened - int64(info.plan.poolSize))), Better: "lower", Ideal: value(float64(moves)), Noise: 1},
 			}
 		},
 	},
 	{
 		name:        "scale-out",
+		headline:    "new_node_conns",
 		description: "A node is added a fifth of the way into the run (the dashed line marks when it is up and routable). Rounds (balance intervals) and connections opened until the new node holds its share (spread ≤ 1 over all nodes).",
 		destructive: true,
 		plan: func(h *harness) runPlan {
@@ -119,20 +136,23 @@ var scenarios = []scenario{
 			if at != nil {
 				after = value(*at - t0)
 			}
-			minMoves := float64(info.plan.poolSize / added)
+			fair := info.plan.poolSize / added
+			minMoves := float64(fair)
 			opened := float64(r.ConnsOpened - info.openedAt[label])
+			onNew := lastConns(r)[added]
 			return []Metric{
-				{Name: "new_node_conns", Label: fmt.Sprintf("conns on the new node (fair share %d)", info.plan.poolSize/added), Value: value(float64(lastConns(r)[added])), Better: "higher"},
-				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodes))), Better: "lower"},
-				{Name: "time_to_balance", Label: "time until balanced after add", Unit: "s", Value: after, Better: "lower"},
-				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: h.rounds(after), Better: "lower"},
-				{Name: "conns_opened", Label: "conns opened after add", Value: value(opened), Better: "lower"},
-				{Name: "churn", Label: "conns opened ÷ minimum moves", Unit: "x", Value: value(opened / minMoves), Better: "lower"},
+				{Name: "new_node_conns", Label: fmt.Sprintf("conns on the new node (fair share %d)", fair), Value: value(float64(onNew)), Better: "higher", Ideal: value(float64(fair)), Text: fmt.Sprintf("%d of %d", onNew, fair)},
+				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodes))), Better: "lower", Ideal: value(1), Noise: 1},
+				{Name: "time_to_balance", Label: "time until balanced after add", Unit: "s", Value: after, Better: "lower", Ideal: value(0), Noise: timeNoise},
+				{Name: "rounds_to_balance", Label: "balance rounds until balanced", Value: h.rounds(after), Better: "lower", Ideal: value(0), Noise: 1},
+				{Name: "conns_opened", Label: "conns opened after add", Value: value(opened), Better: "lower", Ideal: value(minMoves), Noise: 1},
+				{Name: "churn", Label: "conns opened ÷ minimum moves", Unit: "x", Value: value(opened / minMoves), Better: "lower", Ideal: value(1)},
 			}
 		},
 	},
 	{
 		name:        "rolling-restart",
+		headline:    "errors",
 		description: "Each node in turn is drained (new connections refused with 57P01, existing ones closed after a connection wait) and restarted, under load. Errors seen by callers and latency.",
 		destructive: true,
 		plan: func(h *harness) runPlan {
@@ -162,8 +182,8 @@ var scenarios = []scenario{
 		},
 		metrics: func(h *harness, r *PoolResult, info runInfo) []Metric {
 			return []Metric{
-				{Name: "errors", Label: "errors seen by callers", Value: value(float64(r.Errors)), Better: "lower"},
-				{Name: "error_pct", Label: "failed operations", Unit: "%", Value: value(pct(r.Errors, r.Ops)), Better: "lower"},
+				errorsMetric(r),
+				{Name: "error_pct", Label: "failed operations", Unit: "%", Value: value(pct(r.Errors, r.Ops)), Better: "lower", Ideal: value(0)},
 				{Name: "p50", Label: "p50 latency", Unit: "ms", Value: value(r.Latency.P50), Better: "lower"},
 				{Name: "p99", Label: "p99 latency", Unit: "ms", Value: value(r.Latency.P99), Better: "lower"},
 				{Name: "max", Label: "max latency", Unit: "ms", Value: value(r.Latency.Max), Better: "lower"},
@@ -172,6 +192,7 @@ var scenarios = []scenario{
 	},
 	{
 		name:        "crash",
+		headline:    "errors",
 		description: "One node is killed (sockets closed, no message) a quarter into the run and restarted at half time, under load. Errors, p99, time until callers stop seeing errors, and time until the restarted node has its share again.",
 		destructive: true,
 		plan: func(h *harness) runPlan {
@@ -185,8 +206,10 @@ var scenarios = []scenario{
 						return nil
 					}
 					n := c.Node(victim)
-					n.Kill()
+					// Marked first: callers' errors start while Kill closes
+					// the sockets.
 					mark("kill " + strconv.Itoa(victim))
+					n.Kill()
 					if !sleepUntil(ctx, d/2-time.Since(start)) {
 						return nil
 					}
@@ -211,16 +234,21 @@ var scenarios = []scenario{
 					rebalanced = value(*at - restartAt)
 				}
 			}
+			toRecover := Metric{Name: "time_to_recover", Label: "kill → last caller error", Unit: "ms", Value: value(recover * 1000), Better: "lower", Ideal: value(0)}
+			if r.Errors == 0 {
+				toRecover.Text = "no errors"
+			}
 			return []Metric{
-				{Name: "errors", Label: "errors seen by callers", Value: value(float64(r.Errors)), Better: "lower"},
+				errorsMetric(r),
 				{Name: "p99", Label: "p99 latency", Unit: "ms", Value: value(r.Latency.P99), Better: "lower"},
-				{Name: "time_to_recover", Label: "kill → last caller error", Unit: "ms", Value: value(recover * 1000), Better: "lower"},
-				{Name: "time_to_rebalance", Label: "restart → balanced again", Unit: "s", Value: rebalanced, Better: "lower"},
+				toRecover,
+				{Name: "time_to_rebalance", Label: "restart → balanced again", Unit: "s", Value: rebalanced, Better: "lower", Ideal: value(0), Noise: timeNoise},
 			}
 		},
 	},
 	{
-		name: "hot-spot",
+		name:     "hot-spot",
+		headline: "of_ideal",
 		description: fmt.Sprintf("Every node serves at most %s queries at once (SetCapacity); each query holds the server %v. "+
 			"The last node is down while the pool starts and comes back before the load begins, so the pool starts uneven, "+
 			"as after a node restart. Throughput and p99 against the ideal of a perfectly balanced pool (nodes × capacity ÷ query time).", "workers/(2·nodes)", hotSpotQuery),
@@ -252,15 +280,17 @@ var scenarios = []scenario{
 			ideal := float64(nodes*hotSpotCapacity(h.opts.workers, nodes)) / hotSpotQuery.Seconds()
 			return []Metric{
 				{Name: "ops_per_sec", Label: "throughput", Unit: "ops/s", Value: value(r.OpsPerSec), Better: "higher"},
-				{Name: "of_ideal", Label: fmt.Sprintf("throughput ÷ ideal (%.0f ops/s)", ideal), Unit: "x", Value: value(r.OpsPerSec / ideal), Better: "higher"},
+				{Name: "of_ideal", Label: fmt.Sprintf("throughput ÷ ideal (%.0f ops/s)", ideal), Unit: "x", Value: value(r.OpsPerSec / ideal), Better: "higher", Ideal: value(1)},
 				{Name: "p99", Label: "p99 latency", Unit: "ms", Value: value(r.Latency.P99), Better: "lower"},
 				{Name: "p99_of_ideal", Label: fmt.Sprintf("p99 ÷ query time (%v)", hotSpotQuery), Unit: "x", Value: value(r.Latency.P99 / float64(hotSpotQuery.Milliseconds())), Better: "lower"},
-				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodeIDs(1, nodes)))), Better: "lower"},
+				{Name: "spread_end", Label: "spread at end", Value: value(float64(spread(lastConns(r), nodeIDs(1, nodes)))), Better: "lower", Ideal: value(1), Noise: 1},
 			}
 		},
 	},
 	{
 		name:        "overhead",
+		headline:    "ops_per_sec",
+		noPlot:      true,
 		description: "SELECT 1 back to back against a single node (no load balancer): what the pool itself costs per query. The pools take turns (A B B A A B, a third of the duration each, each turn on a freshly filled pool) so that the machine's drifting speed favours neither.",
 		alternate:   true,
 		plan: func(h *harness) runPlan {
@@ -279,6 +309,9 @@ var scenarios = []scenario{
 	},
 }
 
+// allScenarios are the scenarios "all" runs, then the separate ones.
+func allScenarios() []scenario { return append(append([]scenario{}, scenarios...), fleetScenario) }
+
 // commonMetrics are added to every scenario's own.
 func commonMetrics(r *PoolResult, own []Metric) []Metric {
 	have := make(map[string]bool)
@@ -287,7 +320,7 @@ func commonMetrics(r *PoolResult, own []Metric) []Metric {
 	}
 	for _, m := range []Metric{
 		{Name: "ops_per_sec", Label: "throughput", Unit: "ops/s", Value: value(r.OpsPerSec), Better: "higher"},
-		{Name: "errors", Label: "errors seen by callers", Value: value(float64(r.Errors)), Better: "lower"},
+		errorsMetric(r),
 		{Name: "p50", Label: "p50 latency", Unit: "ms", Value: value(r.Latency.P50), Better: "lower"},
 		{Name: "p99", Label: "p99 latency", Unit: "ms", Value: value(r.Latency.P99), Better: "lower"},
 	} {
@@ -298,8 +331,16 @@ func commonMetrics(r *PoolResult, own []Metric) []Metric {
 	return own
 }
 
+// timeNoise is the resolution of a time read from the samples: two
+// sampling intervals, in seconds.
+var timeNoise = 2 * sampleEvery.Seconds()
+
+func errorsMetric(r *PoolResult) Metric {
+	return Metric{Name: "errors", Label: "errors seen by callers", Value: value(float64(r.Errors)), Better: "lower", Ideal: value(0)}
+}
+
 func scenarioByName(name string) (scenario, bool) {
-	for _, s := range scenarios {
+	for _, s := range allScenarios() {
 		if s.name == name {
 			return s, true
 		}
