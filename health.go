@@ -10,8 +10,14 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Node health checks: telling a node that stopped answering from one that
-// was merely slow.
+// Node health: drain-aware eviction after a connection-level failure, and
+// checks that tell a node that stopped answering from one that was merely
+// slow.
+//
+// Eviction (nodeFailed): the first connection-level failure on node N (57P01
+// from a draining CockroachDB node, EOF, a reset) evicts N at once: its idle
+// connections are destroyed, its in-use ones retired when released, and none
+// of its connections is handed out until a connect or probe reaches N again.
 //
 // A node cut off by a network partition (or hung) keeps its TCP connections
 // open and answers nothing: no EOF, no reset, no 57P01. Calls on it end only
@@ -33,12 +39,10 @@ import (
 //     answers; calls on N all cut by deadlines mean it does not; otherwise
 //     the check changes nothing (see healthChecker.silent).
 //
-// If N does not answer in time it is evicted, as after a lost connection
-// (Pool.nodeFailed): its idle connections are closed, the in-use ones
-// retired when released, and new work goes to the other nodes until a
-// connect or probe reaches N again. At most one check per node runs at a
-// time, and a node is checked at most once per checkSpacing, so a storm of
-// timeouts costs a ping a second per node.
+// If N does not answer in time it is evicted, as after a lost connection.
+// At most one check per node runs at a time, and a node is checked at most
+// once per checkSpacing, so a storm of timeouts costs a ping a second per
+// node.
 
 // Connect and check timeouts.
 const (
@@ -71,6 +75,38 @@ func (p *Pool) checkTimeout() time.Duration {
 	return min(p.connectTimeout(), maxCheckTimeout)
 }
 
+// nodeFailed is drain-aware eviction: after a connection-level failure on
+// node n (57P01, EOF, reset, ...), the node is evicted at once, so its
+// connections are refused at acquire until a successful connect or probe
+// shows it healthy; its idle connections are destroyed now, and its in-use
+// ones are marked to be retired when they come back, even if the node has
+// recovered by then (they belong to the server process that failed).
+func (p *Pool) nodeFailed(n *node) {
+	now := time.Now()
+	first := !n.evicted.Load()
+	p.tracker.recordFailure(n.id, now)
+	p.tracker.evict(n.id, now)
+	n.mu.Lock()
+	for cs := range n.connSet {
+		cs.retire.Store(true)
+	}
+	n.mu.Unlock()
+	if first {
+		p.retireIdle(context.Background())
+	}
+}
+
+// otherHealthyNode reports whether some known node outside avoid is healthy.
+// It takes the tracker's lock, so it is only called on the retry path.
+func (p *Pool) otherHealthyNode(avoid []NodeID) bool {
+	for _, n := range p.tracker.nodeList() {
+		if !n.evicted.Load() && !slices.Contains(avoid, n.id) {
+			return true
+		}
+	}
+	return false
+}
+
 // healthChecker runs node health checks in the background.
 type healthChecker struct {
 	p        *Pool
@@ -91,10 +127,21 @@ func (p *Pool) callCut(n *node) {
 // suspectNode asks for a background check of n; see the top of this file.
 // It never blocks and is cheap when a check is already under way or recent.
 func (p *Pool) suspectNode(n *node) {
-	if n == nil || p.balancer == nil || p.balancer.health == nil {
+	if n == nil || p.health == nil {
 		return
 	}
-	p.balancer.health.suspect(n, time.Now())
+	p.health.suspect(n, time.Now())
+}
+
+// suspectHost asks for a check of the node last seen behind the listed
+// host, if any.
+func (p *Pool) suspectHost(host string) {
+	if p.placement.mode != connectPlaced {
+		return
+	}
+	if id := p.placement.nodeBehind(host); id != 0 {
+		p.suspectNode(p.tracker.node(id))
+	}
 }
 
 func (h *healthChecker) suspect(n *node, now time.Time) {
@@ -291,30 +338,22 @@ func (h *healthChecker) pingIdle(ctx context.Context, n *node) (answered, known 
 // string lists the nodes and one of them is known to be n. known is false
 // when no address of n is known.
 func (h *healthChecker) dialNode(ctx context.Context, n *node) (answered, known bool) {
-	b := h.p.balancer
-	if !b.place {
+	pl := h.p.placement
+	if pl.mode != connectPlaced {
 		return false, false // behind one address a dial reaches any node
 	}
-	cc := h.p.config.ConnConfig.Copy()
-	if h.p.userBeforeConnect != nil {
-		if err := h.p.userBeforeConnect(ctx, cc); err != nil {
-			return false, false
+	cc, err := h.p.sideConfig(ctx, func(groups []*hostGroup) []int {
+		for i, g := range groups {
+			if pl.nodeBehind(g.key) == n.id {
+				known = true
+				return []int{i}
+			}
 		}
-	}
-	groups := b.groupsFor(cc)
-	i := -1
-	b.mu.Lock()
-	for j, g := range groups {
-		if b.hostNodes[g.key] == n.id {
-			i = j
-			break
-		}
-	}
-	b.mu.Unlock()
-	if i < 0 {
+		return nil
+	})
+	if err != nil || !known {
 		return false, false
 	}
-	setHosts(cc, groups, []int{i})
 	cc.ConnectTimeout = 0 // ctx bounds the check
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
@@ -333,37 +372,4 @@ func nodeSilent(err error) bool {
 		return true
 	}
 	return false
-}
-
-// chainShouldPing wraps pgxpool's ShouldPing decision (the user's hook, or
-// pgxpool's default: ping a connection idle for over a second) so that a
-// connection about to be pinged is marked: if the ping fails, the connection
-// is closed while still marked and its node is checked (see
-// connState.pinging). Without this, an acquire whose ping hangs on a
-// partitioned node ends in the caller's deadline with no node named.
-func chainShouldPing(user func(context.Context, pgxpool.ShouldPingParams) bool) func(context.Context, pgxpool.ShouldPingParams) bool {
-	if user == nil {
-		// pgxpool's default, inline: this runs on every acquire.
-		return func(_ context.Context, params pgxpool.ShouldPingParams) bool {
-			if params.IdleDuration <= time.Second {
-				return false
-			}
-			markPinging(params.Conn)
-			return true
-		}
-	}
-	return func(ctx context.Context, params pgxpool.ShouldPingParams) bool {
-		if !user(ctx, params) {
-			return false
-		}
-		markPinging(params.Conn)
-		return true
-	}
-}
-
-// markPinging marks conn as about to be pinged at acquire.
-func markPinging(conn *pgx.Conn) {
-	if cs := connStateOf(conn); cs != nil {
-		cs.pinging.Store(true)
-	}
 }
