@@ -86,10 +86,8 @@ type IdentifyNodeParams struct {
 // cluster settings below. The zero value of each cluster setting means its
 // default, as documented on the field.
 //
-// A panic in one of the caller's hooks that the pool wraps (BeforeConnect,
-// AfterConnect, IdentifyNode, PrepareConn or BeforeAcquire, BeforeClose) is
-// recovered, counted, reported to a HookTracer, and taken as the hook
-// failing; see "Hooks" in the Pool documentation.
+// The hooks it holds are chained with the pool's; see "Hooks" in the Pool
+// documentation.
 type Config struct {
 	*pgxpool.Config
 

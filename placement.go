@@ -531,7 +531,7 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.Va
 // holds at least two fewer: as in planPrune, moving a connection between
 // nodes one apart only swaps which holds the extra one, and refusing such
 // connections during a cold start, when every count lags behind the dials
-// under way, costs more dials than the balancer's rounds do later.
+// under way, costs more dials than the balance rounds do later.
 func (pl *placement) overTarget(id NodeID, now time.Time) bool {
 	info, _ := pl.liveNodes(now, 1, 0)
 	n, ok := info[id]

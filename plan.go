@@ -10,8 +10,8 @@ import (
 // The balancing decisions: how many connections each node should hold, which
 // nodes shed connections in a round, the order in which a new connection
 // tries the listed hosts, and how long a node may go unseen. They are pure
-// functions of their inputs (counts, health, seeds, now), so they are tested
-// without a cluster or a clock; prune.go and placement.go apply them.
+// functions of their inputs (counts, health, seeds, now), with no clock and
+// no I/O; prune.go and placement.go apply them.
 
 // nodeView is what one balancing decision knows about a node.
 type nodeView struct {

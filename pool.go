@@ -24,6 +24,10 @@ import (
 //     placement; and DefaultConnectTimeout per host when connect_timeout is
 //     not set) runs first, then the user's, on the same per-attempt copy of
 //     the connection config.
+//   - ValidateConnect: the pool's check (behind one address, refusing a
+//     connection on a node above its target so that pgconn dials again)
+//     runs first, then the one on the connection config, such as
+//     target_session_attrs'.
 //   - AfterConnect: the pool identifies the node first, then the user's hook
 //     runs; if the user's hook fails, the connection is forgotten and closed.
 //   - PrepareConn (or the deprecated BeforeAcquire): the pool first refuses

@@ -235,12 +235,8 @@ type TraceConnectThrottledData struct {
 	Err error
 }
 
-// HookTracer traces panics in the caller's hooks that the pool wraps
-// (Config.BeforeConnect, AfterConnect, IdentifyNode, PrepareConn or
-// BeforeAcquire, BeforeClose). Most of them run on pgxpool's own
-// goroutines, where a panic would end the program; the pool recovers it,
-// counts it (ClusterStat.HookPanics), reports it here, and treats the hook
-// as failed. See the Config documentation for what that means per hook.
+// HookTracer traces the panics the pool recovers in the caller's hooks
+// (see "Hooks" in the Pool documentation).
 type HookTracer interface {
 	// TraceHookPanic is called after a hook panicked and the panic was
 	// recovered.

@@ -54,7 +54,7 @@ const (
 )
 
 type tracker struct {
-	obs *observer // reports node events (tracer.go); nil in unit tests
+	obs *observer // reports node events (tracer.go); may be nil
 	// suspect, when set, is told of a node whose connection failed
 	// pgxpool's acquire-time ping (Pool.callCut); it must not block.
 	suspect func(*node)
