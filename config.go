@@ -451,11 +451,7 @@ func (c *Config) settings() settings {
 // also hold TLS/plain variants of the same host (sslmode=prefer), which must
 // not count as other nodes.
 func distinctHosts(cc *pgx.ConnConfig) int {
-	seen := map[string]struct{}{hostPort(cc.Host, cc.Port): {}}
-	for _, f := range cc.Fallbacks {
-		seen[hostPort(f.Host, f.Port)] = struct{}{}
-	}
-	return len(seen)
+	return len(hostGroups(cc))
 }
 
 // hostPort is the key the pool gives a host: "host:port", with an IPv6
