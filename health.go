@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -73,6 +74,109 @@ func (p *Pool) connectTimeout() time.Duration {
 // before it is evicted.
 func (p *Pool) checkTimeout() time.Duration {
 	return min(p.connectTimeout(), maxCheckTimeout)
+}
+
+// Failure window: this many connection-level failures within failureWindow
+// mark a node unhealthy. One failure alone does not, so a single broken
+// connection does not evict a healthy node; a clear drain signal (57P01) or a
+// lost connection evicts at once (nodeFailed).
+const (
+	failureBurst  = 3
+	failureWindow = 10 * time.Second
+)
+
+// nodeHealth is a node's health: its eviction and its health checks.
+type nodeHealth struct {
+	evicted atomic.Bool // refuse the node's connections at acquire
+	// evictedAt is when the node was last evicted (unix nanoseconds): a
+	// connection dialled before it does not vouch for the node.
+	evictedAt atomic.Int64
+	evictions atomic.Int64 // times the node was evicted; NodeStats reports it
+	// checking is set while a health check of the node is under way, so at
+	// most one runs per node; checkedAt is when the last one ended (unix
+	// nanoseconds), so checks are spaced out.
+	checking  atomic.Bool
+	checkedAt atomic.Int64
+	// reachedAt is when a probe or a new connection last reached the node
+	// (unix nanoseconds): proof that it answers, for health checks.
+	reachedAt atomic.Int64
+	// cuts counts calls on the node cut by their callers' deadlines, and
+	// acquire-time pings that failed; cutsJudged is its value when the
+	// last health check ended.
+	cuts       atomic.Int64
+	cutsJudged atomic.Int64
+
+	failMu sync.Mutex // protects the fields below
+	// failures and failuresSince count connection-level failures in the
+	// current window.
+	failures      int
+	failuresSince time.Time
+}
+
+// evict marks node id unhealthy: its connections are refused at acquire until
+// markHealthy. It returns the node's idle connections, marked retire, so the
+// caller can sweep them (Pool.retireIdle). In-use ones are refused when they
+// come back while the node is still evicted.
+func (t *tracker) evict(id NodeID, now time.Time) []*connState {
+	n := t.node(id)
+	if n == nil {
+		return nil
+	}
+	n.evictedAt.Store(now.UnixNano())
+	if n.evicted.CompareAndSwap(false, true) {
+		n.evictions.Add(1)
+		t.obs.nodeHealth(id, false)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var idle []*connState
+	for cs := range n.connSet {
+		if !cs.inUse() {
+			cs.retire.Store(true)
+			idle = append(idle, cs)
+		}
+	}
+	return idle
+}
+
+// markHealthy clears node id's eviction and failure window. Its callers
+// (a probe, a new connection) have just reached the node.
+func (t *tracker) markHealthy(id NodeID, now time.Time) {
+	n := t.node(id)
+	if n == nil {
+		return
+	}
+	n.reachedAt.Store(now.UnixNano())
+	n.failMu.Lock()
+	n.failures = 0
+	n.failuresSince = time.Time{}
+	n.failMu.Unlock()
+	if n.evicted.Swap(false) {
+		t.obs.nodeHealth(id, true)
+	}
+}
+
+// recordFailure counts a connection-level failure on node id at now. It
+// returns true when the node just became unhealthy: failureBurst failures
+// within failureWindow. The node is then evicted; the caller sweeps its idle
+// connections if it wants them gone at once.
+func (t *tracker) recordFailure(id NodeID, now time.Time) bool {
+	n := t.node(id)
+	if n == nil {
+		return false
+	}
+	n.failMu.Lock()
+	if n.failuresSince.IsZero() || now.Sub(n.failuresSince) > failureWindow {
+		n.failures, n.failuresSince = 0, now
+	}
+	n.failures++
+	tripped := n.failures == failureBurst
+	n.failMu.Unlock()
+	if tripped && !n.evicted.Load() {
+		t.evict(id, now)
+		return true
+	}
+	return false
 }
 
 // nodeFailed is drain-aware eviction: after a connection-level failure on

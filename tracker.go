@@ -11,14 +11,11 @@ package clusterpool
 //     next acquire (PrepareConn returns false, pgxpool destroys it). Never close
 //     a pgx.Conn yourself: pgxpool owns it. Pool.retireIdle sweeps idle ones now.
 //   - node.evicted: while set, PrepareConn refuses every connection on the
-//     node (hot path: one atomic load). tracker.evict sets it and returns the
-//     node's idle connections (already marked retire); markHealthy clears it.
-//     A successful connect to the node (trackConn) also marks it healthy and seen.
-//   - tracker.recordFailure(id, now) counts a connection-level failure; it
-//     returns true when the node just became unhealthy (and was evicted).
-//     Callers must not count the caller's own cancellation or deadline.
-//   - node counters retries, pruned, evictions: atomics the balance rounds and
-//     retry code increment; NodeStats reports them.
+//     node (hot path: one atomic load). Eviction is health.go's
+//     (tracker.evict, markHealthy, recordFailure). A successful connect to
+//     the node (trackConn) marks it healthy and seen.
+//   - node counters retries, pruned, evictions: atomics the balance rounds,
+//     retry code and eviction increment; NodeStats reports them.
 //   - tracker.seen(id, now) records that something (probe, query) reached the
 //     node; tracker.expire(now, window) forgets nodes with no connections not
 //     seen within window (the balance round chooses the window and calls it).
@@ -28,8 +25,8 @@ package clusterpool
 //
 // Locks: tracker.mu protects the node map and changes only on connect, close,
 // probe and expiry, never on acquire or release. node.mu protects a node's
-// connection set and failure window. Acquire and release touch atomics only.
-// Lock order: tracker.mu before node.mu.
+// connection set. Acquire and release touch atomics only. Lock order:
+// tracker.mu before node.mu.
 
 import (
 	"context"
@@ -43,15 +40,6 @@ import (
 
 // customDataKey is where a connection's *connState lives in pgconn's CustomData.
 const customDataKey = "clusterpool"
-
-// Failure window: this many connection-level failures within failureWindow
-// mark a node unhealthy. One failure alone does not, so a single broken
-// connection does not evict a healthy node; retry.go evicts at once on a clear
-// drain signal (57P01) by calling evict directly.
-const (
-	failureBurst  = 3
-	failureWindow = 10 * time.Second
-)
 
 type tracker struct {
 	obs *observer // reports node events (tracer.go); may be nil
@@ -71,41 +59,20 @@ type tracker struct {
 type node struct {
 	id NodeID
 
-	conns    atomic.Int32 // connections open on this node and tracked
-	lastSeen atomic.Int64 // unix nanoseconds of the last sign of life
-	evicted  atomic.Bool  // refuse this node's connections at acquire
-	// evictedAt is when the node was last evicted (unix nanoseconds): a
-	// connection dialled before it does not vouch for the node.
-	evictedAt atomic.Int64
-	draining  atomic.Bool // the node said it is draining (probe)
-	// checking is set while a health check of the node is under way
-	// (health.go), so at most one runs per node; checkedAt is when the last
-	// one ended (unix nanoseconds), so checks are spaced out.
-	checking  atomic.Bool
-	checkedAt atomic.Int64
-	// reachedAt is when a probe or a new connection last reached the node
-	// (unix nanoseconds): proof that it answers, for health checks.
-	reachedAt atomic.Int64
-	// cuts counts calls on the node cut by their callers' deadlines, and
-	// acquire-time pings that failed; cutsJudged is its value when the
-	// last health check ended.
-	cuts       atomic.Int64
-	cutsJudged atomic.Int64
+	conns      atomic.Int32 // connections open on this node and tracked
+	lastSeen   atomic.Int64 // unix nanoseconds of the last sign of life
+	draining   atomic.Bool  // the node said it is draining (probe)
+	nodeHealth              // eviction and health checks (health.go)
 
 	// Counters the balance rounds and retry code increment; reported in NodeStats.
-	retries   atomic.Int64 // queries retried because of this node
-	pruned    atomic.Int64 // connections retired to rebalance
-	evictions atomic.Int64 // times the node was evicted
+	retries atomic.Int64 // queries retried because of this node
+	pruned  atomic.Int64 // connections retired to rebalance
 
 	mu sync.Mutex // protects the fields below
 	// addr is the node's address when known (see NodeStat.Addr).
 	addr string
 	// connSet holds the node's tracked connections.
 	connSet map[*connState]struct{}
-	// failures and failuresSince count connection-level failures in the
-	// current window.
-	failures      int
-	failuresSince time.Time
 }
 
 // connState is the pool's record of one connection, stored in the
@@ -308,72 +275,6 @@ func (t *tracker) seen(id NodeID, now time.Time) {
 	t.mu.Unlock()
 	t.obs.nodeSeen(n, "")
 	n.lastSeen.Store(now.UnixNano())
-}
-
-// evict marks node id unhealthy: its connections are refused at acquire until
-// markHealthy. It returns the node's idle connections, marked retire, so the
-// caller can sweep them (Pool.retireIdle). In-use ones are refused when they
-// come back while the node is still evicted.
-func (t *tracker) evict(id NodeID, now time.Time) []*connState {
-	n := t.node(id)
-	if n == nil {
-		return nil
-	}
-	n.evictedAt.Store(now.UnixNano())
-	if n.evicted.CompareAndSwap(false, true) {
-		n.evictions.Add(1)
-		t.obs.nodeHealth(id, false)
-	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	var idle []*connState
-	for cs := range n.connSet {
-		if !cs.inUse() {
-			cs.retire.Store(true)
-			idle = append(idle, cs)
-		}
-	}
-	return idle
-}
-
-// markHealthy clears node id's eviction and failure window. Its callers
-// (a probe, a new connection) have just reached the node.
-func (t *tracker) markHealthy(id NodeID, now time.Time) {
-	n := t.node(id)
-	if n == nil {
-		return
-	}
-	n.reachedAt.Store(now.UnixNano())
-	n.mu.Lock()
-	n.failures = 0
-	n.failuresSince = time.Time{}
-	n.mu.Unlock()
-	if n.evicted.Swap(false) {
-		t.obs.nodeHealth(id, true)
-	}
-}
-
-// recordFailure counts a connection-level failure on node id at now. It
-// returns true when the node just became unhealthy: failureBurst failures
-// within failureWindow. The node is then evicted; the caller sweeps its idle
-// connections if it wants them gone at once.
-func (t *tracker) recordFailure(id NodeID, now time.Time) bool {
-	n := t.node(id)
-	if n == nil {
-		return false
-	}
-	n.mu.Lock()
-	if n.failuresSince.IsZero() || now.Sub(n.failuresSince) > failureWindow {
-		n.failures, n.failuresSince = 0, now
-	}
-	n.failures++
-	tripped := n.failures == failureBurst
-	n.mu.Unlock()
-	if tripped && !n.evicted.Load() {
-		t.evict(id, now)
-		return true
-	}
-	return false
 }
 
 // expire forgets nodes that have no connections and have not been seen
