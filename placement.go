@@ -478,7 +478,7 @@ var errOverTarget = errors.New("clusterpool: node is above its connection target
 // balancer's choice stands after maxRedials refusals.
 // Behind a random balancer each dial is a fresh draw: this reaches the
 // under-filled node in fewer balancing rounds for the same number of
-// connections opened (see docs/balancing.md).
+// connections opened.
 func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.ValidateConnectFunc {
 	if !pl.reached.Load() && len(avoid) == 0 {
 		return func(context.Context, *pgconn.PgConn) error {
