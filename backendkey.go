@@ -1,6 +1,10 @@
 package clusterpool
 
 import (
+	"context"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
@@ -47,4 +51,67 @@ func DecodeProcessID(pid uint32) NodeID {
 // reads a parameter the server sent at connect: no round trip.
 func isCockroachDB(pgConn *pgconn.PgConn) bool {
 	return pgConn.ParameterStatus(crdbVersionParam) != ""
+}
+
+// cockroachIDs reports whether the pool's node IDs are CockroachDB's own,
+// read from the BackendKey, whenever the server is CockroachDB. With the
+// query identity or IdentifyNode they are the pool's or the user's, a
+// different ID space: CockroachDB's IDs (gossip's, a BackendKey's) must not
+// be matched against them.
+func (p *Pool) cockroachIDs() bool {
+	s := p.settings
+	return s.identifyNode == nil && (s.identity == NodeIdentityAuto || s.identity == NodeIdentityBackendKey)
+}
+
+// nodeOf returns the node a new connection reached as far as the connect
+// itself tells, with no round trip: the ID in the BackendKey when the server
+// is CockroachDB and the pool's IDs are CockroachDB's, and 0 otherwise. It is
+// the one place the BackendKey is decoded: AfterConnect (identify),
+// placement (ValidateConnect) and redial all go through it.
+func (p *Pool) nodeOf(pgConn *pgconn.PgConn) NodeID {
+	if !p.cockroachIDs() || !isCockroachDB(pgConn) {
+		return 0
+	}
+	return DecodeProcessID(pgConn.PID())
+}
+
+// identify returns the node conn reached, or 0 if it is not to be tracked,
+// and the node's address when the identity tells it. Where nodeOf cannot
+// tell, the user's IdentifyNode or the identifying query decides.
+func (p *Pool) identify(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
+	if id := p.nodeOf(conn.PgConn()); id != 0 {
+		return id, "", nil
+	}
+	switch s := p.settings; {
+	case s.identifyNode != nil:
+		return p.callIdentifyNode(ctx, conn)
+	case s.identity == NodeIdentityQuery,
+		s.identity == NodeIdentityAuto && s.multiHost && !isCockroachDB(conn.PgConn()):
+		return p.identifyByQuery(ctx, conn)
+	}
+	return 0, "", nil
+}
+
+// identifyQuery asks the server for its own address: one round trip, once
+// per connection. COALESCE covers Unix-socket connections, where both are NULL.
+// It runs with the simple protocol so it takes no slot in the connection's
+// statement cache.
+const identifyQuery = "SELECT COALESCE(host(inet_server_addr()), ''), COALESCE(inet_server_port(), 0)"
+
+func (p *Pool) identifyByQuery(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
+	var host string
+	var port int
+	if err := conn.QueryRow(ctx, identifyQuery, pgx.QueryExecModeSimpleProtocol).Scan(&host, &port); err != nil {
+		return 0, "", fmt.Errorf("clusterpool: identifying the node of a new connection: %w", err)
+	}
+	if host == "" {
+		// A Unix socket: the server is the one at the socket path we dialled.
+		cfg := conn.Config()
+		host = cfg.Host
+		if port == 0 {
+			port = int(cfg.Port)
+		}
+	}
+	addr := hostPort(host, uint16(port))
+	return p.tracker.localID(addr), addr, nil
 }

@@ -1,6 +1,7 @@
 package clusterpool
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"slices"
@@ -53,7 +54,7 @@ func totalOpened(c *clustertest.Cluster) int64 {
 // itself: their total minus the probes' short-lived connections. Removed
 // nodes no longer count, so compare deltas taken while the node set is fixed.
 func poolOpened(c *clustertest.Cluster, p *Pool) int64 {
-	return totalOpened(c) - p.balancer.probes.Load()
+	return totalOpened(c) - p.probeConns()
 }
 
 func TestBalanceEvenAtStart(t *testing.T) {
@@ -325,7 +326,7 @@ func TestBalanceScaleOutWithGossip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	before, rounds := poolOpened(c, p), p.balancer.rounds.Load()
+	before, start := poolOpened(c, p), time.Now()
 	gossipSetup(t, c, nil)
 	waitCond(t, func() string {
 		if k := n4.OpenConns(); k < 7 || k > 8 {
@@ -334,7 +335,7 @@ func TestBalanceScaleOutWithGossip(t *testing.T) {
 		return spreadOf(c, 30)
 	})
 	moves, opened := n4.OpenConns(), poolOpened(c, p)-before
-	t.Logf("scale-out with hosts+gossip: %d opened for %d moves in %d rounds", opened, moves, p.balancer.rounds.Load()-rounds)
+	t.Logf("scale-out with hosts+gossip: %d opened for %d moves in %v", opened, moves, time.Since(start))
 	if opened > int64(2*moves) {
 		t.Errorf("opened %d connections for %d moves", opened, moves)
 	}
@@ -397,6 +398,8 @@ func TestBalanceReport(t *testing.T) {
 			}
 			var p *Pool
 			var plain *pgxpool.Pool
+			// Rounds are counted as the time since the pool started over the
+			// mean interval, which the jitter keeps on average.
 			rounds, probes := func() int64 { return 0 }, func() int64 { return 0 }
 			if sc.plain {
 				cfg, err := pgxpool.ParseConfig(dsn + "&pool_min_conns=30&pool_max_conns=30")
@@ -410,13 +413,22 @@ func TestBalanceReport(t *testing.T) {
 			} else {
 				// Rounds longer than pgxpool's 500 ms refill delay, as with
 				// the 5 s default, so a round sees the last round's refill.
+				started := time.Now()
 				p = startPool(t, dsn, func(cfg *Config) {
 					balancedConfig(30, 30)(cfg)
 					cfg.BalanceInterval = 600 * time.Millisecond
 					cfg.ProbeInterval = 200 * time.Millisecond
+					if !sc.redial && !sc.gossip {
+						// The same node IDs, from a function of the
+						// user's: the pool then has no BackendKey
+						// identity to redial by.
+						cfg.IdentifyNode = func(_ context.Context, params IdentifyNodeParams) (NodeID, string, error) {
+							return DecodeProcessID(params.Conn.PgConn().PID()), "", nil
+						}
+					}
 				})
-				p.balancer.redial.Store(sc.redial)
-				rounds, probes = p.balancer.rounds.Load, p.balancer.probes.Load
+				rounds = func() int64 { return int64(time.Since(started) / (600 * time.Millisecond)) }
+				probes = p.probeConns
 			}
 			for _, ph := range phases {
 				if ph.change != nil {
@@ -484,7 +496,7 @@ func TestBalanceRoundSeenExpired(t *testing.T) {
 			return fmt.Sprintf("pool filling: %v", counts)
 		}
 		if len(counts) != 2 || counts[1]-counts[2] > 1 || counts[2]-counts[1] > 1 {
-			p.balancer.round(testCtx(t), time.Now())
+			p.balanceRound(testCtx(t), time.Now())
 			return fmt.Sprintf("pool not balanced: %v", counts)
 		}
 		return ""
@@ -492,8 +504,8 @@ func TestBalanceRoundSeenExpired(t *testing.T) {
 	now := time.Now()
 	window := expiryWindow(time.Hour, time.Hour, 5)
 	p.tracker.seen(97, now.Add(-window-time.Minute)) // expired
-	p.tracker.seen(98, now.Add(-3*p.balancer.refillWindow()))
-	plan := p.balancer.round(testCtx(t), now)
+	p.tracker.seen(98, now.Add(-3*p.refillWindow()))
+	plan := p.balanceRound(testCtx(t), now)
 	if _, ok := plan.Targets[97]; ok {
 		t.Errorf("expired node 97 has a target: %v", plan.Targets)
 	}
@@ -506,7 +518,7 @@ func TestBalanceRoundSeenExpired(t *testing.T) {
 	// Pretend node 98 was just probed: now connections should move to it
 	// (here they cannot really, so the plan is only inspected).
 	p.tracker.seen(98, now)
-	plan = p.balancer.round(testCtx(t), now)
+	plan = p.balanceRound(testCtx(t), now)
 	if len(plan.Prune) == 0 {
 		t.Errorf("node 98 seen now with no connections: want pruning, plan %+v", plan)
 	}
@@ -544,13 +556,13 @@ func TestBalanceCloseStopsLoops(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitCond(t, func() string {
-		if p.balancer.rounds.Load() < 20 || p.balancer.probes.Load() < 20 {
-			return fmt.Sprintf("%d rounds, %d probes", p.balancer.rounds.Load(), p.balancer.probes.Load())
+		if n := p.ClusterStat().Probes(); n < 20 {
+			return fmt.Sprintf("%d probes", n)
 		}
 		return ""
 	})
 	p.Close()
-	rounds, probes := p.balancer.rounds.Load(), p.balancer.probes.Load()
+	probes := p.ClusterStat().Probes()
 	waitCond(t, func() string {
 		if s := poolStacks(); s != "" {
 			return "pool goroutines still running:\n" + s
@@ -558,8 +570,8 @@ func TestBalanceCloseStopsLoops(t *testing.T) {
 		return ""
 	})
 	time.Sleep(50 * time.Millisecond) // ten intervals: nothing may run after Close returned
-	if p.balancer.rounds.Load() != rounds || p.balancer.probes.Load() != probes {
-		t.Errorf("rounds %d→%d, probes %d→%d after Close", rounds, p.balancer.rounds.Load(), probes, p.balancer.probes.Load())
+	if got := p.ClusterStat().Probes(); got != probes {
+		t.Errorf("probes %d→%d after Close", probes, got)
 	}
 }
 
@@ -595,16 +607,16 @@ func TestBalanceHostsSkipsDeadHost(t *testing.T) {
 	dsn := strings.Replace(c.HostsDSN(), "@", "@"+dead+",", 1)
 	p := startPool(t, dsn, balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
-	p.balancer.mu.Lock()
-	_, down := p.balancer.downHosts[dead]
-	p.balancer.mu.Unlock()
+	p.placement.mu.Lock()
+	_, down := p.placement.downHosts[dead]
+	p.placement.mu.Unlock()
 	if !down {
 		t.Errorf("host %s not marked down", dead)
 	}
 	// After the first failures, connects go to live hosts first: opening
 	// more connections does not dial the dead host again.
 	cfg := p.pool.Config().ConnConfig.Copy()
-	p.balancer.placeHosts(testCtx(t), cfg, time.Now())
+	p.placement.placeHosts(testCtx(t), cfg, time.Now())
 	if cfg.Host+":"+fmt.Sprint(cfg.Port) == dead {
 		t.Errorf("dead host %s placed first", dead)
 	}

@@ -286,7 +286,7 @@ func TestPlacementOrder(t *testing.T) {
 // share (35 connections for a pool of 30 were seen under CPU load).
 func TestLiveNodesCountsUnmappedReservations(t *testing.T) {
 	p := &Pool{tracker: newTracker()}
-	b := &balancer{p: p, hostNodes: map[string]NodeID{}, downHosts: map[string]time.Time{}}
+	b := newPlacement(p)
 	now := time.Now()
 	p.tracker.seen(1, now)
 	p.tracker.seen(2, now)
@@ -373,8 +373,9 @@ func TestInstallRedialRepeatsAllAttempts(t *testing.T) {
 	if len(cc.Fallbacks) != 1 { // prefer: TLS first, then plain
 		t.Fatalf("sslmode=prefer fallbacks: %d", len(cc.Fallbacks))
 	}
-	b := &balancer{hostNodes: map[string]NodeID{}}
-	b.installRedial(cc, nil)
+	b := &placement{}
+	b.reached.Store(true) // a connect reached a node: redials are worth it
+	check := b.installRedial(cc, nil)
 	// The original plain attempt, then maxRedials copies of (TLS, plain).
 	if want := 1 + maxRedials*2; len(cc.Fallbacks) != want {
 		t.Fatalf("fallbacks after installRedial: %d, want %d", len(cc.Fallbacks), want)
@@ -387,8 +388,8 @@ func TestInstallRedialRepeatsAllAttempts(t *testing.T) {
 			t.Fatalf("fallback %d: TLS %v; want TLS and plain attempts alternating", i, tls)
 		}
 	}
-	if cc.ValidateConnect == nil {
-		t.Fatal("no ValidateConnect installed")
+	if check == nil {
+		t.Fatal("no ValidateConnect check returned")
 	}
 }
 
@@ -481,14 +482,13 @@ func TestBeforeConnectDefaultConnectTimeout(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		p := &Pool{config: cfg, settings: cfg.settings(), tracker: newTracker()}
-		b := newBalancer(p)
+		p := newPool(cfg)
 		cc := cfg.ConnConfig.Copy()
 		cc.ConnectTimeout = 2 * time.Minute // what pgxpool sets when the user set none
 		if cfg.ConnConfig.ConnectTimeout != 0 {
 			cc.ConnectTimeout = cfg.ConnConfig.ConnectTimeout
 		}
-		if err := b.beforeConnect(context.Background(), cc); err != nil {
+		if err := p.beforeConnect(context.Background(), cc); err != nil {
 			t.Fatal(err)
 		}
 		if cc.ConnectTimeout != tt.want {

@@ -6,7 +6,6 @@ import (
 	"sync"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // bindCancelDials makes pgx's cleanup of a cut connection end when the pool
@@ -20,10 +19,13 @@ import (
 // both sockets. A user BeforeConnect that replaces DialFunc (it runs after
 // the pool's hook) bypasses this, and Close then waits for pgx as pgxpool's
 // does.
-func (p *Pool) bindCancelDials(cc *pgx.ConnConfig) {
+//
+// It returns the function ValidateConnect calls once the connection is
+// established (chainValidateConnect), or nil when cc has no DialFunc.
+func (p *Pool) bindCancelDials(cc *pgx.ConnConfig) (established func()) {
 	dial := cc.DialFunc
 	if dial == nil {
-		return
+		return nil
 	}
 	var (
 		mu        sync.Mutex
@@ -31,18 +33,6 @@ func (p *Pool) bindCancelDials(cc *pgx.ConnConfig) {
 		connected bool
 		stopMain  func() bool
 	)
-	validate := cc.ValidateConnect
-	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
-		if validate != nil {
-			if err := validate(ctx, pgConn); err != nil {
-				return err
-			}
-		}
-		mu.Lock()
-		connected = true
-		mu.Unlock()
-		return nil
-	}
 	cc.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		mu.Lock()
 		if !connected {
@@ -83,6 +73,11 @@ func (p *Pool) bindCancelDials(cc *pgx.ConnConfig) {
 		}
 		stop := context.AfterFunc(p.bgCtx, func() { c.Close() })
 		return &hookedConn{Conn: c, onClose: func() { stop(); cancel() }}, nil
+	}
+	return func() {
+		mu.Lock()
+		connected = true
+		mu.Unlock()
 	}
 }
 

@@ -92,10 +92,8 @@ type IdentifyNodeParams struct {
 // MaxConns below 1, a HealthCheckPeriod that is not positive, and invalid
 // cluster settings below.
 //
-// A panic in one of the caller's hooks that the pool wraps (BeforeConnect,
-// AfterConnect, IdentifyNode, PrepareConn or BeforeAcquire, BeforeClose) is
-// recovered, counted, reported to a HookTracer, and taken as the hook
-// failing; see "Hooks" in the Pool documentation.
+// The hooks it holds are chained with the pool's; see "Hooks" in the Pool
+// documentation.
 type Config struct {
 	*pgxpool.Config
 
@@ -502,11 +500,7 @@ func (c *Config) withDefaults() *Config {
 // also hold TLS/plain variants of the same host (sslmode=prefer), which must
 // not count as other nodes.
 func distinctHosts(cc *pgx.ConnConfig) int {
-	seen := map[string]struct{}{hostPort(cc.Host, cc.Port): {}}
-	for _, f := range cc.Fallbacks {
-		seen[hostPort(f.Host, f.Port)] = struct{}{}
-	}
-	return len(seen)
+	return len(hostGroups(cc))
 }
 
 // hostPort is the key the pool gives a host: "host:port", with an IPv6

@@ -88,10 +88,9 @@ type difference struct {
 
 // The differences allowed, by name: this is the whole list.
 const (
-	diffTxType           = "txType"
-	diffRetryError       = "retryError"
-	diffQueryFirstRow    = "queryReadsFirstRow"
-	diffFallbackRepeated = "repeatedFallbackLines (removed when h-balance lands)"
+	diffTxType        = "txType"
+	diffRetryError    = "retryError"
+	diffQueryFirstRow = "queryReadsFirstRow"
 )
 
 var diffAllowed = map[string]difference{
@@ -148,41 +147,7 @@ var diffAllowed = map[string]difference{
 			return events, found || !ours
 		},
 	},
-	// A dial error lists each failed host once per fallback the pool's
-	// placement adds, where pgxpool lists it once per TLS mode.
-	diffFallbackRepeated: {
-		readme: "",
-		normalize: func(ours bool, events []diffEvent) ([]diffEvent, bool) {
-			found := false
-			for i, e := range events {
-				if e.err == nil {
-					continue
-				}
-				// pgxpool's own error repeats a host once, for its TLS
-				// and plain attempts (sslmode=prefer).
-				deduped := lineSetError{e.err}
-				found = found || strings.Count(e.err.Error(), "\n")-strings.Count(deduped.Error(), "\n") > 1
-				events[i].err = deduped
-			}
-			return events, found || !ours
-		},
-	},
 }
-
-// lineSetError reads as err with repeated lines dropped.
-type lineSetError struct{ err error }
-
-func (e lineSetError) Error() string {
-	var kept []string
-	for _, l := range strings.Split(e.err.Error(), "\n") {
-		if !slices.Contains(kept, l) {
-			kept = append(kept, l)
-		}
-	}
-	return strings.Join(kept, "\n")
-}
-
-func (e lineSetError) Unwrap() error { return e.err }
 
 // diffOp is one row of the table.
 type diffOp struct {
@@ -440,14 +405,14 @@ func diffOps() []diffOp {
 			r.err("Begin", err)
 			r.err("Ping", db.Ping(ctx))
 		}},
-		{name: "dead address Ping", pool: "dead", allow: []string{diffFallbackRepeated}, run: func(ctx context.Context, db diffDB, r *diffRecord) {
+		{name: "dead address Ping", pool: "dead", run: func(ctx context.Context, db diffDB, r *diffRecord) {
 			err := db.Ping(ctx)
 			var ce *pgconn.ConnectError
 			r.val("ConnectError", errors.As(err, &ce))
 			r.err("Ping", err)
 		}},
-		{name: "dead address Exec", pool: "dead", allow: []string{diffRetryError, diffFallbackRepeated}, run: deadExec},
-		{name: "dead address Exec, wrapped pgxpool config", pool: "dead wrapped", allow: []string{diffRetryError, diffFallbackRepeated}, run: deadExec},
+		{name: "dead address Exec", pool: "dead", allow: []string{diffRetryError}, run: deadExec},
+		{name: "dead address Exec, wrapped pgxpool config", pool: "dead wrapped", allow: []string{diffRetryError}, run: deadExec},
 	}
 }
 

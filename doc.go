@@ -88,14 +88,9 @@
 //
 // # Hooks
 //
-// A panic in one of the caller's hooks that the pool wraps (BeforeConnect,
-// AfterConnect, IdentifyNode, PrepareConn or BeforeAcquire, BeforeClose) is
-// recovered: most run on pgxpool's own goroutines, where a panic would end
-// the program. The panic is counted (ClusterStat.HookPanics), reported to a
-// HookTracer, and taken as the hook failing: the connect fails, or the
-// acquire fails and its connection is destroyed; after BeforeClose the
-// connection is still closed. Whatever a hook does, the per-node counts stay
-// equal to the servers' once the pool is quiet.
+// The caller's pgxpool hooks are chained with the pool's, never replaced,
+// and a panic in one of them is recovered; "Hooks" in the Pool
+// documentation says in which order they run and what a panic means.
 //
 // # Lifecycle
 //

@@ -4,14 +4,21 @@ import (
 	"context"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// Node health checks: telling a node that stopped answering from one that
-// was merely slow.
+// Node health: drain-aware eviction after a connection-level failure, and
+// checks that tell a node that stopped answering from one that was merely
+// slow.
+//
+// Eviction (nodeFailed): the first connection-level failure on node N (57P01
+// from a draining CockroachDB node, EOF, a reset) evicts N at once: its idle
+// connections are destroyed, its in-use ones retired when released, and none
+// of its connections is handed out until a connect or probe reaches N again.
 //
 // A node cut off by a network partition (or hung) keeps its TCP connections
 // open and answers nothing: no EOF, no reset, no 57P01. Calls on it end only
@@ -33,12 +40,10 @@ import (
 //     answers; calls on N all cut by deadlines mean it does not; otherwise
 //     the check changes nothing (see healthChecker.silent).
 //
-// If N does not answer in time it is evicted, as after a lost connection
-// (Pool.nodeFailed): its idle connections are closed, the in-use ones
-// retired when released, and new work goes to the other nodes until a
-// connect or probe reaches N again. At most one check per node runs at a
-// time, and a node is checked at most once per checkSpacing, so a storm of
-// timeouts costs a ping a second per node.
+// If N does not answer in time it is evicted, as after a lost connection.
+// At most one check per node runs at a time, and a node is checked at most
+// once per checkSpacing, so a storm of timeouts costs a ping a second per
+// node.
 
 // Connect and check timeouts.
 const (
@@ -71,6 +76,141 @@ func (p *Pool) checkTimeout() time.Duration {
 	return min(p.connectTimeout(), maxCheckTimeout)
 }
 
+// Failure window: this many connection-level failures within failureWindow
+// mark a node unhealthy. One failure alone does not, so a single broken
+// connection does not evict a healthy node; a clear drain signal (57P01) or a
+// lost connection evicts at once (nodeFailed).
+const (
+	failureBurst  = 3
+	failureWindow = 10 * time.Second
+)
+
+// nodeHealth is a node's health: its eviction and its health checks.
+type nodeHealth struct {
+	evicted atomic.Bool // refuse the node's connections at acquire
+	// evictedAt is when the node was last evicted (unix nanoseconds): a
+	// connection dialled before it does not vouch for the node.
+	evictedAt atomic.Int64
+	evictions atomic.Int64 // times the node was evicted; NodeStats reports it
+	// checking is set while a health check of the node is under way, so at
+	// most one runs per node; checkedAt is when the last one ended (unix
+	// nanoseconds), so checks are spaced out.
+	checking  atomic.Bool
+	checkedAt atomic.Int64
+	// reachedAt is when a probe or a new connection last reached the node
+	// (unix nanoseconds): proof that it answers, for health checks.
+	reachedAt atomic.Int64
+	// cuts counts calls on the node cut by their callers' deadlines, and
+	// acquire-time pings that failed; cutsJudged is its value when the
+	// last health check ended.
+	cuts       atomic.Int64
+	cutsJudged atomic.Int64
+
+	failMu sync.Mutex // protects the fields below
+	// failures and failuresSince count connection-level failures in the
+	// current window.
+	failures      int
+	failuresSince time.Time
+}
+
+// evict marks node id unhealthy: its connections are refused at acquire until
+// markHealthy. It returns the node's idle connections, marked retire, so the
+// caller can sweep them (Pool.retireIdle). In-use ones are refused when they
+// come back while the node is still evicted.
+func (t *tracker) evict(id NodeID, now time.Time) []*connState {
+	n := t.node(id)
+	if n == nil {
+		return nil
+	}
+	n.evictedAt.Store(now.UnixNano())
+	if n.evicted.CompareAndSwap(false, true) {
+		n.evictions.Add(1)
+		t.obs.nodeHealth(id, false)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var idle []*connState
+	for cs := range n.connSet {
+		if !cs.inUse() {
+			cs.retire.Store(true)
+			idle = append(idle, cs)
+		}
+	}
+	return idle
+}
+
+// markHealthy clears node id's eviction and failure window. Its callers
+// (a probe, a new connection) have just reached the node.
+func (t *tracker) markHealthy(id NodeID, now time.Time) {
+	n := t.node(id)
+	if n == nil {
+		return
+	}
+	n.reachedAt.Store(now.UnixNano())
+	n.failMu.Lock()
+	n.failures = 0
+	n.failuresSince = time.Time{}
+	n.failMu.Unlock()
+	if n.evicted.Swap(false) {
+		t.obs.nodeHealth(id, true)
+	}
+}
+
+// recordFailure counts a connection-level failure on node id at now. It
+// returns true when the node just became unhealthy: failureBurst failures
+// within failureWindow. The node is then evicted; the caller sweeps its idle
+// connections if it wants them gone at once.
+func (t *tracker) recordFailure(id NodeID, now time.Time) bool {
+	n := t.node(id)
+	if n == nil {
+		return false
+	}
+	n.failMu.Lock()
+	if n.failuresSince.IsZero() || now.Sub(n.failuresSince) > failureWindow {
+		n.failures, n.failuresSince = 0, now
+	}
+	n.failures++
+	tripped := n.failures == failureBurst
+	n.failMu.Unlock()
+	if tripped && !n.evicted.Load() {
+		t.evict(id, now)
+		return true
+	}
+	return false
+}
+
+// nodeFailed is drain-aware eviction: after a connection-level failure on
+// node n (57P01, EOF, reset, ...), the node is evicted at once, so its
+// connections are refused at acquire until a successful connect or probe
+// shows it healthy; its idle connections are destroyed now, and its in-use
+// ones are marked to be retired when they come back, even if the node has
+// recovered by then (they belong to the server process that failed).
+func (p *Pool) nodeFailed(n *node) {
+	now := time.Now()
+	first := !n.evicted.Load()
+	p.tracker.recordFailure(n.id, now)
+	p.tracker.evict(n.id, now)
+	n.mu.Lock()
+	for cs := range n.connSet {
+		cs.retire.Store(true)
+	}
+	n.mu.Unlock()
+	if first {
+		p.retireIdle(context.Background())
+	}
+}
+
+// otherHealthyNode reports whether some known node outside avoid is healthy.
+// It takes the tracker's lock, so it is only called on the retry path.
+func (p *Pool) otherHealthyNode(avoid []NodeID) bool {
+	for _, n := range p.tracker.nodeList() {
+		if !n.evicted.Load() && !slices.Contains(avoid, n.id) {
+			return true
+		}
+	}
+	return false
+}
+
 // healthChecker runs node health checks in the background.
 type healthChecker struct {
 	p        *Pool
@@ -91,10 +231,21 @@ func (p *Pool) callCut(n *node) {
 // suspectNode asks for a background check of n; see the top of this file.
 // It never blocks and is cheap when a check is already under way or recent.
 func (p *Pool) suspectNode(n *node) {
-	if n == nil || p.balancer == nil || p.balancer.health == nil {
+	if n == nil || p.health == nil {
 		return
 	}
-	p.balancer.health.suspect(n, time.Now())
+	p.health.suspect(n, time.Now())
+}
+
+// suspectHost asks for a check of the node last seen behind the listed
+// host, if any.
+func (p *Pool) suspectHost(host string) {
+	if p.placement.mode != connectPlaced {
+		return
+	}
+	if id := p.placement.nodeBehind(host); id != 0 {
+		p.suspectNode(p.tracker.node(id))
+	}
 }
 
 func (h *healthChecker) suspect(n *node, now time.Time) {
@@ -291,30 +442,22 @@ func (h *healthChecker) pingIdle(ctx context.Context, n *node) (answered, known 
 // string lists the nodes and one of them is known to be n. known is false
 // when no address of n is known.
 func (h *healthChecker) dialNode(ctx context.Context, n *node) (answered, known bool) {
-	b := h.p.balancer
-	if !b.place {
+	pl := h.p.placement
+	if pl.mode != connectPlaced {
 		return false, false // behind one address a dial reaches any node
 	}
-	cc := h.p.config.ConnConfig.Copy()
-	if h.p.userBeforeConnect != nil {
-		if err := h.p.userBeforeConnect(ctx, cc); err != nil {
-			return false, false
+	cc, err := h.p.sideConfig(ctx, func(groups []*hostGroup) []int {
+		for i, g := range groups {
+			if pl.nodeBehind(g.key) == n.id {
+				known = true
+				return []int{i}
+			}
 		}
-	}
-	groups := b.groupsFor(cc)
-	i := -1
-	b.mu.Lock()
-	for j, g := range groups {
-		if b.hostNodes[g.key] == n.id {
-			i = j
-			break
-		}
-	}
-	b.mu.Unlock()
-	if i < 0 {
+		return nil
+	})
+	if err != nil || !known {
 		return false, false
 	}
-	setHosts(cc, groups, []int{i})
 	cc.ConnectTimeout = 0 // ctx bounds the check
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
@@ -333,37 +476,4 @@ func nodeSilent(err error) bool {
 		return true
 	}
 	return false
-}
-
-// chainShouldPing wraps pgxpool's ShouldPing decision (the user's hook, or
-// pgxpool's default: ping a connection idle for over a second) so that a
-// connection about to be pinged is marked: if the ping fails, the connection
-// is closed while still marked and its node is checked (see
-// connState.pinging). Without this, an acquire whose ping hangs on a
-// partitioned node ends in the caller's deadline with no node named.
-func chainShouldPing(user func(context.Context, pgxpool.ShouldPingParams) bool) func(context.Context, pgxpool.ShouldPingParams) bool {
-	if user == nil {
-		// pgxpool's default, inline: this runs on every acquire.
-		return func(_ context.Context, params pgxpool.ShouldPingParams) bool {
-			if params.IdleDuration <= time.Second {
-				return false
-			}
-			markPinging(params.Conn)
-			return true
-		}
-	}
-	return func(ctx context.Context, params pgxpool.ShouldPingParams) bool {
-		if !user(ctx, params) {
-			return false
-		}
-		markPinging(params.Conn)
-		return true
-	}
-}
-
-// markPinging marks conn as about to be pinged at acquire.
-func markPinging(conn *pgx.Conn) {
-	if cs := connStateOf(conn); cs != nil {
-		cs.pinging.Store(true)
-	}
 }

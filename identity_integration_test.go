@@ -25,8 +25,8 @@ func TestGossipIgnoredForForeignNodeIDs(t *testing.T) {
 		}
 	})
 	waitCond(t, func() string {
-		if p.balancer.probes.Load() < 10 {
-			return fmt.Sprintf("%d probes", p.balancer.probes.Load())
+		if n := p.probeConns(); n < 10 {
+			return fmt.Sprintf("%d probes", n)
 		}
 		return ""
 	})

@@ -3,13 +3,11 @@ package clusterpool
 import (
 	"context"
 	"errors"
-	"fmt"
-	"runtime/debug"
+	"math/rand/v2"
 	"sync"
-	"time"
+	"sync/atomic"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/multitracer"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -26,6 +24,10 @@ import (
 //     placement; and DefaultConnectTimeout per host when connect_timeout is
 //     not set) runs first, then the user's, on the same per-attempt copy of
 //     the connection config.
+//   - ValidateConnect: the pool's check (behind one address, refusing a
+//     connection on a node above its target so that pgconn dials again)
+//     runs first, then the one on the connection config, such as
+//     target_session_attrs'.
 //   - AfterConnect: the pool identifies the node first, then the user's hook
 //     runs; if the user's hook fails, the connection is forgotten and closed.
 //   - PrepareConn (or the deprecated BeforeAcquire): the pool first refuses
@@ -142,27 +144,39 @@ type Pool struct {
 	pool     *pgxpool.Pool
 	config   *Config // the caller's config, copied; returned by ClusterConfig
 	settings settings
-	tracker  *tracker
-	balancer *balancer // connect rate, placement, pruning (balancer.go)
-	obs      *observer // events and cluster-wide counters (tracer.go)
+	seed     uint64 // chosen once per pool; see balanceTargets
+	obs      *observer
 
-	// The caller's hooks, chained behind the pool's own. userBeforeConnect
-	// recovers the hook's panics; the probe and health checks call it too.
+	tracker   *tracker       // which connection is on which node
+	budget    *connectBudget // new connections' rate
+	placement *placement     // connect-time placement
+	health    *healthChecker // nil when no node is tracked
+	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
+	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
+
+	// The caller's hooks, chained behind the pool's own (hooks.go).
+	// userBeforeConnect recovers the hook's panics; the probe and health
+	// checks call it too.
 	userBeforeConnect func(context.Context, *pgx.ConnConfig) error
 	userAfterConnect  func(context.Context, *pgx.Conn) error
 	userPrepareConn   func(context.Context, *pgx.Conn) (bool, error)
 	prepareConnHook   string // hookPrepareConn or hookBeforeAcquire: which one the user set
 	userBeforeClose   func(*pgx.Conn)
 
-	// Background goroutines (balancer, probe) run under bgCtx; Close cancels
-	// it and waits on bgWG.
+	// Background goroutines (the balance rounds, the probe, the health
+	// checks) run under bgCtx; Close cancels it and waits on bgWG.
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
-	// bgMu orders starting the loops late (balancer.startOnTracked, from
+	// loopsStarted is set once the loops run (startLoops, startOnTracked).
+	loopsStarted atomic.Bool
+	// bgMu orders starting the loops late (startOnTracked, from
 	// AfterConnect) with Close: no goroutine starts once Close has begun.
-	bgMu     sync.Mutex
-	bgClosed bool
+	bgMu sync.Mutex // protects the fields below
+	// loopsReady: the pgxpool exists, so the loops may run; loopsWanted: a
+	// connection was tracked before that.
+	loopsReady, loopsWanted bool
+	bgClosed                bool
 
 	closeOnce sync.Once
 }
@@ -188,76 +202,87 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	if err := config.validate(); err != nil {
 		return nil, err
 	}
-	p := &Pool{
-		config:   config.Copy(),
-		settings: config.settings(),
-		tracker:  newTracker(),
-	}
-	p.obs = newObserver(p, config.Tracer)
-	p.tracker.obs = p.obs
-	p.bgCtx, p.bgCancel = context.WithCancel(context.Background())
-
-	// pgxCfg is what pgxpool gets: the caller's config with our hooks chained in.
+	p := newPool(config)
 	pgxCfg := config.Config.Copy()
-	p.userAfterConnect = pgxCfg.AfterConnect
-	p.userBeforeClose = pgxCfg.BeforeClose
-	p.userPrepareConn, p.prepareConnHook = pgxCfg.PrepareConn, hookPrepareConn
-	if p.userPrepareConn == nil && pgxCfg.BeforeAcquire != nil {
-		beforeAcquire := pgxCfg.BeforeAcquire
-		p.userPrepareConn = func(ctx context.Context, conn *pgx.Conn) (bool, error) {
-			return beforeAcquire(ctx, conn), nil
-		}
-		p.prepareConnHook = hookBeforeAcquire
-	}
-	pgxCfg.BeforeAcquire = nil
-	if user := pgxCfg.BeforeConnect; user != nil {
-		guarded := func(ctx context.Context, cc *pgx.ConnConfig) (err error) {
-			defer p.recoverHook(ctx, hookBeforeConnect, &err)
-			return user(ctx, cc)
-		}
-		pgxCfg.BeforeConnect = guarded
-		p.userBeforeConnect = guarded
-	}
-	if p.tracking() {
-		pgxCfg.AfterConnect = p.afterConnect
-		pgxCfg.PrepareConn = p.prepareConn
-		pgxCfg.BeforeClose = p.beforeClose
-		pgxCfg.ConnConfig.Tracer = withReleaseTracer(pgxCfg.ConnConfig.Tracer, releaseTracer{p})
-	} else {
-		// Nothing to track: the pool's wrappers are there only to recover
-		// the user's panics, and only around hooks the user set.
-		pgxCfg.AfterConnect, pgxCfg.PrepareConn, pgxCfg.BeforeClose = nil, nil, nil
-		if p.userAfterConnect != nil {
-			pgxCfg.AfterConnect = p.afterConnect
-		}
-		if p.userPrepareConn != nil {
-			pgxCfg.PrepareConn = p.prepareConn
-		}
-		if p.userBeforeClose != nil {
-			pgxCfg.BeforeClose = p.beforeClose
-		}
-	}
-	// BeforeConnect: the balancer's hook (rate limit, placement) runs first,
-	// then the user's, on the same per-attempt copy.
-	p.balancer = newBalancer(p)
-	p.balancer.install(pgxCfg)
-
+	p.installHooks(pgxCfg)
 	pool, err := pgxpool.NewWithConfig(ctx, pgxCfg)
 	if err != nil {
 		p.bgCancel()
 		return nil, err
 	}
 	p.pool = pool
-
-	p.balancer.start() // the balancing loop and the probe, now or at the first tracked connection
-
+	p.startLoops()
 	return p, nil
+}
+
+// newPool builds a Pool's parts from a valid config; it opens nothing.
+func newPool(config *Config) *Pool {
+	p := &Pool{
+		config:   config.Copy(),
+		settings: config.settings(),
+		seed:     rand.Uint64(),
+		tracker:  newTracker(),
+	}
+	p.obs = newObserver(p, config.Tracer)
+	p.tracker.obs = p.obs
+	p.budget = newConnectBudget(p.settings.connectRate, p.settings.connectBurst, p.obs)
+	p.placement = newPlacement(p)
+	if p.tracking() {
+		p.health = newHealthChecker(p)
+		p.tracker.suspect = p.callCut
+	}
+	p.bgCtx, p.bgCancel = context.WithCancel(context.Background())
+	return p
 }
 
 // tracking reports whether the pool assigns connections to nodes at all.
 // Without it the pool is pgxpool plus retries: no hooks, no tracer.
 func (p *Pool) tracking() bool {
 	return p.settings.identifyNode != nil || p.settings.identity != NodeIdentityNone
+}
+
+// startLoops runs the balance rounds, the probe and the health checks until
+// the pool closes; called once the pgxpool exists. With one host and an
+// identity read from the BackendKey (auto, backendkey) the server may be
+// plain PostgreSQL, which identifies no node: the pool is then pgxpool, with
+// no goroutine and no sweep of its idle connections, so the loops wait for
+// the first connection tracked on a node (startOnTracked).
+func (p *Pool) startLoops() {
+	if !p.tracking() {
+		return
+	}
+	p.bgMu.Lock()
+	defer p.bgMu.Unlock()
+	p.loopsReady = true
+	if lazy := !p.settings.multiHost && p.cockroachIDs(); lazy && !p.loopsWanted {
+		return
+	}
+	p.startLoopsLocked()
+}
+
+// startOnTracked starts the loops if they wait for a tracked connection,
+// which AfterConnect has just counted. After the first time it costs an
+// atomic load.
+func (p *Pool) startOnTracked() {
+	if p.loopsStarted.Load() {
+		return
+	}
+	p.bgMu.Lock()
+	defer p.bgMu.Unlock()
+	p.loopsWanted = true
+	if p.loopsReady { // else startLoops, under way in NewWithConfig, sees loopsWanted
+		p.startLoopsLocked()
+	}
+}
+
+func (p *Pool) startLoopsLocked() {
+	if p.bgClosed || p.loopsStarted.Load() {
+		return
+	}
+	p.loopsStarted.Store(true)
+	p.goBackground(p.runBalance)
+	p.goBackground(p.runProbe)
+	p.goBackground(p.health.run)
 }
 
 // goBackground runs f in a goroutine that Close cancels (through ctx) and
@@ -268,260 +293,6 @@ func (p *Pool) goBackground(f func(ctx context.Context)) {
 		defer p.bgWG.Done()
 		f(p.bgCtx)
 	}()
-}
-
-// afterConnect identifies the new connection's node, then runs the user's
-// AfterConnect.
-func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
-	// The connect's reservation (placement) counts the connection until
-	// it is tracked on its node, or until it fails.
-	id, addr, err := p.identify(ctx, conn)
-	if err != nil {
-		p.balancer.counted(conn.PgConn())
-		return err
-	}
-	var cs *connState
-	if id != 0 {
-		host := ""
-		if nc := conn.PgConn().Conn(); nc != nil && nc.RemoteAddr() != nil {
-			host = nc.RemoteAddr().String()
-		}
-		if addr == "" && p.settings.multiHost {
-			addr = host
-		}
-		cs = p.tracker.trackDialled(id, addr, host, conn, connectStart(conn), time.Now())
-		p.balancer.startOnTracked()
-	}
-	p.balancer.counted(conn.PgConn())
-	if p.userAfterConnect != nil {
-		if err := p.callAfterConnect(ctx, conn); err != nil {
-			p.tracker.untrack(cs) // pgxpool closes conn without BeforeClose
-			return err
-		}
-	}
-	return nil
-}
-
-// Names of the caller's hooks, as TraceHookPanicData.Hook gives them.
-const (
-	hookBeforeConnect = "BeforeConnect"
-	hookAfterConnect  = "AfterConnect"
-	hookIdentifyNode  = "IdentifyNode"
-	hookPrepareConn   = "PrepareConn"
-	hookBeforeAcquire = "BeforeAcquire"
-	hookBeforeClose   = "BeforeClose"
-)
-
-// recoverHook is deferred around each call of a hook of the caller's. It
-// recovers a panic, reports it, and sets *err (when err is not nil) to an
-// error naming the hook and the panic value. It costs nothing measurable
-// when the hook returns.
-func (p *Pool) recoverHook(ctx context.Context, hook string, err *error) {
-	v := recover()
-	if v == nil {
-		return
-	}
-	p.obs.hookPanicked(ctx, hook, v, debug.Stack())
-	if err != nil {
-		*err = hookPanicError(hook, v)
-	}
-}
-
-func hookPanicError(hook string, v any) error {
-	if e, ok := v.(error); ok {
-		return fmt.Errorf("clusterpool: %s hook panicked: %w", hook, e)
-	}
-	return fmt.Errorf("clusterpool: %s hook panicked: %v", hook, v)
-}
-
-func (p *Pool) callAfterConnect(ctx context.Context, conn *pgx.Conn) (err error) {
-	defer p.recoverHook(ctx, hookAfterConnect, &err)
-	return p.userAfterConnect(ctx, conn)
-}
-
-func (p *Pool) callIdentifyNode(ctx context.Context, conn *pgx.Conn) (id NodeID, addr string, err error) {
-	defer p.recoverHook(ctx, hookIdentifyNode, &err)
-	return p.settings.identifyNode(ctx, IdentifyNodeParams{Conn: conn})
-}
-
-// callPrepareConn returns (false, err) after a panic: pgxpool destroys the
-// connection, whose state the hook may have left half changed, and Acquire
-// returns err.
-func (p *Pool) callPrepareConn(ctx context.Context, conn *pgx.Conn) (ok bool, err error) {
-	defer p.recoverHook(ctx, p.prepareConnHook, &err)
-	return p.userPrepareConn(ctx, conn)
-}
-
-func (p *Pool) callBeforeClose(conn *pgx.Conn) {
-	defer p.recoverHook(context.Background(), hookBeforeClose, nil)
-	p.userBeforeClose(conn)
-}
-
-// cockroachIDs reports whether the pool's node IDs are CockroachDB's own
-// (from the BackendKey) whenever the server is CockroachDB. With the query
-// identity or IdentifyNode they are the pool's or the user's, a different ID
-// space: CockroachDB's IDs (gossip, a BackendKey) must not be matched against
-// them.
-func (p *Pool) cockroachIDs() bool {
-	return p.settings.identifyNode == nil && p.settings.identity != NodeIdentityQuery
-}
-
-// identify returns the node conn reached, or 0 if it is not to be tracked.
-func (p *Pool) identify(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
-	if p.settings.identifyNode != nil {
-		return p.callIdentifyNode(ctx, conn)
-	}
-	crdb := isCockroachDB(conn.PgConn())
-	switch p.settings.identity {
-	case NodeIdentityBackendKey:
-		if crdb {
-			return DecodeProcessID(conn.PgConn().PID()), "", nil
-		}
-	case NodeIdentityAuto:
-		if crdb {
-			return DecodeProcessID(conn.PgConn().PID()), "", nil
-		}
-		if p.settings.multiHost {
-			return p.identifyByQuery(ctx, conn)
-		}
-	case NodeIdentityQuery:
-		return p.identifyByQuery(ctx, conn)
-	}
-	return 0, "", nil
-}
-
-// identifyQuery asks the server for its own address: one round trip, once
-// per connection. COALESCE covers Unix-socket connections, where both are NULL.
-// It runs with the simple protocol so it takes no slot in the connection's
-// statement cache.
-const identifyQuery = "SELECT COALESCE(host(inet_server_addr()), ''), COALESCE(inet_server_port(), 0)"
-
-func (p *Pool) identifyByQuery(ctx context.Context, conn *pgx.Conn) (NodeID, string, error) {
-	var host string
-	var port int
-	if err := conn.QueryRow(ctx, identifyQuery, pgx.QueryExecModeSimpleProtocol).Scan(&host, &port); err != nil {
-		return 0, "", fmt.Errorf("clusterpool: identifying the node of a new connection: %w", err)
-	}
-	if host == "" {
-		// A Unix socket: the server is the one at the socket path we dialled.
-		cfg := conn.Config()
-		host = cfg.Host
-		if port == 0 {
-			port = int(cfg.Port)
-		}
-	}
-	addr := hostPort(host, uint16(port))
-	return p.tracker.localID(addr), addr, nil
-}
-
-// prepareConn refuses connections to retire and connections on evicted
-// nodes, then asks the user's hook. Hot path: a map read from the
-// connection's own CustomData and two atomic loads, no lock.
-func (p *Pool) prepareConn(ctx context.Context, conn *pgx.Conn) (bool, error) {
-	cs := connStateOf(conn)
-	if cs != nil && cs.refused() {
-		if sweeping(ctx) {
-			// Hand it to the sweep, which closes it before releasing it:
-			// pgxpool then destroys it and starts its health check, which
-			// refills MinConns. Refused here, it would be destroyed with no
-			// refill until the next health check period.
-			return true, nil
-		}
-		return false, nil
-	}
-	if p.userPrepareConn != nil {
-		if sweeping(ctx) {
-			return true, nil // retireIdle releases it at once; the user's hook is for real acquires
-		}
-		ok, err := p.callPrepareConn(ctx, conn)
-		if !ok || err != nil {
-			return ok, err
-		}
-	}
-	if cs != nil {
-		cs.acquired()
-	}
-	return true, nil
-}
-
-// beforeClose runs the user's BeforeClose, then forgets the connection,
-// whatever the user's hook did: pgxpool closes the connection next.
-func (p *Pool) beforeClose(conn *pgx.Conn) {
-	defer p.tracker.untrack(connStateOf(conn))
-	if p.userBeforeClose != nil {
-		p.callBeforeClose(conn)
-	}
-}
-
-type sweepKey struct{}
-
-func sweeping(ctx context.Context) bool { return ctx.Value(sweepKey{}) != nil }
-
-// sweepIdle takes every idle connection out of the pool for a sweep (the
-// balancer's pruning and alive check, retireIdle, a health check's ping):
-// under the sweep's context PrepareConn hands each over without the user's
-// hook, refused ones included. Each goes back through releaseSwept or
-// Release.
-func (p *Pool) sweepIdle(ctx context.Context) []*pgxpool.Conn {
-	return p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true))
-}
-
-// retireIdle destroys the idle connections that are marked for retirement or
-// sit on an evicted node, now rather than at their next acquire, and returns
-// how many it destroyed. It briefly takes every idle connection out of the
-// pool (pgxpool.AcquireAllIdle) and puts the others back untouched; an
-// Acquire racing with it may open a new connection.
-func (p *Pool) retireIdle(ctx context.Context) int {
-	n := 0
-	for _, c := range p.sweepIdle(ctx) {
-		if releaseSwept(c) {
-			n++
-		}
-	}
-	return n
-}
-
-// releaseSwept puts back a connection taken by a sweep. A refused one
-// (retiring, or on an evicted node) is closed first, so that the release
-// destroys it and starts pgxpool's refill through placement; it reports
-// whether it did that.
-func releaseSwept(c *pgxpool.Conn) bool {
-	cs := connStateOf(c.Conn())
-	if cs != nil && cs.refused() {
-		closeQuietly(c.Conn())
-		c.Release()
-		return true
-	}
-	c.Release()
-	return false
-}
-
-// releaseTracer learns of every Release synchronously, with the *pgx.Conn,
-// without pgxpool's AfterRelease goroutine. It has to be a pgx.QueryTracer to
-// sit in ConnConfig.Tracer; its query methods do nothing.
-type releaseTracer struct{ p *Pool }
-
-func (releaseTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
-	return ctx
-}
-
-func (releaseTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
-
-func (releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
-	if cs := connStateOf(data.Conn); cs != nil {
-		cs.released()
-	}
-}
-
-// withReleaseTracer installs rt next to the user's tracer, which keeps every
-// interface it implements (multitracer forwards each one).
-func withReleaseTracer(user pgx.QueryTracer, rt releaseTracer) pgx.QueryTracer {
-	if user == nil {
-		return rt
-	}
-	mt := multitracer.New(user)
-	mt.PoolReleaseTracers = append(mt.PoolReleaseTracers, rt)
-	return mt
 }
 
 // NodeStats returns a snapshot of every known node's connections and health,

@@ -4,45 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
-
-// expiryProbability is the chance we accept that a healthy node, reachable
-// only through a random load balancer, is missed by every probe in the
-// expiry window and leaves the target set for a while.
-const expiryProbability = 1e-4
-
-// expiryWindow is how long a node may go unseen (no connection open on it, no
-// probe or connect reaching it) before it leaves the target set.
-//
-// Behind a random load balancer each probe reaches a given node of N with
-// probability 1/N, so a live node without connections is missed by m probes
-// in a row with probability (1-1/N)^m. The window covers the m that makes
-// this below expiryProbability,
-//
-//	m = ceil(ln(1e-4) / ln(1-1/N))   (N=1: 1, N=3: 23, N=4: 33, N=10: 88)
-//
-// probes at the slowest jittered interval (1.2 × ProbeInterval), plus one
-// interval of slack, and at least three balance intervals:
-//
-//	W = max(3 × BalanceInterval, (m+1) × 1.2 × ProbeInterval)
-//
-// With the 5 s defaults that is 2m24s for 3 nodes and 8m54s for 10. A node
-// holding at least one connection never expires: the connection is proof of
-// life, and if it dies the connection's failure says so sooner.
-func expiryWindow(balanceInterval, probeInterval time.Duration, nodes int) time.Duration {
-	m := 1.0
-	if nodes > 1 {
-		m = math.Ceil(math.Log(expiryProbability) / math.Log(1-1/float64(nodes)))
-	}
-	probes := time.Duration((m + 1) * 1.2 * float64(probeInterval))
-	return max(3*balanceInterval, probes)
-}
 
 // Probe settings.
 const (
@@ -126,21 +93,21 @@ func (p *Pool) probe(parent context.Context, st *probeState) bool {
 // and reads gossip when allowed. It returns the node reached (0: none or no
 // identity) and why it failed.
 func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
-	cc := p.config.ConnConfig.Copy()
-	if groups := p.balancer.groupsFor(cc); len(groups) > 1 {
-		// Several hosts: visit them in turn, so every listed node is probed
-		// every len(groups) probes however connections are placed.
+	// Several hosts: visit them in turn, so every listed node is probed
+	// every len(groups) probes however connections are placed.
+	cc, err := p.sideConfig(ctx, func(groups []*hostGroup) []int {
+		if len(groups) < 2 {
+			return nil
+		}
 		order := make([]int, len(groups))
 		for i := range order {
 			order[i] = (st.n + i) % len(groups)
 		}
-		setHosts(cc, groups, order)
-	}
+		return order
+	})
 	st.n++
-	if p.userBeforeConnect != nil {
-		if err := p.userBeforeConnect(ctx, cc); err != nil {
-			return 0, fmt.Errorf("clusterpool: probe: BeforeConnect: %w", err)
-		}
+	if err != nil {
+		return 0, fmt.Errorf("clusterpool: probe: BeforeConnect: %w", err)
 	}
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
@@ -152,9 +119,8 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 	// Terminate is sent while the probe's time lasts; after that the
 	// socket is just closed.
 	defer func() { _ = conn.Close(ctx) }()
-	p.balancer.probes.Add(1)
-	if nc := conn.PgConn().Conn(); nc != nil && nc.RemoteAddr() != nil {
-		p.balancer.reached(nc.RemoteAddr().String())
+	if remote := remoteAddr(conn.PgConn()); remote != "" {
+		p.placement.reachedHost(remote)
 	}
 	id, _, err := p.identify(ctx, conn)
 	if err != nil || id == 0 {
@@ -169,20 +135,6 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 		}
 	}
 	return id, nil
-}
-
-// suspectHost asks for a check of the node last seen behind host (hosts
-// listed), if any.
-func (p *Pool) suspectHost(host string) {
-	if !p.balancer.place {
-		return
-	}
-	p.balancer.mu.Lock()
-	id := p.balancer.hostNodes[host]
-	p.balancer.mu.Unlock()
-	if id != 0 {
-		p.suspectNode(p.tracker.node(id))
-	}
 }
 
 // isTransient reports whether a gossip query error may go away by itself
@@ -214,15 +166,16 @@ func isTransient(err error) bool {
 // added: a node listed in gossip may be unreachable from this client, and
 // counting it would prune connections for a place they cannot go. Their
 // addresses are kept, and when the connection string lists several hosts
-// the probe and placement dial them too (see balancer.groupsFor), so a node
+// the probe and placement dial them too (see placement.groupsFor), so a node
 // added after the pool started is reached and joins the targets. The address
 // is gossip_nodes.address, CockroachDB's RPC address, which is also its SQL
 // address unless the node listens for SQL on a separate port.
+//
+// Gossip names nodes by CockroachDB's IDs. When the pool's IDs are its own
+// or the user's (the query identity, IdentifyNode), an entry is matched to a
+// pool node by address instead (see gossipNode), and no address is kept for
+// dialling, since it could not be matched to the node it leads to.
 func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) error {
-	if !p.cockroachIDs() {
-		// Gossip names CockroachDB's node IDs, which are not the pool's.
-		return nil
-	}
 	rows, err := conn.Query(ctx, gossipQuery)
 	if err != nil {
 		return err
@@ -245,17 +198,19 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 	if err := rows.Err(); err != nil {
 		return err
 	}
-	hosts := make(map[NodeID]string)
-	for _, e := range entries {
-		if e.live && !e.draining && e.membership == "active" && e.address != "" {
-			hosts[NodeID(e.id)] = e.address
+	if p.cockroachIDs() {
+		hosts := make(map[NodeID]string)
+		for _, e := range entries {
+			if e.live && !e.draining && e.membership == "active" && e.address != "" {
+				hosts[NodeID(e.id)] = e.address
+			}
 		}
+		p.placement.mu.Lock()
+		p.placement.gossipHosts = hosts
+		p.placement.mu.Unlock()
 	}
-	p.balancer.mu.Lock()
-	p.balancer.gossipHosts = hosts
-	p.balancer.mu.Unlock()
 	for _, e := range entries {
-		n := p.tracker.node(NodeID(e.id))
+		n := p.gossipNode(NodeID(e.id), e.address)
 		if n == nil {
 			continue
 		}
@@ -271,4 +226,21 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 		}
 	}
 	return nil
+}
+
+// gossipNode returns the pool's node that a gossip entry names, or nil: by
+// CockroachDB's node ID when the pool's IDs are CockroachDB's; otherwise by
+// the entry's address, as the host the pool dials the node at or the
+// address the node was identified with.
+func (p *Pool) gossipNode(id NodeID, addr string) *node {
+	if p.cockroachIDs() {
+		return p.tracker.node(id)
+	}
+	if addr == "" {
+		return nil
+	}
+	if mapped := p.placement.nodeBehind(addr); mapped != 0 {
+		return p.tracker.node(mapped)
+	}
+	return p.tracker.nodeAt(addr)
 }

@@ -105,17 +105,6 @@ func (l *retryLoop) acquire() (*pgxpool.Conn, error) {
 	}
 }
 
-// otherHealthyNode reports whether some known node outside avoid is healthy.
-// It takes the tracker's lock, so it is only called on the retry path.
-func (p *Pool) otherHealthyNode(avoid []NodeID) bool {
-	for _, n := range p.tracker.nodeList() {
-		if !n.evicted.Load() && !slices.Contains(avoid, n.id) {
-			return true
-		}
-	}
-	return false
-}
-
 // failed handles the failure err of one attempt at stage. c is the
 // connection the attempt ran on, or nil when getting one failed; failed
 // releases it. It returns nil when the caller should make another attempt
@@ -327,25 +316,4 @@ func giveUp(s retryState, err error, class ErrorClass, unknown bool, interrupted
 		}
 	}
 	return v
-}
-
-// nodeFailed is drain-aware eviction: after a connection-level failure on
-// node n (57P01, EOF, reset, ...), the node is evicted at once, so its
-// connections are refused at acquire until a successful connect or probe
-// shows it healthy; its idle connections are destroyed now, and its in-use
-// ones are marked to be retired when they come back, even if the node has
-// recovered by then (they belong to the server process that failed).
-func (p *Pool) nodeFailed(n *node) {
-	now := time.Now()
-	first := !n.evicted.Load()
-	p.tracker.recordFailure(n.id, now)
-	p.tracker.evict(n.id, now)
-	n.mu.Lock()
-	for cs := range n.connSet {
-		cs.retire.Store(true)
-	}
-	n.mu.Unlock()
-	if first {
-		p.retireIdle(context.Background())
-	}
 }

@@ -28,10 +28,10 @@ func TestSingleHostPostgresRunsNoLoops(t *testing.T) {
 	})
 	// Many intervals: today's loops would have run hundreds of rounds.
 	time.Sleep(200 * time.Millisecond)
-	if r, pr := p.balancer.rounds.Load(), p.balancer.probes.Load(); r != 0 || pr != 0 {
-		t.Errorf("plain PostgreSQL, one host: %d balancing rounds and %d probes, want none", r, pr)
+	if n := p.ClusterStat().Probes(); n != 0 {
+		t.Errorf("plain PostgreSQL, one host: %d probes, want none", n)
 	}
-	if p.balancer.started.Load() {
+	if p.loopsStarted.Load() {
 		t.Error("background loops started for a pool that tracks no node")
 	}
 }
@@ -44,8 +44,8 @@ func TestSingleHostCockroachStartsLoops(t *testing.T) {
 		cfg.ProbeInterval = 2 * time.Millisecond
 	})
 	waitCond(t, func() string {
-		if p.balancer.rounds.Load() == 0 {
-			return "no balancing round yet"
+		if p.ClusterStat().Probes() == 0 {
+			return "no probe yet"
 		}
 		return ""
 	})

@@ -41,8 +41,8 @@ func (p *Pool) ClusterStat() *ClusterStat {
 	for i := range c.retryOutcomes {
 		s.retryOutcomes[i] = c.retryOutcomes[i].Load()
 	}
-	if b := p.balancer; b != nil {
-		s.redials = b.redials.Load()
+	if p.placement != nil {
+		s.redials = p.placement.redials.Load()
 	}
 	return s
 }
@@ -59,7 +59,7 @@ func (s *ClusterStat) RetryOutcome(o RetryOutcome) int64 {
 	return s.retryOutcomes[o]
 }
 
-// PrunedConns returns how many connections the balancer retired (closed
+// PrunedConns returns how many connections the balance rounds retired (closed
 // when idle, or marked to close at release when in use).
 func (s *ClusterStat) PrunedConns() int64 { return s.pruned }
 

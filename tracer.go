@@ -6,8 +6,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"golang.org/x/time/rate"
 )
 
 // Tracers report what the pool does on its own, away from any query: nodes
@@ -239,12 +237,8 @@ type TraceConnectThrottledData struct {
 	Err error
 }
 
-// HookTracer traces panics in the caller's hooks that the pool wraps
-// (Config.BeforeConnect, AfterConnect, IdentifyNode, PrepareConn or
-// BeforeAcquire, BeforeClose). Most of them run on pgxpool's own
-// goroutines, where a panic would end the program; the pool recovers it,
-// counts it (ClusterStat.HookPanics), reports it here, and treats the hook
-// as failed. See the Config documentation for what that means per hook.
+// HookTracer traces the panics the pool recovers in the caller's hooks
+// (see "Hooks" in the Pool documentation).
 type HookTracer interface {
 	// TraceHookPanic is called after a hook panicked and the panic was
 	// recovered.
@@ -656,29 +650,21 @@ func (o *observer) probed(ctx context.Context, id NodeID, err error) {
 	}
 }
 
-// waitConnect takes a token from the connect rate limiter, waiting if
-// needed, and reports a wait. A token that is there at once costs one
-// limiter call, as Wait alone would.
-func (o *observer) waitConnect(ctx context.Context, limiter *rate.Limiter) error {
-	if limiter.Allow() {
-		return nil
-	}
-	start := time.Now()
-	err := limiter.Wait(ctx)
+// connectThrottled reports that a new connection waited for the connect
+// rate limit (connectBudget.take); err is the wait's error, if any.
+func (o *observer) connectThrottled(ctx context.Context, waited time.Duration, limit float64, err error) {
 	if o == nil {
-		return err
+		return
 	}
-	waited := time.Since(start)
 	o.counters.connectsThrottled.Add(1)
 	o.counters.connectWait.Add(int64(waited))
 	if o.connect != nil {
 		o.connect.TraceConnectThrottled(ctx, o.pool, TraceConnectThrottledData{
 			Waited: waited,
-			Limit:  float64(limiter.Limit()),
+			Limit:  limit,
 			Err:    err,
 		})
 	}
-	return err
 }
 
 // hookPanicked reports a recovered panic in the caller's hook.

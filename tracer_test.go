@@ -278,15 +278,15 @@ func TestObserverCounters(t *testing.T) {
 func TestWaitConnectReportsThrottling(t *testing.T) {
 	r := &recorder{}
 	o := newObserver(nil, r)
-	lim := rate.NewLimiter(rate.Limit(200), 1)
+	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(200), 1), obs: o}
 	ctx := context.Background()
-	if err := o.waitConnect(ctx, lim); err != nil { // the burst token: no wait
+	if err := b.take(ctx); err != nil { // the burst token: no wait
 		t.Fatal(err)
 	}
 	if got := eventsOf[TraceConnectThrottledData](r); len(got) != 0 {
 		t.Fatalf("throttle reported for an available token: %v", got)
 	}
-	if err := o.waitConnect(ctx, lim); err != nil {
+	if err := b.take(ctx); err != nil {
 		t.Fatal(err)
 	}
 	got := eventsOf[TraceConnectThrottledData](r)
@@ -296,10 +296,10 @@ func TestWaitConnectReportsThrottling(t *testing.T) {
 	// A context that ends during the wait is reported with its error.
 	cctx, cancel := context.WithCancel(ctx)
 	cancel()
-	lim = rate.NewLimiter(rate.Limit(0.001), 1)
-	lim.Allow()
-	if err := o.waitConnect(cctx, lim); err == nil {
-		t.Fatal("waitConnect with a canceled context succeeded")
+	b.limiter = rate.NewLimiter(rate.Limit(0.001), 1)
+	b.limiter.Allow()
+	if err := b.take(cctx); err == nil {
+		t.Fatal("take with a canceled context succeeded")
 	}
 	if got := eventsOf[TraceConnectThrottledData](r); len(got) != 2 || got[1].Err == nil {
 		t.Fatalf("throttle events %+v", got)

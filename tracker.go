@@ -1,7 +1,8 @@
 package clusterpool
 
 // The tracker records which connection is on which node. Contracts for the
-// rest of the package (balancer.go, probe.go, retry.go):
+// rest of the package (hooks.go, prune.go, placement.go, health.go, probe.go,
+// retry.go):
 //
 //   - connStateOf(conn) returns the *connState the pool stored in the
 //     connection's pgconn CustomData at AfterConnect, or nil when the
@@ -10,25 +11,22 @@ package clusterpool
 //     next acquire (PrepareConn returns false, pgxpool destroys it). Never close
 //     a pgx.Conn yourself: pgxpool owns it. Pool.retireIdle sweeps idle ones now.
 //   - node.evicted: while set, PrepareConn refuses every connection on the
-//     node (hot path: one atomic load). tracker.evict sets it and returns the
-//     node's idle connections (already marked retire); markHealthy clears it.
-//     A successful connect to the node (track) also marks it healthy and seen.
-//   - tracker.recordFailure(id, now) counts a connection-level failure; it
-//     returns true when the node just became unhealthy (and was evicted).
-//     Callers must not count the caller's own cancellation or deadline.
-//   - node counters retries, pruned, evictions: atomics the balancer and retry
-//     code increment; NodeStats reports them.
+//     node (hot path: one atomic load). Eviction is health.go's
+//     (tracker.evict, markHealthy, recordFailure). A successful connect to
+//     the node (trackConn) marks it healthy and seen.
+//   - node counters retries, pruned, evictions: atomics the balance rounds,
+//     retry code and eviction increment; NodeStats reports them.
 //   - tracker.seen(id, now) records that something (probe, query) reached the
 //     node; tracker.expire(now, window) forgets nodes with no connections not
-//     seen within window (the balancer/probe chooses the window and calls it).
+//     seen within window (the balance round chooses the window and calls it).
 //   - withAvoidNodes(ctx, ids...) / avoidNodesFrom(ctx): retry writes the nodes
 //     a call already failed on; placement (BeforeConnect) reads them.
 //   - tracker.snapshot(now) / Pool.NodeStats: counts per node, sorted by ID.
 //
 // Locks: tracker.mu protects the node map and changes only on connect, close,
 // probe and expiry, never on acquire or release. node.mu protects a node's
-// connection set and failure window. Acquire and release touch atomics only.
-// Lock order: tracker.mu before node.mu.
+// connection set. Acquire and release touch atomics only. Lock order:
+// tracker.mu before node.mu.
 
 import (
 	"context"
@@ -38,47 +36,13 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // customDataKey is where a connection's *connState lives in pgconn's CustomData.
 const customDataKey = "clusterpool"
 
-// connectStartKey is where a new connection's CustomData holds the time its
-// connect attempt began (see stampConnectStart and trackDialled).
-const connectStartKey = "clusterpool.connectStart"
-
-// stampConnectStart makes the connection that cc opens carry started in its
-// CustomData. It chains ValidateConnect, which pgconn calls with the new
-// connection after authentication, before AfterConnect.
-func stampConnectStart(cc *pgx.ConnConfig, started time.Time) {
-	prev := cc.ValidateConnect
-	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
-		pgConn.CustomData()[connectStartKey] = started
-		if prev != nil {
-			return prev(ctx, pgConn)
-		}
-		return nil
-	}
-}
-
-// connectStart returns the time stampConnectStart left in conn, or zero.
-func connectStart(conn *pgx.Conn) time.Time {
-	started, _ := conn.PgConn().CustomData()[connectStartKey].(time.Time)
-	return started
-}
-
-// Failure window: this many connection-level failures within failureWindow
-// mark a node unhealthy. One failure alone does not, so a single broken
-// connection does not evict a healthy node; retry.go evicts at once on a clear
-// drain signal (57P01) by calling evict directly.
-const (
-	failureBurst  = 3
-	failureWindow = 10 * time.Second
-)
-
 type tracker struct {
-	obs *observer // reports node events (tracer.go); nil in unit tests
+	obs *observer // reports node events (tracer.go); may be nil
 	// suspect, when set, is told of a node whose connection failed
 	// pgxpool's acquire-time ping (Pool.callCut); it must not block.
 	suspect func(*node)
@@ -95,41 +59,20 @@ type tracker struct {
 type node struct {
 	id NodeID
 
-	conns    atomic.Int32 // connections open on this node and tracked
-	lastSeen atomic.Int64 // unix nanoseconds of the last sign of life
-	evicted  atomic.Bool  // refuse this node's connections at acquire
-	// evictedAt is when the node was last evicted (unix nanoseconds): a
-	// connection dialled before it does not vouch for the node.
-	evictedAt atomic.Int64
-	draining  atomic.Bool // the node said it is draining (probe)
-	// checking is set while a health check of the node is under way
-	// (health.go), so at most one runs per node; checkedAt is when the last
-	// one ended (unix nanoseconds), so checks are spaced out.
-	checking  atomic.Bool
-	checkedAt atomic.Int64
-	// reachedAt is when a probe or a new connection last reached the node
-	// (unix nanoseconds): proof that it answers, for health checks.
-	reachedAt atomic.Int64
-	// cuts counts calls on the node cut by their callers' deadlines, and
-	// acquire-time pings that failed; cutsJudged is its value when the
-	// last health check ended.
-	cuts       atomic.Int64
-	cutsJudged atomic.Int64
+	conns      atomic.Int32 // connections open on this node and tracked
+	lastSeen   atomic.Int64 // unix nanoseconds of the last sign of life
+	draining   atomic.Bool  // the node said it is draining (probe)
+	nodeHealth              // eviction and health checks (health.go)
 
-	// Counters the balancer and retry code increment; reported in NodeStats.
-	retries   atomic.Int64 // queries retried because of this node
-	pruned    atomic.Int64 // connections retired to rebalance
-	evictions atomic.Int64 // times the node was evicted
+	// Counters the balance rounds and retry code increment; reported in NodeStats.
+	retries atomic.Int64 // queries retried because of this node
+	pruned  atomic.Int64 // connections retired to rebalance
 
 	mu sync.Mutex // protects the fields below
 	// addr is the node's address when known (see NodeStat.Addr).
 	addr string
 	// connSet holds the node's tracked connections.
 	connSet map[*connState]struct{}
-	// failures and failuresSince count connection-level failures in the
-	// current window.
-	failures      int
-	failuresSince time.Time
 }
 
 // connState is the pool's record of one connection, stored in the
@@ -139,7 +82,9 @@ type connState struct {
 	// host is the address the connection was dialled at (remote IP:port), so
 	// placement can map connection-string hosts to nodes.
 	host string
-	conn *pgx.Conn
+	// cleanupDone is the connection's pgconn CleanupDone: closed once the
+	// connection has closed, whoever closed it.
+	cleanupDone <-chan struct{}
 
 	// use counts the connection's acquires and releases: it is odd while a
 	// caller holds the connection (inUse), and use/2 is how many times a
@@ -152,9 +97,12 @@ type connState struct {
 	retire atomic.Bool // refuse at the next acquire
 	closed atomic.Bool // untracked; set once
 	// pinging is set when pgxpool is about to ping the connection at
-	// acquire (health.go's ShouldPing), and cleared when the acquire goes
-	// on to PrepareConn, which pgxpool calls only after a successful ping.
-	// A connection closed while it is set failed its ping.
+	// acquire (chainShouldPing), and cleared when the acquire goes on to
+	// PrepareConn, which pgxpool calls only after a successful ping, or
+	// when a sweep finds the connection idle. A ping abandoned by its
+	// acquirer leaves it set even if the ping then succeeds, so only a
+	// connection that is already broken when it is closed while pinging
+	// failed its ping (untrack).
 	pinging atomic.Bool
 	// cut is set when a caller's own deadline or cancellation cut a call
 	// in flight on the connection (pgx then closes it); health checks
@@ -209,22 +157,24 @@ func (t *tracker) localID(addr string) NodeID {
 	return t.lastLocalID
 }
 
-// track records a new connection on node id and stores its state in the
-// connection. A successful connect is proof of life: the node is marked seen
-// and healthy.
-func (t *tracker) track(id NodeID, addr, host string, conn *pgx.Conn, now time.Time) *connState {
-	return t.trackDialled(id, addr, host, conn, time.Time{}, now)
+// trackConn records a new connection on node id, whose connect began at
+// started (zero: unknown), and stores its state in the connection.
+func (t *tracker) trackConn(id NodeID, addr, host string, conn *pgx.Conn, started, now time.Time) *connState {
+	cs := t.add(id, addr, host, conn.PgConn().CleanupDone(), started, now)
+	conn.PgConn().CustomData()[customDataKey] = cs
+	return cs
 }
 
-// trackDialled is track for a connection whose connect attempt began at
-// started (zero: unknown). A connection dialled before its node's last
-// eviction proves nothing about the node (its handshake may have finished
-// just before the node failed): it does not mark the node healthy, and it is
-// marked to retire, as the node's other connections were at the eviction.
-func (t *tracker) trackDialled(id NodeID, addr, host string, conn *pgx.Conn, started, now time.Time) *connState {
+// add records a connection on node id. A successful connect is proof of
+// life: the node is marked seen and healthy. But a connection dialled before
+// its node's last eviction proves nothing about the node (its handshake may
+// have finished just before the node failed): it does not mark the node
+// healthy, and it is marked to retire, as the node's other connections were
+// at the eviction.
+func (t *tracker) add(id NodeID, addr, host string, cleanupDone <-chan struct{}, started, now time.Time) *connState {
 	t.mu.Lock()
 	n := t.nodeLocked(id, now)
-	cs := &connState{node: n, host: host, conn: conn}
+	cs := &connState{node: n, host: host, cleanupDone: cleanupDone}
 	n.mu.Lock()
 	if addr != "" {
 		n.addr = addr
@@ -241,16 +191,24 @@ func (t *tracker) trackDialled(id NodeID, addr, host string, conn *pgx.Conn, sta
 	} else {
 		t.markHealthy(id, now)
 	}
-	if conn != nil { // nil only in unit tests of the tracker
-		conn.PgConn().CustomData()[customDataKey] = cs
-	}
 	return cs
 }
 
-// untrack forgets a connection that is closing. It is idempotent: BeforeClose,
-// a failed AfterConnect and the closed-connection sweep may all call it.
-func (t *tracker) untrack(cs *connState) {
-	if cs == nil || !cs.closed.CompareAndSwap(false, true) {
+// untrack forgets a connection that is closing. broken says pgconn had
+// closed it already (a read or write failed) rather than the pool closing a
+// working connection. It is idempotent: BeforeClose, a failed AfterConnect
+// and the closed-connection sweep may all call it.
+func (t *tracker) untrack(cs *connState, broken bool) {
+	if cs == nil {
+		return
+	}
+	// Cleared before closed is set, so a health check that sees the
+	// connection closed sees the mark only if the ping broke it.
+	pingFailed := broken && cs.pinging.Load()
+	if !pingFailed {
+		cs.endPing()
+	}
+	if !cs.closed.CompareAndSwap(false, true) {
 		return
 	}
 	n := cs.node
@@ -258,7 +216,7 @@ func (t *tracker) untrack(cs *connState) {
 	delete(n.connSet, cs)
 	n.mu.Unlock()
 	n.conns.Add(-1)
-	if cs.pinging.Load() && t.suspect != nil {
+	if pingFailed && t.suspect != nil {
 		// The ping at acquire failed, most often because the node did
 		// not answer before the acquirer's deadline: the acquire's error
 		// names no node, so this is the only place that learns which.
@@ -296,12 +254,18 @@ func (cs *connState) releases() uint32 { return cs.use.Load() / 2 }
 
 // refused reports whether PrepareConn must refuse the connection.
 // PrepareConn runs right after pgxpool's acquire-time ping succeeded, so it
-// also clears pinging (a load, and a store only after a ping).
+// also ends the ping.
 func (cs *connState) refused() bool {
+	cs.endPing()
+	return cs.retire.Load() || cs.node.evicted.Load()
+}
+
+// endPing clears pinging: the connection's acquire-time ping, if any, is
+// over and did not break it. A load, and a store only after a ping.
+func (cs *connState) endPing() {
 	if cs.pinging.Load() {
 		cs.pinging.Store(false)
 	}
-	return cs.retire.Load() || cs.node.evicted.Load()
 }
 
 // seen records a sign of life from node id (probe, connect, query).
@@ -311,72 +275,6 @@ func (t *tracker) seen(id NodeID, now time.Time) {
 	t.mu.Unlock()
 	t.obs.nodeSeen(n, "")
 	n.lastSeen.Store(now.UnixNano())
-}
-
-// evict marks node id unhealthy: its connections are refused at acquire until
-// markHealthy. It returns the node's idle connections, marked retire, so the
-// caller can sweep them (Pool.retireIdle). In-use ones are refused when they
-// come back while the node is still evicted.
-func (t *tracker) evict(id NodeID, now time.Time) []*connState {
-	n := t.node(id)
-	if n == nil {
-		return nil
-	}
-	n.evictedAt.Store(now.UnixNano())
-	if n.evicted.CompareAndSwap(false, true) {
-		n.evictions.Add(1)
-		t.obs.nodeHealth(id, false)
-	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	var idle []*connState
-	for cs := range n.connSet {
-		if !cs.inUse() {
-			cs.retire.Store(true)
-			idle = append(idle, cs)
-		}
-	}
-	return idle
-}
-
-// markHealthy clears node id's eviction and failure window. Its callers
-// (a probe, a new connection) have just reached the node.
-func (t *tracker) markHealthy(id NodeID, now time.Time) {
-	n := t.node(id)
-	if n == nil {
-		return
-	}
-	n.reachedAt.Store(now.UnixNano())
-	n.mu.Lock()
-	n.failures = 0
-	n.failuresSince = time.Time{}
-	n.mu.Unlock()
-	if n.evicted.Swap(false) {
-		t.obs.nodeHealth(id, true)
-	}
-}
-
-// recordFailure counts a connection-level failure on node id at now. It
-// returns true when the node just became unhealthy: failureBurst failures
-// within failureWindow. The node is then evicted; the caller sweeps its idle
-// connections if it wants them gone at once.
-func (t *tracker) recordFailure(id NodeID, now time.Time) bool {
-	n := t.node(id)
-	if n == nil {
-		return false
-	}
-	n.mu.Lock()
-	if n.failuresSince.IsZero() || now.Sub(n.failuresSince) > failureWindow {
-		n.failures, n.failuresSince = 0, now
-	}
-	n.failures++
-	tripped := n.failures == failureBurst
-	n.mu.Unlock()
-	if tripped && !n.evicted.Load() {
-		t.evict(id, now)
-		return true
-	}
-	return false
 }
 
 // expire forgets nodes that have no connections and have not been seen
@@ -401,6 +299,22 @@ func (t *tracker) expire(now time.Time, window time.Duration) []NodeID {
 		}
 	}
 	return gone
+}
+
+// nodeAt returns the node whose address (NodeStat.Addr) is addr, or nil.
+func (t *tracker) nodeAt(addr string) *node {
+	key := addrKey(addr)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, n := range t.nodes {
+		n.mu.Lock()
+		a := n.addr
+		n.mu.Unlock()
+		if a != "" && addrKey(a) == key {
+			return n
+		}
+	}
+	return nil
 }
 
 // nodeList returns the known nodes sorted by ID.
@@ -433,19 +347,29 @@ func (n *node) sweepClosed(t *tracker) {
 	var closed []*connState
 	n.mu.Lock()
 	for cs := range n.connSet {
-		if cs.conn == nil {
-			continue
-		}
 		select {
-		case <-cs.conn.PgConn().CleanupDone():
+		case <-cs.cleanupDone:
 			closed = append(closed, cs)
 		default:
 		}
 	}
 	n.mu.Unlock()
 	for _, cs := range closed {
-		t.untrack(cs)
+		t.untrack(cs, true)
 	}
+}
+
+// markedToRetire counts the node's connections already marked to retire.
+func (n *node) markedToRetire() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	k := 0
+	for cs := range n.connSet {
+		if cs.retire.Load() {
+			k++
+		}
+	}
+	return k
 }
 
 // NodeStat is a snapshot of one node's connections and health, as returned
@@ -473,7 +397,7 @@ type NodeStat struct {
 	LastSeen time.Time
 
 	Retries   int64 // queries retried because of a failure on this node
-	Pruned    int64 // connections retired by the balancer
+	Pruned    int64 // connections retired by the balance rounds
 	Evictions int64 // times the node was evicted
 }
 

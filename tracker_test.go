@@ -37,12 +37,12 @@ func TestTrackerCounts(t *testing.T) {
 	}
 
 	a1.released()
-	a1.released()  // idempotent
-	tr.untrack(b1) // closed while in use: leaves both counts
-	tr.untrack(b1)
+	a1.released()         // idempotent
+	tr.untrack(b1, false) // closed while in use: leaves both counts
+	tr.untrack(b1, false)
 	b1.released() // a release after the close changes nothing
-	tr.untrack(a2)
-	tr.untrack(nil)
+	tr.untrack(a2, false)
+	tr.untrack(nil, false)
 
 	got = statsByID(tr.snapshot())
 	if s := got[1]; s.TotalConns != 1 || s.AcquiredConns != 0 || s.IdleConns != 1 {
@@ -149,7 +149,7 @@ func TestTrackerExpire(t *testing.T) {
 	tr := newTracker()
 	withConn := tr.track(1, "", "", nil, t0)
 	tr.track(2, "", "", nil, t0)
-	tr.untrack(tr.track(3, "", "", nil, t0))
+	tr.untrack(tr.track(3, "", "", nil, t0), false)
 	tr.seen(3, t0.Add(50*time.Second))
 	_ = withConn
 	gone := tr.expire(t0.Add(60*time.Second), 30*time.Second)
@@ -159,7 +159,7 @@ func TestTrackerExpire(t *testing.T) {
 	// Node 2 has a connection: it stays however old.
 	two := tr.nodes[2]
 	for cs := range two.connSet {
-		tr.untrack(cs)
+		tr.untrack(cs, false)
 	}
 	gone = tr.expire(t0.Add(60*time.Second), 30*time.Second)
 	if !slices.Equal(gone, []NodeID{2}) {
@@ -224,7 +224,7 @@ func TestTrackerConcurrent(t *testing.T) {
 	}
 	wg.Go(func() {
 		for i := range 200 {
-			tr.untrack(tr.track(4, "", "", nil, t0))
+			tr.untrack(tr.track(4, "", "", nil, t0), false)
 			tr.evict(NodeID(i%3+1), t0)
 			tr.markHealthy(NodeID(i%3+1), t0)
 			tr.snapshot()
@@ -267,9 +267,12 @@ func TestTrackerConnectDialledBeforeEviction(t *testing.T) {
 	}
 }
 
-// TestTrackerPingFailed: a connection closed while marked as being pinged
-// at acquire names its node to the tracker's suspect hook; one whose ping
-// succeeded (PrepareConn ran, clearing the mark) does not.
+// TestTrackerPingFailed: a connection that pgconn had already closed (the
+// ping broke it) when it is closed while marked as being pinged at acquire
+// names its node to the tracker's suspect hook; one whose ping succeeded
+// (PrepareConn ran, clearing the mark), or one still working when the pool
+// closes it (a ping its acquirer gave up on, which then succeeded, leaves the
+// mark), does not.
 func TestTrackerPingFailed(t *testing.T) {
 	tr := newTracker()
 	var suspects []NodeID
@@ -280,12 +283,19 @@ func TestTrackerPingFailed(t *testing.T) {
 	if ok.refused() {
 		t.Fatal("refused a healthy connection")
 	}
-	tr.untrack(ok)
+	tr.untrack(ok, true)
+
+	abandoned := tr.track(3, "", "", nil, t0)
+	abandoned.pinging.Store(true)
+	tr.untrack(abandoned, false)
+	if abandoned.pinging.Load() {
+		t.Error("a working connection closed with a stale ping mark still looks pinged: a health check would count it as a failed ping")
+	}
 
 	failed := tr.track(2, "", "", nil, t0)
 	failed.pinging.Store(true)
-	tr.untrack(failed)
-	tr.untrack(failed) // idempotent: one signal
+	tr.untrack(failed, true)
+	tr.untrack(failed, true) // idempotent: one signal
 
 	if !slices.Equal(suspects, []NodeID{2}) {
 		t.Errorf("suspects = %v, want [2]", suspects)

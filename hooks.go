@@ -1,0 +1,342 @@
+package clusterpool
+
+import (
+	"context"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/multitracer"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// The pool's pgxpool hooks, in the order pgxpool and pgconn call them for a
+// connection, each chained with the caller's hook of the same name as the
+// Pool documentation ("Hooks") describes:
+//
+//  1. BeforeConnect (beforeConnect): connect budget, connect timeout,
+//     placement; it also sets, for this connect only,
+//  2. ValidateConnect (chainValidateConnect): the redial check, the node
+//     behind the host, the connect's start time;
+//  3. AfterConnect (afterConnect): identify the node, track the connection;
+//  4. ShouldPing (chainShouldPing) and PrepareConn (prepareConn) at each
+//     acquire: mark a pinged connection, refuse retired ones;
+//  5. the release tracer at each release: the connection is idle again;
+//  6. BeforeClose (beforeClose): forget the connection.
+//
+// Without node tracking only the wrappers that recover the caller's panics
+// are installed, and only around hooks the caller set.
+
+// installHooks puts the pool's hooks into cfg, the config pgxpool gets, and
+// keeps the caller's, which it finds there, to chain behind them.
+func (p *Pool) installHooks(cfg *pgxpool.Config) {
+	tracking := p.tracking()
+
+	if user := cfg.BeforeConnect; user != nil {
+		p.userBeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) (err error) {
+			defer p.recoverHook(ctx, hookBeforeConnect, &err)
+			return user(ctx, cc)
+		}
+	}
+	// The user's runs last, on the same per-attempt copy, and so may still
+	// override the host order and the connect timeout.
+	cfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
+		if err := p.beforeConnect(ctx, cc); err != nil {
+			return err
+		}
+		if p.userBeforeConnect != nil {
+			return p.userBeforeConnect(ctx, cc)
+		}
+		return nil
+	}
+
+	p.userAfterConnect, cfg.AfterConnect = cfg.AfterConnect, nil
+	if tracking || p.userAfterConnect != nil {
+		cfg.AfterConnect = p.afterConnect
+	}
+
+	p.userPrepareConn, p.prepareConnHook = cfg.PrepareConn, hookPrepareConn
+	if p.userPrepareConn == nil && cfg.BeforeAcquire != nil {
+		beforeAcquire := cfg.BeforeAcquire
+		p.userPrepareConn = func(ctx context.Context, conn *pgx.Conn) (bool, error) {
+			return beforeAcquire(ctx, conn), nil
+		}
+		p.prepareConnHook = hookBeforeAcquire
+	}
+	cfg.BeforeAcquire, cfg.PrepareConn = nil, nil
+	if tracking || p.userPrepareConn != nil {
+		cfg.PrepareConn = p.prepareConn
+	}
+
+	if tracking {
+		cfg.ShouldPing = chainShouldPing(cfg.ShouldPing)
+	}
+
+	p.userBeforeClose, cfg.BeforeClose = cfg.BeforeClose, nil
+	if tracking || p.userBeforeClose != nil {
+		cfg.BeforeClose = p.beforeClose
+	}
+
+	// AfterRelease is never set: pgxpool runs every release in a goroutine
+	// of its own when it is.
+	if tracking {
+		cfg.ConnConfig.Tracer = withReleaseTracer(cfg.ConnConfig.Tracer, releaseTracer{p})
+	}
+}
+
+// beforeConnect takes a connect token, without any lock held, then places
+// the connection. Without a connect_timeout of the user's, each host gets
+// DefaultConnectTimeout: pgxpool runs connects under its own context, not
+// the acquirer's, so a connect to a node that accepts TCP and never answers
+// would otherwise hold a pool slot for pgxpool's 2 minutes, and with hosts
+// listed pgconn moves on to the next host only when the timeout ends the
+// attempt.
+func (p *Pool) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
+	if p.config.ConnConfig.ConnectTimeout <= 0 {
+		cc.ConnectTimeout = DefaultConnectTimeout
+	}
+	if err := p.budget.take(ctx); err != nil {
+		return err
+	}
+	var started time.Time
+	if p.tracking() {
+		started = time.Now() // after the budget's wait: the dial starts now
+	}
+	place := p.placement.place(ctx, cc, time.Now())
+	chainValidateConnect(cc, place, started, p.bindCancelDials(cc))
+	return nil
+}
+
+// connectStartKey is where a new connection's CustomData holds the time its
+// connect began, for trackConn.
+const connectStartKey = "clusterpool.connectStart"
+
+// chainValidateConnect sets cc.ValidateConnect, which pgconn calls with each
+// connection it establishes (after authentication, before AfterConnect;
+// once per host or fallback it reaches), to run in order:
+//
+//  1. place, placement's check (nil: none): a redial refuses a connection
+//     on an over-target node; host placement learns the node behind the host;
+//  2. the stamp of started (zero: none) on the connection;
+//  3. the ValidateConnect already on cc (target_session_attrs');
+//  4. established (nil: none), once the connection is accepted.
+func chainValidateConnect(cc *pgx.ConnConfig, place pgconn.ValidateConnectFunc, started time.Time, established func()) {
+	prev := cc.ValidateConnect
+	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
+		if place != nil {
+			if err := place(ctx, pgConn); err != nil {
+				return err
+			}
+		}
+		if !started.IsZero() {
+			pgConn.CustomData()[connectStartKey] = started
+		}
+		if prev != nil {
+			if err := prev(ctx, pgConn); err != nil {
+				return err
+			}
+		}
+		if established != nil {
+			established()
+		}
+		return nil
+	}
+}
+
+// connectStart returns the time chainValidateConnect left in conn, or zero.
+func connectStart(conn *pgx.Conn) time.Time {
+	started, _ := conn.PgConn().CustomData()[connectStartKey].(time.Time)
+	return started
+}
+
+// afterConnect identifies the new connection's node and tracks it there,
+// then runs the user's AfterConnect.
+func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
+	// The connect's reservation (placement) counts the connection until
+	// it is tracked on its node, or until it fails.
+	id, addr, err := p.identify(ctx, conn)
+	if err != nil {
+		p.placement.counted(conn.PgConn())
+		return err
+	}
+	var cs *connState
+	if id != 0 {
+		host := remoteAddr(conn.PgConn())
+		if addr == "" && p.settings.multiHost {
+			addr = host
+		}
+		cs = p.tracker.trackConn(id, addr, host, conn, connectStart(conn), time.Now())
+		p.startOnTracked()
+	}
+	p.placement.counted(conn.PgConn())
+	if p.userAfterConnect != nil {
+		if err := p.callAfterConnect(ctx, conn); err != nil {
+			p.tracker.untrack(cs, false) // pgxpool closes conn without BeforeClose
+			return err
+		}
+	}
+	return nil
+}
+
+// prepareConn refuses connections to retire and connections on evicted
+// nodes, then asks the user's hook. Hot path: a map read from the
+// connection's own CustomData and a few atomic loads, no lock.
+func (p *Pool) prepareConn(ctx context.Context, conn *pgx.Conn) (bool, error) {
+	cs := connStateOf(conn)
+	if p.sweeps.Load() != 0 && sweeping(ctx) {
+		// A sweep takes the connection, not a caller. The sweep closes a
+		// refused one before releasing it, so pgxpool destroys it and
+		// starts its refill of MinConns at once (refused here, it would be
+		// destroyed with no refill until the next health check period),
+		// and puts the others back at once: neither the user's hook nor a
+		// health check (connState.acquired) is to see an acquire.
+		if cs != nil {
+			cs.endPing()
+		}
+		return true, nil
+	}
+	if cs != nil && cs.refused() {
+		return false, nil
+	}
+	if p.userPrepareConn != nil {
+		ok, err := p.callPrepareConn(ctx, conn)
+		if !ok || err != nil {
+			return ok, err
+		}
+	}
+	if cs != nil {
+		cs.acquired()
+	}
+	return true, nil
+}
+
+// chainShouldPing wraps pgxpool's ShouldPing decision (the user's hook, or
+// pgxpool's default: ping a connection idle for over a second) so that a
+// connection about to be pinged is marked: if the ping fails, the connection
+// is closed while still marked and its node is checked (see
+// connState.pinging). Without this, an acquire whose ping hangs on a
+// partitioned node ends in the caller's deadline with no node named.
+func chainShouldPing(user func(context.Context, pgxpool.ShouldPingParams) bool) func(context.Context, pgxpool.ShouldPingParams) bool {
+	if user == nil {
+		// pgxpool's default, inline: this runs on every acquire.
+		return func(_ context.Context, params pgxpool.ShouldPingParams) bool {
+			if params.IdleDuration <= time.Second {
+				return false
+			}
+			markPinging(params.Conn)
+			return true
+		}
+	}
+	return func(ctx context.Context, params pgxpool.ShouldPingParams) bool {
+		if !user(ctx, params) {
+			return false
+		}
+		markPinging(params.Conn)
+		return true
+	}
+}
+
+// markPinging marks conn as about to be pinged at acquire.
+func markPinging(conn *pgx.Conn) {
+	if cs := connStateOf(conn); cs != nil {
+		cs.pinging.Store(true)
+	}
+}
+
+// beforeClose runs the user's BeforeClose, then forgets the connection,
+// whatever the user's hook did: pgxpool closes the connection next.
+func (p *Pool) beforeClose(conn *pgx.Conn) {
+	// Already closed, pgconn found the connection broken; otherwise the
+	// pool is closing a working one. Read before the user's hook runs.
+	broken := conn.PgConn().IsClosed()
+	defer p.tracker.untrack(connStateOf(conn), broken)
+	if p.userBeforeClose != nil {
+		p.callBeforeClose(conn)
+	}
+}
+
+// releaseTracer learns of every Release synchronously, with the *pgx.Conn,
+// without pgxpool's AfterRelease goroutine. It has to be a pgx.QueryTracer to
+// sit in ConnConfig.Tracer; its query methods do nothing.
+type releaseTracer struct{ p *Pool }
+
+func (releaseTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+
+func (releaseTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
+	if cs := connStateOf(data.Conn); cs != nil {
+		cs.released()
+	}
+}
+
+// withReleaseTracer installs rt next to the user's tracer, which keeps every
+// interface it implements (multitracer forwards each one).
+func withReleaseTracer(user pgx.QueryTracer, rt releaseTracer) pgx.QueryTracer {
+	if user == nil {
+		return rt
+	}
+	mt := multitracer.New(user)
+	mt.PoolReleaseTracers = append(mt.PoolReleaseTracers, rt)
+	return mt
+}
+
+// Names of the caller's hooks, as TraceHookPanicData.Hook gives them.
+const (
+	hookBeforeConnect = "BeforeConnect"
+	hookAfterConnect  = "AfterConnect"
+	hookIdentifyNode  = "IdentifyNode"
+	hookPrepareConn   = "PrepareConn"
+	hookBeforeAcquire = "BeforeAcquire"
+	hookBeforeClose   = "BeforeClose"
+)
+
+// recoverHook is deferred around each call of a hook of the caller's, to
+// apply the hook-panic policy of the Pool documentation: it recovers a
+// panic, reports it, and sets *err (when err is not nil) to an error naming
+// the hook and the panic value. It costs nothing measurable when the hook
+// returns.
+func (p *Pool) recoverHook(ctx context.Context, hook string, err *error) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	p.obs.hookPanicked(ctx, hook, v, debug.Stack())
+	if err != nil {
+		*err = hookPanicError(hook, v)
+	}
+}
+
+func hookPanicError(hook string, v any) error {
+	if e, ok := v.(error); ok {
+		return fmt.Errorf("clusterpool: %s hook panicked: %w", hook, e)
+	}
+	return fmt.Errorf("clusterpool: %s hook panicked: %v", hook, v)
+}
+
+func (p *Pool) callAfterConnect(ctx context.Context, conn *pgx.Conn) (err error) {
+	defer p.recoverHook(ctx, hookAfterConnect, &err)
+	return p.userAfterConnect(ctx, conn)
+}
+
+func (p *Pool) callIdentifyNode(ctx context.Context, conn *pgx.Conn) (id NodeID, addr string, err error) {
+	defer p.recoverHook(ctx, hookIdentifyNode, &err)
+	return p.settings.identifyNode(ctx, IdentifyNodeParams{Conn: conn})
+}
+
+// callPrepareConn returns (false, err) after a panic: pgxpool destroys the
+// connection, whose state the hook may have left half changed, and Acquire
+// returns err.
+func (p *Pool) callPrepareConn(ctx context.Context, conn *pgx.Conn) (ok bool, err error) {
+	defer p.recoverHook(ctx, p.prepareConnHook, &err)
+	return p.userPrepareConn(ctx, conn)
+}
+
+func (p *Pool) callBeforeClose(conn *pgx.Conn) {
+	defer p.recoverHook(context.Background(), hookBeforeClose, nil)
+	p.userBeforeClose(conn)
+}

@@ -1,0 +1,568 @@
+package clusterpool
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"maps"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Connect-time placement. With several hosts in the connection string, a
+// new connection tries first the host whose node is furthest below its
+// target (plan.go's placementOrder). Behind one address a connection lands
+// where the load balancer sends it; with the node's ID in the BackendKey,
+// ValidateConnect can refuse one that landed on an over-target node and let
+// pgconn dial the address again (a redial). Both learn which node is behind
+// which address from the connections themselves.
+
+// Placement and redial settings.
+const (
+	// maxRedials bounds how often a connection that landed on an over-target
+	// node behind a single load-balancer address is refused and dialled again.
+	maxRedials = 3
+	// reservationTTL bounds how long a connect under way counts towards the
+	// node placement chose for it; a connect that fails never reports back.
+	reservationTTL = 10 * time.Second
+	// hostDownFor is how long a listed host whose dial failed is tried last.
+	hostDownFor = 30 * time.Second
+)
+
+// connectMode is how the pool places a new connection; it is fixed when the
+// pool is created.
+type connectMode uint8
+
+const (
+	// connectAsListed leaves the connection string's hosts as they are:
+	// nothing is tracked, or one address whose nodes only a query or the
+	// user's IdentifyNode tells apart, after ValidateConnect.
+	connectAsListed connectMode = iota
+	// connectPlaced orders several hosts so the connection goes to the
+	// least-connected healthy node first.
+	connectPlaced
+	// connectRedial refuses, behind one address, a connection on a node
+	// above its target (read from the BackendKey, so no query is needed to
+	// decide) and dials the address again.
+	connectRedial
+)
+
+// placement places the pool's new connections.
+type placement struct {
+	p    *Pool
+	mode connectMode
+
+	redials atomic.Int64 // connections refused by ValidateConnect
+	// reached (redial mode) is set when a connect reaches a server and
+	// cleared when a dial fails. Redial copies of the address are added only
+	// while it is set, or when a retry asks to avoid nodes: until a connect
+	// reaches a node there is nothing to refuse, and copies of an address
+	// that does not answer would only repeat its dial error.
+	reached atomic.Bool
+
+	mu sync.Mutex // protects the fields below
+	// hostNodes maps a dialled address ("ip:port") to the node behind it,
+	// learned from connections; bounded by the number of hosts dialled.
+	hostNodes map[string]NodeID
+	// gossipHosts are the addresses of live nodes read from CockroachDB's
+	// gossip tables, replaced on every read; kept only when the pool's node
+	// IDs are CockroachDB's. They are dialled too, so a node added to the
+	// cluster after the pool started is reachable; see groupsFor.
+	gossipHosts map[NodeID]string
+	// reservations are connects under way, by the host placed first and,
+	// once the connection is up, by the address it reached. Each is held
+	// until AfterConnect has counted the connection on its node (see
+	// counted), so a connect always counts somewhere.
+	reservations []*reservation
+	// downHosts holds when a dial to a host (an IP literal placed first)
+	// last failed; placement tries such a host last for hostDownFor, or
+	// until a probe reaches it. Bounded by the hosts dialled.
+	downHosts map[string]time.Time
+}
+
+type reservation struct {
+	host  string // host:port, a key of hostNodes once mapped
+	until time.Time
+}
+
+// reservationKey is where a new connection's CustomData holds the
+// reservation its connect made, for counted to drop.
+const reservationKey = "clusterpool.reservation"
+
+func newPlacement(p *Pool) *placement {
+	pl := &placement{
+		p:         p,
+		hostNodes: make(map[string]NodeID),
+		downHosts: make(map[string]time.Time),
+	}
+	switch s := p.settings; {
+	case !p.tracking():
+	case s.multiHost:
+		pl.mode = connectPlaced
+	case p.cockroachIDs():
+		pl.mode = connectRedial
+	}
+	return pl
+}
+
+// place prepares cc, the per-attempt copy of the connection config, for a
+// connect by the pool's connect mode: it orders the hosts, or adds the
+// redial fallbacks. It returns the check ValidateConnect runs on each
+// connection the connect establishes, or nil.
+func (pl *placement) place(ctx context.Context, cc *pgx.ConnConfig, now time.Time) pgconn.ValidateConnectFunc {
+	switch pl.mode {
+	case connectPlaced:
+		return pl.placeHosts(ctx, cc, now)
+	case connectRedial:
+		return pl.installRedial(cc, avoidNodesFrom(ctx))
+	}
+	return nil
+}
+
+// liveNodes returns, for connect-time decisions, each eligible node's
+// connections (plus connects under way to it) and the targets those imply
+// with extra more connections. unmappedHosts counts hosts of the connection
+// string whose node is not known yet: each stands for a node in the targets,
+// or a cold start would send everything to the first node it maps.
+func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[NodeID]placementNode, int) {
+	nodes := pl.p.tracker.nodeList()
+	pl.mu.Lock()
+	pl.purgeReservationsLocked(now)
+	pending := make(map[NodeID]int)
+	for _, r := range pl.reservations {
+		// The node behind the host now: a connect placed before its host
+		// was mapped counts towards the node another connect has since
+		// found there (0 while the host is still unmapped).
+		pending[pl.hostNodes[r.host]]++
+	}
+	unmapped := pending[0]
+	pl.mu.Unlock()
+
+	info := make(map[NodeID]placementNode, len(nodes))
+	total := extra + unmapped
+	var eligible []NodeID
+	for _, n := range nodes {
+		c := int(n.conns.Load()) + pending[n.id]
+		total += c
+		ok := !n.evicted.Load() && !n.draining.Load()
+		if ok {
+			eligible = append(eligible, n.id)
+		}
+		info[n.id] = placementNode{Conns: c, Eligible: ok}
+	}
+	for i := range unmappedHosts {
+		eligible = append(eligible, NodeID(-1-i)) // never a real node ID
+	}
+	targets := balanceTargets(total, eligible, pl.p.seed)
+	for id, t := range targets {
+		n, ok := info[id]
+		if !ok {
+			continue
+		}
+		n.Target = t
+		info[id] = n
+	}
+	return info, total
+}
+
+func (pl *placement) purgeReservationsLocked(now time.Time) {
+	pl.reservations = slices.DeleteFunc(pl.reservations, func(r *reservation) bool { return now.After(r.until) })
+}
+
+// pendingConnects reports whether connects placed by the pool are under way.
+func (pl *placement) pendingConnects(now time.Time) bool {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	pl.purgeReservationsLocked(now)
+	return len(pl.reservations) > 0
+}
+
+// placeHosts reorders cc's hosts (Host and Fallbacks) so the connection goes
+// to the least-connected healthy node first, and returns the check that
+// records which node the connection reached.
+func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now time.Time) pgconn.ValidateConnectFunc {
+	groups := pl.groupsFor(cc)
+	if len(groups) < 2 {
+		return nil
+	}
+	hostNodes := make([]NodeID, len(groups))
+	unmapped := 0
+	pl.mu.Lock()
+	for i, g := range groups {
+		hostNodes[i] = pl.hostNodes[g.key]
+		if hostNodes[i] == 0 {
+			unmapped++
+		}
+	}
+	pl.mu.Unlock()
+	info, _ := pl.liveNodes(now, 1, unmapped)
+	for _, id := range avoidNodesFrom(ctx) {
+		if n, ok := info[id]; ok {
+			n.Avoid = true
+			info[id] = n
+		}
+	}
+	hostPending := make([]int, len(groups))
+	hostDown := make([]bool, len(groups))
+	pl.mu.Lock()
+	for i, g := range groups {
+		for _, r := range pl.reservations {
+			if r.host == g.key {
+				hostPending[i]++
+			}
+		}
+		if t, ok := pl.downHosts[g.key]; ok {
+			hostDown[i] = now.Sub(t) < hostDownFor
+		}
+	}
+	order := placementOrder(hostNodes, hostPending, hostDown, info, pl.p.seed)
+	first := groups[order[0]].key
+	res := &reservation{host: first, until: now.Add(reservationTTL)}
+	pl.reservations = append(pl.reservations, res)
+	pl.mu.Unlock()
+
+	setHosts(cc, groups, order)
+	return func(_ context.Context, pgConn *pgconn.PgConn) error {
+		pl.connected(res, first, pgConn)
+		return nil
+	}
+}
+
+// attempts lists the connection attempts of cc in pgconn's order: Host,
+// then the Fallbacks. Several may share a host:port (sslmode=prefer's TLS
+// and plain attempts).
+func attempts(cc *pgx.ConnConfig) []*pgconn.FallbackConfig {
+	return append([]*pgconn.FallbackConfig{{Host: cc.Host, Port: cc.Port, TLSConfig: cc.TLSConfig}}, cc.Fallbacks...)
+}
+
+// hostGroup is one host:port of a connection string with its attempts.
+type hostGroup struct {
+	key     string // host:port
+	entries []*pgconn.FallbackConfig
+}
+
+// hostGroups splits cc's attempts by host:port, keeping the attempts of one
+// host:port together, in their order.
+func hostGroups(cc *pgx.ConnConfig) []*hostGroup {
+	var groups []*hostGroup
+	for _, fb := range attempts(cc) {
+		key := hostPort(fb.Host, fb.Port)
+		i := slices.IndexFunc(groups, func(g *hostGroup) bool { return g.key == key })
+		if i < 0 {
+			groups = append(groups, &hostGroup{key: key})
+			i = len(groups) - 1
+		}
+		groups[i].entries = append(groups[i].entries, fb)
+	}
+	return groups
+}
+
+// groupsFor returns cc's host groups plus one for each node that gossip
+// lists at an address the connection string does not name, with the first
+// host's TLS settings. It adds nothing behind a single address: a client told
+// to use a load balancer may not be able to reach the nodes directly.
+func (pl *placement) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
+	groups := hostGroups(cc)
+	if pl.mode != connectPlaced {
+		return groups
+	}
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	known := make(map[NodeID]bool)
+	for _, g := range groups {
+		if id := pl.hostNodes[g.key]; id != 0 {
+			known[id] = true
+		}
+	}
+	for _, id := range slices.Sorted(maps.Keys(pl.gossipHosts)) {
+		addr := pl.gossipHosts[id]
+		host, portStr, err := net.SplitHostPort(addr)
+		port, perr := strconv.ParseUint(portStr, 10, 16)
+		if known[id] || err != nil || perr != nil {
+			continue
+		}
+		key := hostPort(host, uint16(port))
+		if slices.ContainsFunc(groups, func(g *hostGroup) bool { return g.key == key }) {
+			continue
+		}
+		pl.hostNodes[key] = id
+		groups = append(groups, &hostGroup{key: key, entries: []*pgconn.FallbackConfig{{Host: host, Port: uint16(port), TLSConfig: tlsFor(cc.TLSConfig, host)}}})
+	}
+	return groups
+}
+
+// tlsFor returns the TLS settings for dialling host with the settings tc
+// that pgconn built for another host. sslmode=verify-full sets ServerName to
+// the host it was parsed for, and a certificate must be checked against the
+// name actually dialled, so the copy names host; the other modes leave
+// ServerName empty (verify-ca checks the chain itself) and tc is shared.
+func tlsFor(tc *tls.Config, host string) *tls.Config {
+	if tc == nil || tc.ServerName == "" || tc.ServerName == host {
+		return tc
+	}
+	c := tc.Clone()
+	c.ServerName = host
+	return c
+}
+
+// setHosts writes groups into cc in the given order.
+func setHosts(cc *pgx.ConnConfig, groups []*hostGroup, order []int) {
+	var sorted []*pgconn.FallbackConfig
+	for _, i := range order {
+		sorted = append(sorted, groups[i].entries...)
+	}
+	cc.Host, cc.Port, cc.TLSConfig = sorted[0].Host, sorted[0].Port, sorted[0].TLSConfig
+	cc.Fallbacks = sorted[1:]
+}
+
+// sideConfig returns the connection config of a connection outside the pool
+// (a probe, a health check's dial): the pool's connection config (same TLS,
+// credentials, DialFunc), its host groups in the order order picks (nil, or
+// an empty pick: as listed), then the user's BeforeConnect, which runs last
+// as it does for the pool's own connects; its error is the hook's. The
+// connection is neither placed, counted nor rate limited.
+func (p *Pool) sideConfig(ctx context.Context, order func([]*hostGroup) []int) (*pgx.ConnConfig, error) {
+	cc := p.config.ConnConfig.Copy()
+	if order != nil {
+		groups := p.placement.groupsFor(cc)
+		if o := order(groups); len(o) > 0 {
+			setHosts(cc, groups, o)
+		}
+	}
+	if p.userBeforeConnect != nil {
+		if err := p.userBeforeConnect(ctx, cc); err != nil {
+			return nil, err
+		}
+	}
+	return cc, nil
+}
+
+// connected moves the reservation a connect made to the address it reached
+// and learns which node is behind that address. The reservation stays until
+// AfterConnect has counted the connection (counted): dropping it here would
+// leave the connection counted nowhere while AfterConnect identifies it, and
+// a connect placed in that moment would pick the same node.
+func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn.PgConn) {
+	var addr string
+	if remote := remoteAddr(pgConn); remote != "" {
+		addr = addrKey(remote)
+	}
+	// 0 unless the connect alone tells: AfterConnect then identifies the
+	// node, and learnHosts maps the address in the pool's own ID space.
+	id := pl.p.nodeOf(pgConn)
+	now := time.Now()
+	var failed NodeID
+	pl.mu.Lock()
+	if addr != "" {
+		res.host = addr
+	}
+	pgConn.CustomData()[reservationKey] = res
+	if id != 0 && addr != "" {
+		pl.hostNodes[addr] = id
+	}
+	// The first host was an address the connection would report as its
+	// own, and the connection is elsewhere: dialling the first one failed.
+	if host, _, err := net.SplitHostPort(reserved); err == nil && net.ParseIP(host) != nil && addr != "" {
+		if addr != reserved {
+			pl.downHosts[reserved] = now
+			failed = pl.hostNodes[reserved]
+		} else {
+			delete(pl.downHosts, reserved)
+		}
+	}
+	pl.mu.Unlock()
+	if failed != 0 {
+		// Refused, timed out, or turned away: the check tells a node that
+		// is gone or silent from one that answers.
+		pl.p.suspectNode(pl.p.tracker.node(failed))
+	}
+}
+
+// counted drops the reservation of the connect that opened pgConn, once
+// AfterConnect has counted the connection on its node or failed it.
+func (pl *placement) counted(pgConn *pgconn.PgConn) {
+	res, _ := pgConn.CustomData()[reservationKey].(*reservation)
+	if res == nil {
+		return
+	}
+	delete(pgConn.CustomData(), reservationKey)
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	pl.reservations = slices.DeleteFunc(pl.reservations, func(r *reservation) bool { return r == res })
+}
+
+// reachedHost records that a connection (a probe) reached remote, so
+// placement stops treating it as down.
+func (pl *placement) reachedHost(remote string) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	delete(pl.downHosts, addrKey(remote))
+}
+
+// nodeBehind returns the node last seen behind the dialled address addr, or 0.
+func (pl *placement) nodeBehind(addr string) NodeID {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	return pl.hostNodes[addrKey(addr)]
+}
+
+// remoteAddr returns the address pgConn is connected to ("ip:port"), or "".
+func remoteAddr(pgConn *pgconn.PgConn) string {
+	if nc := pgConn.Conn(); nc != nil && nc.RemoteAddr() != nil {
+		return nc.RemoteAddr().String()
+	}
+	return ""
+}
+
+// addrKey writes a dialled address ("ip:port", "[v6]:port") the way
+// hostGroups keys hosts, so the two compare.
+func addrKey(remote string) string {
+	host, port, err := net.SplitHostPort(remote)
+	if err != nil {
+		return remote
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return remote
+	}
+	return hostPort(host, uint16(p))
+}
+
+// learnHosts maps the listed addresses to nodes from the pool's connections
+// (the query identity reveals the node only after ValidateConnect), and
+// forgets addresses of nodes that are neither tracked nor listed by gossip,
+// so the map stays bounded by the cluster's current size.
+func (pl *placement) learnHosts(nodes []*node) {
+	if pl.mode != connectPlaced {
+		return // behind one address every connection has the same host
+	}
+	seen := make(map[string]NodeID)
+	tracked := make(map[NodeID]bool, len(nodes))
+	for _, n := range nodes {
+		tracked[n.id] = true
+		n.mu.Lock()
+		for cs := range n.connSet {
+			if cs.host != "" {
+				seen[addrKey(cs.host)] = n.id
+			}
+		}
+		n.mu.Unlock()
+	}
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	for host, id := range seen {
+		pl.hostNodes[host] = id
+	}
+	maps.DeleteFunc(pl.hostNodes, func(_ string, id NodeID) bool {
+		_, listed := pl.gossipHosts[id]
+		return !tracked[id] && !listed
+	})
+}
+
+// errOverTarget refuses a connection in ValidateConnect so pgconn dials the
+// next (identical) fallback. It never reaches the caller: the last attempt is
+// always accepted.
+var errOverTarget = errors.New("clusterpool: node is above its connection target; dialling again")
+
+// installRedial adds maxRedials copies of the address's attempts as fallbacks
+// and returns a check that refuses a connection landing on a node in avoid
+// (the nodes a retry already failed on) or on a node that overTarget says
+// should not take it. The last copy is always accepted, so the load
+// balancer's choice stands after maxRedials refusals.
+// Behind a random balancer each dial is a fresh draw: this reaches the
+// under-filled node in fewer balancing rounds for the same number of
+// connections opened.
+func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.ValidateConnectFunc {
+	if !pl.reached.Load() && len(avoid) == 0 {
+		return func(context.Context, *pgconn.PgConn) error {
+			pl.reached.Store(true)
+			return nil
+		}
+	}
+	// Repeat the whole list of attempts, not just the first: with
+	// sslmode=prefer it is a TLS attempt and then a plain one, and against a
+	// server without TLS copies of the first alone would be dials that fail.
+	all := attempts(cc)
+	fallbacks := make([]*pgconn.FallbackConfig, 0, len(all)*(maxRedials+1))
+	fallbacks = append(fallbacks, cc.Fallbacks...)
+	for range maxRedials {
+		for _, fb := range all {
+			c := *fb
+			fallbacks = append(fallbacks, &c)
+		}
+	}
+	cc.Fallbacks = fallbacks
+	if dial := cc.DialFunc; dial != nil {
+		cc.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial(ctx, network, addr)
+			if err != nil {
+				pl.reached.Store(false)
+			}
+			return c, err
+		}
+	}
+	attempt := 0 // pgconn tries the fallbacks one after another
+	return func(_ context.Context, pgConn *pgconn.PgConn) error {
+		pl.reached.Store(true)
+		attempt++
+		id := pl.p.nodeOf(pgConn)
+		if attempt > maxRedials || id == 0 {
+			return nil
+		}
+		now := time.Now()
+		if (slices.Contains(avoid, id) || pl.overTarget(id, now)) && pl.p.budget.tryTake(now) {
+			pl.redials.Add(1)
+			return errOverTarget
+		}
+		return nil
+	}
+}
+
+// overTarget reports whether a new connection on node id should be refused:
+// the node is draining, or it would be above its target while another
+// eligible node that can take it is below target and
+// holds at least two fewer: as in planPrune, moving a connection between
+// nodes one apart only swaps which holds the extra one, and refusing such
+// connections during a cold start, when every count lags behind the dials
+// under way, costs more dials than the balance rounds do later.
+func (pl *placement) overTarget(id NodeID, now time.Time) bool {
+	info, _ := pl.liveNodes(now, 1, 0)
+	n, ok := info[id]
+	if !ok {
+		return false // a node nobody has seen yet is below any target
+	}
+	if !n.Eligible {
+		// Draining: the next round would retire the connection, so dial
+		// again if any other node may take it. Evicted: a connect is proof
+		// of health (it ends the eviction), so keep it.
+		if nd := pl.p.tracker.node(id); nd == nil || !nd.draining.Load() {
+			return false
+		}
+		return slices.ContainsFunc(slices.Collect(maps.Values(info)), func(o placementNode) bool { return o.Eligible })
+	}
+	if n.Conns < n.Target {
+		return false
+	}
+	refill := pl.p.refillWindow()
+	for oid, o := range info {
+		if oid == id || !o.Eligible || o.Conns >= o.Target || o.Conns > n.Conns-2 {
+			continue
+		}
+		if o.Conns > 0 || pl.recentlySeen(oid, now, refill) {
+			return true
+		}
+	}
+	return false
+}
+
+func (pl *placement) recentlySeen(id NodeID, now time.Time, within time.Duration) bool {
+	n := pl.p.tracker.node(id)
+	return n != nil && now.Sub(time.Unix(0, n.lastSeen.Load())) <= within
+}

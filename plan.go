@@ -1,0 +1,267 @@
+package clusterpool
+
+import (
+	"cmp"
+	"math"
+	"slices"
+	"time"
+)
+
+// The balancing decisions: how many connections each node should hold, which
+// nodes shed connections in a round, the order in which a new connection
+// tries the listed hosts, and how long a node may go unseen. They are pure
+// functions of their inputs (counts, health, seeds, now), with no clock and
+// no I/O; prune.go and placement.go apply them.
+
+// nodeView is what one balancing decision knows about a node.
+type nodeView struct {
+	ID NodeID
+	// Conns is the number of the pool's connections open on the node, in
+	// use or idle, not counting those already marked to retire.
+	Conns int
+	// Eligible means the node may hold connections: it is healthy, not
+	// draining, and has been seen within the expiry window.
+	Eligible bool
+	// Refillable means a new connection can be expected to reach the node
+	// soon: it holds connections or something saw it recently. A node that
+	// is eligible but not refillable (it may have just gone away, and only
+	// expiry will tell) counts in the targets but never causes pruning,
+	// because pruning for it would only move connections between the others.
+	Refillable bool
+}
+
+// balanceTargets spreads poolSize connections over the nodes: every node gets
+// poolSize/len(nodes) and the remainder goes to the nodes that rank first by a
+// hash of (seed, node ID). The seed is chosen once per pool, so the choice is
+// stable over time (no rotation that keeps moving connections) and stable when
+// other nodes join or leave (rendezvous hashing), yet many client pools with
+// different seeds do not all give the extra connection to the same node, which
+// would make that node hot cluster-wide.
+//
+// Targets sum to poolSize and differ by at most one. The result is nil when
+// nodes is empty.
+func balanceTargets(poolSize int, nodes []NodeID, seed uint64) map[NodeID]int {
+	if len(nodes) == 0 {
+		return nil
+	}
+	poolSize = max(poolSize, 0)
+	base, rem := poolSize/len(nodes), poolSize%len(nodes)
+	targets := make(map[NodeID]int, len(nodes))
+	for _, id := range nodes {
+		targets[id] = base
+	}
+	if rem == 0 {
+		return targets
+	}
+	ranked := slices.Clone(nodes)
+	slices.SortFunc(ranked, func(a, b NodeID) int {
+		if c := cmp.Compare(nodeRank(seed, b), nodeRank(seed, a)); c != 0 {
+			return c
+		}
+		return cmp.Compare(a, b)
+	})
+	for _, id := range ranked[:rem] {
+		targets[id]++
+	}
+	return targets
+}
+
+// nodeRank is the rendezvous-hash score of a node for one pool's seed.
+func nodeRank(seed uint64, id NodeID) uint64 {
+	// splitmix64 finaliser: cheap, well mixed, no allocation.
+	z := seed ^ (uint64(id) * 0x9e3779b97f4a7c15)
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
+// balancePlan is the outcome of one balancing round.
+type balancePlan struct {
+	// Targets holds the target of every eligible node.
+	Targets map[NodeID]int
+	// Prune says how many connections to retire per node this round.
+	Prune map[NodeID]int
+}
+
+// planBalance decides one round. The pool's current size (the sum of Conns)
+// is spread over the eligible nodes; see [balanceTargets] and [planPrune].
+func planBalance(nodes []nodeView, seed uint64) balancePlan {
+	size := 0
+	var eligible []NodeID
+	for _, n := range nodes {
+		size += n.Conns
+		if n.Eligible {
+			eligible = append(eligible, n.ID)
+		}
+	}
+	targets := balanceTargets(size, eligible, seed)
+	return balancePlan{Targets: targets, Prune: planPrune(nodes, targets)}
+}
+
+// planPrune says how many connections each node sheds this round. nodes must
+// list every eligible node, with Conns 0 where it holds none.
+//
+// An eligible node above its target sheds about half of its excess,
+// ceil(excess/2) and at least one: a multiplicative decrease of the distance
+// to the target, so a large imbalance closes in a few rounds while the last
+// connection or two, where overshooting would oscillate, move one at a time.
+// A node that is not eligible (unhealthy, draining or expired) sheds all its
+// connections: no target keeps them there.
+//
+// Pruning only moves connections if the replacement can land on a node below
+// its target, so nothing is pruned unless some refillable node is below its
+// target; and an eligible node sheds only if it holds at least two more than
+// that under-filled node, since moving one connection between nodes that
+// differ by one only swaps which of them holds the extra one.
+func planPrune(nodes []nodeView, targets map[NodeID]int) map[NodeID]int {
+	minUnder, deficit := math.MaxInt, 0
+	for _, n := range nodes {
+		t, ok := targets[n.ID]
+		if !ok || !n.Eligible || !n.Refillable || n.Conns >= t {
+			continue
+		}
+		minUnder = min(minUnder, n.Conns)
+		deficit += t - n.Conns
+	}
+	if deficit == 0 {
+		return nil
+	}
+	var prune map[NodeID]int
+	add := func(id NodeID, k int) {
+		if k <= 0 {
+			return
+		}
+		if prune == nil {
+			prune = make(map[NodeID]int)
+		}
+		prune[id] = k
+	}
+	for _, n := range nodes {
+		if n.Conns == 0 {
+			continue
+		}
+		t, ok := targets[n.ID]
+		if !n.Eligible || !ok {
+			add(n.ID, n.Conns)
+			continue
+		}
+		excess := n.Conns - t
+		if excess <= 0 || n.Conns-minUnder < 2 {
+			continue
+		}
+		add(n.ID, (excess+1)/2)
+	}
+	return prune
+}
+
+// placementNode is what ordering the hosts of a new connection knows about
+// the node behind one host.
+type placementNode struct {
+	Conns    int  // the pool's connections on the node, including dials under way
+	Target   int  // the node's balancing target
+	Eligible bool // healthy, not draining, not expired
+	Avoid    bool // the caller asked to stay away (a retry after a failure there)
+}
+
+// placementOrder returns the order in which a new connection tries the hosts
+// of the connection string. hostNodes[i] is the node last seen behind host i,
+// or 0 if no connection has reached that host yet.
+//
+// First come hosts whose node is below target, most under-filled first; then
+// hosts not mapped yet (trying them is how a node listed in the connection
+// string is learned); then hosts whose node is at or above target, least
+// loaded first; last, hosts whose node is unhealthy, draining, expired or to
+// be avoided. No host is dropped: when everything better fails, pgconn still
+// falls back to them. Ties are broken by a per-pool hash of the host's
+// position, so different pools do not all prefer the same host.
+//
+// hostPending[i] (may be nil) counts connects under way to host i; unmapped
+// hosts with fewer of them come first, so a cold start spreads over the hosts
+// before any of them is mapped.
+//
+// hostDown[i] (may be nil) marks a host whose last dial failed recently; it
+// goes last, with the unhealthy ones.
+func placementOrder(hostNodes []NodeID, hostPending []int, hostDown []bool, nodes map[NodeID]placementNode, seed uint64) []int {
+	order := make([]int, len(hostNodes))
+	for i := range order {
+		order[i] = i
+	}
+	class := func(i int) int {
+		if hostDown != nil && hostDown[i] {
+			return 3
+		}
+		id := hostNodes[i]
+		if id == 0 {
+			return 1
+		}
+		n, ok := nodes[id]
+		switch {
+		case !ok || !n.Eligible || n.Avoid:
+			return 3
+		case n.Conns < n.Target:
+			return 0
+		default:
+			return 2
+		}
+	}
+	slices.SortStableFunc(order, func(a, b int) int {
+		ca, cb := class(a), class(b)
+		if c := cmp.Compare(ca, cb); c != 0 {
+			return c
+		}
+		if ca == 1 && hostPending != nil {
+			if c := cmp.Compare(hostPending[a], hostPending[b]); c != 0 {
+				return c
+			}
+		}
+		if ca == 0 || ca == 2 {
+			na, nb := nodes[hostNodes[a]], nodes[hostNodes[b]]
+			if c := cmp.Compare(na.Conns-na.Target, nb.Conns-nb.Target); c != 0 {
+				return c
+			}
+			if c := cmp.Compare(na.Conns, nb.Conns); c != 0 {
+				return c
+			}
+		}
+		return cmp.Compare(nodeRank(seed, NodeID(a+1)), nodeRank(seed, NodeID(b+1)))
+	})
+	return order
+}
+
+// jitter returns d scaled by a factor in [0.8, 1.2) chosen by u in [0, 1), so
+// that many clients started together do not balance or probe in lockstep.
+func jitter(d time.Duration, u float64) time.Duration {
+	return time.Duration(float64(d) * (0.8 + 0.4*u))
+}
+
+// expiryProbability is the chance we accept that a healthy node, reachable
+// only through a random load balancer, is missed by every probe in the
+// expiry window and leaves the target set for a while.
+const expiryProbability = 1e-4
+
+// expiryWindow is how long a node may go unseen (no connection open on it, no
+// probe or connect reaching it) before it leaves the target set.
+//
+// Behind a random load balancer each probe reaches a given node of N with
+// probability 1/N, so a live node without connections is missed by m probes
+// in a row with probability (1-1/N)^m. The window covers the m that makes
+// this below expiryProbability,
+//
+//	m = ceil(ln(1e-4) / ln(1-1/N))   (N=1: 1, N=3: 23, N=4: 33, N=10: 88)
+//
+// probes at the slowest jittered interval (1.2 × ProbeInterval), plus one
+// interval of slack, and at least three balance intervals:
+//
+//	W = max(3 × BalanceInterval, (m+1) × 1.2 × ProbeInterval)
+//
+// With the 5 s defaults that is 2m24s for 3 nodes and 8m54s for 10. A node
+// holding at least one connection never expires: the connection is proof of
+// life, and if it dies the connection's failure says so sooner.
+func expiryWindow(balanceInterval, probeInterval time.Duration, nodes int) time.Duration {
+	m := 1.0
+	if nodes > 1 {
+		m = math.Ceil(math.Log(expiryProbability) / math.Log(1-1/float64(nodes)))
+	}
+	probes := time.Duration((m + 1) * 1.2 * float64(probeInterval))
+	return max(3*balanceInterval, probes)
+}

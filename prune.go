@@ -1,0 +1,238 @@
+package clusterpool
+
+import (
+	"context"
+	"maps"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// The balance round: every BalanceInterval the pool refreshes what it knows
+// about the nodes, plans (plan.go), and retires connections per the plan. It
+// never closes a connection in use: idle ones are closed and released, which
+// makes pgxpool refill MinConns through placement; in-use ones are marked to
+// be refused at their next acquire.
+
+const (
+	// closeTimeout bounds closing a pruned connection (a Terminate message).
+	closeTimeout = time.Second
+	// refillWait is how long after pruning a pool below MinConns is taken
+	// to be refilling (pgxpool waits 500 ms, then dials).
+	refillWait = 3 * time.Second
+	// aliveCheckTimeout is how long checking an idle connection for a
+	// server-side close waits for bytes that are not expected to come.
+	aliveCheckTimeout = time.Millisecond
+)
+
+// runBalance is the balancing loop: one round every BalanceInterval ±20%.
+func (p *Pool) runBalance(ctx context.Context) {
+	timer := time.NewTimer(jitter(p.settings.balanceInterval, rand.Float64()))
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		p.balanceRound(ctx, time.Now())
+		timer.Reset(jitter(p.settings.balanceInterval, rand.Float64()))
+	}
+}
+
+// balanceRound is one balancing round: refresh what is known about the
+// nodes, plan, and retire connections per the plan.
+func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
+	t := p.tracker
+	for _, s := range t.snapshot() { // also forgets connections closed behind the pool's back
+		if s.TotalConns > 0 {
+			t.seen(s.ID, now) // an open connection is proof of life
+		}
+	}
+	nodes := t.nodeList()
+	p.obs.nodesRemoved(t.expire(now, expiryWindow(p.settings.balanceInterval, p.settings.probeInterval, max(len(nodes), 1))))
+	nodes = t.nodeList()
+	p.placement.learnHosts(nodes)
+
+	refill := p.refillWindow()
+	views := make([]nodeView, 0, len(nodes))
+	for _, n := range nodes {
+		conns := int(n.conns.Load()) - n.markedToRetire()
+		views = append(views, nodeView{
+			ID:         n.id,
+			Conns:      max(conns, 0),
+			Eligible:   !n.evicted.Load() && !n.draining.Load(),
+			Refillable: conns > 0 || now.Sub(time.Unix(0, n.lastSeen.Load())) <= refill,
+		})
+	}
+	plan := planBalance(views, p.seed)
+	if p.settling(now) {
+		// Connections are being opened (a refill after the last round): their
+		// nodes are not known yet, so pruning now would overshoot.
+		plan.Prune = nil
+	}
+	if len(plan.Prune) > 0 {
+		p.lastPrune.Store(now.UnixNano())
+	}
+	p.retire(ctx, plan.Prune, now)
+	p.obs.pruned(ctx, nodes, views)
+	return plan
+}
+
+// refillWindow is how long after a node was last seen a new connection can
+// be expected to reach it. Behind a random load balancer a live node without
+// connections is seen about every N probes; a node that just went away stays
+// refillable this long, so a short window limits pruning for nothing.
+func (p *Pool) refillWindow() time.Duration {
+	return 2 * max(p.settings.balanceInterval, p.settings.probeInterval)
+}
+
+// settling reports whether connections are being opened right now, or
+// soon: pgxpool starts refilling to MinConns 500 ms after a pruned connection
+// is destroyed. Below MinConns for long after the last prune (connections
+// destroyed without a refill, as eviction does), the pool is balanced at
+// the size it has rather than not at all.
+func (p *Pool) settling(now time.Time) bool {
+	st := p.pool.Stat()
+	if st.ConstructingConns() > 0 {
+		return true
+	}
+	if st.TotalConns() < p.config.MinConns && now.Sub(time.Unix(0, p.lastPrune.Load())) < refillWait {
+		return true
+	}
+	return p.placement.pendingConnects(now)
+}
+
+// retire closes prune[id] connections of each node, idle ones at once, and
+// marks in-use ones to be refused at their next acquire. It also checks the
+// other idle connections for a close by the server (a node that went away
+// leaves idle connections that look open until used).
+//
+// A pruned idle connection is closed (Terminate) and then released: pgxpool
+// destroys a closed connection on release and starts its health check, which
+// tops the pool up to MinConns through BeforeConnect, i.e. placement.
+func (p *Pool) retire(ctx context.Context, prune map[NodeID]int, now time.Time) {
+	remaining := maps.Clone(prune)
+	conns := p.sweepIdle(ctx)
+	var victims []*pgxpool.Conn
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		cs := connStateOf(c.Conn())
+		if cs != nil && cs.refused() {
+			releaseSwept(c) // already retiring: close it so the release refills
+			continue
+		}
+		if cs != nil && remaining[cs.node.id] > 0 {
+			remaining[cs.node.id]--
+			victims = append(victims, c)
+			continue
+		}
+		// Each check waits about a millisecond for nothing; run them side
+		// by side and put each connection back as soon as it is checked.
+		wg.Go(func() {
+			if err := checkAlive(c.Conn().PgConn()); err != nil {
+				if cs != nil {
+					p.tracker.recordFailure(cs.node.id, now)
+				}
+				closeQuietly(c.Conn())
+			}
+			c.Release()
+		})
+	}
+	for _, c := range victims {
+		if cs := connStateOf(c.Conn()); cs != nil {
+			cs.node.pruned.Add(1)
+		}
+		closeQuietly(c.Conn())
+		c.Release()
+	}
+	wg.Wait()
+	for id, k := range remaining {
+		if k <= 0 {
+			continue
+		}
+		n := p.tracker.node(id)
+		if n == nil {
+			continue
+		}
+		n.mu.Lock()
+		for cs := range n.connSet {
+			if k == 0 {
+				break
+			}
+			if cs.inUse() && cs.retire.CompareAndSwap(false, true) {
+				n.pruned.Add(1)
+				k--
+			}
+		}
+		n.mu.Unlock()
+	}
+}
+
+func closeQuietly(c *pgx.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+	defer cancel()
+	_ = c.Close(ctx) // the connection is going away either way
+}
+
+// checkAlive reports an error when the server has closed an idle connection
+// (or sent it a fatal error such as 57P01). It reads with a very short
+// deadline and sends nothing, as pgconn's deprecated CheckConn does; a timeout
+// means the connection is still open.
+func checkAlive(pgConn *pgconn.PgConn) error {
+	ctx, cancel := context.WithTimeout(context.Background(), aliveCheckTimeout)
+	defer cancel()
+	if _, err := pgConn.ReceiveMessage(ctx); err != nil && !pgconn.Timeout(err) {
+		return err
+	}
+	return nil
+}
+
+type sweepKey struct{}
+
+func sweeping(ctx context.Context) bool { return ctx.Value(sweepKey{}) != nil }
+
+// sweepIdle takes every idle connection out of the pool for a sweep (a
+// balance round's pruning and alive check, retireIdle, a health check's
+// ping). Under the sweep's context PrepareConn hands each over as it is,
+// refused ones included, without the user's hook and without counting it
+// as acquired. Each goes back through releaseSwept or Release.
+func (p *Pool) sweepIdle(ctx context.Context) []*pgxpool.Conn {
+	p.sweeps.Add(1)
+	defer p.sweeps.Add(-1)
+	return p.pool.AcquireAllIdle(context.WithValue(ctx, sweepKey{}, true))
+}
+
+// retireIdle destroys the idle connections that are marked for retirement or
+// sit on an evicted node, now rather than at their next acquire, and returns
+// how many it destroyed. It briefly takes every idle connection out of the
+// pool (pgxpool.AcquireAllIdle) and puts the others back untouched; an
+// Acquire racing with it may open a new connection.
+func (p *Pool) retireIdle(ctx context.Context) int {
+	n := 0
+	for _, c := range p.sweepIdle(ctx) {
+		if releaseSwept(c) {
+			n++
+		}
+	}
+	return n
+}
+
+// releaseSwept puts back a connection taken by a sweep. A refused one
+// (retiring, or on an evicted node) is closed first, so that the release
+// destroys it and starts pgxpool's refill through placement; it reports
+// whether it did that.
+func releaseSwept(c *pgxpool.Conn) bool {
+	cs := connStateOf(c.Conn())
+	if cs != nil && cs.refused() {
+		closeQuietly(c.Conn())
+		c.Release()
+		return true
+	}
+	c.Release()
+	return false
+}
