@@ -115,13 +115,15 @@ func newPlacement(p *Pool) *placement {
 // place prepares cc, the per-attempt copy of the connection config, for a
 // connect by the pool's connect mode: it orders the hosts, or adds the
 // redial fallbacks. It returns the check ValidateConnect runs on each
-// connection the connect establishes, or nil.
-func (pl *placement) place(ctx context.Context, cc *pgx.ConnConfig, now time.Time) pgconn.ValidateConnectFunc {
+// connection the connect establishes, or nil. caller says an acquire waits
+// for the connect; move, that it replaces a connection a balance round
+// retired.
+func (pl *placement) place(ctx context.Context, cc *pgx.ConnConfig, now time.Time, caller, move bool) pgconn.ValidateConnectFunc {
 	switch pl.mode {
 	case connectPlaced:
 		return pl.placeHosts(ctx, cc, now)
 	case connectRedial:
-		return pl.installRedial(cc, avoidNodesFrom(ctx))
+		return pl.installRedial(cc, avoidNodesFrom(ctx), caller, move)
 	}
 	return nil
 }
@@ -472,14 +474,16 @@ func (pl *placement) learnHosts(nodes []*node) {
 var errOverTarget = errors.New("clusterpool: node is above its connection target; dialling again")
 
 // installRedial adds maxRedials copies of the address's attempts as fallbacks
-// and returns a check that refuses a connection landing on a node in avoid
-// (the nodes a retry already failed on) or on a node that overTarget says
-// should not take it. The last copy is always accepted, so the load
-// balancer's choice stands after maxRedials refusals.
+// and returns a check that refuses a connection when redialPays says so: it
+// landed on a node in avoid (the nodes a retry already failed on), on a
+// draining node, or on a node that overTarget says should not take it, and
+// a token for the redial is at hand. The last copy is always accepted, so
+// the load balancer's choice stands after maxRedials refusals. caller and
+// move are place's.
 // Behind a random balancer each dial is a fresh draw: this reaches the
 // under-filled node in fewer balancing rounds for the same number of
 // connections opened.
-func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.ValidateConnectFunc {
+func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, move bool) pgconn.ValidateConnectFunc {
 	if !pl.reached.Load() && len(avoid) == 0 {
 		return func(context.Context, *pgconn.PgConn) error {
 			pl.reached.Store(true)
@@ -509,20 +513,124 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.Va
 		}
 	}
 	attempt := 0 // pgconn tries the fallbacks one after another
+	dialStart := time.Now()
 	return func(_ context.Context, pgConn *pgconn.PgConn) error {
 		pl.reached.Store(true)
 		attempt++
+		now := time.Now()
+		c := redialCase{Attempt: attempt, DialTime: now.Sub(dialStart), Round: pl.p.settings.balanceInterval, Caller: caller, Move: move}
+		dialStart = now
 		id := pl.p.nodeOf(pgConn)
-		if attempt > maxRedials || id == 0 {
+		if id == 0 || attempt > maxRedials {
 			return nil
 		}
-		now := time.Now()
-		if (slices.Contains(avoid, id) || pl.overTarget(id, now)) && pl.p.budget.tryTake(now) {
-			pl.redials.Add(1)
-			return errOverTarget
+		c.Avoid = slices.Contains(avoid, id)
+		if n := pl.p.tracker.node(id); n != nil && n.draining.Load() {
+			c.Draining = pl.overTarget(id, now) // draining, and another node may take it
+		} else if !c.Avoid {
+			c.OverTarget = pl.overTarget(id, now)
+			if c.OverTarget {
+				c.Takers, c.Nodes = pl.takers(id, now)
+			}
 		}
-		return nil
+		if !redialPays(c) {
+			return nil
+		}
+		// A voluntary redial leaves the refill reserve alone; one that
+		// keeps a call or a connection off a failed or draining node is
+		// a refill of sorts and may spend it (never waiting).
+		reserve := 0
+		if !c.Avoid && !c.Draining {
+			info, _ := pl.liveNodes(now, 0, 0)
+			eligible := 0
+			for _, n := range info {
+				if n.Eligible {
+					eligible++
+				}
+			}
+			reserve = refillReserve(int(pl.p.config.MaxConns), eligible)
+		}
+		if !pl.p.budget.takeForRedial(now, reserve) {
+			return nil
+		}
+		pl.redials.Add(1)
+		return errOverTarget
 	}
+}
+
+// redialCase is what deciding on a redial knows.
+type redialCase struct {
+	// Attempt counts the dials of this connect so far, this one included.
+	Attempt int
+	// Avoid: the connection is on a node the retry opening it failed on.
+	Avoid bool
+	// Draining: the node is draining and another node may take the
+	// connection.
+	Draining bool
+	// OverTarget: the balancer would move a connection off the node.
+	OverTarget bool
+	// Takers of Nodes nodes behind the address would take the connection
+	// (eligible, below target, reachable).
+	Takers, Nodes int
+	// Caller: an acquire waits for this connect.
+	Caller bool
+	// Move: the connect replaces a connection a balance round retired, and
+	// found its tokens paid.
+	Move bool
+	// DialTime is how long this dial took, connect and authentication.
+	DialTime time.Duration
+	// Round is the balance interval.
+	Round time.Duration
+}
+
+// redialPays decides whether to refuse a connection and dial the address
+// again. The last of maxRedials+1 dials is always kept.
+//
+// A connection that a retry must not use (Avoid), or that a draining node
+// will close, is worth a dial whoever waits for it. Otherwise a redial only
+// saves a move: the connection would be retired by a balance round and
+// replaced. Behind a random load balancer both reach a taker with the same
+// chance per dial, so a redial costs the cluster no more connections than
+// the move, and balances in the connect rather than rounds later. But it
+// costs time where the move costs none:
+//
+//   - a caller that waits for this connect would wait for the redials too,
+//     while the move happens in the background. Unless the connect is a
+//     move's replacement (Move): that caller is paying for the move
+//     already, and without the redials the move is lost in all but one
+//     case in Nodes, leaving another caller to pay for the next one;
+//   - the pool is a connection short while it redials: only worth it if the
+//     dials it expects (Nodes/Takers, at most the dials left) take less
+//     than a round, in which the move would have been made anyway. A slow
+//     dial (TLS to a distant cluster, a server busy hashing passwords, a
+//     silent node reached through the load balancer) says the next ones will
+//     be slow too.
+func redialPays(c redialCase) bool {
+	switch {
+	case c.Attempt > maxRedials:
+		return false
+	case c.Avoid || c.Draining:
+		return true
+	case !c.OverTarget || c.Takers <= 0 || c.Caller && !c.Move:
+		return false
+	}
+	left := maxRedials + 1 - c.Attempt
+	expected := min(left, (max(c.Nodes, c.Takers)+c.Takers-1)/c.Takers)
+	return time.Duration(expected)*c.DialTime < c.Round
+}
+
+// takers counts the nodes that would take a connection refused on node id
+// (eligible, below target, and holding connections or seen recently) and
+// the nodes a dial of the address may reach: every known node.
+func (pl *placement) takers(id NodeID, now time.Time) (takers, nodes int) {
+	info, _ := pl.liveNodes(now, 1, 0)
+	refill := pl.p.refillWindow()
+	for oid, o := range info {
+		if oid != id && o.Eligible && o.Conns < o.Target && (o.Conns > 0 || pl.recentlySeen(oid, now, refill)) {
+			takers++
+		}
+	}
+	return takers, len(info)
 }
 
 // overTarget reports whether a new connection on node id should be refused:

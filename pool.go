@@ -153,6 +153,7 @@ type Pool struct {
 	health    *healthChecker // nil when no node is tracked
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
+	keeper    keeper         // the background refill (prune.go)
 
 	// The caller's hooks, chained behind the pool's own (hooks.go).
 	// userBeforeConnect recovers the hook's panics; the probe and health
@@ -283,6 +284,18 @@ func (p *Pool) startLoopsLocked() {
 	p.goBackground(p.runBalance)
 	p.goBackground(p.runProbe)
 	p.goBackground(p.health.run)
+}
+
+// goBackgroundIfOpen runs f as goBackground does, unless Close has begun,
+// and reports whether it did.
+func (p *Pool) goBackgroundIfOpen(f func(ctx context.Context)) bool {
+	p.bgMu.Lock()
+	defer p.bgMu.Unlock()
+	if p.bgClosed {
+		return false
+	}
+	p.goBackground(f)
+	return true
 }
 
 // goBackground runs f in a goroutine that Close cancels (through ctx) and
