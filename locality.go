@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -190,18 +191,23 @@ func (s localityScope) inGossip(nl *nodeLocality) bool {
 }
 
 // localityScope returns the scope of the most preferred level that has a
-// healthy node (not evicted, not draining) among nodes, the tracker's. It
+// live node among nodes, the tracker's: not evicted, not draining, and
+// holding connections or seen within the refill window, so that the nodes
+// of a level that went away without a word (its connections were idle when
+// it drained, say) stop holding the pool there long before they expire. It
 // costs a nil check without Config.Locality, and a pass over the nodes with
 // it: it is computed afresh for each decision (a balance round, a connect, a
 // probe), so a level whose last node fails is left at the next connect.
-func (p *Pool) localityScope(nodes []*node) localityScope {
+func (p *Pool) localityScope(nodes []*node, now time.Time) localityScope {
 	lp := p.settings.locality
 	if lp == nil {
 		return localityScope{}
 	}
 	best := 0
+	refill := p.refillWindow().Nanoseconds()
 	for _, n := range nodes {
-		if n.evicted.Load() || n.draining.Load() {
+		if n.evicted.Load() || n.draining.Load() ||
+			n.conns.Load() == 0 && now.UnixNano()-n.lastSeen.Load() > refill {
 			continue
 		}
 		if nl := n.localityOf(); nl != nil {

@@ -152,7 +152,7 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 	info := make(map[NodeID]placementNode, len(nodes))
 	total := extra + unmapped
 	var eligible []NodeID
-	scope := pl.p.localityScope(nodes)
+	scope := pl.p.localityScope(nodes, now)
 	for _, n := range nodes {
 		c := int(n.conns.Load()) + pending[n.id]
 		total += c
@@ -282,7 +282,7 @@ func (pl *placement) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 		return groups
 	}
 	nodes := pl.p.tracker.nodeList()
-	scope := pl.p.localityScope(nodes)
+	scope := pl.p.localityScope(nodes, time.Now())
 	tracked := make(map[NodeID]*node, len(nodes))
 	if scope.need > 0 {
 		for _, n := range nodes {

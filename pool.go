@@ -147,13 +147,15 @@ type Pool struct {
 	seed     uint64 // chosen once per pool; see balanceTargets
 	obs      *observer
 
-	tracker       *tracker       // which connection is on which node
-	budget        *connectBudget // new connections' rate
-	placement     *placement     // connect-time placement
-	health        *healthChecker // nil when no node is tracked
-	sweeps        atomic.Int32   // sweeps of idle connections under way (sweepIdle)
-	localityState                // the locality level in use (locality.go)
-	lastPrune     atomic.Int64   // unix nanoseconds of the last round that pruned
+	tracker   *tracker       // which connection is on which node
+	budget    *connectBudget // new connections' rate
+	placement *placement     // connect-time placement
+	health    *healthChecker // nil when no node is tracked
+	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
+	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
+
+	localityState              // the locality level in use (locality.go)
+	rounds        atomic.Int64 // balance rounds run
 
 	// The caller's hooks, chained behind the pool's own (hooks.go).
 	// userBeforeConnect recovers the hook's panics; the probe and health

@@ -47,6 +47,7 @@ func (p *Pool) runBalance(ctx context.Context) {
 // balanceRound is one balancing round: refresh what is known about the
 // nodes, plan, and retire connections per the plan.
 func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
+	p.rounds.Add(1)
 	t := p.tracker
 	for _, s := range t.snapshot() { // also forgets connections closed behind the pool's back
 		if s.TotalConns > 0 {
@@ -59,7 +60,7 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	p.placement.learnHosts(nodes)
 
 	refill := p.refillWindow()
-	scope := p.localityScope(nodes)
+	scope := p.localityScope(nodes, now)
 	views := make([]nodeView, 0, len(nodes))
 	for _, n := range nodes {
 		conns := int(n.conns.Load()) - n.markedToRetire()

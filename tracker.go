@@ -59,12 +59,13 @@ type tracker struct {
 type node struct {
 	id NodeID
 
-	conns    atomic.Int32 // connections open on this node and tracked
-	lastSeen atomic.Int64 // unix nanoseconds of the last sign of life
-	draining atomic.Bool  // the node said it is draining (probe)
+	conns      atomic.Int32 // connections open on this node and tracked
+	lastSeen   atomic.Int64 // unix nanoseconds of the last sign of life
+	draining   atomic.Bool  // the node said it is draining (probe)
+	nodeHealth              // eviction and health checks (health.go)
+
 	// locality is the node's locality once gossip or the node told it.
-	locality   atomic.Pointer[nodeLocality]
-	nodeHealth // eviction and health checks (health.go)
+	locality atomic.Pointer[nodeLocality]
 
 	// Counters the balance rounds and retry code increment; reported in NodeStats.
 	retries atomic.Int64 // queries retried because of this node
