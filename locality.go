@@ -248,11 +248,14 @@ func (p *Pool) learnLocality(ctx context.Context, conn *pgx.Conn, n *node) error
 		}
 		return nil
 	}
-	if p.localityUnsupported.Load() {
-		return nil
+	if p.localityUnsupported.Load() || !n.localityAsking.CompareAndSwap(false, true) {
+		return nil // the balancer sees to a connection that lands outside
 	}
 	var raw string
 	err := conn.QueryRow(ctx, showLocality, pgx.QueryExecModeSimpleProtocol).Scan(&raw)
+	if err != nil {
+		n.localityAsking.Store(false)
+	}
 	var pgErr *pgconn.PgError
 	switch {
 	case errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "42") || strings.HasPrefix(pgErr.Code, "0A")):

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Two regions of three nodes each: nodes 1-3 in region a, 4-6 in region b.
@@ -233,4 +235,105 @@ func TestLocalityGossipHostsStayInRegion(t *testing.T) {
 		}
 		return ""
 	})
+}
+
+// queryCounter counts the statements run through the connections it traces
+// whose SQL is sql.
+type queryCounter struct {
+	sql string
+	n   atomic.Int64
+}
+
+func (q *queryCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
+	if data.SQL == q.sql {
+		q.n.Add(1)
+	}
+	return ctx
+}
+
+func (q *queryCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+// A node's locality is read once, not per connection nor per acquire (a
+// cold start's connects to one node ask once between them), and not at all
+// without cluster_locality.
+func TestLocalityQueryOncePerNode(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Localities: []string{"region=a", "region=a", "region=b"}})
+	for _, locality := range []string{"", "region=a"} {
+		qc := &queryCounter{sql: showLocality}
+		p := startPool(t, c.DSN(), func(cfg *Config) {
+			balancedConfig(9, 9)(cfg)
+			cfg.Locality = locality
+			cfg.ConnConfig.Tracer = qc
+		})
+		ctx := testCtx(t)
+		waitCond(t, func() string {
+			if n := len(p.NodeStats()); n != 3 && locality != "" {
+				return fmt.Sprintf("%d nodes known", n)
+			}
+			if st := p.Stat(); st.TotalConns() != 9 {
+				return fmt.Sprintf("%d connections", st.TotalConns())
+			}
+			return ""
+		})
+		before := qc.n.Load()
+		for range 100 {
+			if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		p.Reset()
+		var held []*pgxpool.Conn // nine new connections
+		for range 9 {
+			conn, err := p.Acquire(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, conn)
+		}
+		for _, conn := range held {
+			conn.Release()
+		}
+		after := qc.n.Load()
+		t.Logf("cluster_locality=%q: %d SHOW LOCALITY at start, %d after 100 calls and a reset", locality, before, after)
+		switch {
+		case locality == "" && after != 0:
+			t.Errorf("without cluster_locality the pool ran SHOW LOCALITY %d times", after)
+		case after != before:
+			t.Errorf("SHOW LOCALITY ran %d times at start and %d after; nodes known, it should not run again", before, after)
+		case locality != "" && before != 3:
+			t.Errorf("SHOW LOCALITY ran %d times for 3 nodes, want once per node", before)
+		}
+		p.Close()
+	}
+}
+
+// On PostgreSQL, which has no SHOW LOCALITY, a pool with cluster_locality
+// works as without it, and stops asking after the first refusal.
+func TestLocalityOnPostgres(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, Postgres: true})
+	qc := &queryCounter{sql: showLocality}
+	p := startPool(t, c.HostsDSN(), func(cfg *Config) {
+		balancedConfig(4, 4)(cfg)
+		cfg.Locality = "region=a"
+		cfg.ConnConfig.Tracer = qc
+	})
+	ctx := testCtx(t)
+	for range 20 {
+		if _, err := p.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitCond(t, func() string { return spreadOf(c, 4) })
+	if !p.localityUnsupported.Load() {
+		t.Error("localityUnsupported not set")
+	}
+	// Connects racing at the start may each have asked once.
+	if n := qc.n.Load(); n < 1 || n > 4 {
+		t.Errorf("SHOW LOCALITY ran %d times", n)
+	}
+	for _, s := range p.NodeStats() {
+		if s.Locality != "" {
+			t.Errorf("node %d: Locality %q", s.ID, s.Locality)
+		}
+	}
 }

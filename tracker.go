@@ -64,8 +64,11 @@ type node struct {
 	draining   atomic.Bool  // the node said it is draining (probe)
 	nodeHealth              // eviction and health checks (health.go)
 
-	// locality is the node's locality once gossip or the node told it.
-	locality atomic.Pointer[nodeLocality]
+	// locality is the node's locality once gossip or the node told it;
+	// localityAsking is set while a connection asks the node for it, so
+	// that a burst of connects asks once.
+	locality       atomic.Pointer[nodeLocality]
+	localityAsking atomic.Bool
 
 	// Counters the balance rounds and retry code increment; reported in NodeStats.
 	retries atomic.Int64 // queries retried because of this node
