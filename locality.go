@@ -288,3 +288,25 @@ func (pl *placement) gossipLocality(id NodeID) *nodeLocality {
 	defer pl.mu.Unlock()
 	return pl.gossipLocalities[id]
 }
+
+// gossipScope returns, with Config.Locality set, whether a node gossip lists
+// is within the locality level in use, by its locality as the pool knows it
+// or else as gossip gave it; the returned function must be called with
+// pl.mu held. Without Locality it returns nil: every node is.
+func (pl *placement) gossipScope() func(NodeID) bool {
+	if pl.p.settings.locality == nil {
+		return nil
+	}
+	nodes := pl.p.tracker.nodeList()
+	scope := pl.p.localityScope(nodes, time.Now())
+	tracked := make(map[NodeID]*node, len(nodes))
+	for _, n := range nodes {
+		tracked[n.id] = n
+	}
+	return func(id NodeID) bool {
+		if n := tracked[id]; n != nil {
+			return scope.in(n)
+		}
+		return scope.inGossip(pl.gossipLocalities[id])
+	}
+}

@@ -281,14 +281,7 @@ func (pl *placement) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 	if pl.mode != connectPlaced {
 		return groups
 	}
-	nodes := pl.p.tracker.nodeList()
-	scope := pl.p.localityScope(nodes, time.Now())
-	tracked := make(map[NodeID]*node, len(nodes))
-	if scope.need > 0 {
-		for _, n := range nodes {
-			tracked[n.id] = n
-		}
-	}
+	inScope := pl.gossipScope()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	known := make(map[NodeID]bool)
@@ -304,7 +297,7 @@ func (pl *placement) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 		if known[id] || err != nil || perr != nil {
 			continue
 		}
-		if n := tracked[id]; n != nil && !scope.in(n) || n == nil && !scope.inGossip(pl.gossipLocalities[id]) {
+		if inScope != nil && !inScope(id) {
 			continue // another region's node, say: dialled only in a fallback
 		}
 		key := hostPort(host, uint16(port))
