@@ -90,9 +90,10 @@ func TestLocalityRegionBehindLoadBalancer(t *testing.T) {
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		balancedConfig(12, 12)(cfg)
 		cfg.Locality = "region=a"
-		// Rounds longer than pgxpool's wait before a refill (500 ms), so
-		// that a round rarely finds the pool refilling and holds back.
-		cfg.BalanceInterval = 600 * time.Millisecond
+		// Rounds twice pgxpool's wait before a refill (500 ms), so that a
+		// round rarely finds the pool refilling and holds back, even on a
+		// loaded machine.
+		cfg.BalanceInterval = time.Second
 	})
 	waitCond(t, func() string { return regionSpread(c, regionA, 12) })
 	// Probes reach every node in time, and learn its locality.
@@ -119,7 +120,9 @@ func TestLocalityRegionBehindLoadBalancer(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	drained := time.Now()
 	waitCond(t, func() string { return regionSpread(c, regionB, 12) })
+	t.Logf("on region b, balanced, %v after the drain", time.Since(drained).Round(time.Millisecond))
 	if n := p.ClusterStat().LocalityFallbacks(); n < 1 {
 		t.Errorf("LocalityFallbacks %d after region a drained, want at least 1", n)
 	}
