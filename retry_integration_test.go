@@ -651,7 +651,27 @@ func TestRetryReport(t *testing.T) {
 // retries off, and the errors keep their *pgconn.PgError.
 func testRetrySQLState(t *testing.T, c *clustertest.Cluster) {
 	const maxRetries = 2
-	p := newRetryPoolWith(t, c.DSN(), 4, func(cfg *Config) { cfg.MaxRetries = maxRetries })
+	// DefaultRetryPolicy behind a tripwire: the pool may consult its policy
+	// only while attempts remain, so one consulted past MaxRetries ends the
+	// call there (and fails the test below) instead of retrying 40001 until
+	// the context ends.
+	var pastCap atomic.Int64
+	capped := func(ctx context.Context, rp RetryParams) bool {
+		if rp.Attempt > rp.MaxRetries {
+			pastCap.Add(1)
+			return false
+		}
+		return DefaultRetryPolicy(ctx, rp)
+	}
+	defer func() {
+		if n := pastCap.Load(); n != 0 {
+			t.Errorf("the pool consulted its policy %d times past MaxRetries %d", n, maxRetries)
+		}
+	}()
+	p := newRetryPoolWith(t, c.DSN(), 4, func(cfg *Config) {
+		cfg.MaxRetries = maxRetries
+		cfg.RetryPolicy = capped
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
@@ -764,6 +784,7 @@ func testRetrySQLState(t *testing.T, c *clustertest.Cluster) {
 	tr := &retryTrace{}
 	traced := newRetryPoolWith(t, c.DSN(), 2, func(cfg *Config) {
 		cfg.MaxRetries = maxRetries
+		cfg.RetryPolicy = capped
 		cfg.Tracer = tr
 	})
 	_, err = traced.Exec(ctx, "SELECT fail_with('40001')")
