@@ -96,7 +96,7 @@ func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
 	if opened > int64(8*moves) {
 		t.Errorf("opened %d connections for %d moves", opened, moves)
 	}
-	assertQuiet(t, c, p, 2*time.Second)
+	assertQuiet(t, c, p)
 
 	if err := c.RemoveNode(testCtx(t), 2); err != nil {
 		t.Fatal(err)
@@ -110,26 +110,31 @@ func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
 		}
 		return ""
 	})
-	assertQuiet(t, c, p, 2*time.Second)
+	assertQuiet(t, c, p)
 }
+
+// quietRounds is how many balancing rounds assertQuiet watches: the docs
+// promise more than ten rounds with no connection opened.
+const quietRounds = 11
 
 // assertQuiet waits until the pool has converged (balanced, and no
 // connection opened for four rounds: a refill may still be landing when the
-// counts first look even), then checks that the pool opens no connection for
-// d: with 150 ms rounds that is over ten rounds in which a balanced pool must
-// not oscillate. The probes' connections are not the pool's; one may
-// straddle the start or the end of the period.
-func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool, d time.Duration) {
+// counts first look even), then checks that the pool opens no connection
+// while its own round counter advances by quietRounds: rounds in which a
+// balanced pool must not oscillate, however slowly a loaded machine runs
+// them. The probes' connections are not the pool's; one may straddle the
+// start or the end of the period.
+func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool) {
 	t.Helper()
-	last, since := p.Stat().NewConnsCount(), time.Now()
+	last, lastRound := p.Stat().NewConnsCount(), p.balancer.rounds.Load()
 	waitCond(t, func() string {
 		if n := p.Stat().NewConnsCount(); n != last {
-			last, since = n, time.Now()
+			last, lastRound = n, p.balancer.rounds.Load()
 		}
 		if msg := spreadOf(c, 30); msg != "" {
 			return msg
 		}
-		if time.Since(since) < 4*testBalanceInterval {
+		if p.balancer.rounds.Load()-lastRound < 4 {
 			return "connections opened in the last four rounds"
 		}
 		return ""
@@ -140,11 +145,16 @@ func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool, d time.Duration)
 		}
 		return k
 	}
-	before, newBefore, prunedBefore := poolOpened(c, p), p.Stat().NewConnsCount(), pruned()
-	time.Sleep(d) // a quiet period, not a wait for a condition
+	before, newBefore, prunedBefore, rounds := poolOpened(c, p), p.Stat().NewConnsCount(), pruned(), p.balancer.rounds.Load()
+	waitCond(t, func() string {
+		if n := p.balancer.rounds.Load() - rounds; n < quietRounds {
+			return fmt.Sprintf("%d rounds of quiet so far, want %d", n, quietRounds)
+		}
+		return ""
+	})
 	if opened, n := poolOpened(c, p)-before, p.Stat().NewConnsCount()-newBefore; opened > 1 || n != 0 {
-		t.Errorf("balanced pool opened %d connections (servers: %d; pruned %d) in %v of quiet: %v",
-			n, opened, pruned()-prunedBefore, d, c.OpenConns())
+		t.Errorf("balanced pool opened %d connections (servers: %d; pruned %d) in %d rounds of quiet: %v",
+			n, opened, pruned()-prunedBefore, p.balancer.rounds.Load()-rounds, c.OpenConns())
 	}
 }
 
@@ -308,7 +318,7 @@ func TestBalanceHostsPlacement(t *testing.T) {
 	if opened, n := poolOpened(c, p), p.Stat().NewConnsCount(); n > 32 || opened > 33 {
 		t.Errorf("cold start opened %d connections (servers: %d) for a pool of 30; %+v", n, opened, p.NodeStats())
 	}
-	assertQuiet(t, c, p, time.Second)
+	assertQuiet(t, c, p)
 }
 
 // With several hosts and gossip addresses, a node added after the pool
@@ -338,14 +348,14 @@ func TestBalanceScaleOutWithGossip(t *testing.T) {
 	if opened > int64(2*moves) {
 		t.Errorf("opened %d connections for %d moves", opened, moves)
 	}
-	assertQuiet(t, c, p, 2*time.Second)
+	assertQuiet(t, c, p)
 
 	if err := c.RemoveNode(testCtx(t), 2); err != nil {
 		t.Fatal(err)
 	}
 	gossipSetup(t, c, nil)
 	waitCond(t, func() string { return spreadOf(c, 30) })
-	assertQuiet(t, c, p, 2*time.Second)
+	assertQuiet(t, c, p)
 }
 
 // TestBalanceReport produces the README's balancing numbers. It is skipped
@@ -526,7 +536,7 @@ func TestBalanceHostsPlacementPostgres(t *testing.T) {
 		}
 		return ""
 	})
-	assertQuiet(t, c, p, time.Second)
+	assertQuiet(t, c, p)
 }
 
 // Close stops the balancing loop and the probe even while they are busy

@@ -160,12 +160,16 @@ func testTLSPool(t *testing.T, c *clustertest.Cluster, dsn string) {
 	}
 	tlsWait(t, func() string { return tlsBalanced(p, c) })
 
-	// Idle: only the probes open connections now.
+	// Idle: only the probes open connections now. Watched over more than
+	// ten of the pool's own balance rounds, and at least two successful
+	// probes.
 	probes, failures := p.ClusterStat().Probes(), p.ClusterStat().ProbeFailures()
-	accepted, opened := totalAccepted(c), p.Stat().NewConnsCount()
+	accepted, opened, rounds := totalAccepted(c), p.Stat().NewConnsCount(), clusterpool.BalanceRounds(p)
 	tlsWait(t, func() string {
-		// Five probes at 500 ms ±20% span at least ten balance rounds.
-		if n := p.ClusterStat().Probes() - p.ClusterStat().ProbeFailures() - (probes - failures); n < 5 {
+		if n := clusterpool.BalanceRounds(p) - rounds; n < 11 {
+			return fmt.Sprintf("%d balance rounds so far", n)
+		}
+		if n := p.ClusterStat().Probes() - p.ClusterStat().ProbeFailures() - (probes - failures); n < 2 {
 			return fmt.Sprintf("%d probes succeeded so far", n)
 		}
 		return ""
