@@ -2,14 +2,11 @@ package clusterpool
 
 import (
 	"fmt"
-	"os"
-	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
-	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Short intervals make a few seconds of a test stand for many rounds.
@@ -356,122 +353,6 @@ func TestBalanceScaleOutWithGossip(t *testing.T) {
 	gossipSetup(t, c, nil)
 	waitCond(t, func() string { return spreadOf(c, 30) })
 	assertQuiet(t, c, p)
-}
-
-// TestBalanceReport produces the README's balancing numbers. It is skipped
-// unless CLUSTERPOOL_BALANCE_REPORT=1:
-//
-//	CLUSTERPOOL_BALANCE_REPORT=1 go test -run TestBalanceReport -v .
-func TestBalanceReport(t *testing.T) {
-	if os.Getenv("CLUSTERPOOL_BALANCE_REPORT") != "1" {
-		t.Skip("set CLUSTERPOOL_BALANCE_REPORT=1 to print the balancing report")
-	}
-	type phase struct {
-		name   string
-		change func(c *clustertest.Cluster)
-		want   int // total connections expected
-	}
-	addNode := func(c *clustertest.Cluster) {
-		if _, err := c.AddNode(testCtx(t)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	removeNode := func(c *clustertest.Cluster) {
-		if err := c.RemoveNode(testCtx(t), 2); err != nil {
-			t.Fatal(err)
-		}
-	}
-	phases := []phase{{"start (3 nodes)", nil, 30}, {"add node 4", addNode, 30}, {"remove node 2", removeNode, 30}}
-	type scenario struct {
-		name   string
-		gossip bool // real PostgreSQL nodes with gossip tables, HostsDSN
-		plain  bool // plain pgxpool
-		redial bool
-		runs   int
-	}
-	scenarios := []scenario{
-		{name: "clusterpool, one LB address, redial", redial: true, runs: 4},
-		{name: "clusterpool, one LB address, no redial", runs: 4},
-		{name: "pgxpool, one LB address", plain: true, runs: 2},
-	}
-	if clustertest.Available() == nil {
-		scenarios = append(scenarios, scenario{name: "clusterpool, node hosts + gossip", gossip: true, runs: 2})
-	}
-	for _, sc := range scenarios {
-		for run := range sc.runs {
-			c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: !sc.gossip, Seed: int64(run + 1)})
-			dsn := c.DSN()
-			if sc.gossip {
-				gossipSetup(t, c, nil)
-				dsn = c.HostsDSN()
-			}
-			var p *Pool
-			var plain *pgxpool.Pool
-			rounds, probes := func() int64 { return 0 }, func() int64 { return 0 }
-			if sc.plain {
-				cfg, err := pgxpool.ParseConfig(dsn + "&pool_min_conns=30&pool_max_conns=30")
-				if err != nil {
-					t.Fatal(err)
-				}
-				plain, err = pgxpool.NewWithConfig(testCtx(t), cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-			} else {
-				// Rounds longer than pgxpool's 500 ms refill delay, as with
-				// the 5 s default, so a round sees the last round's refill.
-				p = startPool(t, dsn, func(cfg *Config) {
-					balancedConfig(30, 30)(cfg)
-					cfg.BalanceInterval = 600 * time.Millisecond
-					cfg.ProbeInterval = 200 * time.Millisecond
-				})
-				p.balancer.redial.Store(sc.redial)
-				rounds, probes = p.balancer.rounds.Load, p.balancer.probes.Load
-			}
-			for _, ph := range phases {
-				if ph.change != nil {
-					ph.change(c)
-					if sc.gossip {
-						gossipSetup(t, c, nil)
-					}
-				}
-				r0, o0, p0 := rounds(), totalOpened(c), probes()
-				start := time.Now()
-				var spread string
-				seenRounds := int64(-1) // rounds when the pool first saw node 4
-				for {
-					spread = spreadOf(c, ph.want)
-					if seenRounds < 0 && p != nil && slices.ContainsFunc(p.NodeStats(), func(s NodeStat) bool { return s.ID == 4 }) {
-						seenRounds = rounds()
-					}
-					if spread == "" || time.Since(start) > 30*time.Second {
-						break
-					}
-					time.Sleep(condPoll)
-				}
-				result := "balanced"
-				if spread != "" {
-					result = "NOT balanced after 30s: " + spread
-				}
-				moves := ""
-				if ph.name == "add node 4" {
-					moves = fmt.Sprintf(" (min moves %d)", c.Node(4).OpenConns())
-					if seenRounds >= 0 {
-						moves += fmt.Sprintf(" | rounds after node 4 seen %d", rounds()-seenRounds)
-					}
-				}
-				t.Logf("%s | run %d | %s | rounds %d | opened %d%s | %s",
-					sc.name, run, ph.name, rounds()-r0, totalOpened(c)-o0-(probes()-p0), moves, result)
-			}
-			if plain != nil {
-				plain.Close()
-			}
-			if p != nil {
-				p.Close()
-			}
-			c.Close()
-		}
-	}
 }
 
 // A node seen just now with no connection joins the targets and draws
