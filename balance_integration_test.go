@@ -47,13 +47,18 @@ func totalOpened(c *clustertest.Cluster) int64 {
 }
 
 // poolOpened is the number of connections the servers accepted for the pool
-// itself: their total minus the probes' short-lived connections. Removed
-// nodes no longer count, so compare deltas taken while the node set is fixed.
+// itself: their total minus the probes' short-lived connections. A probe
+// that failed (a 100 ms probe on a loaded machine times out) may have been
+// accepted by a server first, so failed probes are subtracted too: the
+// figure may undercount the pool's own connections by the failed probes
+// that reached no server, and never overcounts them. Removed nodes no
+// longer count, so compare deltas taken while the node set is fixed.
 func poolOpened(c *clustertest.Cluster, p *Pool) int64 {
-	return totalOpened(c) - p.balancer.probes.Load()
+	return totalOpened(c) - p.balancer.probes.Load() - p.ClusterStat().ProbeFailures()
 }
 
 func TestBalanceEvenAtStart(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -69,6 +74,7 @@ func TestBalanceEvenAtStart(t *testing.T) {
 // Behind one load-balancer address: a new node gets its share, a removed one
 // is dropped from the targets, and once balanced nothing moves.
 func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -158,6 +164,7 @@ func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool) {
 // Below MaxConns (MinConns 12 of 30) under light load the pool is balanced
 // too: targets come from the pool's current size, not MaxConns.
 func TestBalanceBelowMaxConns(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), balancedConfig(12, 30))
 	ctx := testCtx(t)
@@ -196,6 +203,7 @@ func TestBalanceBelowMaxConns(t *testing.T) {
 // reconnect storm, however slow the machine (the window grows only with
 // time the test spends, not with the pool's slowness to refill).
 func TestBalanceConnectRateAfterRestart(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	const rate, size = 20.0, 30
 	created := time.Now()
@@ -245,6 +253,7 @@ func TestBalanceConnectRateAfterRestart(t *testing.T) {
 // Plain PostgreSQL behind one address: no node identity, so no balancing,
 // no probe after the first few, and queries work as with pgxpool.
 func TestBalanceOffOnPlainPostgres(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, Postgres: true, InProcess: true})
 	p := startPool(t, c.Nodes()[0].DSN(), balancedConfig(4, 4))
 	for range 20 {
@@ -278,6 +287,7 @@ func gossipSetup(t *testing.T, c *clustertest.Cluster, draining map[int]bool) {
 // A node that gossip reports as draining leaves the targets and loses its
 // connections; when it stops draining it gets its share back.
 func TestBalanceGossipDraining(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, nil)
 	p := startPool(t, c.DSN(), balancedConfig(30, 30))
@@ -306,6 +316,7 @@ func TestBalanceGossipDraining(t *testing.T) {
 // new connection to the least-connected node: a cold start is balanced with
 // no connection opened beyond the pool's own.
 func TestBalanceHostsPlacement(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -323,6 +334,7 @@ func TestBalanceHostsPlacement(t *testing.T) {
 // minimum number of connections opened (the minimum being its share).
 // Removing a node brings the targets back to the remaining nodes.
 func TestBalanceScaleOutWithGossip(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, nil)
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
@@ -360,6 +372,7 @@ func TestBalanceScaleOutWithGossip(t *testing.T) {
 // (until expiry) but draws none, since nothing says a connection can land
 // there; one not seen for the expiry window is forgotten.
 func TestBalanceRoundSeenExpired(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		balancedConfig(10, 10)(cfg)
@@ -406,6 +419,7 @@ func TestBalanceRoundSeenExpired(t *testing.T) {
 // Plain PostgreSQL servers listed in the connection string: nodes are
 // identified by one query per connection, and placement spreads the pool.
 func TestBalanceHostsPlacementPostgres(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Postgres: true})
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -422,6 +436,9 @@ func TestBalanceHostsPlacementPostgres(t *testing.T) {
 
 // Close stops the balancing loop and the probe even while they are busy
 // (rounds and probes every few milliseconds), and waits for them.
+//
+// Not parallel: it reads every goroutine's stack, so another test's pool
+// would look like this one's still running.
 func TestBalanceCloseStopsLoops(t *testing.T) {
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	cfg, err := ParseConfig(c.DSN())
@@ -457,8 +474,14 @@ func TestBalanceCloseStopsLoops(t *testing.T) {
 // Behind one address, a new connection for a retry that failed on some nodes
 // is redialled until it lands elsewhere (bounded: the last dial is kept).
 func TestBalanceRedialAvoidsNodes(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
-	p := startPool(t, c.DSN(), balancedConfig(0, 5))
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(0, 5)(cfg)
+		// No probe: its dial through the load balancer would take a turn
+		// of the round robin between two redials.
+		cfg.ProbeInterval = time.Hour
+	})
 	ctx := withAvoidNodes(testCtx(t), 1, 2)
 	for i := range 5 {
 		// Holding each connection makes the next Acquire open a new one.
@@ -481,6 +504,7 @@ func TestBalanceRedialAvoidsNodes(t *testing.T) {
 // A listed host that refuses connections is tried last once a dial to it
 // failed, so new connections do not keep paying for it.
 func TestBalanceHostsSkipsDeadHost(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	dead := "127.0.0.1:1" // nothing listens on port 1
 	dsn := strings.Replace(c.HostsDSN(), "@", "@"+dead+",", 1)

@@ -12,6 +12,7 @@ import (
 // gossip, which names CockroachDB's IDs, must not mark the pool's node of the
 // same number draining (here pool node 1 is CockroachDB node 3).
 func TestGossipIgnoredForForeignNodeIDs(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, map[int]bool{1: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {

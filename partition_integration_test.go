@@ -37,6 +37,7 @@ const movedCallTimeout = 10 * time.Second
 // probe with every node partitioned, a healthy node under callers'
 // timeouts, and the outcome of writes cut by the caller's deadline.
 func TestPartition(t *testing.T) {
+	t.Parallel()
 	c := newKVCluster(t, 3)
 	t.Run("LoadBalancer", func(t *testing.T) { testPartitionNode(t, c, c.DSN(), nil) })
 	t.Run("Hosts", func(t *testing.T) { testPartitionNode(t, c, c.HostsDSN(), nil) })

@@ -302,6 +302,7 @@ func withLoad(fault func(), dbs ...db) []*loadResult {
 // one costs seconds on a loaded machine); each scenario starts with every
 // node up and its own pool. AllNodesDown runs last.
 func TestRetry(t *testing.T) {
+	t.Parallel()
 	c := newKVCluster(t, 3)
 	for _, tc := range []struct {
 		name string

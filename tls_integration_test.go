@@ -44,6 +44,7 @@ const tlsBalanceParams = "&cluster_balance_interval=200ms&cluster_connect_rate=0
 // secure mode is reached. One cluster serves every subtest; each has its own
 // pool.
 func TestTLS(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, TLS: true})
 	t.Run("LoadBalancer", func(t *testing.T) { testTLSPool(t, c, c.DSN()) })
 	t.Run("Hosts", func(t *testing.T) { testTLSPool(t, c, c.HostsDSN()) })
@@ -338,6 +339,7 @@ func otherCA(t *testing.T) []byte {
 // behind one address, so retrying only multiplies the handshakes and
 // delays the error.
 func TestTLSWrongCANotRetried(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, TLS: true, InProcess: true})
 	wrong := filepath.Join(t.TempDir(), "wrong-ca.pem")
 	if err := os.WriteFile(wrong, otherCA(t), 0o644); err != nil {

@@ -12,6 +12,7 @@ import (
 )
 
 func TestTraceNodeLifecycleAndPruning(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -66,6 +67,7 @@ func TestTraceNodeLifecycleAndPruning(t *testing.T) {
 // of using up the burst, however slow the machine, and a storm that got
 // past the bound without any wait means the limiter was bypassed.
 func TestTraceConnectThrottled(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2})
 	r := &recorder{}
 	const rate, burst = 1.0, 2 // burst: MaxConns
@@ -100,6 +102,7 @@ func TestTraceConnectThrottled(t *testing.T) {
 // A drained node (57P01 on its connections) is evicted, and the reads that
 // met it are retried elsewhere.
 func TestTraceDrainedNode(t *testing.T) {
+	t.Parallel()
 	// Round robin spreads the six connections two per node; with a random
 	// load balancer node 2 would get none about a quarter of the time.
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
@@ -150,6 +153,7 @@ func TestTraceDrainedNode(t *testing.T) {
 // A probe that cannot reach the cluster is reported with its error and
 // counted, and counts against no node.
 func TestTraceProbeFailure(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -180,6 +184,7 @@ func TestTraceProbeFailure(t *testing.T) {
 // nodes are PostgreSQL, so each gets the two gossip tables the probe reads
 // (Cluster.SetGossip), which the test then rewrites.
 func TestTraceGossipDraining(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	ctx := testCtx(t)
 	gossip := func(draining map[int]bool) {

@@ -399,6 +399,7 @@ func waitSettled(t *testing.T, p *Pool, c *clustertest.Cluster, want int) {
 }
 
 func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
+	t.Parallel()
 	// Round robin spreads the six connections two per node; with a random
 	// load balancer a node would get none about a quarter of the time.
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
@@ -470,6 +471,7 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 }
 
 func TestTraceWriteOutcomeUnknown(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
