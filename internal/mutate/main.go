@@ -150,8 +150,10 @@ func mutantSQLState(err error) string {
 		replace: `if err := error(nil); err != nil {`,
 		tests: []killer{
 			{"TestBeforeConnectTakesALimiterToken", unit},
+			// TestBalanceConnectRateAfterRestart also kills it when the
+			// reconnect storms outrun its 20/s limit, which a loaded
+			// machine may not do: it is not listed.
 			{"TestTraceConnectThrottled", integration},
-			{"TestBalanceConnectRateAfterRestart", integration},
 		},
 	},
 }
