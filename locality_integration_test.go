@@ -86,6 +86,7 @@ func runLocalityLoad(t *testing.T, p *Pool, workers int) *atomic.Int64 {
 // moves to b with no error for its callers; when a is back it moves back
 // within a few balance rounds.
 func TestLocalityRegionBehindLoadBalancer(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 6, InProcess: true, Localities: twoRegions})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		balancedConfig(12, 12)(cfg)
@@ -137,13 +138,13 @@ func TestLocalityRegionBehindLoadBalancer(t *testing.T) {
 	var from int64
 	waitCond(t, func() string {
 		if p.localityNeed.Load()-1 == 1 {
-			from = p.rounds.Load()
+			from = p.ClusterStat().BalanceRounds()
 			return ""
 		}
 		return "region a not in use yet"
 	})
 	waitCond(t, func() string { return regionSpread(c, regionA, 12) })
-	rounds := p.rounds.Load() - from
+	rounds := p.ClusterStat().BalanceRounds() - from
 	t.Logf("back on region a within %d balance rounds", rounds)
 	// 4 connections per node of b leave in 3 rounds (2, 1, 1); then the
 	// random load balancer's placement within a settles in a few more
@@ -183,6 +184,7 @@ func acceptedBy(c *clustertest.Cluster, ids []int) int64 {
 // gossip addresses, and when a is back it leaves b. A pool without
 // cluster_locality, on the same cluster, dials b: the case being fixed.
 func TestLocalityGossipHostsStayInRegion(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 6, Localities: twoRegions})
 	gossipSetup(t, c, nil)
 	p := startPool(t, regionDSN(c, regionA), func(cfg *Config) {
@@ -197,9 +199,9 @@ func TestLocalityGossipHostsStayInRegion(t *testing.T) {
 		}
 		return ""
 	})
-	probes, rounds := p.ClusterStat().Probes(), p.rounds.Load()
+	probes, rounds := p.ClusterStat().Probes(), p.ClusterStat().BalanceRounds()
 	waitCond(t, func() string {
-		if p.ClusterStat().Probes() < probes+20 || p.rounds.Load() < rounds+10 {
+		if p.ClusterStat().Probes() < probes+20 || p.ClusterStat().BalanceRounds() < rounds+10 {
 			return "waiting for 20 probes and 10 rounds"
 		}
 		return regionSpread(c, []int{1}, 12)
@@ -260,6 +262,7 @@ func (q *queryCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryE
 // cold start's connects to one node ask once between them), and not at all
 // without cluster_locality.
 func TestLocalityQueryOncePerNode(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Localities: []string{"region=a", "region=a", "region=b"}})
 	for _, locality := range []string{"", "region=a"} {
 		qc := &queryCounter{sql: showLocality}
@@ -313,6 +316,7 @@ func TestLocalityQueryOncePerNode(t *testing.T) {
 // On PostgreSQL, which has no SHOW LOCALITY, a pool with cluster_locality
 // works as without it, and stops asking after the first refusal.
 func TestLocalityOnPostgres(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, Postgres: true})
 	qc := &queryCounter{sql: showLocality}
 	p := startPool(t, c.HostsDSN(), func(cfg *Config) {

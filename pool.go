@@ -154,8 +154,7 @@ type Pool struct {
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
 
-	localityState              // the locality level in use (locality.go)
-	rounds        atomic.Int64 // balance rounds run
+	localityState // the locality level in use (locality.go)
 
 	// The caller's hooks, chained behind the pool's own (hooks.go).
 	// userBeforeConnect recovers the hook's panics; the probe and health

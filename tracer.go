@@ -489,6 +489,7 @@ type clusterCounters struct {
 	nodesRemoved      atomic.Int64
 	hookPanics        atomic.Int64
 	localityFallbacks atomic.Int64
+	balanceRounds     atomic.Int64
 }
 
 // newObserver finds the tracer interfaces tracer implements. A combined
