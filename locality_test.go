@@ -345,3 +345,39 @@ func TestLocalityConfig(t *testing.T) {
 		t.Errorf("validate: %v", err)
 	}
 }
+
+// groupsFor adds gossip-learned hosts only within the locality level in
+// use: another region's nodes are dialled only once the pool falls back.
+func TestGroupsForGossipHostsByLocality(t *testing.T) {
+	cfg, err := ParseConfig("host=h1,h2 cluster_locality='region=a'")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newPool(cfg)
+	if p.placement.mode != connectPlaced {
+		t.Fatalf("connect mode %v, want connectPlaced", p.placement.mode)
+	}
+	now := time.Now()
+	p.tracker.track(1, "", "", nil, now)
+	p.tracker.node(1).setLocality("region=a", p.settings.locality)
+	p.placement.gossipHosts = map[NodeID]string{5: "10.0.0.5:26257", 6: "10.0.0.6:26257", 7: "10.0.0.7:26257"}
+	p.placement.gossipLocalities = map[NodeID]*nodeLocality{
+		5: {raw: "region=a", shared: 1},
+		6: {raw: "region=b", shared: 0},
+		// 7: gossip gave none
+	}
+	hosts := func() []string {
+		var keys []string
+		for _, g := range p.placement.groupsFor(p.config.ConnConfig.Copy()) {
+			keys = append(keys, g.key)
+		}
+		return keys
+	}
+	if got, want := hosts(), []string{"h1:5432", "h2:5432", "10.0.0.5:26257"}; !slices.Equal(got, want) {
+		t.Errorf("region a live: hosts %v, want %v", got, want)
+	}
+	p.tracker.evict(1, now)
+	if got, want := hosts(), []string{"h1:5432", "h2:5432", "10.0.0.5:26257", "10.0.0.6:26257", "10.0.0.7:26257"}; !slices.Equal(got, want) {
+		t.Errorf("region a evicted: hosts %v, want %v (the whole cluster)", got, want)
+	}
+}
