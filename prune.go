@@ -54,6 +54,7 @@ func (p *Pool) runBalance(ctx context.Context) {
 // balanceRound is one balancing round: refresh what is known about the
 // nodes, plan, and retire connections per the plan.
 func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
+	p.obs.counters.balanceRounds.Add(1)
 	t := p.tracker
 	for _, s := range t.snapshot() { // also forgets connections closed behind the pool's back
 		if s.TotalConns > 0 {
@@ -66,14 +67,18 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	p.placement.learnHosts(nodes)
 
 	refill := p.refillWindow()
+	scope := p.localityScope(nodes, now)
 	views := make([]nodeView, 0, len(nodes))
 	for _, n := range nodes {
 		conns := int(n.conns.Load()) - n.markedToRetire()
+		healthy := !n.evicted.Load() && !n.draining.Load()
+		outside := healthy && !scope.in(n)
 		views = append(views, nodeView{
 			ID:         n.id,
 			Conns:      max(conns, 0),
-			Eligible:   !n.evicted.Load() && !n.draining.Load(),
+			Eligible:   healthy && !outside,
 			Refillable: conns > 0 || now.Sub(time.Unix(0, n.lastSeen.Load())) <= refill,
+			Outside:    outside,
 		})
 	}
 	plan := planBalance(views, p.seed)
