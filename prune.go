@@ -100,18 +100,22 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 // payMoves takes from the connect budget the tokens for the replacements of
 // the connections plan retires from eligible nodes (moves), and for the
 // redials that steer them, leaving the refill reserve alone, and returns
-// plan.Prune cut down to the moves paid for. Connections on ineligible
+// plan.Prune cut down to the moves paid for. Leaving a healthy node outside
+// the locality level in use is a move too. Connections on other ineligible
 // nodes (draining, evicted, expired) are shed whatever the budget: their
 // node is going, and their replacements are refills.
 func (p *Pool) payMoves(plan balancePlan, views []nodeView, now time.Time) map[NodeID]int {
 	if len(plan.Prune) == 0 {
 		return plan.Prune
 	}
-	eligible := make(map[NodeID]bool, len(views))
+	moving := make(map[NodeID]bool, len(views))
 	nodes, reachable, takers := 0, 0, 0
 	for _, v := range views {
+		if v.Outside {
+			moving[v.ID] = true
+		}
 		if v.Eligible {
-			eligible[v.ID] = true
+			moving[v.ID] = true
 			nodes++
 			if t, ok := plan.Targets[v.ID]; ok && v.Refillable && v.Conns < t {
 				takers++
@@ -123,24 +127,24 @@ func (p *Pool) payMoves(plan balancePlan, views []nodeView, now time.Time) map[N
 	}
 	want := 0
 	for id, k := range plan.Prune {
-		if eligible[id] {
+		if moving[id] {
 			want += k
 		}
 	}
 	dials := dialsPerMove(p.placement.mode != connectRedial, takers, reachable)
 	paid := p.budget.prepay(now, want, dials, refillReserve(int(p.config.MaxConns), nodes))
-	return paidPrune(plan.Prune, eligible, paid)
+	return paidPrune(plan.Prune, moving, paid)
 }
 
-// paidPrune cuts the moves of prune (the entries of eligible nodes) down to
-// paid, taking them first from the nodes that shed the most, so an
-// underpaid round still narrows the widest gap; ineligible nodes' entries
-// stay. Ties go to the lower node ID.
-func paidPrune(prune map[NodeID]int, eligible map[NodeID]bool, paid int) map[NodeID]int {
+// paidPrune cuts the moves of prune (the entries of the nodes in moving)
+// down to paid, taking them first from the nodes that shed the most, so an
+// underpaid round still narrows the widest gap; the other entries stay.
+// Ties go to the lower node ID.
+func paidPrune(prune map[NodeID]int, moving map[NodeID]bool, paid int) map[NodeID]int {
 	var moves []NodeID
 	out := make(map[NodeID]int, len(prune))
 	for id, k := range prune {
-		if eligible[id] {
+		if moving[id] {
 			moves = append(moves, id)
 		} else {
 			out[id] = k
