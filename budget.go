@@ -86,14 +86,27 @@ func dialsPerMove(placed bool, takers, nodes int) int {
 	return min(maxRedials+1, (nodes+takers-1)/takers)
 }
 
-// movesAffordable is how many of want moves, each costing dials tokens, the
-// tokens in the bucket pay for while leaving reserve of them to refills.
-func movesAffordable(tokens float64, reserve, want, dials int) int {
+// movesAffordable is how many of want moves, each costing dials tokens (its
+// replacement's and its redials'), the tokens in the bucket pay for while
+// leaving reserve of them to refills, when redials tokens paid earlier for
+// redials are still unused.
+func movesAffordable(tokens float64, reserve, want, dials, redials int) int {
 	if want <= 0 || math.IsNaN(tokens) {
 		return 0
 	}
 	dials = max(dials, 1)
-	return max(0, min(want, (int(math.Floor(tokens))-reserve)/dials))
+	spare := int(math.Floor(tokens)) - reserve
+	k := 0
+	for k < want && movesCost(k+1, dials, redials) <= spare {
+		k++
+	}
+	return k
+}
+
+// movesCost is how many tokens k moves of dials tokens each take from the
+// limiter when redials tokens for redials are already paid.
+func movesCost(k, dials, redials int) int {
+	return k + max(0, k*(max(dials, 1)-1)-redials)
 }
 
 // take takes a token for a connect: one a move prepaid for its replacement
@@ -164,9 +177,10 @@ func (b *connectBudget) takePrepaid(now time.Time, pool *[]time.Time) bool {
 }
 
 // prepay takes from the limiter, at now, the tokens for up to want moves of
-// dials tokens each (see dialsPerMove), from the tokens above reserve, and
-// returns how many moves it paid for: the balance round retires that many
-// connections, no more, so it asks only for moves it can make.
+// dials tokens each (see dialsPerMove; redial tokens paid earlier and still
+// unused count), from the tokens above reserve, and returns how many moves
+// it paid for: the balance round retires that many connections, no more,
+// so it asks only for moves it can make.
 func (b *connectBudget) prepay(now time.Time, want, dials, reserve int) int {
 	if b.limiter == nil || want <= 0 {
 		return max(want, 0)
@@ -175,16 +189,20 @@ func (b *connectBudget) prepay(now time.Time, want, dials, reserve int) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.expireLocked(now)
-	k := movesAffordable(b.limiter.TokensAt(now), reserve, want, dials)
-	if k == 0 || !b.limiter.AllowN(now, k*dials) {
+	k := movesAffordable(b.limiter.TokensAt(now), reserve, want, dials, len(b.redials))
+	if k == 0 {
+		return 0
+	}
+	cost := movesCost(k, dials, len(b.redials))
+	if !b.limiter.AllowN(now, cost) {
 		return 0 // a refill took tokens meanwhile: next round
 	}
 	until := now.Add(prepaidTTL)
 	for range k {
 		b.replacements = append(b.replacements, until)
-		for range dials - 1 {
-			b.redials = append(b.redials, until)
-		}
+	}
+	for range cost - k {
+		b.redials = append(b.redials, until)
 	}
 	return k
 }
@@ -202,7 +220,7 @@ func (b *connectBudget) takeForRedial(now time.Time, reserve int) bool {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return movesAffordable(b.limiter.TokensAt(now), reserve, 1, 1) == 1 && b.limiter.AllowN(now, 1)
+	return movesAffordable(b.limiter.TokensAt(now), reserve, 1, 1, 0) == 1 && b.limiter.AllowN(now, 1)
 }
 
 // replacementsOwed is how many moves' replacements no connect has started

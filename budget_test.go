@@ -47,22 +47,25 @@ func TestDialsPerMove(t *testing.T) {
 
 func TestMovesAffordable(t *testing.T) {
 	for _, tc := range []struct {
-		tokens               float64
-		reserve, want, dials int
-		affordable           int
+		tokens                        float64
+		reserve, want, dials, redials int
+		affordable                    int
 	}{
-		{24, 8, 4, 3, 4},   // 16 above the reserve: 5 moves of 3, 4 wanted
-		{24, 8, 10, 3, 5},  // 16 above the reserve: 5 moves of 3
-		{10.9, 8, 4, 3, 0}, // 2.9 above: not one whole move
-		{11, 8, 4, 3, 1},
-		{5, 8, 4, 1, 0},  // below the reserve: nothing
-		{-3, 0, 4, 1, 0}, // callers booked future tokens
-		{30, 0, 0, 1, 0},
-		{30, 0, 4, 0, 4}, // dials < 1 counts as 1
-		{math.NaN(), 0, 4, 1, 0},
+		{24, 8, 4, 3, 0, 4},   // 16 above the reserve: 5 moves of 3, 4 wanted
+		{24, 8, 10, 3, 0, 5},  // 16 above the reserve: 5 moves of 3
+		{10.9, 8, 4, 3, 0, 0}, // 2.9 above: not one whole move
+		{11, 8, 4, 3, 0, 1},
+		{10, 8, 4, 3, 2, 1}, // 2 redials paid: 1 move costs 1 token, 2 would cost 2 + 2
+		{10, 8, 4, 3, 9, 2}, // redials to spare: a token a move
+		{5, 8, 4, 1, 0, 0},  // below the reserve: nothing
+		{-3, 0, 4, 1, 0, 0}, // callers booked future tokens
+		{30, 0, 0, 1, 0, 0},
+		{30, 0, 4, 0, 0, 4}, // dials < 1 counts as 1
+		{math.NaN(), 0, 4, 1, 0, 0},
 	} {
-		if got := movesAffordable(tc.tokens, tc.reserve, tc.want, tc.dials); got != tc.affordable {
-			t.Errorf("movesAffordable(%v, %d, %d, %d) = %d, want %d", tc.tokens, tc.reserve, tc.want, tc.dials, got, tc.affordable)
+		if got := movesAffordable(tc.tokens, tc.reserve, tc.want, tc.dials, tc.redials); got != tc.affordable {
+			t.Errorf("movesAffordable(%v, reserve %d, want %d, dials %d, redials %d) = %d, want %d",
+				tc.tokens, tc.reserve, tc.want, tc.dials, tc.redials, got, tc.affordable)
 		}
 	}
 }
@@ -79,23 +82,24 @@ func TestBudgetMovesPayFirst(t *testing.T) {
 	if tokens := b.limiter.TokensAt(now); tokens != 9 {
 		t.Fatalf("tokens after prepaying 15: %v, want 9", tokens)
 	}
-	if got := b.prepay(now, 5, 3, 8); got != 0 {
-		t.Fatalf("prepay again with 9 tokens, reserve 8, 3 per move: paid %d, want 0", got)
+	if got := b.prepay(now, 5, 3, 8); got != 1 {
+		t.Fatalf("prepay again with 9 tokens, reserve 8, 3 per move, 10 redials paid: paid %d, want 1", got)
 	}
-	if got := b.replacementsOwed(now); got != 5 {
-		t.Fatalf("replacements owed %d, want 5", got)
+	// That one cost a token: its redials were paid already.
+	if got := b.replacementsOwed(now); got != 6 {
+		t.Fatalf("replacements owed %d, want 6", got)
 	}
-	for i := range 5 {
+	for i := range 6 {
 		if !b.takePrepaid(now, &b.replacements) {
 			t.Fatalf("replacement %d found no prepaid token", i)
 		}
 	}
 	if b.takePrepaid(now, &b.replacements) {
-		t.Fatal("a sixth replacement found a prepaid token")
+		t.Fatal("a seventh replacement found a prepaid token")
 	}
-	// The redials were paid too: 10 of them, then the limiter's tokens
-	// above the reserve (9 - 8 = 1), then none.
-	for i := range 11 {
+	// The redials were paid too: 10 of them; the reserve is all that is
+	// left in the limiter.
+	for i := range 10 {
 		if !b.takeForRedial(now, 8) {
 			t.Fatalf("redial %d: no token", i)
 		}
