@@ -539,6 +539,8 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 		c.Avoid = slices.Contains(avoid, id)
 		if n := pl.p.tracker.node(id); n != nil && n.draining.Load() {
 			c.Draining = pl.overTarget(id, now) // draining, and another node may take it
+		} else if !c.Avoid && move {
+			c.OverTarget, c.Takers, c.Nodes = pl.moveLanding(id, now)
 		} else if !c.Avoid {
 			c.OverTarget = pl.overTarget(id, now)
 			if c.OverTarget {
@@ -587,7 +589,8 @@ type redialCase struct {
 	// Caller: an acquire waits for this connect.
 	Caller bool
 	// Move: the connect replaces a connection a balance round retired, and
-	// found its tokens paid.
+	// found its tokens paid (OverTarget then says whether the node is at or
+	// above its target, see moveLanding).
 	Move bool
 	// DialTime is how long this dial took, connect and authentication.
 	DialTime time.Duration
@@ -607,10 +610,13 @@ type redialCase struct {
 // costs time where the move costs none:
 //
 //   - a caller that waits for this connect would wait for the redials too,
-//     while the move happens in the background. Unless the connect is a
-//     move's replacement (Move): that caller is paying for the move
-//     already, and without the redials the move is lost in all but one
-//     case in Nodes, leaving another caller to pay for the next one;
+//     up to maxRedials more connects, while a move happens in the
+//     background. That holds for a move's replacement that a caller opened
+//     (in a pool whose connections are all in use, the caller that
+//     released the retired connection usually takes its place first): the
+//     redials would steer the move, but the caller would pay for all of
+//     them at once; without them the move lands where the load balancer
+//     sends it and the next round tries again, a connect per caller;
 //   - the pool is a connection short while it redials: only worth it if the
 //     dials it expects (Nodes/Takers, at most the dials left) take less
 //     than a round, in which the move would have been made anyway. A slow
@@ -623,7 +629,7 @@ func redialPays(c redialCase) bool {
 		return false
 	case c.Avoid || c.Draining:
 		return true
-	case !c.OverTarget || c.Takers <= 0 || c.Caller && !c.Move:
+	case !c.OverTarget || c.Takers <= 0 || c.Caller:
 		return false
 	}
 	left := maxRedials + 1 - c.Attempt
@@ -643,6 +649,47 @@ func (pl *placement) takers(id NodeID, now time.Time) (takers, nodes int) {
 		}
 	}
 	return takers, len(info)
+}
+
+// moveLanding judges where a move's replacement landed: on node id, which
+// is over (at or above its target, not counting the connections marked to
+// retire, which are leaving: the one this connect replaces among them), and
+// takers of nodes other nodes below theirs. A move is made to fill a node
+// below its target, so its replacement is steered to one, not merely away
+// from a node two above the lightest as overTarget steers the pool's other
+// connects: that would leave it on a node one above, for the next round to
+// move again. A node that is not eligible (draining, evicted, outside the
+// locality level) is judged by overTarget.
+func (pl *placement) moveLanding(id NodeID, now time.Time) (over bool, takers, nodes int) {
+	info, _ := pl.liveNodes(now, 1, 0)
+	if n, ok := info[id]; !ok || !n.Eligible {
+		over = pl.overTarget(id, now)
+		if over {
+			takers, nodes = pl.takers(id, now)
+		}
+		return over, takers, nodes
+	}
+	total := 1 // this connection
+	conns := make(map[NodeID]int, len(info))
+	var eligible []NodeID
+	for nid, n := range info {
+		c := n.Conns
+		if nd := pl.p.tracker.node(nid); nd != nil {
+			c -= nd.markedToRetire()
+		}
+		conns[nid] = max(c, 0)
+		total += conns[nid]
+		if n.Eligible {
+			eligible = append(eligible, nid)
+		}
+	}
+	targets := balanceTargets(total, eligible, pl.p.seed)
+	for _, nid := range eligible {
+		if nid != id && conns[nid] < targets[nid] {
+			takers++
+		}
+	}
+	return conns[id] >= targets[id], takers, len(info)
 }
 
 // overTarget reports whether a new connection on node id should be refused:

@@ -107,7 +107,8 @@ func TestRedialPays(t *testing.T) {
 		{"not over target", func(c *redialCase) { c.OverTarget = false }, false},
 		{"no node would take it", func(c *redialCase) { c.Takers = 0 }, false},
 		{"a caller waits: the balancer moves it later", func(c *redialCase) { c.Caller = true }, false},
-		{"a caller pays for a move anyway", func(c *redialCase) { c.Caller, c.Move = true, true }, true},
+		{"nor for a move's replacement", func(c *redialCase) { c.Caller, c.Move = true, true }, false},
+		{"a background move's replacement", func(c *redialCase) { c.Move = true }, true},
 		{"a retry must leave the node", func(c *redialCase) { c.Caller, c.OverTarget, c.Avoid = true, false, true }, true},
 		{"a draining node closes it", func(c *redialCase) { c.Caller, c.OverTarget, c.Draining = true, false, true }, true},
 		{"even the retry keeps the last dial", func(c *redialCase) { c.Avoid, c.Attempt = true, maxRedials+1 }, false},
@@ -125,5 +126,41 @@ func TestRedialPays(t *testing.T) {
 		if got := redialPays(c); got != tc.want {
 			t.Errorf("%s: redialPays(%+v) = %v, want %v", tc.name, c, got, tc.want)
 		}
+	}
+}
+
+// A move's replacement is steered to a node below its target, the
+// connection it replaces (marked to retire) not counted: landing on a node
+// one above the lightest is a move lost, though overTarget would keep it.
+func TestMoveLanding(t *testing.T) {
+	p := &Pool{tracker: newTracker(), seed: 1}
+	pl := newPlacement(p)
+	now := time.Now()
+	var leaving *connState
+	for id, k := range map[NodeID]int{1: 7, 2: 9, 3: 8} {
+		for range k {
+			cs := p.tracker.track(id, "", "", nil, now)
+			if id == 2 {
+				leaving = cs
+			}
+		}
+	}
+	leaving.retire.Store(true) // 7/8/8 and this connection: 8 each
+	for _, tc := range []struct {
+		id     NodeID
+		over   bool
+		takers int
+	}{
+		{1, false, 0},
+		{2, true, 1},
+		{3, true, 1},
+	} {
+		over, takers, nodes := pl.moveLanding(tc.id, now)
+		if over != tc.over || takers != tc.takers || nodes != 3 {
+			t.Errorf("moveLanding(%d) = %v, %d takers of %d; want %v, %d of 3", tc.id, over, takers, nodes, tc.over, tc.takers)
+		}
+	}
+	if pl.overTarget(3, now) {
+		t.Error("overTarget(3): the pool's other connects keep a node one above the lightest")
 	}
 }
