@@ -148,6 +148,16 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 	info := make(map[NodeID]placementNode, len(nodes))
 	total := extra + unmapped
 	var eligible []NodeID
+	// Caps (limits.go): a full node takes no more than it holds, any node
+	// no more than the per-node cap.
+	perNode := pl.p.limits.nodeCap()
+	var caps map[NodeID]int
+	setCap := func(id NodeID, c int) {
+		if caps == nil {
+			caps = make(map[NodeID]int)
+		}
+		caps[id] = c
+	}
 	for _, n := range nodes {
 		c := int(n.conns.Load()) + pending[n.id]
 		total += c
@@ -155,12 +165,23 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 		if ok {
 			eligible = append(eligible, n.id)
 		}
-		info[n.id] = placementNode{Conns: c, Eligible: ok}
+		full := n.full(now)
+		switch {
+		case full:
+			setCap(n.id, c)
+		case perNode > 0:
+			setCap(n.id, perNode)
+			full = c >= perNode
+		}
+		info[n.id] = placementNode{Conns: c, Eligible: ok, Full: full}
 	}
 	for i := range unmappedHosts {
 		eligible = append(eligible, NodeID(-1-i)) // never a real node ID
+		if perNode > 0 {
+			setCap(NodeID(-1-i), perNode)
+		}
 	}
-	targets := balanceTargets(total, eligible, pl.p.seed)
+	targets := cappedTargets(total, eligible, pl.p.seed, caps)
 	for id, t := range targets {
 		n, ok := info[id]
 		if !ok {
@@ -231,6 +252,9 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 	setHosts(cc, groups, order)
 	return func(_ context.Context, pgConn *pgconn.PgConn) error {
 		pl.connected(res, first, pgConn)
+		if id := pl.nodeBehind(remoteAddr(pgConn)); pl.p.nodeAtCap(id, pl.pendingTo(id), time.Now()) {
+			return errNodeAtCap // pgconn tries the next host
+		}
 		return nil
 	}
 }
@@ -380,7 +404,9 @@ func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn
 	pl.mu.Unlock()
 	if failed != 0 {
 		// Refused, timed out, or turned away: the check tells a node that
-		// is gone or silent from one that answers.
+		// is gone or silent from one that answers. Until then it is full
+		// (limits.go): no target draws connections to it.
+		pl.p.markFull(failed, now)
 		pl.p.suspectNode(pl.p.tracker.node(failed))
 	}
 }
@@ -480,7 +506,8 @@ var errOverTarget = errors.New("clusterpool: node is above its connection target
 // under-filled node in fewer balancing rounds for the same number of
 // connections opened.
 func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.ValidateConnectFunc {
-	if !pl.reached.Load() && len(avoid) == 0 {
+	capped := pl.p != nil && pl.p.limits.capping()
+	if !pl.reached.Load() && len(avoid) == 0 && !capped {
 		return func(context.Context, *pgconn.PgConn) error {
 			pl.reached.Store(true)
 			return nil
@@ -513,10 +540,16 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.Va
 		pl.reached.Store(true)
 		attempt++
 		id := pl.p.nodeOf(pgConn)
+		now := time.Now()
+		if capped && pl.p.nodeAtCap(id, 1, now) {
+			// Never above the cap, even at the last copy: the acquirer
+			// waits and tries again.
+			pl.redials.Add(1)
+			return errNodeAtCap
+		}
 		if attempt > maxRedials || id == 0 {
 			return nil
 		}
-		now := time.Now()
 		if (slices.Contains(avoid, id) || pl.overTarget(id, now)) && pl.p.budget.tryTake(now) {
 			pl.redials.Add(1)
 			return errOverTarget
@@ -565,4 +598,21 @@ func (pl *placement) overTarget(id NodeID, now time.Time) bool {
 func (pl *placement) recentlySeen(id NodeID, now time.Time, within time.Duration) bool {
 	n := pl.p.tracker.node(id)
 	return n != nil && now.Sub(time.Unix(0, n.lastSeen.Load())) <= within
+}
+
+// pendingTo counts the connects under way that reached, or were placed on,
+// node id.
+func (pl *placement) pendingTo(id NodeID) int {
+	if id == 0 {
+		return 0
+	}
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	k := 0
+	for _, r := range pl.reservations {
+		if pl.hostNodes[r.host] == id {
+			k++
+		}
+	}
+	return k
 }

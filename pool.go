@@ -151,6 +151,7 @@ type Pool struct {
 	budget    *connectBudget // new connections' rate
 	placement *placement     // connect-time placement
 	health    *healthChecker // nil when no node is tracked
+	limits    *limits        // runtime limits (limits.go)
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
 
@@ -211,6 +212,7 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 		return nil, err
 	}
 	p.pool = pool
+	p.limits.poolReady()
 	p.startLoops()
 	return p, nil
 }
@@ -227,6 +229,7 @@ func newPool(config *Config) *Pool {
 	p.tracker.obs = p.obs
 	p.budget = newConnectBudget(p.settings.connectRate, p.settings.connectBurst, p.obs)
 	p.placement = newPlacement(p)
+	p.limits = newLimits(p, config)
 	if p.tracking() {
 		p.health = newHealthChecker(p)
 		p.tracker.suspect = p.callCut
@@ -330,15 +333,21 @@ func (p *Pool) Close() {
 	})
 }
 
-// Acquire returns a connection from the pool.
+// Acquire returns a connection from the pool, within the runtime limits
+// (see "Runtime limits" in the package documentation).
 func (p *Pool) Acquire(ctx context.Context) (*pgxpool.Conn, error) {
-	return p.pool.Acquire(ctx)
+	return p.acquireConn(ctx)
 }
 
 // AcquireFunc acquires a connection and calls f with it, then releases it.
 // ctx only affects the acquire. See pgxpool.Pool.AcquireFunc.
 func (p *Pool) AcquireFunc(ctx context.Context, f func(*pgxpool.Conn) error) error {
-	return p.pool.AcquireFunc(ctx, f)
+	c, err := p.acquireConn(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	return f(c)
 }
 
 // AcquireAllIdle atomically acquires all currently idle connections, except
@@ -427,5 +436,10 @@ func (p *Pool) CopyFrom(ctx context.Context, tableName pgx.Identifier, columnNam
 // Ping acquires a connection and checks that the server answers. See
 // pgxpool.Pool.Ping.
 func (p *Pool) Ping(ctx context.Context) error {
-	return p.pool.Ping(ctx)
+	c, err := p.acquireConn(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	return c.Ping(ctx)
 }

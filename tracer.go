@@ -9,11 +9,11 @@ import (
 )
 
 // Tracers report what the pool does on its own, away from any query: nodes
-// coming and going, evictions, pruning, retries, probes, connect throttling
-// and panics in the caller's hooks. Config.Tracer is inspected once, when
-// the pool is created, for each of the interfaces below, as pgx inspects
-// ConnConfig.Tracer; a value may implement any of them, and CombineTracers
-// joins several values.
+// coming and going, evictions, pruning, retries, probes, connect
+// throttling, panics in the caller's hooks and changes of the runtime
+// limits. Config.Tracer is inspected once, when the pool is created, for
+// each of the interfaces below, as pgx inspects ConnConfig.Tracer; a value
+// may implement any of them, and CombineTracers joins several values.
 //
 // Methods are called synchronously from the goroutine where the event
 // happens (a caller's query for retries and connect throttling, the pool's
@@ -257,6 +257,38 @@ type TraceHookPanicData struct {
 	Stack []byte
 }
 
+// LimitTracer traces the runtime limits (see "Runtime limits" in the
+// package documentation).
+type LimitTracer interface {
+	// TraceLimits is called after a setter (SetMaxConns, SetMinConns,
+	// SetMaxConnsPerNode, SetAcquireTimeout, SetWorkloadLimits) changed the
+	// limits, with the limits now in force.
+	TraceLimits(ctx context.Context, pool *Pool, data TraceLimitsData)
+	// TraceWorkloadWait is called when a call of a workload at its limit
+	// has waited for a slot, after the wait.
+	TraceWorkloadWait(ctx context.Context, pool *Pool, data TraceWorkloadWaitData)
+}
+
+// TraceLimitsData is passed to LimitTracer.TraceLimits.
+type TraceLimitsData struct {
+	MaxConns        int32 // the pool's runtime size
+	MinConns        int32 // the runtime MinConns
+	MaxConnsPerNode int32 // 0: no cap
+	AcquireTimeout  time.Duration
+	// WorkloadLimits holds the limited workloads; nil when none is.
+	WorkloadLimits map[string]int
+}
+
+// TraceWorkloadWaitData is passed to LimitTracer.TraceWorkloadWait.
+type TraceWorkloadWaitData struct {
+	Workload string
+	// Waited is how long the call waited for a slot.
+	Waited time.Duration
+	// Err is non-nil when the wait ended without a slot: the caller's
+	// context, or AcquireTimeout, ended it.
+	Err error
+}
+
 // CombineTracers returns a tracer that forwards each event to every one of
 // tracers that implements the event's interface, in order. Nil values and
 // values that implement none of the interfaces (a pgx.QueryTracer meant for
@@ -304,6 +336,9 @@ func CombineTracers(tracers ...any) any {
 		if t, ok := t.(HookTracer); ok {
 			m.hook = append(m.hook, t)
 		}
+		if t, ok := t.(LimitTracer); ok {
+			m.limit = append(m.limit, t)
+		}
 	}
 	return m
 }
@@ -311,14 +346,14 @@ func CombineTracers(tracers ...any) any {
 // implementsTracer reports whether t implements at least one tracer interface.
 func implementsTracer(t any) bool {
 	switch t.(type) {
-	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, *multiTracer:
+	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LimitTracer, *multiTracer:
 		return true
 	}
 	return false
 }
 
 // tracerInterfaces lists the tracer interfaces, for errors.
-const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer"
+const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LimitTracer"
 
 // multiTracer is what CombineTracers returns. It implements every tracer
 // interface; the pool asks it which ones have members (see newObserver).
@@ -330,6 +365,19 @@ type multiTracer struct {
 	probe   []ProbeTracer
 	connect []ConnectTracer
 	hook    []HookTracer
+	limit   []LimitTracer
+}
+
+func (m *multiTracer) TraceLimits(ctx context.Context, pool *Pool, data TraceLimitsData) {
+	for _, t := range m.limit {
+		t.TraceLimits(ctx, pool, data)
+	}
+}
+
+func (m *multiTracer) TraceWorkloadWait(ctx context.Context, pool *Pool, data TraceWorkloadWaitData) {
+	for _, t := range m.limit {
+		t.TraceWorkloadWait(ctx, pool, data)
+	}
 }
 
 func (m *multiTracer) TraceNodeAdded(ctx context.Context, pool *Pool, data TraceNodeAddedData) {
@@ -405,6 +453,7 @@ type observer struct {
 	probe   ProbeTracer
 	connect ConnectTracer
 	hook    HookTracer
+	limit   LimitTracer
 
 	counters clusterCounters
 
@@ -461,6 +510,9 @@ func newObserver(p *Pool, tracer any) *observer {
 		if len(m.hook) > 0 {
 			o.hook = m
 		}
+		if len(m.limit) > 0 {
+			o.limit = m
+		}
 		return o
 	}
 	o.node, _ = tracer.(NodeTracer)
@@ -469,6 +521,7 @@ func newObserver(p *Pool, tracer any) *observer {
 	o.probe, _ = tracer.(ProbeTracer)
 	o.connect, _ = tracer.(ConnectTracer)
 	o.hook, _ = tracer.(HookTracer)
+	o.limit, _ = tracer.(LimitTracer)
 	return o
 }
 
@@ -675,5 +728,19 @@ func (o *observer) hookPanicked(ctx context.Context, hook string, value any, sta
 	o.counters.hookPanics.Add(1)
 	if o.hook != nil {
 		o.hook.TraceHookPanic(ctx, o.pool, TraceHookPanicData{Hook: hook, Value: value, Stack: stack})
+	}
+}
+
+// limitsChanged reports the limits a setter left in force.
+func (o *observer) limitsChanged(data TraceLimitsData) {
+	if o != nil && o.limit != nil {
+		o.limit.TraceLimits(context.Background(), o.pool, data)
+	}
+}
+
+// workloadWaited reports a call that waited for its workload's slot.
+func (o *observer) workloadWaited(ctx context.Context, workload string, waited time.Duration, err error) {
+	if o != nil && o.limit != nil {
+		o.limit.TraceWorkloadWait(ctx, o.pool, TraceWorkloadWaitData{Workload: workload, Waited: waited, Err: err})
 	}
 }
