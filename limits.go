@@ -121,6 +121,7 @@ type limits struct {
 	excess atomic.Int32
 
 	timeouts atomic.Int64 // acquires that ran out of AcquireTimeout
+	rounds   atomic.Int64 // passes of the limits loop at its interval (not asked for)
 
 	// workloads maps every workload that ever had a limit to its state; a
 	// copy is swapped in when a new name appears.
@@ -385,7 +386,16 @@ func (l *limits) acquire(ctx context.Context) (*pgxpool.Conn, error) {
 func (l *limits) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 	wait := minRoomWait
 	refused := 0
-	for {
+	for try := 0; ; try++ {
+		if try > 0 && !l.roomNow() {
+			// Still no idle connection and no room: wait again rather
+			// than have pgxpool start a connect only to see it refused.
+			if err := l.waitRoom(ctx, wait); err != nil {
+				return nil, err
+			}
+			wait = min(2*wait, maxRoomWait)
+			continue
+		}
 		c, err := l.p.pool.Acquire(ctx)
 		switch {
 		case err == nil:
@@ -404,6 +414,13 @@ func (l *limits) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 		}
 		wait = min(2*wait, maxRoomWait)
 	}
+}
+
+// roomNow reports whether an acquire may succeed now: an idle connection,
+// or room for a new one.
+func (l *limits) roomNow() bool {
+	st := l.p.pool.Stat()
+	return st.IdleConns() > 0 || int(st.TotalConns()) < l.effectiveMax(time.Now())
 }
 
 // acquireError is the caller's error for err, which ended an acquire
@@ -551,15 +568,24 @@ func (l *limits) effectiveMin(now time.Time) int {
 	return min(int(l.minConns.Load()), l.effectiveMax(now))
 }
 
-// capRoom returns how many connections the eligible nodes can hold within
-// their caps, and whether every one of them is capped (otherwise there is
-// no bound). No known eligible node: no bound.
+// capRoom returns how many connections the nodes can hold within their
+// caps, and false when that is not bounded (a node without cap). Nodes not
+// known yet count too: with hosts listed each unmapped host holds up to
+// the cap; behind one address, before any node is known, one node's worth
+// is let through, and more as connections find the nodes. There, a node
+// not known yet is only found by a connection or a probe, so the per-node
+// cap alone bounds the pool: full nodes only shape the targets.
 func (p *Pool) capRoom(now time.Time) (int, bool) {
 	if !p.tracking() {
 		return 0, false
 	}
+	perNode := p.limits.nodeCap()
+	placed := p.placement.mode == connectPlaced
+	if perNode == 0 && !placed {
+		return 0, false
+	}
 	views := p.limitViews(p.tracker.nodeList(), now)
-	room, any := 0, false
+	room, known := 0, 0
 	caps := viewCaps(views)
 	for _, v := range views {
 		if !v.Eligible {
@@ -570,9 +596,17 @@ func (p *Pool) capRoom(now time.Time) (int, bool) {
 			return 0, false
 		}
 		room += c
-		any = true
+		known++
 	}
-	return room, any
+	switch unmapped := p.placement.unmappedHosts(); {
+	case placed && unmapped > 0 && perNode == 0:
+		return 0, false
+	case placed:
+		room += unmapped * perNode
+	case known == 0:
+		room = perNode
+	}
+	return room, true
 }
 
 // limitViews returns each node's connections, eligibility and caps.
@@ -634,21 +668,53 @@ func (p *Pool) anyFull(now time.Time) bool {
 	return false
 }
 
-// nodeAtCap reports whether node id holds as many connections as its cap
-// allows (counting extra more), or is full; for ValidateConnect.
-func (p *Pool) nodeAtCap(id NodeID, extra int, now time.Time) bool {
+// capSlotKey is where a new connection's CustomData holds the node whose
+// cap slot it took in ValidateConnect, until AfterConnect has tracked it.
+const capSlotKey = "clusterpool.capSlot"
+
+// holdCapSlot is ValidateConnect's cap check: it reports whether the new
+// connection pgConn on node id may stay, and if so counts it on the node
+// until it is tracked (releaseCapSlot), so that connects under way at once
+// cannot together pass the cap. A full node takes none; an unknown node
+// (id 0) is not checked.
+func (p *Pool) holdCapSlot(id NodeID, pgConn *pgconn.PgConn, now time.Time) bool {
+	c := p.limits.nodeCap()
 	if id == 0 {
-		return false
+		return true
 	}
 	n := p.tracker.node(id)
 	if n == nil {
-		return false
+		if c == 0 {
+			return true
+		}
+		p.tracker.seen(id, now) // so that its slots count from the first connect
+		n = p.tracker.node(id)
 	}
 	if n.full(now) {
+		return false
+	}
+	if c == 0 {
 		return true
 	}
-	c := p.limits.nodeCap()
-	return c > 0 && int(n.conns.Load())+extra > c
+	for {
+		held := n.capHeld.Load()
+		if int(n.conns.Load())+int(held)+1 > c {
+			return false
+		}
+		if n.capHeld.CompareAndSwap(held, held+1) {
+			pgConn.CustomData()[capSlotKey] = n
+			return true
+		}
+	}
+}
+
+// releaseCapSlot gives back the slot holdCapSlot took for pgConn, if any,
+// once AfterConnect has tracked it or failed it.
+func releaseCapSlot(pgConn *pgconn.PgConn) {
+	if n, ok := pgConn.CustomData()[capSlotKey].(*node); ok {
+		delete(pgConn.CustomData(), capSlotKey)
+		n.capHeld.Add(-1)
+	}
 }
 
 // noteTooMany marks full the node a connect refused with 53300, when the
@@ -694,6 +760,7 @@ func (l *limits) run(ctx context.Context) {
 			return
 		case <-l.kick:
 		case <-timer.C:
+			l.rounds.Add(1)
 		}
 		short := l.enforce(ctx, time.Now())
 		next := l.p.settings.balanceInterval

@@ -90,6 +90,9 @@ type placement struct {
 type reservation struct {
 	host  string // host:port, a key of hostNodes once mapped
 	until time.Time
+	// capRefused is set when the pool itself refused a connection of
+	// this connect for the per-node cap: the host did not fail.
+	capRefused bool
 }
 
 // reservationKey is where a new connection's CustomData holds the
@@ -242,6 +245,9 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 		if t, ok := pl.downHosts[g.key]; ok {
 			hostDown[i] = now.Sub(t) < hostDownFor
 		}
+		if c := pl.p.limits.nodeCap(); c > 0 && hostNodes[i] == 0 && hostPending[i] >= c {
+			hostDown[i] = true // its node, whichever it is, would be at its cap
+		}
 	}
 	order := placementOrder(hostNodes, hostPending, hostDown, info, pl.p.seed)
 	first := groups[order[0]].key
@@ -252,7 +258,14 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 	setHosts(cc, groups, order)
 	return func(_ context.Context, pgConn *pgconn.PgConn) error {
 		pl.connected(res, first, pgConn)
-		if id := pl.nodeBehind(remoteAddr(pgConn)); pl.p.nodeAtCap(id, pl.pendingTo(id), time.Now()) {
+		id := pl.p.nodeOf(pgConn)
+		if id == 0 {
+			id = pl.nodeBehind(remoteAddr(pgConn))
+		}
+		if !pl.p.holdCapSlot(id, pgConn, time.Now()) {
+			pl.mu.Lock()
+			res.capRefused = true
+			pl.mu.Unlock()
 			return errNodeAtCap // pgconn tries the next host
 		}
 		return nil
@@ -393,7 +406,7 @@ func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn
 	}
 	// The first host was an address the connection would report as its
 	// own, and the connection is elsewhere: dialling the first one failed.
-	if host, _, err := net.SplitHostPort(reserved); err == nil && net.ParseIP(host) != nil && addr != "" {
+	if host, _, err := net.SplitHostPort(reserved); err == nil && net.ParseIP(host) != nil && addr != "" && !res.capRefused {
 		if addr != reserved {
 			pl.downHosts[reserved] = now
 			failed = pl.hostNodes[reserved]
@@ -414,6 +427,7 @@ func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn
 // counted drops the reservation of the connect that opened pgConn, once
 // AfterConnect has counted the connection on its node or failed it.
 func (pl *placement) counted(pgConn *pgconn.PgConn) {
+	releaseCapSlot(pgConn)
 	res, _ := pgConn.CustomData()[reservationKey].(*reservation)
 	if res == nil {
 		return
@@ -541,7 +555,7 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.Va
 		attempt++
 		id := pl.p.nodeOf(pgConn)
 		now := time.Now()
-		if capped && pl.p.nodeAtCap(id, 1, now) {
+		if capped && !pl.p.holdCapSlot(id, pgConn, now) {
 			// Never above the cap, even at the last copy: the acquirer
 			// waits and tries again.
 			pl.redials.Add(1)
@@ -600,17 +614,15 @@ func (pl *placement) recentlySeen(id NodeID, now time.Time, within time.Duration
 	return n != nil && now.Sub(time.Unix(0, n.lastSeen.Load())) <= within
 }
 
-// pendingTo counts the connects under way that reached, or were placed on,
-// node id.
-func (pl *placement) pendingTo(id NodeID) int {
-	if id == 0 {
-		return 0
-	}
+// unmappedHosts counts the connection string's hosts whose node is not
+// known yet.
+func (pl *placement) unmappedHosts() int {
+	groups := hostGroups(pl.p.config.ConnConfig)
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	k := 0
-	for _, r := range pl.reservations {
-		if pl.hostNodes[r.host] == id {
+	for _, g := range groups {
+		if pl.hostNodes[g.key] == 0 {
 			k++
 		}
 	}

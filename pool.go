@@ -206,6 +206,11 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	p := newPool(config)
 	pgxCfg := config.Config.Copy()
 	p.installHooks(pgxCfg)
+	if p.limits.on() {
+		// With limits from the start the limits loop opens MinConns,
+		// within them (pgxpool would open them before it can check).
+		pgxCfg.MinConns = 0
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, pgxCfg)
 	if err != nil {
 		p.bgCancel()

@@ -63,6 +63,7 @@ type node struct {
 	lastSeen   atomic.Int64 // unix nanoseconds of the last sign of life
 	draining   atomic.Bool  // the node said it is draining (probe)
 	fullUntil  atomic.Int64 // unix nanoseconds until which it takes no new connection (53300; limits.go)
+	capHeld    atomic.Int32 // connections accepted under the per-node cap, not yet tracked (limits.go)
 	nodeHealth              // eviction and health checks (health.go)
 
 	// Counters the balance rounds and retry code increment; reported in NodeStats.
