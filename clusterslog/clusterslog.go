@@ -10,12 +10,14 @@
 // see them:
 //
 //   - Debug: balancing (connections pruned to rebalance, throttled
-//     connects), probes, and each retried attempt.
+//     connects), probes, each retried attempt, and a call that waited for
+//     its workload's limit.
 //   - Info: nodes added, removed, healthy again, draining; connections
 //     pruned from an unavailable node; a call that succeeded after retries
-//     or whose context ended between attempts.
+//     or whose context ended between attempts; runtime limits changed.
 //   - Warn: a node evicted (unhealthy), a call that gave up after retries,
-//     and one not retried because its outcome is unknown.
+//     one not retried because its outcome is unknown, and one that gave up
+//     waiting for its workload's limit.
 //   - Error: a panic in one of the caller's hooks, which the pool recovered;
 //     the record carries the hook, the panic value and the stack.
 //
@@ -57,6 +59,7 @@ var (
 	_ clusterpool.ProbeTracer   = (*Tracer)(nil)
 	_ clusterpool.ConnectTracer = (*Tracer)(nil)
 	_ clusterpool.HookTracer    = (*Tracer)(nil)
+	_ clusterpool.LimitTracer   = (*Tracer)(nil)
 )
 
 // Attribute keys.
@@ -78,6 +81,13 @@ const (
 	keyHook     = "hook"
 	keyPanic    = "panic"
 	keyStack    = "stack"
+
+	keyMaxConns        = "max_conns"
+	keyMinConns        = "min_conns"
+	keyMaxConnsPerNode = "max_conns_per_node"
+	keyAcquireTimeout  = "acquire_timeout"
+	keyWorkloads       = "workload_limits"
+	keyWorkload        = "workload"
 )
 
 func (t *Tracer) log(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) {
@@ -221,4 +231,38 @@ func (t *Tracer) TraceHookPanic(ctx context.Context, _ *clusterpool.Pool, data c
 	}
 	t.log(ctx, slog.LevelError, "clusterpool: hook panicked (recovered)",
 		slog.String(keyHook, data.Hook), slog.String(keyPanic, fmt.Sprint(data.Value)), slog.String(keyStack, string(data.Stack)))
+}
+
+// TraceLimits logs at Info, with the limits now in force.
+func (t *Tracer) TraceLimits(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceLimitsData) {
+	if !t.enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.Int(keyMaxConns, int(data.MaxConns)),
+		slog.Int(keyMinConns, int(data.MinConns)),
+		slog.Int(keyMaxConnsPerNode, int(data.MaxConnsPerNode)),
+		slog.Duration(keyAcquireTimeout, data.AcquireTimeout),
+	}
+	if len(data.WorkloadLimits) > 0 {
+		attrs = append(attrs, slog.Any(keyWorkloads, data.WorkloadLimits))
+	}
+	t.log(ctx, slog.LevelInfo, "clusterpool: limits changed", attrs...)
+}
+
+// TraceWorkloadWait logs a wait at Debug, and one that ended without a
+// slot at Warn.
+func (t *Tracer) TraceWorkloadWait(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceWorkloadWaitData) {
+	level, msg := slog.LevelDebug, "clusterpool: waited for the workload's limit"
+	if data.Err != nil {
+		level, msg = slog.LevelWarn, "clusterpool: gave up waiting for the workload's limit"
+	}
+	if !t.enabled(ctx, level) {
+		return
+	}
+	attrs := []slog.Attr{slog.String(keyWorkload, data.Workload), slog.Duration(keyWaited, data.Waited)}
+	if data.Err != nil {
+		attrs = append(attrs, errAttr(data.Err))
+	}
+	t.log(ctx, level, msg, attrs...)
 }
