@@ -120,9 +120,9 @@ type Collector struct {
 	hookPanics        *prometheus.Desc
 
 	limitMaxConns, limitMinConns, limitPerNode, effectiveMaxConns *prometheus.Desc
-	fullNodes, acquireTimeouts, nodeFull                         *prometheus.Desc
-	workloadLimit, workloadInUse, workloadWaiting                *prometheus.Desc
-	workloadAcquires, workloadWaits, workloadWait                *prometheus.Desc
+	fullNodes, acquireTimeouts, nodeFull                          *prometheus.Desc
+	workloadLimit, workloadInUse, workloadWaiting                 *prometheus.Desc
+	workloadAcquires, workloadWaits, workloadWait                 *prometheus.Desc
 
 	acquires          *prometheus.Desc
 	acquireDuration   *prometheus.Desc

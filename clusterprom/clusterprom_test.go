@@ -420,10 +420,10 @@ func TestLimitsAndWorkloads(t *testing.T) {
 	waitFor(t, func() string {
 		v := values(t, reg)
 		for name, want := range map[string]float64{
-			"clusterpool_workload_limit" + w:          1,
-			"clusterpool_workload_in_use" + w:         1,
-			"clusterpool_workload_waiting" + w:        1,
-			"clusterpool_workload_acquires_total" + w: 1,
+			"clusterpool_workload_limit" + w:                      1,
+			"clusterpool_workload_in_use" + w:                     1,
+			"clusterpool_workload_waiting" + w:                    1,
+			"clusterpool_workload_acquires_total" + w:             1,
 			`clusterpool_limit_max_conns{pool="orders"}`:          4,
 			`clusterpool_limit_min_conns{pool="orders"}`:          3,
 			`clusterpool_limit_max_conns_per_node{pool="orders"}`: 0,
