@@ -23,6 +23,7 @@ type ClusterStat struct {
 	nodesAdded        int64
 	nodesRemoved      int64
 	hookPanics        int64
+	balanceRounds     int64
 
 	maxConns, minConns, maxConnsPerNode int32
 	effectiveMaxConns                   int32
@@ -46,6 +47,7 @@ func (p *Pool) ClusterStat() *ClusterStat {
 		nodesAdded:        c.nodesAdded.Load(),
 		nodesRemoved:      c.nodesRemoved.Load(),
 		hookPanics:        c.hookPanics.Load(),
+		balanceRounds:     c.balanceRounds.Load(),
 	}
 	for i := range c.retryOutcomes {
 		s.retryOutcomes[i] = c.retryOutcomes[i].Load()
@@ -116,6 +118,11 @@ func (s *ClusterStat) NodesRemoved() int64 { return s.nodesRemoved }
 // the pool recovered the panic (see HookTracer).
 func (s *ClusterStat) HookPanics() int64 { return s.hookPanics }
 
+// BalanceRounds returns how many balancing rounds the pool has run (one
+// every BalanceInterval ±20% while nodes are tracked). Watching a pool over
+// a number of rounds, rather than for a duration, tells whether it stays
+// quiet once balanced however loaded the machine is.
+func (s *ClusterStat) BalanceRounds() int64 { return s.balanceRounds }
 // MaxConns returns the pool's size in force: the configured MaxConns, or
 // what SetMaxConns set. Unlike the counters above it is a current value.
 func (s *ClusterStat) MaxConns() int32 { return s.maxConns }
