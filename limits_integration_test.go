@@ -99,6 +99,7 @@ func roundsWithin(t *testing.T, p *Pool, start int64, what string, cond func() s
 // follow within two rounds each way, stay at the size in between, and no
 // caller sees an error.
 func TestLimitsShrinkGrowUnderLoad(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), limitsConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -144,6 +145,7 @@ func TestLimitsShrinkGrowUnderLoad(t *testing.T) {
 // cap × nodes, callers beyond it wait instead of failing, and a lowered cap
 // is followed.
 func TestLimitsPerNodeCap(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"hosts", "load balancer"} {
 		t.Run(mode, func(t *testing.T) {
 			c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
@@ -246,6 +248,7 @@ func TestLimitsPerNodeCap(t *testing.T) {
 // hosts listed the pool marks it full, and stops trying to balance
 // connections onto it.
 func TestLimitsFullNode(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"hosts", "load balancer"} {
 		t.Run(mode, func(t *testing.T) {
 			c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
@@ -302,6 +305,7 @@ func TestLimitsFullNode(t *testing.T) {
 // unhindered; lowering the limit to 1 at run time is followed once the
 // calls in flight are done.
 func TestLimitsWorkload(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		limitsConfig(10, 10)(cfg)
@@ -380,6 +384,7 @@ func workloadStat(p *Pool, name string) WorkloadStat {
 // would have them, also after SetMinConns raises MinConns above the
 // construction value, which pgxpool would never open by itself.
 func TestLimitsWaitReady(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.HostsDSN(), limitsConfig(12, 30))
 	ready := func(want int) {
@@ -422,6 +427,7 @@ func TestLimitsWaitReady(t *testing.T) {
 // (ErrPoolExhausted) from one still opening them (ErrPoolConnecting); the
 // caller's own context is not involved.
 func TestLimitsAcquireTimeout(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		limitsConfig(0, 2)(cfg)
@@ -472,6 +478,7 @@ func TestLimitsAcquireTimeout(t *testing.T) {
 // Every setter may run concurrently with load and with Close; after Close
 // they change nothing and fail nothing.
 func TestLimitsSettersRace(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	cfg, err := ParseConfig(c.HostsDSN())
 	if err != nil {
