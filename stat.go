@@ -123,6 +123,7 @@ func (s *ClusterStat) HookPanics() int64 { return s.hookPanics }
 // a number of rounds, rather than for a duration, tells whether it stays
 // quiet once balanced however loaded the machine is.
 func (s *ClusterStat) BalanceRounds() int64 { return s.balanceRounds }
+
 // MaxConns returns the pool's size in force: the configured MaxConns, or
 // what SetMaxConns set. Unlike the counters above it is a current value.
 func (s *ClusterStat) MaxConns() int32 { return s.maxConns }
