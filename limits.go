@@ -776,7 +776,9 @@ func (l *limits) run(ctx context.Context) {
 func (l *limits) enforce(ctx context.Context, now time.Time) bool {
 	p := l.p
 	effMax, effMin := l.effectiveMax(now), l.effectiveMin(now)
-	total := int(p.pool.Stat().TotalConns())
+	st := p.pool.Stat()
+	// Connects under way count for MinConns, not as connections to close.
+	total, open := int(st.TotalConns()), int(st.TotalConns()-st.ConstructingConns())
 	if p.tracking() {
 		l.excess.Store(0)
 		if prune := planLimits(p.limitViews(p.tracker.nodeList(), now), effMax, p.seed); len(prune) > 0 {
@@ -784,19 +786,19 @@ func (l *limits) enforce(ctx context.Context, now time.Time) bool {
 		}
 		// Connections not tracked on a node (a plain server) count only
 		// against the size.
-		if untracked := total - p.trackedConns(); untracked > 0 && total > effMax {
-			l.excess.Store(int32(min(untracked, total-effMax)))
+		if untracked := open - p.trackedConns(); untracked > 0 && open > effMax {
+			l.excess.Store(int32(min(untracked, open-effMax)))
 		}
-	} else if total > effMax {
+	} else if open > effMax {
 		closed := 0
 		for _, c := range p.sweepIdle(ctx) {
-			if closed < total-effMax {
+			if closed < open-effMax {
 				closeQuietly(c.Conn())
 				closed++
 			}
 			c.Release()
 		}
-		l.excess.Store(int32(total - effMax - closed))
+		l.excess.Store(int32(open - effMax - closed))
 	} else {
 		l.excess.Store(0)
 	}

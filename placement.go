@@ -67,6 +67,12 @@ type placement struct {
 	// that does not answer would only repeat its dial error.
 	reached atomic.Bool
 
+	// placeMu makes placing a connect and reserving its host one step, so
+	// that connects placed at once do not all see the same node below its
+	// target (or its cap) and pick it; a connect waits on it no longer
+	// than a placement takes, and never for I/O.
+	placeMu sync.Mutex
+
 	mu sync.Mutex // protects the fields below
 	// hostNodes maps a dialled address ("ip:port") to the node behind it,
 	// learned from connections; bounded by the number of hosts dialled.
@@ -216,6 +222,8 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 	if len(groups) < 2 {
 		return nil
 	}
+	pl.placeMu.Lock()
+	defer pl.placeMu.Unlock()
 	hostNodes := make([]NodeID, len(groups))
 	unmapped := 0
 	pl.mu.Lock()
@@ -565,6 +573,7 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID) pgconn.Va
 			return nil
 		}
 		if (slices.Contains(avoid, id) || pl.overTarget(id, now)) && pl.p.budget.tryTake(now) {
+			releaseCapSlot(pgConn)
 			pl.redials.Add(1)
 			return errOverTarget
 		}
