@@ -337,10 +337,20 @@ func (p *Pool) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 		return p.limits.acquire(ctx)
 	}
 	c, err := p.pool.Acquire(ctx)
-	if err != nil && ctx.Err() == nil && (isTooManyConns(err) || errors.Is(err, errNodeAtCap)) {
+	if err != nil {
+		return p.acquireFailed(ctx, err)
+	}
+	return c, nil
+}
+
+// acquireFailed is acquireConn's path after pgxpool's Acquire failed
+// without limits: a connect refused by a full node, or for the cap, is
+// tried again within the limits' loop; any other error is returned.
+func (p *Pool) acquireFailed(ctx context.Context, err error) (*pgxpool.Conn, error) {
+	if ctx.Err() == nil && (isTooManyConns(err) || errors.Is(err, errNodeAtCap)) {
 		return p.limits.acquire(ctx)
 	}
-	return c, err
+	return nil, err
 }
 
 // acquire gets a connection within the limits: a slot of the call's

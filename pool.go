@@ -341,7 +341,15 @@ func (p *Pool) Close() {
 // Acquire returns a connection from the pool, within the runtime limits
 // (see "Runtime limits" in the package documentation).
 func (p *Pool) Acquire(ctx context.Context) (*pgxpool.Conn, error) {
-	return p.acquireConn(ctx)
+	// acquireConn, written out: this is the hot path.
+	if p.limits.on() {
+		return p.limits.acquire(ctx)
+	}
+	c, err := p.pool.Acquire(ctx)
+	if err != nil {
+		return p.acquireFailed(ctx, err)
+	}
+	return c, nil
 }
 
 // AcquireFunc acquires a connection and calls f with it, then releases it.
