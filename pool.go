@@ -20,7 +20,9 @@ import (
 //
 // Hooks set on the Config are chained with the pool's own, never replaced:
 //
-//   - BeforeConnect: the pool's hook (a connect-rate token, then host
+//   - BeforeConnect: the pool's hook (with runtime limits in force, the
+//     check that the pool has room for another connection; a connect-rate
+//     token, then host
 //     placement; and DefaultConnectTimeout per host when connect_timeout is
 //     not set) runs first, then the user's, on the same per-attempt copy of
 //     the connection config.
@@ -313,11 +315,15 @@ func (p *Pool) NodeStats() []NodeStat {
 
 // PgxPool returns the underlying pgxpool.Pool, for code that needs the
 // concrete pgxpool type. Connections acquired through it are still tracked,
-// but it neither retries nor balances on its own; do not Close it directly.
+// but it neither retries nor balances on its own, nor waits within the
+// runtime limits (a new connection it would open beyond the runtime MinConns
+// is refused while a limit is in force); do not Close it directly.
 func (p *Pool) PgxPool() *pgxpool.Pool { return p.pool }
 
 // ClusterConfig returns a copy of the Config used to create the pool, with
 // the cluster settings in effect: a zero setting reads as its default.
+// Limits changed at run time (SetMaxConns and the other setters) are not
+// in it: ClusterStat reports them.
 func (p *Pool) ClusterConfig() *Config { return p.config.withDefaults() }
 
 // Close stops the pool's background work and waits for it to exit, then
