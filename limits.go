@@ -764,19 +764,23 @@ const sqlStateTooManyConnections = "53300"
 func (l *limits) run(ctx context.Context) {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	round := false // the timer is set for a balance interval, not a refill
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-l.kick:
 		case <-timer.C:
-			l.rounds.Add(1)
+			if round {
+				l.rounds.Add(1)
+			}
 		}
 		short := l.enforce(ctx, time.Now())
 		next := l.p.settings.balanceInterval
 		if short {
 			next = min(next, refillAgain)
 		}
+		round = next == l.p.settings.balanceInterval
 		timer.Reset(next)
 	}
 }

@@ -220,8 +220,8 @@ func TestLimitsPerNodeCap(t *testing.T) {
 				for range 25 {
 					for id, n := range c.OpenConns() {
 						if n > limit && (mode == "hosts" || n > limit+1) { // +1: a probe's session
-							t.Errorf("settled at the cap %d, node %d holds %d on the server (pool: %v, new conns %d, redials %d, pruned %d, stat %+v)",
-								limit, id, n, poolCounts(p), p.Stat().NewConnsCount(), p.ClusterStat().Redials(), p.ClusterStat().PrunedConns(), p.NodeStats())
+							t.Errorf("settled at the cap %d, node %d holds %d on the server (pool: %v, new conns %d, redials %d, pruned %d, held %v, excess %d)",
+								limit, id, n, poolCounts(p), p.Stat().NewConnsCount(), p.ClusterStat().Redials(), p.ClusterStat().PrunedConns(), capHeld(p), p.limits.excess.Load())
 						}
 					}
 					time.Sleep(condPoll)
@@ -547,4 +547,13 @@ func TestLimitsSettersRace(t *testing.T) {
 			t.Error("invalid value accepted after Close")
 		}
 	}
+}
+
+// capHeld returns each node's cap slots taken by connects under way.
+func capHeld(p *Pool) map[NodeID]int32 {
+	m := make(map[NodeID]int32)
+	for _, n := range p.tracker.nodeList() {
+		m[n.id] = n.capHeld.Load()
+	}
+	return m
 }
