@@ -624,11 +624,12 @@ func (p *Pool) limitViews(nodes []*node, now time.Time) []nodeView {
 	views := make([]nodeView, 0, len(nodes))
 	full := p.fullNodes(nodes, now)
 	perNode := p.limits.nodeCap()
+	scope := p.localityScope(nodes, now)
 	for _, n := range nodes {
 		views = append(views, nodeView{
 			ID:       n.id,
 			Conns:    max(int(n.conns.Load())-n.markedToRetire(), 0),
-			Eligible: !n.evicted.Load() && !n.draining.Load(),
+			Eligible: !n.evicted.Load() && !n.draining.Load() && scope.in(n),
 			Cap:      perNode,
 			Full:     full[n.id],
 		})

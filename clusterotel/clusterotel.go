@@ -42,6 +42,7 @@
 //	clusterpool.node.pruned_connections      counter   {connection}
 //	clusterpool.node.retries                 counter   {attempt}
 //	clusterpool.node.evictions               counter   {eviction}
+//	clusterpool.node.locality                gauge     1, attribute locality, once the locality is known
 //
 // Per pool (Pool.ClusterStat):
 //
@@ -57,6 +58,7 @@
 //	clusterpool.nodes_added                  counter   {node}
 //	clusterpool.nodes_removed                counter   {node}
 //	clusterpool.hook_panics                  counter   {panic}
+//	clusterpool.locality_fallbacks           counter   {fallback}
 //
 // The runtime limits (see clusterpool's "Runtime limits"):
 //
@@ -113,12 +115,13 @@ type instruments struct {
 	conns, maxConns                                                                     metric.Int64ObservableUpDownCounter
 
 	nodeConns                                 metric.Int64ObservableUpDownCounter
-	nodeHealthy, nodeDraining                 metric.Int64ObservableGauge
+	nodeHealthy, nodeDraining, nodeLocality   metric.Int64ObservableGauge
 	nodePruned, nodeRetries, nodeEvictions    metric.Int64ObservableCounter
 	nodes                                     metric.Int64ObservableUpDownCounter
 	retries, retryAttempts, evictions, probes metric.Int64ObservableCounter
 	probeFailures, redials, connectsThrottled metric.Int64ObservableCounter
 	nodesAdded, nodesRemoved, hookPanics      metric.Int64ObservableCounter
+	localityFallbacks                         metric.Int64ObservableCounter
 	connectWait                               metric.Float64ObservableCounter
 
 	limitMaxConns, limitMinConns, limitPerNode, effectiveMaxConns, fullNodes metric.Int64ObservableUpDownCounter
@@ -176,6 +179,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	in.nodePruned = ic("clusterpool.node.pruned_connections", "{connection}", "Connections of the node retired by the balancer.")
 	in.nodeRetries = ic("clusterpool.node.retries", "{attempt}", "Attempts retried after a failure on the node.")
 	in.nodeEvictions = ic("clusterpool.node.evictions", "{eviction}", "Times the node was evicted.")
+	in.nodeLocality = g("clusterpool.node.locality", "1 for the node's locality (CockroachDB's --locality form), once the pool knows it.")
 
 	in.nodes = ud("clusterpool.nodes", "{node}", "Nodes known to the pool by state; each node counts once: unhealthy, else draining, else healthy.")
 	in.retries = ic("clusterpool.retries", "{call}", "Calls that involved the retry logic, by how they ended.")
@@ -202,6 +206,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	in.workloadAcquires = ic("clusterpool.workload.acquires", "{call}", "Slots the workload's calls took.")
 	in.workloadWaits = ic("clusterpool.workload.waits", "{call}", "The workload's calls that waited for a slot.")
 	in.workloadWait = fc("clusterpool.workload.wait_time", "Time the workload's calls waited for a slot.")
+	in.localityFallbacks = ic("clusterpool.locality_fallbacks", "{fallback}", "Times the pool moved to a less preferred locality level because no node of the level in use was healthy.")
 	if err := errors.Join(errs...); err != nil {
 		return nil, errors.Join(errors.New("clusterotel: creating instruments"), err)
 	}
@@ -213,11 +218,11 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	},
 		in.acquires, in.acquireDuration, in.emptyAcquires, in.emptyAcquireWait, in.canceledAcquires,
 		in.conns, in.maxConns, in.newConns, in.lifetimeDestroys, in.idleDestroys,
-		in.nodeConns, in.nodeHealthy, in.nodeDraining, in.nodePruned, in.nodeRetries, in.nodeEvictions,
+		in.nodeConns, in.nodeHealthy, in.nodeDraining, in.nodePruned, in.nodeRetries, in.nodeEvictions, in.nodeLocality,
 		in.nodes, in.retries, in.retryAttempts, in.evictions, in.probes, in.probeFailures, in.redials,
-		in.connectsThrottled, in.connectWait, in.nodesAdded, in.nodesRemoved, in.hookPanics,
 		in.limitMaxConns, in.limitMinConns, in.limitPerNode, in.effectiveMaxConns, in.fullNodes, in.acquireTimeouts, in.nodeFull,
 		in.workloadLimit, in.workloadInUse, in.workloadWaiting, in.workloadAcquires, in.workloadWaits, in.workloadWait,
+		in.connectsThrottled, in.connectWait, in.nodesAdded, in.nodesRemoved, in.hookPanics, in.localityFallbacks,
 	)
 	if err != nil {
 		return nil, errors.Join(errors.New("clusterotel: registering the callback"), err)
@@ -258,6 +263,9 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 		o.ObserveInt64(in.nodeRetries, s.Retries, onNode)
 		o.ObserveInt64(in.nodeEvictions, s.Evictions, onNode)
 		o.ObserveInt64(in.nodeFull, boolValue(s.Full), onNode)
+		if s.Locality != "" {
+			o.ObserveInt64(in.nodeLocality, 1, metric.WithAttributes(poolAttr, node, attribute.String("locality", s.Locality)))
+		}
 		switch {
 		case !s.Healthy:
 			unhealthy++
@@ -300,6 +308,7 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 		o.ObserveInt64(in.workloadWaits, w.Waits, onWorkload)
 		o.ObserveFloat64(in.workloadWait, w.WaitDuration.Seconds(), onWorkload)
 	}
+	o.ObserveInt64(in.localityFallbacks, st.LocalityFallbacks(), only)
 }
 
 func boolValue(b bool) int64 {

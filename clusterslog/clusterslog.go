@@ -12,11 +12,14 @@
 //   - Debug: balancing (connections pruned to rebalance, throttled
 //     connects), probes, each retried attempt, and a call that waited for
 //     its workload's limit.
-//   - Info: nodes added, removed, healthy again, draining; connections
-//     pruned from an unavailable node; a call that succeeded after retries
-//     or whose context ended between attempts; runtime limits changed.
-//   - Warn: a node evicted (unhealthy), a call that gave up after retries,
-//     one not retried because its outcome is unknown, and one that gave up
+//   - Info: nodes added, removed, healthy again, draining; a node's
+//     locality learned; connections pruned from an unavailable node or
+//     outside the locality level in use; the pool back on a more
+//     preferred locality level; a call that succeeded after retries or
+//     whose context ended between attempts; runtime limits changed.
+//   - Warn: a node evicted (unhealthy), the pool falling back to a less
+//     preferred locality level, a call that gave up after retries, and one
+//     not retried because its outcome is unknown, and a call that gave up
 //     waiting for its workload's limit.
 //   - Error: a panic in one of the caller's hooks, which the pool recovered;
 //     the record carries the hook, the panic value and the stack.
@@ -59,35 +62,40 @@ var (
 	_ clusterpool.ProbeTracer   = (*Tracer)(nil)
 	_ clusterpool.ConnectTracer = (*Tracer)(nil)
 	_ clusterpool.HookTracer    = (*Tracer)(nil)
-	_ clusterpool.LimitTracer   = (*Tracer)(nil)
+
+	_ clusterpool.LocalityTracer = (*Tracer)(nil)
+	_ clusterpool.LimitTracer    = (*Tracer)(nil)
 )
 
 // Attribute keys.
 const (
-	keyNode     = "node"
-	keyAddr     = "addr"
-	keyCount    = "count"
-	keyReason   = "reason"
-	keyAttempt  = "attempt"
-	keyAttempts = "attempts"
-	keyNodes    = "nodes"
-	keyClass    = "error_class"
-	keyStage    = "stage"
-	keyDelay    = "delay"
-	keyOutcome  = "outcome"
-	keyWaited   = "waited"
-	keyLimit    = "limit_per_second"
-	keyErr      = "err"
-	keyHook     = "hook"
-	keyPanic    = "panic"
-	keyStack    = "stack"
-
+	keyNode            = "node"
+	keyAddr            = "addr"
+	keyCount           = "count"
+	keyReason          = "reason"
+	keyAttempt         = "attempt"
+	keyAttempts        = "attempts"
+	keyNodes           = "nodes"
+	keyClass           = "error_class"
+	keyStage           = "stage"
+	keyDelay           = "delay"
+	keyOutcome         = "outcome"
+	keyWaited          = "waited"
+	keyLimit           = "limit_per_second"
+	keyErr             = "err"
+	keyHook            = "hook"
+	keyPanic           = "panic"
+	keyStack           = "stack"
 	keyMaxConns        = "max_conns"
 	keyMinConns        = "min_conns"
 	keyMaxConnsPerNode = "max_conns_per_node"
 	keyAcquireTimeout  = "acquire_timeout"
 	keyWorkloads       = "workload_limits"
 	keyWorkload        = "workload"
+
+	keyLocality = "locality"
+	keyLevel    = "locality_level"
+	keyPrevious = "previous_level"
 )
 
 func (t *Tracer) log(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) {
@@ -141,7 +149,7 @@ func (t *Tracer) TraceNodeDraining(ctx context.Context, _ *clusterpool.Pool, dat
 // at Info.
 func (t *Tracer) TracePrune(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TracePruneData) {
 	level := slog.LevelDebug
-	if data.Reason == clusterpool.PruneNodeUnavailable {
+	if data.Reason == clusterpool.PruneNodeUnavailable || data.Reason == clusterpool.PruneOutsideLocality {
 		level = slog.LevelInfo
 	}
 	if !t.enabled(ctx, level) {
@@ -231,6 +239,35 @@ func (t *Tracer) TraceHookPanic(ctx context.Context, _ *clusterpool.Pool, data c
 	}
 	t.log(ctx, slog.LevelError, "clusterpool: hook panicked (recovered)",
 		slog.String(keyHook, data.Hook), slog.String(keyPanic, fmt.Sprint(data.Value)), slog.String(keyStack, string(data.Stack)))
+}
+
+// TraceNodeLocality logs at Info.
+func (t *Tracer) TraceNodeLocality(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceNodeLocalityData) {
+	if !t.enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	t.log(ctx, slog.LevelInfo, "clusterpool: node locality", nodeAttr(data.Node), slog.String(keyLocality, data.Locality))
+}
+
+// TraceLocalityLevel logs a fallback at Warn and a return at Info. The
+// level is the last tier the nodes in use share with the pool's locality
+// ("zone", "region"), or "cluster" for the whole cluster.
+func (t *Tracer) TraceLocalityLevel(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceLocalityLevelData) {
+	level, msg := slog.LevelInfo, "clusterpool: back on a preferred locality level"
+	if data.Fallback {
+		level, msg = slog.LevelWarn, "clusterpool: locality fallback: no healthy node in the preferred level"
+	}
+	if !t.enabled(ctx, level) {
+		return
+	}
+	t.log(ctx, level, msg, slog.String(keyLevel, levelName(data.Level)), slog.String(keyPrevious, levelName(data.Previous)))
+}
+
+func levelName(level string) string {
+	if level == "" {
+		return "cluster"
+	}
+	return level
 }
 
 // TraceLimits logs at Info, with the limits now in force.
