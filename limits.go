@@ -347,7 +347,8 @@ func (p *Pool) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 // without limits: a connect refused by a full node, or for the cap, is
 // tried again within the limits' loop; any other error is returned.
 func (p *Pool) acquireFailed(ctx context.Context, err error) (*pgxpool.Conn, error) {
-	if ctx.Err() == nil && (isTooManyConns(err) || errors.Is(err, errNodeAtCap)) {
+	// errNoRoom: a limit was set while this acquire was under way.
+	if ctx.Err() == nil && (isTooManyConns(err) || errors.Is(err, errNodeAtCap) || errors.Is(err, errNoRoom)) {
 		return p.limits.acquire(ctx)
 	}
 	return nil, err
@@ -444,8 +445,10 @@ func (l *limits) acquireError(ctx, actx context.Context, err error, timeout time
 	if w != nil {
 		return fmt.Errorf("clusterpool: no connection within cluster_acquire_timeout (%v): workload %q holds its limit of %d: %w", timeout, w.name, w.currentLimit(), ErrPoolExhausted)
 	}
+	// Still being opened: connects under way while the pool has fewer
+	// connections open than it may hold.
 	st := l.p.pool.Stat()
-	if st.ConstructingConns() > 0 {
+	if open := st.TotalConns() - st.ConstructingConns(); st.ConstructingConns() > 0 && int(open) < l.effectiveMax(time.Now()) {
 		return fmt.Errorf("clusterpool: no connection within cluster_acquire_timeout (%v): %d connections still being opened: %w", timeout, st.ConstructingConns(), ErrPoolConnecting)
 	}
 	return fmt.Errorf("clusterpool: no connection within cluster_acquire_timeout (%v): all %d connections in use: %w", timeout, st.AcquiredConns(), ErrPoolExhausted)
@@ -609,8 +612,8 @@ func (p *Pool) capRoom(now time.Time) (int, bool) {
 		known++
 	}
 	switch unmapped := p.placement.unmappedHosts(); {
-	case placed && unmapped > 0 && perNode == 0:
-		return 0, false
+	case perNode == 0 && (known == 0 || unmapped > 0):
+		return 0, false // only full nodes are known: others may take more
 	case placed:
 		room += unmapped * perNode
 	case known == 0:
