@@ -562,3 +562,48 @@ func capHeld(p *Pool) map[NodeID]int32 {
 	}
 	return m
 }
+
+// On plain PostgreSQL with one host the pool tracks no node (it is
+// pgxpool plus retries), and the runtime size still holds: idle
+// connections above it closed, in-use ones at release, callers waiting.
+func TestLimitsShrinkUntracked(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
+	p := startPool(t, c.Node(1).PostgresDSN(), limitsConfig(8, 8))
+	waitCond(t, func() string {
+		if n := p.Stat().TotalConns(); n != 8 {
+			return fmt.Sprintf("%d connections, want 8", n)
+		}
+		return ""
+	})
+	if len(p.NodeStats()) != 0 {
+		t.Fatalf("plain PostgreSQL tracked: %+v", p.NodeStats())
+	}
+	ld := startLoad(t, 12, sleepQuery(p))
+	if err := p.SetMaxConns(3); err != nil {
+		t.Fatal(err)
+	}
+	open := func() int32 { st := p.Stat(); return st.TotalConns() - st.ConstructingConns() }
+	waitCond(t, func() string {
+		if n := open(); n > 3 {
+			return fmt.Sprintf("%d connections open, want at most 3", n)
+		}
+		return ""
+	})
+	for range 10 {
+		if n := open(); n > 3 {
+			t.Fatalf("%d connections open after the shrink to 3", n)
+		}
+		time.Sleep(condPoll)
+	}
+	if err := p.SetMaxConns(8); err != nil {
+		t.Fatal(err)
+	}
+	waitCond(t, func() string {
+		if n := open(); n != 8 {
+			return fmt.Sprintf("%d connections open, want 8", n)
+		}
+		return ""
+	})
+	ld.check(t)
+}
