@@ -80,10 +80,9 @@ func (p *Pool) installHooks(cfg *pgxpool.Config) {
 	}
 
 	// AfterRelease is never set: pgxpool runs every release in a goroutine
-	// of its own when it is.
-	if tracking {
-		cfg.ConnConfig.Tracer = withReleaseTracer(cfg.ConnConfig.Tracer, releaseTracer{p})
-	}
+	// of its own when it is. The release tracer is installed even without
+	// tracking, for the runtime limits, which may be set at any time.
+	cfg.ConnConfig.Tracer = withReleaseTracer(cfg.ConnConfig.Tracer, releaseTracer{p})
 }
 
 // beforeConnect takes a connect token, without any lock held, then places
@@ -94,6 +93,9 @@ func (p *Pool) installHooks(cfg *pgxpool.Config) {
 // listed pgconn moves on to the next host only when the timeout ends the
 // attempt.
 func (p *Pool) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
+	if err := p.limits.admitConnect(ctx); err != nil {
+		return err // before the budget: a refused connect costs no token
+	}
 	if p.config.ConnConfig.ConnectTimeout <= 0 {
 		cc.ConnectTimeout = DefaultConnectTimeout
 	}
@@ -273,9 +275,12 @@ func (releaseTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.Tra
 
 func (releaseTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
 
-func (releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
+func (rt releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
 	if cs := connStateOf(data.Conn); cs != nil {
 		cs.released()
+	}
+	if rt.p.limits.on() {
+		rt.p.limits.released(data.Conn)
 	}
 }
 

@@ -71,6 +71,8 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 			Conns:      max(conns, 0),
 			Eligible:   healthy && !outside,
 			Refillable: conns > 0 || now.Sub(time.Unix(0, n.lastSeen.Load())) <= refill,
+			Cap:        p.limits.nodeCap(),
+			Full:       n.full(now),
 			Outside:    outside,
 		})
 	}
