@@ -653,34 +653,42 @@ func (o *observer) nodeDraining(id NodeID, draining bool) {
 
 // pruned reports what a balancing round retired, per node, by comparing
 // each node's pruned counter with what was last reported. views says which
-// nodes were eligible, for the reason. Only the balancing loop calls it.
+// nodes were eligible, for the reason. Only the balancing loop calls it. The
+// cluster-wide counter takes the whole round before any event is traced, so
+// a tracer reading ClusterStat sees it agree with the nodes' counters.
 func (o *observer) pruned(ctx context.Context, nodes []*node, views []nodeView) {
 	if o == nil {
 		return
 	}
+	type retired struct {
+		id NodeID
+		k  int64
+	}
+	var round []retired
+	o.mu.Lock()
 	for _, n := range nodes {
 		total := n.pruned.Load()
-		o.mu.Lock()
-		k := total - o.prunedSeen[n]
-		if k > 0 {
+		if k := total - o.prunedSeen[n]; k > 0 {
 			o.prunedSeen[n] = total
+			round = append(round, retired{n.id, k})
 		}
-		o.mu.Unlock()
-		if k <= 0 {
-			continue
-		}
-		o.counters.pruned.Add(k)
-		if o.prune == nil {
-			continue
-		}
+	}
+	o.mu.Unlock()
+	for _, r := range round {
+		o.counters.pruned.Add(r.k)
+	}
+	if o.prune == nil {
+		return
+	}
+	for _, r := range round {
 		reason := PruneRebalance
-		if i := slices.IndexFunc(views, func(v nodeView) bool { return v.ID == n.id }); i >= 0 && !views[i].Eligible {
+		if i := slices.IndexFunc(views, func(v nodeView) bool { return v.ID == r.id }); i >= 0 && !views[i].Eligible {
 			reason = PruneNodeUnavailable
 			if views[i].Outside {
 				reason = PruneOutsideLocality
 			}
 		}
-		o.prune.TracePrune(ctx, o.pool, TracePruneData{Node: n.id, Count: int(k), Reason: reason})
+		o.prune.TracePrune(ctx, o.pool, TracePruneData{Node: r.id, Count: int(r.k), Reason: reason})
 	}
 }
 
