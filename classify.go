@@ -31,7 +31,10 @@ const (
 	ClassCanceled
 	// ClassNotSent is an error that pgconn guarantees happened before
 	// anything was sent to the server (pgconn.SafeToRetry) and that says
-	// nothing about the node. The work can be retried anywhere.
+	// nothing about the node. The work can be retried anywhere. SQLSTATE
+	// 53300 (too many connections: CockroachDB's
+	// server.max_connections_per_gateway refusing a new session) is of this
+	// class: the node is healthy, only full.
 	ClassNotSent
 	// ClassRestartTxn is SQLSTATE 40001 (serialization failure, CockroachDB's
 	// "restart transaction"): the server aborted the transaction, so nothing
@@ -106,6 +109,8 @@ func classifySQLState(code string) ErrorClass {
 		return ClassRestartTxn
 	case "40003": // statement_completion_unknown
 		return ClassAmbiguous
+	case sqlStateTooManyConnections: // a full node refused a new session
+		return ClassNotSent
 	case "57P01", // admin_shutdown: drain, "server is not accepting clients"
 		"57P02", // crash_shutdown
 		"57P03": // cannot_connect_now: starting up or shutting down

@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"context"
 	"fmt"
+	"maps"
 	"math"
 	"net"
 	"reflect"
@@ -170,10 +171,39 @@ type Config struct {
 	// that to retry less. See the Pool documentation for the policy.
 	RetryPolicy RetryPolicy
 
+	// MaxConnsPerNode is the most connections the pool holds on one node
+	// (cluster_max_conns_per_node): placement, redials and balancing never
+	// put more there, and when MaxConnsPerNode × the healthy nodes is below
+	// the pool's size the pool works with that smaller size
+	// (ClusterStat.EffectiveMaxConns). Zero, the default, means no cap; so
+	// does a negative value. Pool.SetMaxConnsPerNode changes it at run time.
+	// See "Runtime limits" in the package documentation.
+	MaxConnsPerNode int32
+
+	// AcquireTimeout is the longest a call waits for a connection
+	// (cluster_acquire_timeout), whatever its context allows: past it the
+	// call fails with an error that matches ErrPoolExhausted (every
+	// connection was handed out) or ErrPoolConnecting (connections were
+	// still being opened). The query itself runs under the caller's
+	// context only. Zero, the default, means no timeout: a call waits as
+	// long as its context lets it, as with pgxpool; so does a negative
+	// value. Pool.SetAcquireTimeout changes it at run time.
+	AcquireTimeout time.Duration
+
+	// WorkloadLimits bounds how many connections each named workload holds
+	// at once; a call names its workload with WithWorkload. A call of a
+	// workload at its limit waits, in arrival order, for one of the
+	// workload's connections to come back (or for its context, or
+	// AcquireTimeout). Work with no workload, or one not listed, is bounded
+	// only by the pool's size. Each limit must be at least 1 and each name
+	// non-empty. Nil, the default, means no workload limit.
+	// Pool.SetWorkloadLimits changes them at run time.
+	WorkloadLimits map[string]int
+
 	// Tracer receives the pool's own events (nodes added, removed, evicted
 	// or draining, pruning, retries, probes, connect throttling). It is
 	// inspected once, by NewWithConfig, for NodeTracer, PruneTracer,
-	// RetryTracer, ProbeTracer, ConnectTracer and HookTracer;
+	// RetryTracer, ProbeTracer, ConnectTracer, HookTracer and LimitTracer;
 	// CombineTracers joins several. Nil means no tracing, at no cost. A
 	// value that implements none of them is an error. It is not installed as ConnConfig.Tracer:
 	// to trace queries too, set the same value there.
@@ -193,6 +223,7 @@ func (c *Config) Copy() *Config {
 	default:
 		n.Config = c.Config.Copy()
 	}
+	n.WorkloadLimits = maps.Clone(c.WorkloadLimits)
 	return &n
 }
 
@@ -204,6 +235,8 @@ const (
 	paramMaxRetries      = "cluster_max_retries"
 	paramConnectRate     = "cluster_connect_rate"
 	paramNodeIdentity    = "cluster_node_identity"
+	paramMaxConnsPerNode = "cluster_max_conns_per_node"
+	paramAcquireTimeout  = "cluster_acquire_timeout"
 	paramLocality        = "cluster_locality"
 	paramLocalityFall    = "cluster_locality_fallback"
 
@@ -229,6 +262,10 @@ const (
 //   - cluster_connect_rate: new connections per second, 0 or more (default
 //     10); 0 or "off" means no limit (Config.ConnectRate -1), as does "inf"
 //   - cluster_node_identity: auto, backendkey, query or none (default auto)
+//   - cluster_max_conns_per_node: integer, 0 or more (default 0, no cap); 0
+//     or "off" means no cap
+//   - cluster_acquire_timeout: duration, 0 or more (default 0, none); 0 or
+//     "off" means none
 //   - cluster_locality: the pool's locality, such as
 //     region=us-east1,zone=us-east1-b (default none); see Config.Locality
 //   - cluster_locality_fallback: comma-separated tiers of cluster_locality
@@ -334,6 +371,32 @@ func (c *Config) setParam(key, value string) error {
 		if r == 0 {
 			c.ConnectRate = offConnectRate
 		}
+	case paramMaxConnsPerNode:
+		if strings.EqualFold(value, paramOff) {
+			c.MaxConnsPerNode = 0
+			break
+		}
+		n, err := strconv.ParseInt(value, 10, 32)
+		if err != nil {
+			return invalid(err)
+		}
+		if n < 0 {
+			return invalid("must not be negative (0 or off: no cap)")
+		}
+		c.MaxConnsPerNode = int32(n)
+	case paramAcquireTimeout:
+		if strings.EqualFold(value, paramOff) {
+			c.AcquireTimeout = 0
+			break
+		}
+		d, err := time.ParseDuration(value)
+		if err != nil {
+			return invalid(err)
+		}
+		if d < 0 {
+			return invalid("must not be negative (0 or off: no timeout)")
+		}
+		c.AcquireTimeout = d
 	case paramNodeIdentity:
 		id := NodeIdentity(strings.ToLower(value))
 		if id == "" || !id.valid() {
@@ -358,7 +421,7 @@ func (c *Config) setParam(key, value string) error {
 
 // clusterParamNames returns the cluster_* parameters ParseConfig reads.
 func clusterParamNames() []string {
-	return []string{paramBalanceInterval, paramProbeInterval, paramMaxRetries, paramConnectRate, paramNodeIdentity, paramLocality, paramLocalityFall}
+	return []string{paramBalanceInterval, paramProbeInterval, paramMaxRetries, paramConnectRate, paramNodeIdentity, paramLocality, paramLocalityFall, paramMaxConnsPerNode, paramAcquireTimeout}
 }
 
 // unknownParam is the error for a parameter that looks like a cluster
@@ -457,7 +520,7 @@ func (c *Config) validate() error {
 		}
 		return invalid(field, value, err.Error())
 	}
-	return nil
+	return checkWorkloadLimits("Config.WorkloadLimits", c.WorkloadLimits)
 }
 
 // checkInterval says what is wrong with d as a BalanceInterval or
@@ -499,6 +562,8 @@ type settings struct {
 	connectRate     float64 // connections per second; +Inf: no limit
 	connectBurst    int     // tokens for a cold start: MaxConns
 	identity        NodeIdentity
+	maxConnsPerNode int32         // 0: no cap
+	acquireTimeout  time.Duration // 0: none
 	identifyNode    func(context.Context, IdentifyNodeParams) (NodeID, string, error)
 	// multiHost is true when the connection string lists several distinct
 	// host:port pairs, i.e. the pool dials nodes directly and can place
@@ -517,6 +582,8 @@ func (c *Config) settings() settings {
 		connectRate:     c.ConnectRate,
 		connectBurst:    max(int(c.MaxConns), 1),
 		identity:        c.NodeIdentity,
+		maxConnsPerNode: max(c.MaxConnsPerNode, 0),
+		acquireTimeout:  max(c.AcquireTimeout, 0),
 		identifyNode:    c.IdentifyNode,
 		multiHost:       distinctHosts(c.ConnConfig) > 1,
 	}

@@ -61,6 +61,46 @@
 // never re-run work whose outcome is unknown. The Pool documentation gives the
 // whole policy.
 //
+// # Runtime limits
+//
+// pgxpool's MaxConns is fixed when it is built; clusterpool keeps it as the
+// ceiling and enforces limits below it while the pool runs, each with its
+// default:
+//
+//   - Pool.SetMaxConns(n), 1 to MaxConns (default: MaxConns): the pool's
+//     size. Shrinking closes idle connections above it at once and in-use
+//     ones when released, never under a query, within one balance interval;
+//     callers beyond the size wait (within their context) rather than fail.
+//     Growing opens connections through the connect rate limit.
+//   - Pool.SetMinConns(n), 0 to MaxConns (default: MinConns): the pool opens
+//     what is missing in the background, through placement, and holds
+//     pgxpool's own top-ups to the new value. Pool.WaitReady blocks until
+//     MinConns connections are open and spread over the healthy nodes as the
+//     balancer would have them, or its context ends.
+//   - Config.MaxConnsPerNode, cluster_max_conns_per_node (default 0: no
+//     cap), and Pool.SetMaxConnsPerNode: placement, redials and balancing
+//     never put more on one node; when the cap times the healthy nodes is
+//     below the size, the pool works with that (ClusterStat.EffectiveMaxConns).
+//   - Config.WorkloadLimits (default: none) and Pool.SetWorkloadLimits bound
+//     how many connections the calls of each workload, named with
+//     WithWorkload, hold at once; calls beyond wait in arrival order. Work
+//     with no workload is bounded only by the pool.
+//   - Config.AcquireTimeout, cluster_acquire_timeout (default 0: none), and
+//     Pool.SetAcquireTimeout: the longest a call waits for a connection,
+//     apart from the query's context; the error matches ErrPoolExhausted when
+//     every connection was handed out and ErrPoolConnecting when connections
+//     were still being opened.
+//
+// A node that refuses a new connection with SQLSTATE 53300 (too many
+// connections: CockroachDB's server.max_connections_per_gateway) is full,
+// not unhealthy: it is never evicted for it, its connections keep working,
+// the connect goes to another node and the caller sees no error while
+// another node has room (NodeStat.Full). Until a limit is set acquire and
+// release cost what they did; with limits in force, acquire through the
+// Pool: PgxPool's Acquire is not held to them, and a new connection it would
+// open beyond the runtime MinConns is refused. A connection taken out with Hijack keeps its
+// workload slot.
+//
 // # Observability
 //
 // Pool.NodeStats (per node) and Pool.ClusterStat (pool-wide counters: retries
@@ -68,8 +108,8 @@
 // Events (nodes added, removed, evicted, draining; connections pruned; retry
 // attempts and outcomes; probes; throttled connects; recovered hook panics)
 // go to Config.Tracer, which the pool inspects once for NodeTracer,
-// PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer and
-// LocalityTracer;
+// PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer,
+// LocalityTracer and LimitTracer;
 // CombineTracers joins several. Adapters live
 // in their own packages and are registered by the caller: clusterslog
 // (log/slog), clusterprom (a Prometheus collector, in a module of its own) and
@@ -80,6 +120,7 @@
 // ParseConfig accepts every pgxpool connection string plus cluster_*
 // parameters (cluster_balance_interval, cluster_probe_interval,
 // cluster_max_retries, cluster_connect_rate, cluster_node_identity,
+// cluster_max_conns_per_node, cluster_acquire_timeout). Config
 // cluster_locality, cluster_locality_fallback). Config
 // embeds *pgxpool.Config, so pgxpool settings and hooks are set as usual; the
 // pool chains its own hooks with the caller's, never replacing them.

@@ -180,3 +180,50 @@ func ExampleParseConfig_locality() {
 	// region=us-east1,zone=us-east1-b [region]
 	// clusterpool: cluster_locality_fallback: invalid value "zone": "zone" is not a tier of the locality "region=us-east1"
 }
+
+// Runtime limits: wait for MinConns before serving, bound a noisy workload,
+// and shrink the pool while it runs.
+func ExamplePool_SetMaxConns() {
+	ctx := context.Background()
+	cluster, err := clustertest.Start(ctx, clustertest.Options{Nodes: 3, InProcess: true})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer cluster.Close()
+
+	cfg, err := clusterpool.ParseConfig(cluster.DSN() + "&pool_max_conns=12&pool_min_conns=6&cluster_acquire_timeout=2s")
+	if err != nil {
+		log.Fatal(err)
+	}
+	cfg.WorkloadLimits = map[string]int{"reports": 2}
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close()
+
+	// Gate the service's readiness on the database.
+	if err := pool.WaitReady(ctx); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("ready with", pool.Stat().TotalConns(), "connections")
+
+	// Calls of the "reports" workload hold at most 2 connections at once.
+	reports := clusterpool.WithWorkload(ctx, "reports")
+	if _, err := pool.Exec(reports, "SELECT pg_sleep(0.01)"); err != nil {
+		log.Fatal(err)
+	}
+
+	// Shrink to 4 connections: idle ones go at once, in-use ones when
+	// released; grow again with SetMaxConns(12).
+	if err := pool.SetMaxConns(4); err != nil {
+		log.Fatal(err)
+	}
+	st := pool.ClusterStat()
+	fmt.Println("size", st.MaxConns(), "min", st.MinConns())
+	fmt.Println(pool.SetMaxConns(20))
+	// Output:
+	// ready with 6 connections
+	// size 4 min 4
+	// clusterpool: SetMaxConns: invalid value 20: must be from 1 to MaxConns (12)
+}

@@ -461,6 +461,9 @@ func (h *healthChecker) dialNode(ctx context.Context, n *node) (answered, known 
 	cc.ConnectTimeout = 0 // ctx bounds the check
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
+		if isTooManyConns(err) {
+			h.p.markFull(n.id, time.Now())
+		}
 		return !nodeSilent(err), true
 	}
 	_ = conn.Close(ctx) // bounded by the check's context

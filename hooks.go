@@ -80,10 +80,9 @@ func (p *Pool) installHooks(cfg *pgxpool.Config) {
 	}
 
 	// AfterRelease is never set: pgxpool runs every release in a goroutine
-	// of its own when it is.
-	if tracking {
-		cfg.ConnConfig.Tracer = withReleaseTracer(cfg.ConnConfig.Tracer, releaseTracer{p})
-	}
+	// of its own when it is. The release tracer is installed even without
+	// tracking, for the runtime limits, which may be set at any time.
+	cfg.ConnConfig.Tracer = withReleaseTracer(cfg.ConnConfig.Tracer, releaseTracer{p})
 }
 
 // beforeConnect takes a connect token, without any lock held, then places
@@ -94,11 +93,14 @@ func (p *Pool) installHooks(cfg *pgxpool.Config) {
 // listed pgconn moves on to the next host only when the timeout ends the
 // attempt.
 func (p *Pool) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
-	if p.config.ConnConfig.ConnectTimeout <= 0 {
-		cc.ConnectTimeout = DefaultConnectTimeout
-	}
 	if t := refillTicketOf(ctx); t != nil {
 		t.start() // the refill's acquire may go: the connect goes on without it
+	}
+	if err := p.limits.admitConnect(ctx); err != nil {
+		return err // before the budget: a refused connect costs no token
+	}
+	if p.config.ConnConfig.ConnectTimeout <= 0 {
+		cc.ConnectTimeout = DefaultConnectTimeout
 	}
 	caller := !backgroundConnect(ctx)
 	move, err := p.budget.take(ctx, caller)
@@ -298,18 +300,25 @@ func (releaseTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.Tra
 func (releaseTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
 
 func (rt releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
-	cs := connStateOf(data.Conn)
-	if cs == nil {
-		return
+	if cs := connStateOf(data.Conn); cs != nil {
+		rt.releasedTracked(cs, data.Conn)
 	}
+	if rt.p.limits.on() {
+		rt.p.limits.released(data.Conn)
+	}
+}
+
+// releasedTracked marks a tracked connection idle again; one that is going
+// away (broken, retired, or on an evicted node) is closed now, so pgxpool
+// destroys it on this release, and the pool refills in the background.
+func (rt releaseTracer) releasedTracked(cs *connState, conn *pgx.Conn) {
 	cs.released()
-	broken := data.Conn.IsClosed() // pgxpool destroys it on this release
+	broken := conn.IsClosed() // pgxpool destroys it on this release
 	closing := broken
 	if !closing && (cs.retire.Load() || cs.node.evicted.Load()) {
-		// Closed now, pgxpool destroys it on this release; back in the
-		// pool, it would be refused at a caller's acquire, which would
-		// then wait for a connect of its own.
-		closeQuietly(data.Conn)
+		// Back in the pool, it would be refused at a caller's acquire,
+		// which would then wait for a connect of its own.
+		closeQuietly(conn)
 		closing = true
 	}
 	if closing {

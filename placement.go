@@ -67,6 +67,12 @@ type placement struct {
 	// that does not answer would only repeat its dial error.
 	reached atomic.Bool
 
+	// placeMu makes placing a connect and reserving its host one step, so
+	// that connects placed at once do not all see the same node below its
+	// target (or its cap) and pick it; a connect waits on it no longer
+	// than a placement takes, and never for I/O.
+	placeMu sync.Mutex
+
 	mu sync.Mutex // protects the fields below
 	// hostNodes maps a dialled address ("ip:port") to the node behind it,
 	// learned from connections; bounded by the number of hosts dialled.
@@ -94,6 +100,9 @@ type placement struct {
 type reservation struct {
 	host  string // host:port, a key of hostNodes once mapped
 	until time.Time
+	// capRefused is set when the pool itself refused a connection of
+	// this connect for the per-node cap: the host did not fail.
+	capRefused bool
 }
 
 // reservationKey is where a new connection's CustomData holds the
@@ -154,6 +163,16 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 	info := make(map[NodeID]placementNode, len(nodes))
 	total := extra + unmapped
 	var eligible []NodeID
+	// Caps (limits.go): a full node takes no more than it holds, any node
+	// no more than the per-node cap.
+	perNode := pl.p.limits.nodeCap()
+	var caps map[NodeID]int
+	setCap := func(id NodeID, c int) {
+		if caps == nil {
+			caps = make(map[NodeID]int)
+		}
+		caps[id] = c
+	}
 	scope := pl.p.localityScope(nodes, now)
 	for _, n := range nodes {
 		c := int(n.conns.Load()) + pending[n.id]
@@ -164,12 +183,23 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 		if ok {
 			eligible = append(eligible, n.id)
 		}
-		info[n.id] = placementNode{Conns: c, Eligible: ok, Outside: outside}
+		full := n.full(now)
+		switch {
+		case full:
+			setCap(n.id, c)
+		case perNode > 0:
+			setCap(n.id, perNode)
+			full = c >= perNode
+		}
+		info[n.id] = placementNode{Conns: c, Eligible: ok, Outside: outside, Full: full}
 	}
 	for i := range unmappedHosts {
 		eligible = append(eligible, NodeID(-1-i)) // never a real node ID
+		if perNode > 0 {
+			setCap(NodeID(-1-i), perNode)
+		}
 	}
-	targets := balanceTargets(total, eligible, pl.p.seed)
+	targets := cappedTargets(total, eligible, pl.p.seed, caps)
 	for id, t := range targets {
 		n, ok := info[id]
 		if !ok {
@@ -201,6 +231,8 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 	if len(groups) < 2 {
 		return nil
 	}
+	pl.placeMu.Lock()
+	defer pl.placeMu.Unlock()
 	hostNodes := make([]NodeID, len(groups))
 	unmapped := 0
 	pl.mu.Lock()
@@ -230,6 +262,9 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 		if t, ok := pl.downHosts[g.key]; ok {
 			hostDown[i] = now.Sub(t) < hostDownFor
 		}
+		if c := pl.p.limits.nodeCap(); c > 0 && hostNodes[i] == 0 && hostPending[i] >= c {
+			hostDown[i] = true // its node, whichever it is, would be at its cap
+		}
 	}
 	order := placementOrder(hostNodes, hostPending, hostDown, info, pl.p.seed)
 	first := groups[order[0]].key
@@ -240,6 +275,16 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 	setHosts(cc, groups, order)
 	return func(_ context.Context, pgConn *pgconn.PgConn) error {
 		pl.connected(res, first, pgConn)
+		id := pl.p.nodeOf(pgConn)
+		if id == 0 {
+			id = pl.nodeBehind(remoteAddr(pgConn))
+		}
+		if !pl.p.holdCapSlot(id, pgConn, time.Now()) {
+			pl.mu.Lock()
+			res.capRefused = true
+			pl.mu.Unlock()
+			return errNodeAtCap // pgconn tries the next host
+		}
 		return nil
 	}
 }
@@ -383,7 +428,7 @@ func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn
 	}
 	// The first host was an address the connection would report as its
 	// own, and the connection is elsewhere: dialling the first one failed.
-	if host, _, err := net.SplitHostPort(reserved); err == nil && net.ParseIP(host) != nil && addr != "" {
+	if host, _, err := net.SplitHostPort(reserved); err == nil && net.ParseIP(host) != nil && addr != "" && !res.capRefused {
 		if addr != reserved {
 			pl.downHosts[reserved] = now
 			failed = pl.hostNodes[reserved]
@@ -394,7 +439,9 @@ func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn
 	pl.mu.Unlock()
 	if failed != 0 {
 		// Refused, timed out, or turned away: the check tells a node that
-		// is gone or silent from one that answers.
+		// is gone or silent from one that answers. Until then it is full
+		// (limits.go): no target draws connections to it.
+		pl.p.markFull(failed, now)
 		pl.p.suspectNode(pl.p.tracker.node(failed))
 	}
 }
@@ -402,6 +449,7 @@ func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn
 // counted drops the reservation of the connect that opened pgConn, once
 // AfterConnect has counted the connection on its node or failed it.
 func (pl *placement) counted(pgConn *pgconn.PgConn) {
+	releaseCapSlot(pgConn)
 	res, _ := pgConn.CustomData()[reservationKey].(*reservation)
 	if res == nil {
 		return
@@ -496,7 +544,8 @@ var errOverTarget = errors.New("clusterpool: node is above its connection target
 // under-filled node in fewer balancing rounds for the same number of
 // connections opened.
 func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, move bool) pgconn.ValidateConnectFunc {
-	if !pl.reached.Load() && len(avoid) == 0 {
+	capped := pl.p != nil && pl.p.limits.capping()
+	if !pl.reached.Load() && len(avoid) == 0 && !capped {
 		return func(context.Context, *pgconn.PgConn) error {
 			pl.reached.Store(true)
 			return nil
@@ -533,6 +582,12 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 		c := redialCase{Attempt: attempt, DialTime: now.Sub(dialStart), Round: pl.p.settings.balanceInterval, Caller: caller, Move: move}
 		dialStart = now
 		id := pl.p.nodeOf(pgConn)
+		if capped && !pl.p.holdCapSlot(id, pgConn, now) {
+			// Never above the cap, even at the last copy: the acquirer
+			// waits and tries again.
+			pl.redials.Add(1)
+			return errNodeAtCap
+		}
 		if id == 0 || attempt > maxRedials {
 			return nil
 		}
@@ -567,6 +622,7 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 		if !pl.p.budget.takeForRedial(now, reserve) {
 			return nil
 		}
+		releaseCapSlot(pgConn)
 		pl.redials.Add(1)
 		return errOverTarget
 	}
@@ -733,4 +789,19 @@ func (pl *placement) overTarget(id NodeID, now time.Time) bool {
 func (pl *placement) recentlySeen(id NodeID, now time.Time, within time.Duration) bool {
 	n := pl.p.tracker.node(id)
 	return n != nil && now.Sub(time.Unix(0, n.lastSeen.Load())) <= within
+}
+
+// unmappedHosts counts the connection string's hosts whose node is not
+// known yet.
+func (pl *placement) unmappedHosts() int {
+	groups := hostGroups(pl.p.config.ConnConfig)
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	k := 0
+	for _, g := range groups {
+		if pl.hostNodes[g.key] == 0 {
+			k++
+		}
+	}
+	return k
 }

@@ -28,6 +28,12 @@ type nodeView struct {
 	// expiry will tell) counts in the targets but never causes pruning,
 	// because pruning for it would only move connections between the others.
 	Refillable bool
+	// Cap, when above zero, is the most connections the node may hold
+	// (the per-node cap); Full means it takes none beyond Conns (it refused
+	// a new connection). Either way its target never exceeds that, and
+	// the rest goes to the other nodes (see cappedTargets).
+	Cap  int
+	Full bool
 	// Outside means the node is healthy but outside the locality level the
 	// pool uses (Config.Locality); it is then not Eligible.
 	Outside bool
@@ -86,8 +92,68 @@ type balancePlan struct {
 	Prune map[NodeID]int
 }
 
+// cappedTargets is balanceTargets where caps[id] (when present) is the most
+// node id may hold: a node whose share would exceed its cap gets the cap,
+// and the rest is spread over the others as balanceTargets spreads it, so
+// the targets sum to min(poolSize, the sum of the caps when every node is
+// capped), and uncapped nodes differ by at most one. With no caps it is
+// balanceTargets.
+func cappedTargets(poolSize int, nodes []NodeID, seed uint64, caps map[NodeID]int) map[NodeID]int {
+	if len(caps) == 0 {
+		return balanceTargets(poolSize, nodes, seed)
+	}
+	fixed := make(map[NodeID]int)
+	free := slices.Clone(nodes)
+	size := max(poolSize, 0)
+	for {
+		targets := balanceTargets(size, free, seed)
+		capped := false
+		for _, id := range free {
+			if c, ok := caps[id]; ok && targets[id] > c {
+				fixed[id] = max(c, 0)
+				size -= max(c, 0)
+				capped = true
+			}
+		}
+		if !capped {
+			if targets == nil {
+				targets = make(map[NodeID]int, len(fixed))
+			}
+			for id, c := range fixed {
+				targets[id] = c
+			}
+			if len(targets) == 0 {
+				return nil
+			}
+			return targets
+		}
+		free = slices.DeleteFunc(free, func(id NodeID) bool { _, ok := fixed[id]; return ok })
+	}
+}
+
+// viewCaps returns the caps of nodes as cappedTargets takes them: Cap, or
+// Conns for a full node; nil when no node is capped or full.
+func viewCaps(nodes []nodeView) map[NodeID]int {
+	var caps map[NodeID]int
+	for _, n := range nodes {
+		c, ok := n.Cap, n.Cap > 0
+		if n.Full && (!ok || n.Conns < c) {
+			c, ok = n.Conns, true
+		}
+		if !ok {
+			continue
+		}
+		if caps == nil {
+			caps = make(map[NodeID]int)
+		}
+		caps[n.ID] = c
+	}
+	return caps
+}
+
 // planBalance decides one round. The pool's current size (the sum of Conns)
-// is spread over the eligible nodes; see [balanceTargets] and [planPrune].
+// is spread over the eligible nodes, within their caps; see
+// [cappedTargets] and [planPrune].
 func planBalance(nodes []nodeView, seed uint64) balancePlan {
 	size := 0
 	var eligible []NodeID
@@ -97,7 +163,7 @@ func planBalance(nodes []nodeView, seed uint64) balancePlan {
 			eligible = append(eligible, n.ID)
 		}
 	}
-	targets := balanceTargets(size, eligible, seed)
+	targets := cappedTargets(size, eligible, seed, viewCaps(nodes))
 	return balancePlan{Targets: targets, Prune: planPrune(nodes, targets)}
 }
 
@@ -172,6 +238,7 @@ type placementNode struct {
 	Target   int  // the node's balancing target
 	Eligible bool // healthy, not draining, not expired, within the locality level
 	Avoid    bool // the caller asked to stay away (a retry after a failure there)
+	Full     bool // at its per-node cap, or refusing new connections
 	Outside  bool // healthy, but outside the locality level in use
 }
 
@@ -183,9 +250,9 @@ type placementNode struct {
 // hosts not mapped yet (trying them is how a node listed in the connection
 // string is learned); then hosts whose node is at or above target, least
 // loaded first; then hosts whose node is healthy but outside the locality
-// level in use; last, hosts whose node is unhealthy, draining, expired or to
-// be avoided. No host is dropped: when everything better fails, pgconn still
-// falls back to them. Ties are broken by a per-pool hash of the host's
+// level in use; last, hosts whose node is unhealthy, draining, expired, full
+// (or at its per-node cap) or to be avoided. No host is dropped: when
+// everything better fails, pgconn still falls back to them. Ties are broken by a per-pool hash of the host's
 // position, so different pools do not all prefer the same host.
 //
 // hostPending[i] (may be nil) counts connects under way to host i; unmapped
@@ -209,9 +276,9 @@ func placementOrder(hostNodes []NodeID, hostPending []int, hostDown []bool, node
 		}
 		n, ok := nodes[id]
 		switch {
-		case ok && n.Outside && !n.Avoid:
+		case ok && n.Outside && !n.Avoid && !n.Full:
 			return 3
-		case !ok || !n.Eligible || n.Avoid:
+		case !ok || !n.Eligible || n.Avoid || n.Full:
 			return 4
 		case n.Conns < n.Target:
 			return 0

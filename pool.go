@@ -20,7 +20,9 @@ import (
 //
 // Hooks set on the Config are chained with the pool's own, never replaced:
 //
-//   - BeforeConnect: the pool's hook (a connect-rate token, then host
+//   - BeforeConnect: the pool's hook (with runtime limits in force, the
+//     check that the pool has room for another connection; a connect-rate
+//     token, then host
 //     placement; and DefaultConnectTimeout per host when connect_timeout is
 //     not set) runs first, then the user's, on the same per-attempt copy of
 //     the connection config.
@@ -153,6 +155,7 @@ type Pool struct {
 	budget    *connectBudget // new connections' rate
 	placement *placement     // connect-time placement
 	health    *healthChecker // nil when no node is tracked
+	limits    *limits        // runtime limits (limits.go)
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
 	keeper    keeper         // the background refill (prune.go)
@@ -210,12 +213,18 @@ func NewWithConfig(ctx context.Context, config *Config) (*Pool, error) {
 	p := newPool(config)
 	pgxCfg := config.Config.Copy()
 	p.installHooks(pgxCfg)
+	if p.limits.on() {
+		// With limits from the start the limits loop opens MinConns,
+		// within them (pgxpool would open them before it can check).
+		pgxCfg.MinConns = 0
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, pgxCfg)
 	if err != nil {
 		p.bgCancel()
 		return nil, err
 	}
 	p.pool = pool
+	p.limits.poolReady()
 	p.startLoops()
 	return p, nil
 }
@@ -232,6 +241,7 @@ func newPool(config *Config) *Pool {
 	p.tracker.obs = p.obs
 	p.budget = newConnectBudget(p.settings.connectRate, p.settings.connectBurst, p.obs)
 	p.placement = newPlacement(p)
+	p.limits = newLimits(p, config)
 	if p.tracking() {
 		p.health = newHealthChecker(p)
 		p.tracker.suspect = p.callCut
@@ -322,11 +332,15 @@ func (p *Pool) NodeStats() []NodeStat {
 
 // PgxPool returns the underlying pgxpool.Pool, for code that needs the
 // concrete pgxpool type. Connections acquired through it are still tracked,
-// but it neither retries nor balances on its own; do not Close it directly.
+// but it neither retries nor balances on its own, nor waits within the
+// runtime limits (a new connection it would open beyond the runtime MinConns
+// is refused while a limit is in force); do not Close it directly.
 func (p *Pool) PgxPool() *pgxpool.Pool { return p.pool }
 
 // ClusterConfig returns a copy of the Config used to create the pool, with
 // the cluster settings in effect: a zero setting reads as its default.
+// Limits changed at run time (SetMaxConns and the other setters) are not
+// in it: ClusterStat reports them.
 func (p *Pool) ClusterConfig() *Config { return p.config.withDefaults() }
 
 // Close stops the pool's background work and waits for it to exit, then
@@ -347,15 +361,29 @@ func (p *Pool) Close() {
 	})
 }
 
-// Acquire returns a connection from the pool.
+// Acquire returns a connection from the pool, within the runtime limits
+// (see "Runtime limits" in the package documentation).
 func (p *Pool) Acquire(ctx context.Context) (*pgxpool.Conn, error) {
-	return p.pool.Acquire(ctx)
+	// acquireConn, written out: this is the hot path.
+	if p.limits.on() {
+		return p.limits.acquire(ctx)
+	}
+	c, err := p.pool.Acquire(ctx)
+	if err != nil {
+		return p.acquireFailed(ctx, err)
+	}
+	return c, nil
 }
 
 // AcquireFunc acquires a connection and calls f with it, then releases it.
 // ctx only affects the acquire. See pgxpool.Pool.AcquireFunc.
 func (p *Pool) AcquireFunc(ctx context.Context, f func(*pgxpool.Conn) error) error {
-	return p.pool.AcquireFunc(ctx, f)
+	c, err := p.acquireConn(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	return f(c)
 }
 
 // AcquireAllIdle atomically acquires all currently idle connections, except
@@ -444,5 +472,10 @@ func (p *Pool) CopyFrom(ctx context.Context, tableName pgx.Identifier, columnNam
 // Ping acquires a connection and checks that the server answers. See
 // pgxpool.Pool.Ping.
 func (p *Pool) Ping(ctx context.Context) error {
-	return p.pool.Ping(ctx)
+	c, err := p.acquireConn(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	return c.Ping(ctx)
 }

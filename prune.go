@@ -78,6 +78,8 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 			Conns:      max(conns, 0),
 			Eligible:   healthy && !outside,
 			Refillable: conns > 0 || now.Sub(time.Unix(0, n.lastSeen.Load())) <= refill,
+			Cap:        p.limits.nodeCap(),
+			Full:       n.full(now),
 			Outside:    outside,
 		})
 	}
@@ -421,13 +423,14 @@ func (p *Pool) runKeep(ctx context.Context) {
 	}
 }
 
-// refillNeed is how many connections the pool should open now.
+// refillNeed is how many connections the pool should open now: MinConns
+// and MaxConns are the runtime ones when limits are in force (limits.go).
 func (p *Pool) refillNeed(now time.Time) int {
-	open := 0
-	for _, n := range p.tracker.nodeList() {
-		open += int(n.conns.Load())
+	minConns, maxConns := int(p.config.MinConns), int(p.config.MaxConns)
+	if p.limits.on() {
+		minConns, maxConns = p.limits.effectiveMin(now), p.limits.effectiveMax(now)
 	}
-	return refillCount(int(p.config.MinConns), int(p.config.MaxConns), open, int(p.pool.Stat().ConstructingConns()), p.budget.replacementsOwed(now))
+	return refillCount(minConns, maxConns, p.trackedConns(), int(p.pool.Stat().ConstructingConns()), p.budget.replacementsOwed(now))
 }
 
 // refillCount is how many connections to open for a pool that holds open
@@ -462,6 +465,9 @@ func (p *Pool) refill(ctx context.Context, k int) int {
 	p.sweeps.Add(1)
 	defer p.sweeps.Add(-1)
 	ctx = context.WithValue(ctx, sweepKey{}, true)
+	// Under runtime limits, admitted up to the runtime size, which
+	// refillNeed has kept to.
+	ctx = context.WithValue(ctx, acquiringKey{}, p.limits)
 	var idle []*pgxpool.Conn
 	if st := p.pool.Stat(); st.IdleConns() > 0 {
 		// Idle connections are taken aside only for connects that have

@@ -72,7 +72,7 @@ func (l *retryLoop) conn() (*pgxpool.Conn, error) {
 // from the nodes that failed.
 func (l *retryLoop) acquire() (*pgxpool.Conn, error) {
 	if len(l.avoid) == 0 || !l.p.otherHealthyNode(l.avoid) {
-		return l.p.pool.Acquire(l.ctx)
+		return l.p.acquireConn(l.ctx)
 	}
 	// New connections opened for this acquire are placed away from the
 	// avoided nodes where placement allows (several hosts listed).
@@ -88,7 +88,7 @@ func (l *retryLoop) acquire() (*pgxpool.Conn, error) {
 		if len(aside) > 0 {
 			actx, cancel = context.WithTimeout(ctx, setAsideWait)
 		}
-		c, err := l.p.pool.Acquire(actx)
+		c, err := l.p.acquireConn(actx)
 		cancel()
 		if err != nil {
 			if len(aside) > 0 && l.ctx.Err() == nil {

@@ -1,6 +1,9 @@
 package clusterpool
 
-import "time"
+import (
+	"slices"
+	"time"
+)
 
 // ClusterStat is a snapshot of the pool's cluster-wide counters, as returned
 // by Pool.ClusterStat. Every counter only grows over the pool's life, so it
@@ -24,6 +27,12 @@ type ClusterStat struct {
 	hookPanics        int64
 	localityFallbacks int64
 	balanceRounds     int64
+
+	maxConns, minConns, maxConnsPerNode int32
+	effectiveMaxConns                   int32
+	fullNodes                           int
+	acquireTimeouts                     int64
+	workloads                           []WorkloadStat
 }
 
 // ClusterStat returns a snapshot of the pool's cluster-wide counters. Each
@@ -51,6 +60,16 @@ func (p *Pool) ClusterStat() *ClusterStat {
 	}
 	if p.placement != nil {
 		s.redials = p.placement.redials.Load()
+	}
+	if l := p.limits; l != nil {
+		now := time.Now()
+		s.maxConns, s.minConns = l.maxConns.Load(), int32(l.effectiveMin(now))
+		s.maxConnsPerNode = l.perNode.Load()
+		s.effectiveMaxConns = int32(l.effectiveMax(now))
+		s.acquireTimeouts = l.timeouts.Load()
+		s.workloads = l.workloadStats()
+		nodes := p.tracker.nodeList()
+		s.fullNodes = len(p.fullNodes(nodes, now))
 	}
 	return s
 }
@@ -128,3 +147,30 @@ func (s *ClusterStat) LocalityFallbacks() int64 { return s.localityFallbacks }
 // a number of rounds, rather than for a duration, tells whether it stays
 // quiet once balanced however loaded the machine is.
 func (s *ClusterStat) BalanceRounds() int64 { return s.balanceRounds }
+
+// MaxConns returns the pool's size in force: the configured MaxConns, or
+// what SetMaxConns set. Unlike the counters above it is a current value.
+func (s *ClusterStat) MaxConns() int32 { return s.maxConns }
+
+// MinConns returns the MinConns in force (SetMinConns), within the size.
+func (s *ClusterStat) MinConns() int32 { return s.minConns }
+
+// MaxConnsPerNode returns the per-node cap in force; 0 means none.
+func (s *ClusterStat) MaxConnsPerNode() int32 { return s.maxConnsPerNode }
+
+// EffectiveMaxConns returns how many connections the pool may hold now:
+// MaxConns, or less when the per-node cap times the healthy nodes (with
+// full nodes counting what they hold) leaves less room.
+func (s *ClusterStat) EffectiveMaxConns() int32 { return s.effectiveMaxConns }
+
+// FullNodes returns how many healthy nodes take no new connection now
+// because they refused one (53300, too many connections).
+func (s *ClusterStat) FullNodes() int { return s.fullNodes }
+
+// AcquireTimeouts returns how many calls failed because AcquireTimeout
+// passed before they got a connection (ErrPoolExhausted or
+// ErrPoolConnecting).
+func (s *ClusterStat) AcquireTimeouts() int64 { return s.acquireTimeouts }
+
+// Workloads returns each workload that has (or had) a limit, by name.
+func (s *ClusterStat) Workloads() []WorkloadStat { return slices.Clone(s.workloads) }

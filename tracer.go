@@ -9,9 +9,10 @@ import (
 )
 
 // Tracers report what the pool does on its own, away from any query: nodes
-// coming and going, evictions, pruning, retries, probes, connect throttling
-// and panics in the caller's hooks. Config.Tracer is inspected once, when
-// the pool is created, for each of the interfaces below, as pgx inspects
+// coming and going, evictions, pruning, retries, probes, connect
+// throttling, panics in the caller's hooks, locality levels and changes of
+// the runtime limits. Config.Tracer is inspected once, when the pool is
+// created, for each of the interfaces below, as pgx inspects
 // ConnConfig.Tracer; a value may implement any of them, and CombineTracers
 // joins several values.
 //
@@ -299,6 +300,38 @@ type TraceHookPanicData struct {
 	Stack []byte
 }
 
+// LimitTracer traces the runtime limits (see "Runtime limits" in the
+// package documentation).
+type LimitTracer interface {
+	// TraceLimits is called after a setter (SetMaxConns, SetMinConns,
+	// SetMaxConnsPerNode, SetAcquireTimeout, SetWorkloadLimits) changed the
+	// limits, with the limits now in force.
+	TraceLimits(ctx context.Context, pool *Pool, data TraceLimitsData)
+	// TraceWorkloadWait is called when a call of a workload at its limit
+	// has waited for a slot, after the wait.
+	TraceWorkloadWait(ctx context.Context, pool *Pool, data TraceWorkloadWaitData)
+}
+
+// TraceLimitsData is passed to LimitTracer.TraceLimits.
+type TraceLimitsData struct {
+	MaxConns        int32 // the pool's runtime size
+	MinConns        int32 // the runtime MinConns
+	MaxConnsPerNode int32 // 0: no cap
+	AcquireTimeout  time.Duration
+	// WorkloadLimits holds the limited workloads; nil when none is.
+	WorkloadLimits map[string]int
+}
+
+// TraceWorkloadWaitData is passed to LimitTracer.TraceWorkloadWait.
+type TraceWorkloadWaitData struct {
+	Workload string
+	// Waited is how long the call waited for a slot.
+	Waited time.Duration
+	// Err is non-nil when the wait ended without a slot: the caller's
+	// context, or AcquireTimeout, ended it.
+	Err error
+}
+
 // CombineTracers returns a tracer that forwards each event to every one of
 // tracers that implements the event's interface, in order. Nil values and
 // values that implement none of the interfaces (a pgx.QueryTracer meant for
@@ -349,6 +382,9 @@ func CombineTracers(tracers ...any) any {
 		if t, ok := t.(LocalityTracer); ok {
 			m.locality = append(m.locality, t)
 		}
+		if t, ok := t.(LimitTracer); ok {
+			m.limit = append(m.limit, t)
+		}
 	}
 	return m
 }
@@ -356,14 +392,14 @@ func CombineTracers(tracers ...any) any {
 // implementsTracer reports whether t implements at least one tracer interface.
 func implementsTracer(t any) bool {
 	switch t.(type) {
-	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, *multiTracer:
+	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, LimitTracer, *multiTracer:
 		return true
 	}
 	return false
 }
 
 // tracerInterfaces lists the tracer interfaces, for errors.
-const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer"
+const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, LimitTracer"
 
 // multiTracer is what CombineTracers returns. It implements every tracer
 // interface; the pool asks it which ones have members (see newObserver).
@@ -376,6 +412,19 @@ type multiTracer struct {
 	connect  []ConnectTracer
 	hook     []HookTracer
 	locality []LocalityTracer
+	limit    []LimitTracer
+}
+
+func (m *multiTracer) TraceLimits(ctx context.Context, pool *Pool, data TraceLimitsData) {
+	for _, t := range m.limit {
+		t.TraceLimits(ctx, pool, data)
+	}
+}
+
+func (m *multiTracer) TraceWorkloadWait(ctx context.Context, pool *Pool, data TraceWorkloadWaitData) {
+	for _, t := range m.limit {
+		t.TraceWorkloadWait(ctx, pool, data)
+	}
 }
 
 func (m *multiTracer) TraceNodeAdded(ctx context.Context, pool *Pool, data TraceNodeAddedData) {
@@ -464,6 +513,7 @@ type observer struct {
 	connect  ConnectTracer
 	hook     HookTracer
 	locality LocalityTracer
+	limit    LimitTracer
 
 	counters clusterCounters
 
@@ -527,6 +577,9 @@ func newObserver(p *Pool, tracer any) *observer {
 		if len(m.locality) > 0 {
 			o.locality = m
 		}
+		if len(m.limit) > 0 {
+			o.limit = m
+		}
 		return o
 	}
 	o.node, _ = tracer.(NodeTracer)
@@ -536,6 +589,7 @@ func newObserver(p *Pool, tracer any) *observer {
 	o.connect, _ = tracer.(ConnectTracer)
 	o.hook, _ = tracer.(HookTracer)
 	o.locality, _ = tracer.(LocalityTracer)
+	o.limit, _ = tracer.(LimitTracer)
 	return o
 }
 
@@ -604,34 +658,42 @@ func (o *observer) nodeDraining(id NodeID, draining bool) {
 
 // pruned reports what a balancing round retired, per node, by comparing
 // each node's pruned counter with what was last reported. views says which
-// nodes were eligible, for the reason. Only the balancing loop calls it.
+// nodes were eligible, for the reason. Only the balancing loop calls it. The
+// cluster-wide counter takes the whole round before any event is traced, so
+// a tracer reading ClusterStat sees it agree with the nodes' counters.
 func (o *observer) pruned(ctx context.Context, nodes []*node, views []nodeView) {
 	if o == nil {
 		return
 	}
+	type retired struct {
+		id NodeID
+		k  int64
+	}
+	var round []retired
+	o.mu.Lock()
 	for _, n := range nodes {
 		total := n.pruned.Load()
-		o.mu.Lock()
-		k := total - o.prunedSeen[n]
-		if k > 0 {
+		if k := total - o.prunedSeen[n]; k > 0 {
 			o.prunedSeen[n] = total
+			round = append(round, retired{n.id, k})
 		}
-		o.mu.Unlock()
-		if k <= 0 {
-			continue
-		}
-		o.counters.pruned.Add(k)
-		if o.prune == nil {
-			continue
-		}
+	}
+	o.mu.Unlock()
+	for _, r := range round {
+		o.counters.pruned.Add(r.k)
+	}
+	if o.prune == nil {
+		return
+	}
+	for _, r := range round {
 		reason := PruneRebalance
-		if i := slices.IndexFunc(views, func(v nodeView) bool { return v.ID == n.id }); i >= 0 && !views[i].Eligible {
+		if i := slices.IndexFunc(views, func(v nodeView) bool { return v.ID == r.id }); i >= 0 && !views[i].Eligible {
 			reason = PruneNodeUnavailable
 			if views[i].Outside {
 				reason = PruneOutsideLocality
 			}
 		}
-		o.prune.TracePrune(ctx, o.pool, TracePruneData{Node: n.id, Count: int(k), Reason: reason})
+		o.prune.TracePrune(ctx, o.pool, TracePruneData{Node: r.id, Count: int(r.k), Reason: reason})
 	}
 }
 
@@ -784,5 +846,19 @@ func (o *observer) localityLevel(lp *localityPrefs, prev, need int) {
 			Previous: lp.levelName(prev),
 			Fallback: fallback,
 		})
+	}
+}
+
+// limitsChanged reports the limits a setter left in force.
+func (o *observer) limitsChanged(data TraceLimitsData) {
+	if o != nil && o.limit != nil {
+		o.limit.TraceLimits(context.Background(), o.pool, data)
+	}
+}
+
+// workloadWaited reports a call that waited for its workload's slot.
+func (o *observer) workloadWaited(ctx context.Context, workload string, waited time.Duration, err error) {
+	if o != nil && o.limit != nil {
+		o.limit.TraceWorkloadWait(ctx, o.pool, TraceWorkloadWaitData{Workload: workload, Waited: waited, Err: err})
 	}
 }

@@ -62,6 +62,8 @@ type node struct {
 	conns      atomic.Int32 // connections open on this node and tracked
 	lastSeen   atomic.Int64 // unix nanoseconds of the last sign of life
 	draining   atomic.Bool  // the node said it is draining (probe)
+	fullUntil  atomic.Int64 // unix nanoseconds until which it takes no new connection (53300; limits.go)
+	capHeld    atomic.Int32 // connections accepted under the per-node cap, not yet tracked (limits.go)
 	nodeHealth              // eviction and health checks (health.go)
 
 	// locality is the node's locality once gossip or the node told it;
@@ -192,6 +194,7 @@ func (t *tracker) add(id NodeID, addr, host string, cleanupDone <-chan struct{},
 	t.obs.nodeSeen(n, addr)
 
 	n.lastSeen.Store(now.UnixNano())
+	n.fullUntil.Store(0) // it took this one
 	if !started.IsZero() && started.UnixNano() <= n.evictedAt.Load() {
 		cs.retire.Store(true)
 	} else {
@@ -399,6 +402,11 @@ type NodeStat struct {
 	Healthy bool
 	// Draining is true when the node reported that it is draining.
 	Draining bool
+	// Full is true while the node, healthy, takes no new connection: it
+	// refused one with SQLSTATE 53300 (too many connections), or its
+	// listed host refused a connect that went to another host. Balancing
+	// then targets no more connections to it than it holds.
+	Full bool
 	// Locality is the node's locality in CockroachDB's --locality form
 	// ("region=us-east1,zone=us-east1-b") once the pool knows it: from
 	// CockroachDB's gossip tables when the probe may read them, or, with
@@ -415,6 +423,7 @@ type NodeStat struct {
 
 // snapshot returns NodeStats for every known node, sorted by ID.
 func (t *tracker) snapshot() []NodeStat {
+	now := time.Now()
 	nodes := t.nodeList()
 	stats := make([]NodeStat, 0, len(nodes))
 	for _, n := range nodes {
@@ -441,6 +450,7 @@ func (t *tracker) snapshot() []NodeStat {
 			AcquiredConns: inUse,
 			Healthy:       !n.evicted.Load(),
 			Draining:      n.draining.Load(),
+			Full:          n.full(now),
 			LastSeen:      time.Unix(0, n.lastSeen.Load()),
 			Retries:       n.retries.Load(),
 			Pruned:        n.pruned.Load(),

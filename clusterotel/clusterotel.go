@@ -60,6 +60,26 @@
 //	clusterpool.hook_panics                  counter   {panic}
 //	clusterpool.locality_fallbacks           counter   {fallback}
 //
+// The runtime limits (see clusterpool's "Runtime limits"):
+//
+//	clusterpool.limit.max_conns              updown    {connection} the size in force
+//	clusterpool.limit.min_conns              updown    {connection}
+//	clusterpool.limit.max_conns_per_node     updown    {connection} 0: no cap
+//	clusterpool.effective_max_conns          updown    {connection} within caps and full nodes
+//	clusterpool.full_nodes                   updown    {node}       nodes refusing new connections (53300)
+//	clusterpool.acquire_timeouts             counter   {call}
+//	clusterpool.node.full                    gauge     1 or 0
+//
+// Per workload (attribute workload is the name given to WithWorkload; only
+// workloads that have or had a limit):
+//
+//	clusterpool.workload.limit               updown    {connection} 0: none any more
+//	clusterpool.workload.in_use              updown    {connection}
+//	clusterpool.workload.waiting             updown    {call}
+//	clusterpool.workload.acquires            counter   {call}
+//	clusterpool.workload.waits               counter   {call}
+//	clusterpool.workload.wait_time           counter   s
+//
 // pgxpool's TotalConns is the sum of clusterpool.conns over its states and is
 // not exported again. In clusterpool.nodes a node counts once: unhealthy if
 // evicted, else draining if draining, else healthy.
@@ -103,6 +123,13 @@ type instruments struct {
 	nodesAdded, nodesRemoved, hookPanics      metric.Int64ObservableCounter
 	localityFallbacks                         metric.Int64ObservableCounter
 	connectWait                               metric.Float64ObservableCounter
+
+	limitMaxConns, limitMinConns, limitPerNode, effectiveMaxConns, fullNodes metric.Int64ObservableUpDownCounter
+	acquireTimeouts                                                          metric.Int64ObservableCounter
+	nodeFull                                                                 metric.Int64ObservableGauge
+	workloadLimit, workloadInUse, workloadWaiting                            metric.Int64ObservableUpDownCounter
+	workloadAcquires, workloadWaits                                          metric.Int64ObservableCounter
+	workloadWait                                                             metric.Float64ObservableCounter
 }
 
 // Register creates the instruments on a Meter from mp and registers one
@@ -166,6 +193,19 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	in.nodesAdded = ic("clusterpool.nodes_added", "{node}", "Times the pool learned of a node.")
 	in.nodesRemoved = ic("clusterpool.nodes_removed", "{node}", "Times the pool forgot a node that expired.")
 	in.hookPanics = ic("clusterpool.hook_panics", "{panic}", "Panics in the caller's connection hooks that the pool recovered.")
+	in.limitMaxConns = ud("clusterpool.limit.max_conns", "{connection}", "The pool's size in force (MaxConns, or SetMaxConns).")
+	in.limitMinConns = ud("clusterpool.limit.min_conns", "{connection}", "The MinConns in force (SetMinConns), within the size.")
+	in.limitPerNode = ud("clusterpool.limit.max_conns_per_node", "{connection}", "The per-node cap in force; 0 means none.")
+	in.effectiveMaxConns = ud("clusterpool.effective_max_conns", "{connection}", "How many connections the pool may hold now, within the per-node cap and full nodes.")
+	in.fullNodes = ud("clusterpool.full_nodes", "{node}", "Healthy nodes that take no new connection (they refused one with 53300).")
+	in.acquireTimeouts = ic("clusterpool.acquire_timeouts", "{call}", "Calls that got no connection within the acquire timeout.")
+	in.nodeFull = g("clusterpool.node.full", "1 while the node takes no new connection (it refused one with 53300).")
+	in.workloadLimit = ud("clusterpool.workload.limit", "{connection}", "The workload's connection limit; 0 when it has none any more.")
+	in.workloadInUse = ud("clusterpool.workload.in_use", "{connection}", "Connections the workload's calls hold.")
+	in.workloadWaiting = ud("clusterpool.workload.waiting", "{call}", "The workload's calls waiting for a slot.")
+	in.workloadAcquires = ic("clusterpool.workload.acquires", "{call}", "Slots the workload's calls took.")
+	in.workloadWaits = ic("clusterpool.workload.waits", "{call}", "The workload's calls that waited for a slot.")
+	in.workloadWait = fc("clusterpool.workload.wait_time", "Time the workload's calls waited for a slot.")
 	in.localityFallbacks = ic("clusterpool.locality_fallbacks", "{fallback}", "Times the pool moved to a less preferred locality level because no node of the level in use was healthy.")
 	if err := errors.Join(errs...); err != nil {
 		return nil, errors.Join(errors.New("clusterotel: creating instruments"), err)
@@ -180,6 +220,8 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 		in.conns, in.maxConns, in.newConns, in.lifetimeDestroys, in.idleDestroys,
 		in.nodeConns, in.nodeHealthy, in.nodeDraining, in.nodePruned, in.nodeRetries, in.nodeEvictions, in.nodeLocality,
 		in.nodes, in.retries, in.retryAttempts, in.evictions, in.probes, in.probeFailures, in.redials,
+		in.limitMaxConns, in.limitMinConns, in.limitPerNode, in.effectiveMaxConns, in.fullNodes, in.acquireTimeouts, in.nodeFull,
+		in.workloadLimit, in.workloadInUse, in.workloadWaiting, in.workloadAcquires, in.workloadWaits, in.workloadWait,
 		in.connectsThrottled, in.connectWait, in.nodesAdded, in.nodesRemoved, in.hookPanics, in.localityFallbacks,
 	)
 	if err != nil {
@@ -220,6 +262,7 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 		o.ObserveInt64(in.nodePruned, s.Pruned, onNode)
 		o.ObserveInt64(in.nodeRetries, s.Retries, onNode)
 		o.ObserveInt64(in.nodeEvictions, s.Evictions, onNode)
+		o.ObserveInt64(in.nodeFull, boolValue(s.Full), onNode)
 		if s.Locality != "" {
 			o.ObserveInt64(in.nodeLocality, 1, metric.WithAttributes(poolAttr, node, attribute.String("locality", s.Locality)))
 		}
@@ -250,6 +293,21 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 	o.ObserveInt64(in.nodesAdded, st.NodesAdded(), only)
 	o.ObserveInt64(in.nodesRemoved, st.NodesRemoved(), only)
 	o.ObserveInt64(in.hookPanics, st.HookPanics(), only)
+	o.ObserveInt64(in.limitMaxConns, int64(st.MaxConns()), only)
+	o.ObserveInt64(in.limitMinConns, int64(st.MinConns()), only)
+	o.ObserveInt64(in.limitPerNode, int64(st.MaxConnsPerNode()), only)
+	o.ObserveInt64(in.effectiveMaxConns, int64(st.EffectiveMaxConns()), only)
+	o.ObserveInt64(in.fullNodes, int64(st.FullNodes()), only)
+	o.ObserveInt64(in.acquireTimeouts, st.AcquireTimeouts(), only)
+	for _, w := range st.Workloads() {
+		onWorkload := metric.WithAttributes(poolAttr, attribute.String("workload", w.Name))
+		o.ObserveInt64(in.workloadLimit, int64(w.Limit), onWorkload)
+		o.ObserveInt64(in.workloadInUse, int64(w.InUse), onWorkload)
+		o.ObserveInt64(in.workloadWaiting, int64(w.Waiting), onWorkload)
+		o.ObserveInt64(in.workloadAcquires, w.Acquires, onWorkload)
+		o.ObserveInt64(in.workloadWaits, w.Waits, onWorkload)
+		o.ObserveFloat64(in.workloadWait, w.WaitDuration.Seconds(), onWorkload)
+	}
 	o.ObserveInt64(in.localityFallbacks, st.LocalityFallbacks(), only)
 }
 

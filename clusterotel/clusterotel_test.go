@@ -211,3 +211,65 @@ func TestNodeLocality(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// The runtime limits and each limited workload's figures are exported.
+func TestLimitsAndWorkloads(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
+	cfg, err := clusterpool.ParseConfig(c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MinConns, cfg.MaxConns = 0, 4
+	cfg.BalanceInterval, cfg.ProbeInterval, cfg.ConnectRate = time.Hour, time.Hour, -1
+	cfg.WorkloadLimits = map[string]int{"batch": 1}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	t.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
+	reg, err := clusterotel.Register(mp, "orders", pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = reg.Unregister() }()
+	if err := pool.SetMaxConns(3); err != nil {
+		t.Fatal(err)
+	}
+	batch := clusterpool.WithWorkload(ctx, "batch")
+	held, err := pool.Acquire(batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancelShort := context.WithTimeout(batch, 30*time.Millisecond)
+	if _, err := pool.Acquire(short); err == nil {
+		t.Fatal("a second batch connection past the limit of 1")
+	}
+	cancelShort()
+	v := collect(t, reader)
+	for name, want := range map[string]float64{
+		`clusterpool.workload.limit{pool=orders,workload=batch}`:    1,
+		`clusterpool.workload.in_use{pool=orders,workload=batch}`:   1,
+		`clusterpool.workload.waiting{pool=orders,workload=batch}`:  0,
+		`clusterpool.workload.acquires{pool=orders,workload=batch}`: 1,
+		`clusterpool.workload.waits{pool=orders,workload=batch}`:    1,
+		`clusterpool.limit.max_conns{pool=orders}`:                  3,
+		`clusterpool.limit.min_conns{pool=orders}`:                  0,
+		`clusterpool.limit.max_conns_per_node{pool=orders}`:         0,
+		`clusterpool.effective_max_conns{pool=orders}`:              3,
+		`clusterpool.full_nodes{pool=orders}`:                       0,
+		`clusterpool.acquire_timeouts{pool=orders}`:                 0,
+	} {
+		if got, ok := v[name]; !ok || got != want {
+			t.Errorf("%s = %v (reported %v), want %v", name, got, ok, want)
+		}
+	}
+	if v[`clusterpool.workload.wait_time{pool=orders,workload=batch}`] <= 0 {
+		t.Error("no wait time for the call that waited")
+	}
+	held.Release()
+}

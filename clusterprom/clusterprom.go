@@ -43,6 +43,26 @@
 //	clusterpool_hook_panics_total{pool}                         counter
 //	clusterpool_locality_fallbacks_total{pool}                  counter
 //
+// Per pool, the runtime limits (see clusterpool's "Runtime limits"):
+//
+//	clusterpool_limit_max_conns{pool}                           gauge, the size in force
+//	clusterpool_limit_min_conns{pool}                           gauge
+//	clusterpool_limit_max_conns_per_node{pool}                  gauge, 0: no cap
+//	clusterpool_effective_max_conns{pool}                       gauge, within caps and full nodes
+//	clusterpool_full_nodes{pool}                                gauge, nodes refusing new connections (53300)
+//	clusterpool_acquire_timeouts_total{pool}                    counter
+//	clusterpool_node_full{pool,node}                            gauge, 1 or 0
+//
+// Per workload (the workload label is the name given to WithWorkload; only
+// workloads that have or had a limit):
+//
+//	clusterpool_workload_limit{pool,workload}                   gauge, 0: none any more
+//	clusterpool_workload_in_use{pool,workload}                  gauge
+//	clusterpool_workload_waiting{pool,workload}                 gauge
+//	clusterpool_workload_acquires_total{pool,workload}          counter
+//	clusterpool_workload_waits_total{pool,workload}             counter
+//	clusterpool_workload_wait_seconds_total{pool,workload}      counter
+//
 // Per pool, pgxpool's own figures (Pool.Stat, which reads pgxpool.Stat):
 //
 //	clusterpool_acquire_total{pool}                             counter, successful acquires
@@ -114,6 +134,11 @@ type Collector struct {
 	hookPanics        *prometheus.Desc
 	localityFallbacks *prometheus.Desc
 
+	limitMaxConns, limitMinConns, limitPerNode, effectiveMaxConns *prometheus.Desc
+	fullNodes, acquireTimeouts, nodeFull                          *prometheus.Desc
+	workloadLimit, workloadInUse, workloadWaiting                 *prometheus.Desc
+	workloadAcquires, workloadWaits, workloadWait                 *prometheus.Desc
+
 	acquires          *prometheus.Desc
 	acquireDuration   *prometheus.Desc
 	emptyAcquires     *prometheus.Desc
@@ -164,6 +189,20 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 		acquireDuration:   desc("acquire_duration_seconds_total", "Total time of successful acquires (pgxpool.Stat.AcquireDuration)."),
 		emptyAcquires:     desc("empty_acquire_total", "Successful acquires that waited because the pool had no idle connection (pgxpool.Stat.EmptyAcquireCount)."),
 		emptyAcquireWait:  desc("empty_acquire_wait_seconds_total", "Total time successful acquires waited because the pool had no idle connection (pgxpool.Stat.EmptyAcquireWaitTime)."),
+		limitMaxConns:     desc("limit_max_conns", "The pool's size in force (MaxConns, or SetMaxConns)."),
+		limitMinConns:     desc("limit_min_conns", "The MinConns in force (SetMinConns), within the size."),
+		limitPerNode:      desc("limit_max_conns_per_node", "The per-node cap in force; 0 means none."),
+		effectiveMaxConns: desc("effective_max_conns", "How many connections the pool may hold now, within the per-node cap and full nodes."),
+		fullNodes:         desc("full_nodes", "Healthy nodes that take no new connection (they refused one with 53300)."),
+		acquireTimeouts:   desc("acquire_timeouts_total", "Calls that got no connection within the acquire timeout."),
+		nodeFull:          desc("node_full", "1 while the node takes no new connection (it refused one with 53300).", "node"),
+		workloadLimit:     desc("workload_limit", "The workload's connection limit; 0 when it has none any more.", "workload"),
+		workloadInUse:     desc("workload_in_use", "Connections the workload's calls hold.", "workload"),
+		workloadWaiting:   desc("workload_waiting", "The workload's calls waiting for a slot.", "workload"),
+		workloadAcquires:  desc("workload_acquires_total", "Slots the workload's calls took.", "workload"),
+		workloadWaits:     desc("workload_waits_total", "The workload's calls that waited for a slot.", "workload"),
+		workloadWait:      desc("workload_wait_seconds_total", "Time the workload's calls waited for a slot.", "workload"),
+
 		canceledAcquires:  desc("canceled_acquire_total", "Acquires ended by their context (pgxpool.Stat.CanceledAcquireCount)."),
 		conns:             desc("conns", "Connections held by pgxpool by state: idle, acquired, or being established (pgxpool.Stat).", "state"),
 		maxConns:          desc("max_conns", "Maximum size of the pool (pgxpool.Stat.MaxConns)."),
@@ -181,6 +220,8 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved, c.hookPanics, c.localityFallbacks,
 		c.acquires, c.acquireDuration, c.emptyAcquires, c.emptyAcquireWait, c.canceledAcquires,
 		c.conns, c.maxConns, c.newConns, c.lifetimeDestroyed, c.idleDestroyed,
+		c.limitMaxConns, c.limitMinConns, c.limitPerNode, c.effectiveMaxConns, c.fullNodes, c.acquireTimeouts, c.nodeFull,
+		c.workloadLimit, c.workloadInUse, c.workloadWaiting, c.workloadAcquires, c.workloadWaits, c.workloadWait,
 	} {
 		ch <- d
 	}
@@ -205,6 +246,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.nodePruned, float64(s.Pruned), node)
 		counter(c.nodeRetries, float64(s.Retries), node)
 		counter(c.nodeEvictions, float64(s.Evictions), node)
+		gauge(c.nodeFull, boolValue(s.Full), node)
 		if s.Locality != "" {
 			gauge(c.nodeLocality, 1, node, s.Locality)
 		}
@@ -235,6 +277,20 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.nodesAdded, float64(st.NodesAdded()))
 	counter(c.nodesRemoved, float64(st.NodesRemoved()))
 	counter(c.hookPanics, float64(st.HookPanics()))
+	gauge(c.limitMaxConns, float64(st.MaxConns()))
+	gauge(c.limitMinConns, float64(st.MinConns()))
+	gauge(c.limitPerNode, float64(st.MaxConnsPerNode()))
+	gauge(c.effectiveMaxConns, float64(st.EffectiveMaxConns()))
+	gauge(c.fullNodes, float64(st.FullNodes()))
+	counter(c.acquireTimeouts, float64(st.AcquireTimeouts()))
+	for _, w := range st.Workloads() {
+		gauge(c.workloadLimit, float64(w.Limit), w.Name)
+		gauge(c.workloadInUse, float64(w.InUse), w.Name)
+		gauge(c.workloadWaiting, float64(w.Waiting), w.Name)
+		counter(c.workloadAcquires, float64(w.Acquires), w.Name)
+		counter(c.workloadWaits, float64(w.Waits), w.Name)
+		counter(c.workloadWait, w.WaitDuration.Seconds(), w.Name)
+	}
 	counter(c.localityFallbacks, float64(st.LocalityFallbacks()))
 
 	ps := c.pool.Stat()

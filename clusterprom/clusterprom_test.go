@@ -429,3 +429,71 @@ func TestNodeLocality(t *testing.T) {
 		return ""
 	})
 }
+
+// The runtime limits and each limited workload's figures are exported.
+func TestLimitsAndWorkloads(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	cfg, err := clusterpool.ParseConfig(c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MinConns, cfg.MaxConns = 3, 6
+	cfg.BalanceInterval, cfg.ProbeInterval, cfg.ConnectRate = time.Hour, time.Hour, -1
+	cfg.WorkloadLimits = map[string]int{"batch": 1}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	if err := pool.SetMaxConns(4); err != nil {
+		t.Fatal(err)
+	}
+	batch := clusterpool.WithWorkload(ctx, "batch")
+	held, err := pool.Acquire(batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := make(chan error, 1)
+	go func() {
+		c, err := pool.Acquire(batch)
+		if err == nil {
+			c.Release()
+		}
+		second <- err
+	}()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(clusterprom.NewCollector("orders", pool))
+	w := `{pool="orders",workload="batch"}`
+	waitFor(t, func() string {
+		v := values(t, reg)
+		for name, want := range map[string]float64{
+			"clusterpool_workload_limit" + w:                      1,
+			"clusterpool_workload_in_use" + w:                     1,
+			"clusterpool_workload_waiting" + w:                    1,
+			"clusterpool_workload_acquires_total" + w:             1,
+			`clusterpool_limit_max_conns{pool="orders"}`:          4,
+			`clusterpool_limit_min_conns{pool="orders"}`:          3,
+			`clusterpool_limit_max_conns_per_node{pool="orders"}`: 0,
+			`clusterpool_effective_max_conns{pool="orders"}`:      4,
+			`clusterpool_acquire_timeouts_total{pool="orders"}`:   0,
+		} {
+			if v[name] != want {
+				return fmt.Sprintf("%s = %v, want %v", name, v[name], want)
+			}
+		}
+		return ""
+	})
+	held.Release()
+	if err := <-second; err != nil {
+		t.Fatal(err)
+	}
+	v := values(t, reg)
+	if v["clusterpool_workload_waits_total"+w] != 1 || v["clusterpool_workload_wait_seconds_total"+w] <= 0 || v["clusterpool_workload_in_use"+w] != 0 {
+		t.Errorf("after the wait: waits %v, wait seconds %v, in use %v", v["clusterpool_workload_waits_total"+w], v["clusterpool_workload_wait_seconds_total"+w], v["clusterpool_workload_in_use"+w])
+	}
+	if problems, err := testutil.CollectAndLint(clusterprom.NewCollector("orders", pool)); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %+v", err, problems)
+	}
+}

@@ -10,15 +10,17 @@
 // see them:
 //
 //   - Debug: balancing (connections pruned to rebalance, throttled
-//     connects), probes, and each retried attempt.
+//     connects), probes, each retried attempt, and a call that waited for
+//     its workload's limit.
 //   - Info: nodes added, removed, healthy again, draining; a node's
 //     locality learned; connections pruned from an unavailable node or
 //     outside the locality level in use; the pool back on a more
 //     preferred locality level; a call that succeeded after retries or
-//     whose context ended between attempts.
+//     whose context ended between attempts; runtime limits changed.
 //   - Warn: a node evicted (unhealthy), the pool falling back to a less
 //     preferred locality level, a call that gave up after retries, and one
-//     not retried because its outcome is unknown.
+//     not retried because its outcome is unknown, and a call that gave up
+//     waiting for its workload's limit.
 //   - Error: a panic in one of the caller's hooks, which the pool recovered;
 //     the record carries the hook, the panic value and the stack.
 //
@@ -62,27 +64,35 @@ var (
 	_ clusterpool.HookTracer    = (*Tracer)(nil)
 
 	_ clusterpool.LocalityTracer = (*Tracer)(nil)
+	_ clusterpool.LimitTracer    = (*Tracer)(nil)
 )
 
 // Attribute keys.
 const (
-	keyNode     = "node"
-	keyAddr     = "addr"
-	keyCount    = "count"
-	keyReason   = "reason"
-	keyAttempt  = "attempt"
-	keyAttempts = "attempts"
-	keyNodes    = "nodes"
-	keyClass    = "error_class"
-	keyStage    = "stage"
-	keyDelay    = "delay"
-	keyOutcome  = "outcome"
-	keyWaited   = "waited"
-	keyLimit    = "limit_per_second"
-	keyErr      = "err"
-	keyHook     = "hook"
-	keyPanic    = "panic"
-	keyStack    = "stack"
+	keyNode            = "node"
+	keyAddr            = "addr"
+	keyCount           = "count"
+	keyReason          = "reason"
+	keyAttempt         = "attempt"
+	keyAttempts        = "attempts"
+	keyNodes           = "nodes"
+	keyClass           = "error_class"
+	keyStage           = "stage"
+	keyDelay           = "delay"
+	keyOutcome         = "outcome"
+	keyWaited          = "waited"
+	keyLimit           = "limit_per_second"
+	keyErr             = "err"
+	keyHook            = "hook"
+	keyPanic           = "panic"
+	keyStack           = "stack"
+	keyMaxConns        = "max_conns"
+	keyMinConns        = "min_conns"
+	keyMaxConnsPerNode = "max_conns_per_node"
+	keyAcquireTimeout  = "acquire_timeout"
+	keyWorkloads       = "workload_limits"
+	keyWorkload        = "workload"
+
 	keyLocality = "locality"
 	keyLevel    = "locality_level"
 	keyPrevious = "previous_level"
@@ -258,4 +268,38 @@ func levelName(level string) string {
 		return "cluster"
 	}
 	return level
+}
+
+// TraceLimits logs at Info, with the limits now in force.
+func (t *Tracer) TraceLimits(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceLimitsData) {
+	if !t.enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.Int(keyMaxConns, int(data.MaxConns)),
+		slog.Int(keyMinConns, int(data.MinConns)),
+		slog.Int(keyMaxConnsPerNode, int(data.MaxConnsPerNode)),
+		slog.Duration(keyAcquireTimeout, data.AcquireTimeout),
+	}
+	if len(data.WorkloadLimits) > 0 {
+		attrs = append(attrs, slog.Any(keyWorkloads, data.WorkloadLimits))
+	}
+	t.log(ctx, slog.LevelInfo, "clusterpool: limits changed", attrs...)
+}
+
+// TraceWorkloadWait logs a wait at Debug, and one that ended without a
+// slot at Warn.
+func (t *Tracer) TraceWorkloadWait(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceWorkloadWaitData) {
+	level, msg := slog.LevelDebug, "clusterpool: waited for the workload's limit"
+	if data.Err != nil {
+		level, msg = slog.LevelWarn, "clusterpool: gave up waiting for the workload's limit"
+	}
+	if !t.enabled(ctx, level) {
+		return
+	}
+	attrs := []slog.Attr{slog.String(keyWorkload, data.Workload), slog.Duration(keyWaited, data.Waited)}
+	if data.Err != nil {
+		attrs = append(attrs, errAttr(data.Err))
+	}
+	t.log(ctx, level, msg, attrs...)
 }

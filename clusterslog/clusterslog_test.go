@@ -124,6 +124,15 @@ func TestLevelsAndAttributes(t *testing.T) {
 		{"throttled", func(tr *clusterslog.Tracer) {
 			tr.TraceConnectThrottled(ctx, nil, clusterpool.TraceConnectThrottledData{Waited: 250 * time.Millisecond, Limit: 10})
 		}, "DEBUG", "clusterpool: new connection throttled", map[string]any{"waited": float64(250 * time.Millisecond), "limit_per_second": 10.0}},
+		{"limits", func(tr *clusterslog.Tracer) {
+			tr.TraceLimits(ctx, nil, clusterpool.TraceLimitsData{MaxConns: 10, MinConns: 4, MaxConnsPerNode: 5, AcquireTimeout: time.Second, WorkloadLimits: map[string]int{"batch": 2}})
+		}, "INFO", "clusterpool: limits changed", map[string]any{"max_conns": 10.0, "min_conns": 4.0, "max_conns_per_node": 5.0, "acquire_timeout": float64(time.Second), "workload_limits": map[string]any{"batch": 2.0}}},
+		{"workload wait", func(tr *clusterslog.Tracer) {
+			tr.TraceWorkloadWait(ctx, nil, clusterpool.TraceWorkloadWaitData{Workload: "batch", Waited: 3 * time.Millisecond})
+		}, "DEBUG", "clusterpool: waited for the workload's limit", map[string]any{"workload": "batch", "waited": float64(3 * time.Millisecond)}},
+		{"workload wait gave up", func(tr *clusterslog.Tracer) {
+			tr.TraceWorkloadWait(ctx, nil, clusterpool.TraceWorkloadWaitData{Workload: "batch", Waited: time.Second, Err: boom})
+		}, "WARN", "clusterpool: gave up waiting for the workload's limit", map[string]any{"workload": "batch", "err": "boom"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

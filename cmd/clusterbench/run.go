@@ -50,8 +50,9 @@ with the same seed for each pool; prints a table of results with ratios to
 pgxpool and writes an HTML report with plots. Without PostgreSQL on the
 machine it uses an in-process Postgres-wire backend instead, and says so.
 
-Scenarios: %s (all), and %s, which takes about two minutes and runs
-only when named (-scenario fleet, or -scenario all,fleet).
+Scenarios: %s (all), and %s, which run only when named
+(-scenario fleet, or -scenario all,fleet,limits); fleet takes about two
+minutes.
 
 Flags:
 `
@@ -205,7 +206,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 		fs.PrintDefaults()
 	}
 	var o options
-	scenarioFlag := fs.String("scenario", "all", "comma-separated scenarios to run: all (every scenario but fleet), or names")
+	scenarioFlag := fs.String("scenario", "all", "comma-separated scenarios to run: all (every scenario but fleet and limits), or names")
 	fs.StringVar(scenarioFlag, "scenarios", "all", "the same as -scenario")
 	fs.IntVar(&o.pools, "pools", 16, "fleet: how many pools, each with its own application_name")
 	fs.IntVar(&o.poolConns, "pool-conns", 10, "fleet: connections per pool (MinConns = MaxConns)")

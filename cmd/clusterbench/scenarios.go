@@ -314,7 +314,9 @@ var scenarios = []scenario{
 }
 
 // allScenarios are the scenarios "all" runs, then the separate ones.
-func allScenarios() []scenario { return append(append([]scenario{}, scenarios...), fleetScenario) }
+func allScenarios() []scenario {
+	return append(append([]scenario{}, scenarios...), fleetScenario, limitsScenario)
+}
 
 // commonMetrics are added to every scenario's own.
 func commonMetrics(r *PoolResult, own []Metric) []Metric {
