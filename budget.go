@@ -2,6 +2,7 @@ package clusterpool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -138,6 +139,9 @@ func (b *connectBudget) take(ctx context.Context, caller bool) (move bool, err e
 	return false, nil
 }
 
+// errTokenPastDeadline: the next token comes after the connect's deadline.
+var errTokenPastDeadline = errors.New("no token before the context's deadline")
+
 // waitBehindCallers waits for a token for a background connect. Unlike
 // Wait, it books no future token: it takes one only when one is there, so a
 // caller's connect, which books its token as it starts waiting, is served
@@ -152,9 +156,14 @@ func (b *connectBudget) waitBehindCallers(ctx context.Context) error {
 			return nil
 		}
 		// Until the bucket holds a whole token again; at least a
-		// millisecond, so the loop never spins.
+		// millisecond, so the loop never spins. Like Wait, give up at once
+		// when that is past the context's deadline.
 		missing := 1 - b.limiter.TokensAt(now)
-		timer.Reset(max(time.Duration(missing/float64(b.limiter.Limit())*float64(time.Second)), time.Millisecond))
+		wait := max(time.Duration(missing/float64(b.limiter.Limit())*float64(time.Second)), time.Millisecond)
+		if deadline, ok := ctx.Deadline(); ok && now.Add(wait).After(deadline) {
+			return errTokenPastDeadline
+		}
+		timer.Reset(wait)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()

@@ -181,6 +181,13 @@ func TestBudgetCallersFirst(t *testing.T) {
 	if err := b.waitBehindCallers(ctx); err != context.Canceled {
 		t.Fatalf("cancelled: %v", err)
 	}
+	// As Wait does, it gives up at once when the next token comes after
+	// the context's deadline (pgxpool's top-ups have a minute).
+	ctx, cancel = context.WithTimeout(context.Background(), time.Hour)
+	defer cancel()
+	if err := b.waitBehindCallers(ctx); err != errTokenPastDeadline {
+		t.Fatalf("next token in 11 days, deadline in an hour: %v", err)
+	}
 }
 
 func TestPaidPrune(t *testing.T) {
