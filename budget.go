@@ -110,12 +110,21 @@ func movesCost(k, dials, redials int) int {
 	return k + max(0, k*(max(dials, 1)-1)-redials)
 }
 
+// errNoToken refuses, in BeforeConnect, a caller's connect that would wait
+// for the connect rate limit while the pool refills the same connection in
+// the background; the pool's own acquirers wait for a connection to come
+// back instead of seeing it (limits.go's acquireConn).
+var errNoToken = errors.New("clusterpool: no connect token now, and the pool is refilling in the background; waiting for a connection instead")
+
 // take takes a token for a connect: one a move prepaid for its replacement
 // if there is one (move is then true), else the limiter's, waiting for it if
 // needed, and reports a wait. caller says an acquire waits for this connect
-// (it is not one of the pool's background refills). A token that is there
-// at once costs one limiter call, as Wait alone would.
-func (b *connectBudget) take(ctx context.Context, caller bool) (move bool, err error) {
+// (it is not one of the pool's background refills). A caller's connect
+// that finds no token and for which yield (nil: never) says that the pool
+// refills in the background anyway is refused with errNoToken: its caller
+// waits for the first connection released rather than for the limiter. A
+// token that is there at once costs one limiter call, as Wait alone would.
+func (b *connectBudget) take(ctx context.Context, caller bool, yield func() bool) (move bool, err error) {
 	if b.limiter == nil {
 		return false, nil
 	}
@@ -125,6 +134,9 @@ func (b *connectBudget) take(ctx context.Context, caller bool) (move bool, err e
 	}
 	if b.limiter.Allow() {
 		return false, nil
+	}
+	if caller && yield != nil && yield() {
+		return false, errNoToken
 	}
 	start := time.Now()
 	if caller {

@@ -145,7 +145,7 @@ func TestBudgetNoLimit(t *testing.T) {
 	if !b.takeForRedial(time.Now(), 100) {
 		t.Fatal("no limit: redial refused")
 	}
-	if move, err := b.take(context.Background(), true); move || err != nil {
+	if move, err := b.take(context.Background(), true, nil); move || err != nil {
 		t.Fatalf("no limit: take = %v, %v", move, err)
 	}
 }

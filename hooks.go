@@ -103,7 +103,11 @@ func (p *Pool) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
 		cc.ConnectTimeout = DefaultConnectTimeout
 	}
 	caller := !backgroundConnect(ctx)
-	move, err := p.budget.take(ctx, caller)
+	var yield func() bool
+	if p.tracking() {
+		yield = p.refillInstead
+	}
+	move, err := p.budget.take(ctx, caller, yield)
 	if err != nil {
 		return err
 	}
@@ -305,6 +309,8 @@ func (rt releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseD
 	}
 	if rt.p.limits.on() {
 		rt.p.limits.released(data.Conn)
+	} else if rt.p.limits != nil {
+		rt.p.limits.wakeRoom() // an acquirer refused a connect for want of a token (errNoToken)
 	}
 }
 

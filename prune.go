@@ -433,6 +433,23 @@ func (p *Pool) refillNeed(now time.Time) int {
 	return refillCount(minConns, maxConns, p.trackedConns(), int(p.pool.Stat().ConstructingConns()), p.budget.replacementsOwed(now))
 }
 
+// refillInstead reports whether the pool, not counting a caller's connect
+// that found no token (which counts as opening), holds fewer connections
+// than MinConns: the keeper refills it in the background then, so the
+// caller may wait for a connection released meanwhile instead of for the
+// limiter. It asks the keeper to look.
+func (p *Pool) refillInstead() bool {
+	minConns := int(p.config.MinConns)
+	if p.limits.on() {
+		minConns = p.limits.effectiveMin(time.Now())
+	}
+	if p.trackedConns()+max(int(p.pool.Stat().ConstructingConns())-1, 0) >= minConns {
+		return false
+	}
+	p.keep()
+	return true
+}
+
 // refillCount is how many connections to open for a pool that holds open
 // connections (not counting those closing) and has opening more under way:
 // enough for minConns, and at least one for each balance move whose

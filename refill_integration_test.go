@@ -2,6 +2,7 @@ package clusterpool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"testing"
@@ -179,5 +180,48 @@ func TestCallerConnectWait(t *testing.T) {
 	acquire3() // 1 token left, then 4 a second
 	if st := p.ClusterStat(); st.CallerConnectWaitDuration() <= 0 || st.CallerConnectWaitDuration() != st.ConnectWaitDuration() {
 		t.Errorf("callers' connects after the bucket emptied: callers' wait %v, total %v; want the same, above zero", st.CallerConnectWaitDuration(), st.ConnectWaitDuration())
+	}
+}
+
+// A caller's connect that finds no token while the pool is below MinConns
+// does not wait for the limiter: the pool refills that connection in the
+// background anyway, so the connect is refused (errNoToken) and its
+// acquirer waits for a connection to come back instead. With nothing to
+// refill (MinConns 0) the caller's connect waits for the limiter as
+// before. No server is needed: the hook only decides.
+func TestCallerYieldsToRefill(t *testing.T) {
+	for _, tc := range []struct {
+		minConns int32
+		want     error
+	}{
+		{2, errNoToken},
+		{0, nil}, // the limiter's wait
+	} {
+		p := startPool(t, "postgres://u@127.0.0.1:1/db?sslmode=disable", func(cfg *Config) {
+			cfg.MinConns, cfg.MaxConns = tc.minConns, 3
+			cfg.ConnectRate = 1 / (1000 * time.Hour).Seconds()
+		})
+		p.budget.limiter.AllowN(time.Now(), 3) // the burst spent
+		cfg := p.PgxPool().Config()
+		// An acquire's connect: puddle's context has no deadline. The
+		// limiter's wait ends when it is cancelled.
+		ctx, cancel := context.WithCancel(context.Background())
+		stop := time.AfterFunc(50*time.Millisecond, cancel)
+		err := cfg.BeforeConnect(ctx, cfg.ConnConfig.Copy())
+		stop.Stop()
+		cancel()
+		switch {
+		case tc.want != nil && !errors.Is(err, tc.want):
+			t.Errorf("MinConns %d: %v, want %v", tc.minConns, err, tc.want)
+		case tc.want == nil && !errors.Is(err, context.Canceled):
+			t.Errorf("MinConns %d: %v, want the limiter's wait, cancelled", tc.minConns, err)
+		}
+		// The acquirer waits for a connection rather than fail with it.
+		actx, acancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		_, err = p.Acquire(actx)
+		acancel()
+		if errors.Is(err, errNoToken) {
+			t.Errorf("MinConns %d: Acquire returned %v", tc.minConns, err)
+		}
 	}
 }
