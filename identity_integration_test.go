@@ -25,7 +25,7 @@ func TestGossipIgnoredForForeignNodeIDs(t *testing.T) {
 		}
 	})
 	waitCond(t, func() string {
-		if n := p.probeConns(); n < 10 {
+		if n := p.ClusterStat().Probes(); n < 10 { // gossip reads, over idle connections
 			return fmt.Sprintf("%d probes", n)
 		}
 		return ""

@@ -153,6 +153,8 @@ type Pool struct {
 	health    *healthChecker // nil when no node is tracked
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
+	balance   balanceState   // the balance rounds' memory (prune.go)
+	pace      probePace      // the probe's pace and what it aims at (probe.go)
 
 	// The caller's hooks, chained behind the pool's own (hooks.go).
 	// userBeforeConnect recovers the hook's panics; the probe and health
