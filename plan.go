@@ -193,6 +193,40 @@ func planPrune(nodes []nodeView, targets map[NodeID]int, exact bool) map[NodeID]
 	return prune
 }
 
+// spreadJoins holds back moves towards nodes that just joined the eligible
+// set (a new node, one back from a restart or an eviction) while the pool
+// is steady: such a node stays not refillable until its time in ready,
+// which it gets, now+delay, when it first shows up eligible. The caller
+// draws delay at random for each round (up to a balance interval), so
+// many pools that learn of a node at the same moment (gossip, a restart
+// they all see) move their connections to it over a few rounds rather than
+// in the same second; a cold start, whose size is still moving, is not
+// held back. ready is updated in place: nodes no longer eligible leave it.
+func spreadJoins(views []nodeView, ready map[NodeID]time.Time, steady bool, now time.Time, delay time.Duration) {
+	for i, v := range views {
+		if !v.Eligible {
+			delete(ready, v.ID)
+			continue
+		}
+		at, ok := ready[v.ID]
+		if !ok {
+			at = now
+			if steady {
+				at = now.Add(delay)
+			}
+			ready[v.ID] = at
+		}
+		if now.Before(at) {
+			views[i].Refillable = false
+		}
+	}
+	for id := range ready {
+		if !slices.ContainsFunc(views, func(v nodeView) bool { return v.ID == id }) {
+			delete(ready, id)
+		}
+	}
+}
+
 // steadiness is what the balance rounds remember of the pool's size, to
 // tell a pool that holds still from one whose size is moving.
 type steadiness struct {

@@ -248,3 +248,60 @@ func TestSteadiness(t *testing.T) {
 		}
 	}
 }
+
+// A node that joins while the pool is steady receives moves only after the
+// delay drawn for it; during a cold start (not steady) at once; a node that
+// leaves the eligible set and comes back is held back again.
+func TestSpreadJoins(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	ready := make(map[NodeID]time.Time)
+	vs := func(eligible4 bool) []nodeView {
+		return []nodeView{
+			{ID: 1, Conns: 5, Eligible: true, Refillable: true},
+			{ID: 2, Conns: 5, Eligible: true, Refillable: true},
+			{ID: 4, Conns: 0, Eligible: eligible4, Refillable: true},
+		}
+	}
+	refillable := func(v []nodeView) (ids []NodeID) {
+		for _, n := range v {
+			if n.Refillable {
+				ids = append(ids, n.ID)
+			}
+		}
+		return ids
+	}
+	// A cold start: nothing held back.
+	v := vs(true)
+	spreadJoins(v, ready, false, t0, time.Second)
+	if got := refillable(v); !slices.Equal(got, []NodeID{1, 2, 4}) {
+		t.Fatalf("cold start: refillable %v", got)
+	}
+	// Node 4 is evicted, then back while the pool is steady: held back for
+	// the delay, then refillable.
+	v = vs(false)
+	spreadJoins(v, ready, true, t0.Add(time.Minute), time.Second)
+	back := t0.Add(2 * time.Minute)
+	for _, tc := range []struct {
+		at   time.Duration
+		want []NodeID
+	}{
+		{0, []NodeID{1, 2}},
+		{999 * time.Millisecond, []NodeID{1, 2}},
+		{time.Second, []NodeID{1, 2, 4}},
+	} {
+		v = vs(true)
+		delay := time.Second // drawn at the first round back; later draws do not move it
+		if tc.at > 0 {
+			delay = 5 * time.Second
+		}
+		spreadJoins(v, ready, true, back.Add(tc.at), delay)
+		if got := refillable(v); !slices.Equal(got, tc.want) {
+			t.Fatalf("%v after node 4 is back: refillable %v, want %v", tc.at, got, tc.want)
+		}
+	}
+	// A node gone from the views leaves the map.
+	spreadJoins(vs(true)[:2], ready, true, back, time.Second)
+	if _, ok := ready[4]; ok {
+		t.Fatal("node 4 gone from the views but still in ready")
+	}
+}

@@ -105,21 +105,28 @@ func (b probeBackoff) probed(now time.Time, u float64) probeBackoff {
 	return b
 }
 
-// wait is how long after the last session probe the next is due: half the
-// time the pool had been quiet when the last probe ran, at least base and
-// at most probeWaitCap(base), jittered ±20%. After a change the probes come
-// every base for two intervals, then each wait is half again as long as
-// the one before, up to the cap; any change snaps the wait back to base.
-func (b probeBackoff) wait(base time.Duration) time.Duration {
+// wait is how long after the last session probe the next is due: a share
+// of the time the pool had been quiet when the last probe ran, at least
+// base and at most probeWaitCap(base), jittered ±20%. The share is a half,
+// or an eighth while the pool misses a node (it waits to see it back, and
+// learning that soon is what the aimed probes are for). After a change the
+// probes come every base for two intervals (sixteen while missing), then
+// each wait is half again as long as the one before (an eighth), up to the
+// cap; any change snaps the wait back to base.
+func (b probeBackoff) wait(base time.Duration, missing bool) time.Duration {
 	quiet := b.lastProbe.Sub(b.lastChange) // negative after a change: base
-	return jitter(min(max(base, quiet/2), probeWaitCap(base)), b.u)
+	share := quiet / 2
+	if missing {
+		share = quiet / 8
+	}
+	return jitter(min(max(base, share), probeWaitCap(base)), b.u)
 }
 
 // due reports whether a session probe is due at now. After a change the
 // wait is base (wait), so a change snaps a backed-off probe back at once
 // if the last probe is that long ago.
-func (b probeBackoff) due(now time.Time, base time.Duration) bool {
-	return b.lastProbe.IsZero() || !now.Before(b.lastProbe.Add(b.wait(base)))
+func (b probeBackoff) due(now time.Time, base time.Duration, missing bool) bool {
+	return b.lastProbe.IsZero() || !now.Before(b.lastProbe.Add(b.wait(base, missing)))
 }
 
 // probeWaitCap is the longest wait between session probes at rest:
@@ -170,7 +177,7 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	if gossiped && len(missing) == 0 {
 		return true // gossip vouched for every node: no session needed
 	}
-	if !st.backoff.due(now, p.settings.probeInterval) {
+	if !st.backoff.due(now, p.settings.probeInterval, len(missing) > 0) {
 		return true
 	}
 	st.backoff = st.backoff.probed(now, rand.Float64())
@@ -178,15 +185,31 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 }
 
 // missingNodes returns the nodes the pool misses, sorted: evicted ones it
-// waits to see back, and those gossip lists that it has never reached.
+// waits to see back (unless gossip says they are draining, leaving or not
+// live: then gossip will tell when they are back), those gossip lists that
+// it has never reached, and, when the pool holds at least a connection per
+// node, nodes that hold none of them and that nothing reached within the
+// refill window (their connections closed without an eviction, as idle ones
+// a drain closes do: the balance rounds cannot move connections there until
+// something sees the node again).
 func (p *Pool) missingNodes() []NodeID {
-	var ids []NodeID
-	for _, n := range p.tracker.nodeList() {
-		if n.evicted.Load() && !n.draining.Load() {
-			ids = append(ids, n.id)
+	nodes := p.tracker.nodeList()
+	now := time.Now()
+	full := p.pool != nil && int(p.pool.Stat().TotalConns()) >= len(nodes)
+	var evicted []NodeID
+	for _, n := range nodes {
+		unseen := full && n.conns.Load() == 0 && now.Sub(time.Unix(0, n.lastSeen.Load())) > p.refillWindow()
+		if (n.evicted.Load() || unseen) && !n.draining.Load() {
+			evicted = append(evicted, n.id)
 		}
 	}
+	var ids []NodeID
 	p.pace.mu.Lock()
+	for _, id := range evicted {
+		if well, known := p.pace.gossipWell[id]; !known || well {
+			ids = append(ids, id)
+		}
+	}
 	for id := range p.pace.wanted {
 		if !slices.Contains(ids, id) && p.tracker.node(id) == nil {
 			ids = append(ids, id)

@@ -72,6 +72,7 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	}
 	settling := p.settling(now)
 	exact := p.balance.observe(views, int(p.config.MinConns), settling, now, p.settings.balanceInterval/2)
+	p.balance.spreadJoins(views, exact, now, time.Duration(rand.Float64()*float64(p.settings.balanceInterval)))
 	plan := planBalance(views, p.seed, exact)
 	if settling {
 		// Connections are being opened (a refill after the last round): their
@@ -96,6 +97,19 @@ type balanceState struct {
 
 	mu     sync.Mutex // protects the fields below
 	steady steadiness
+	// ready holds when each eligible node may first receive moves
+	// (spreadJoins).
+	ready map[NodeID]time.Time
+}
+
+// spreadJoins applies spreadJoins to a round's views.
+func (b *balanceState) spreadJoins(views []nodeView, steady bool, now time.Time, delay time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ready == nil {
+		b.ready = make(map[NodeID]time.Time)
+	}
+	spreadJoins(views, b.ready, steady, now, delay)
 }
 
 // observe records the size of the pool a round found (views) and reports
@@ -126,9 +140,11 @@ func (b *balanceState) exactAt(total int) bool {
 // refillWindow is how long after a node was last seen a new connection can
 // be expected to reach it. Behind a random load balancer a live node without
 // connections is seen about every N probes; a node that just went away stays
-// refillable this long, so a short window limits pruning for nothing.
+// refillable this long, so a short window limits pruning for nothing. It
+// covers the first moves towards a node that joined being held back for up
+// to a balance interval (spreadJoins), and a round after that.
 func (p *Pool) refillWindow() time.Duration {
-	return 2 * max(p.settings.balanceInterval, p.settings.probeInterval)
+	return 2*max(p.settings.balanceInterval, p.settings.probeInterval) + p.settings.balanceInterval
 }
 
 // settling reports whether connections are being opened right now, or
