@@ -1,16 +1,12 @@
 package clusterpool
 
 import (
-	"context"
 	"fmt"
-	"os"
-	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
-	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Short intervals make a few seconds of a test stand for many rounds.
@@ -51,13 +47,15 @@ func totalOpened(c *clustertest.Cluster) int64 {
 }
 
 // poolOpened is the number of connections the servers accepted for the pool
-// itself: their total minus the probes' short-lived connections. Removed
-// nodes no longer count, so compare deltas taken while the node set is fixed.
+// itself: their total minus the connections the probes opened (every dial
+// that succeeded, a probe that then timed out included). Removed nodes no
+// longer count, so compare deltas taken while the node set is fixed.
 func poolOpened(c *clustertest.Cluster, p *Pool) int64 {
 	return totalOpened(c) - p.probeConns()
 }
 
 func TestBalanceEvenAtStart(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -73,6 +71,7 @@ func TestBalanceEvenAtStart(t *testing.T) {
 // Behind one load-balancer address: a new node gets its share, a removed one
 // is dropped from the targets, and once balanced nothing moves.
 func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -97,7 +96,7 @@ func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
 	if opened > int64(8*moves) {
 		t.Errorf("opened %d connections for %d moves", opened, moves)
 	}
-	assertQuiet(t, c, p, 2*time.Second)
+	assertQuiet(t, c, p)
 
 	if err := c.RemoveNode(testCtx(t), 2); err != nil {
 		t.Fatal(err)
@@ -111,26 +110,31 @@ func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
 		}
 		return ""
 	})
-	assertQuiet(t, c, p, 2*time.Second)
+	assertQuiet(t, c, p)
 }
+
+// quietRounds is how many balancing rounds assertQuiet watches: the docs
+// promise more than ten rounds with no connection opened.
+const quietRounds = 11
 
 // assertQuiet waits until the pool has converged (balanced, and no
 // connection opened for four rounds: a refill may still be landing when the
-// counts first look even), then checks that the pool opens no connection for
-// d: with 150 ms rounds that is over ten rounds in which a balanced pool must
-// not oscillate. The probes' connections are not the pool's; one may
-// straddle the start or the end of the period.
-func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool, d time.Duration) {
+// counts first look even), then checks that the pool opens no connection
+// while its own round counter advances by quietRounds: rounds in which a
+// balanced pool must not oscillate, however slowly a loaded machine runs
+// them. The probes' connections are not the pool's; one may straddle the
+// start or the end of the period.
+func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool) {
 	t.Helper()
-	last, since := p.Stat().NewConnsCount(), time.Now()
+	last, lastRound := p.Stat().NewConnsCount(), p.ClusterStat().BalanceRounds()
 	waitCond(t, func() string {
 		if n := p.Stat().NewConnsCount(); n != last {
-			last, since = n, time.Now()
+			last, lastRound = n, p.ClusterStat().BalanceRounds()
 		}
 		if msg := spreadOf(c, 30); msg != "" {
 			return msg
 		}
-		if time.Since(since) < 4*testBalanceInterval {
+		if p.ClusterStat().BalanceRounds()-lastRound < 4 {
 			return "connections opened in the last four rounds"
 		}
 		return ""
@@ -141,17 +145,23 @@ func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool, d time.Duration)
 		}
 		return k
 	}
-	before, newBefore, prunedBefore := poolOpened(c, p), p.Stat().NewConnsCount(), pruned()
-	time.Sleep(d) // a quiet period, not a wait for a condition
+	before, newBefore, prunedBefore, rounds := poolOpened(c, p), p.Stat().NewConnsCount(), pruned(), p.ClusterStat().BalanceRounds()
+	waitCond(t, func() string {
+		if n := p.ClusterStat().BalanceRounds() - rounds; n < quietRounds {
+			return fmt.Sprintf("%d rounds of quiet so far, want %d", n, quietRounds)
+		}
+		return ""
+	})
 	if opened, n := poolOpened(c, p)-before, p.Stat().NewConnsCount()-newBefore; opened > 1 || n != 0 {
-		t.Errorf("balanced pool opened %d connections (servers: %d; pruned %d) in %v of quiet: %v",
-			n, opened, pruned()-prunedBefore, d, c.OpenConns())
+		t.Errorf("balanced pool opened %d connections (servers: %d; pruned %d) in %d rounds of quiet: %v",
+			n, opened, pruned()-prunedBefore, p.ClusterStat().BalanceRounds()-rounds, c.OpenConns())
 	}
 }
 
 // Below MaxConns (MinConns 12 of 30) under light load the pool is balanced
 // too: targets come from the pool's current size, not MaxConns.
 func TestBalanceBelowMaxConns(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), balancedConfig(12, 30))
 	ctx := testCtx(t)
@@ -190,6 +200,7 @@ func TestBalanceBelowMaxConns(t *testing.T) {
 // reconnect storm, however slow the machine (the window grows only with
 // time the test spends, not with the pool's slowness to refill).
 func TestBalanceConnectRateAfterRestart(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	const rate, size = 20.0, 30
 	created := time.Now()
@@ -239,6 +250,7 @@ func TestBalanceConnectRateAfterRestart(t *testing.T) {
 // Plain PostgreSQL behind one address: no node identity, so no balancing,
 // no probe after the first few, and queries work as with pgxpool.
 func TestBalanceOffOnPlainPostgres(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, Postgres: true, InProcess: true})
 	p := startPool(t, c.Nodes()[0].DSN(), balancedConfig(4, 4))
 	for range 20 {
@@ -272,6 +284,7 @@ func gossipSetup(t *testing.T, c *clustertest.Cluster, draining map[int]bool) {
 // A node that gossip reports as draining leaves the targets and loses its
 // connections; when it stops draining it gets its share back.
 func TestBalanceGossipDraining(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, nil)
 	p := startPool(t, c.DSN(), balancedConfig(30, 30))
@@ -300,6 +313,7 @@ func TestBalanceGossipDraining(t *testing.T) {
 // new connection to the least-connected node: a cold start is balanced with
 // no connection opened beyond the pool's own.
 func TestBalanceHostsPlacement(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -309,7 +323,7 @@ func TestBalanceHostsPlacement(t *testing.T) {
 	if opened, n := poolOpened(c, p), p.Stat().NewConnsCount(); n > 32 || opened > 33 {
 		t.Errorf("cold start opened %d connections (servers: %d) for a pool of 30; %+v", n, opened, p.NodeStats())
 	}
-	assertQuiet(t, c, p, time.Second)
+	assertQuiet(t, c, p)
 }
 
 // With several hosts and gossip addresses, a node added after the pool
@@ -317,6 +331,7 @@ func TestBalanceHostsPlacement(t *testing.T) {
 // minimum number of connections opened (the minimum being its share).
 // Removing a node brings the targets back to the remaining nodes.
 func TestBalanceScaleOutWithGossip(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, nil)
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
@@ -339,141 +354,14 @@ func TestBalanceScaleOutWithGossip(t *testing.T) {
 	if opened > int64(2*moves) {
 		t.Errorf("opened %d connections for %d moves", opened, moves)
 	}
-	assertQuiet(t, c, p, 2*time.Second)
+	assertQuiet(t, c, p)
 
 	if err := c.RemoveNode(testCtx(t), 2); err != nil {
 		t.Fatal(err)
 	}
 	gossipSetup(t, c, nil)
 	waitCond(t, func() string { return spreadOf(c, 30) })
-	assertQuiet(t, c, p, 2*time.Second)
-}
-
-// TestBalanceReport produces the README's balancing numbers. It is skipped
-// unless CLUSTERPOOL_BALANCE_REPORT=1:
-//
-//	CLUSTERPOOL_BALANCE_REPORT=1 go test -run TestBalanceReport -v .
-func TestBalanceReport(t *testing.T) {
-	if os.Getenv("CLUSTERPOOL_BALANCE_REPORT") != "1" {
-		t.Skip("set CLUSTERPOOL_BALANCE_REPORT=1 to print the balancing report")
-	}
-	type phase struct {
-		name   string
-		change func(c *clustertest.Cluster)
-		want   int // total connections expected
-	}
-	addNode := func(c *clustertest.Cluster) {
-		if _, err := c.AddNode(testCtx(t)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	removeNode := func(c *clustertest.Cluster) {
-		if err := c.RemoveNode(testCtx(t), 2); err != nil {
-			t.Fatal(err)
-		}
-	}
-	phases := []phase{{"start (3 nodes)", nil, 30}, {"add node 4", addNode, 30}, {"remove node 2", removeNode, 30}}
-	type scenario struct {
-		name   string
-		gossip bool // real PostgreSQL nodes with gossip tables, HostsDSN
-		plain  bool // plain pgxpool
-		redial bool
-		runs   int
-	}
-	scenarios := []scenario{
-		{name: "clusterpool, one LB address, redial", redial: true, runs: 4},
-		{name: "clusterpool, one LB address, no redial", runs: 4},
-		{name: "pgxpool, one LB address", plain: true, runs: 2},
-	}
-	if clustertest.Available() == nil {
-		scenarios = append(scenarios, scenario{name: "clusterpool, node hosts + gossip", gossip: true, runs: 2})
-	}
-	for _, sc := range scenarios {
-		for run := range sc.runs {
-			c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: !sc.gossip, Seed: int64(run + 1)})
-			dsn := c.DSN()
-			if sc.gossip {
-				gossipSetup(t, c, nil)
-				dsn = c.HostsDSN()
-			}
-			var p *Pool
-			var plain *pgxpool.Pool
-			// Rounds are counted as the time since the pool started over the
-			// mean interval, which the jitter keeps on average.
-			rounds, probes := func() int64 { return 0 }, func() int64 { return 0 }
-			if sc.plain {
-				cfg, err := pgxpool.ParseConfig(dsn + "&pool_min_conns=30&pool_max_conns=30")
-				if err != nil {
-					t.Fatal(err)
-				}
-				plain, err = pgxpool.NewWithConfig(testCtx(t), cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-			} else {
-				// Rounds longer than pgxpool's 500 ms refill delay, as with
-				// the 5 s default, so a round sees the last round's refill.
-				started := time.Now()
-				p = startPool(t, dsn, func(cfg *Config) {
-					balancedConfig(30, 30)(cfg)
-					cfg.BalanceInterval = 600 * time.Millisecond
-					cfg.ProbeInterval = 200 * time.Millisecond
-					if !sc.redial && !sc.gossip {
-						// The same node IDs, from a function of the
-						// user's: the pool then has no BackendKey
-						// identity to redial by.
-						cfg.IdentifyNode = func(_ context.Context, params IdentifyNodeParams) (NodeID, string, error) {
-							return DecodeProcessID(params.Conn.PgConn().PID()), "", nil
-						}
-					}
-				})
-				rounds = func() int64 { return int64(time.Since(started) / (600 * time.Millisecond)) }
-				probes = p.probeConns
-			}
-			for _, ph := range phases {
-				if ph.change != nil {
-					ph.change(c)
-					if sc.gossip {
-						gossipSetup(t, c, nil)
-					}
-				}
-				r0, o0, p0 := rounds(), totalOpened(c), probes()
-				start := time.Now()
-				var spread string
-				seenRounds := int64(-1) // rounds when the pool first saw node 4
-				for {
-					spread = spreadOf(c, ph.want)
-					if seenRounds < 0 && p != nil && slices.ContainsFunc(p.NodeStats(), func(s NodeStat) bool { return s.ID == 4 }) {
-						seenRounds = rounds()
-					}
-					if spread == "" || time.Since(start) > 30*time.Second {
-						break
-					}
-					time.Sleep(condPoll)
-				}
-				result := "balanced"
-				if spread != "" {
-					result = "NOT balanced after 30s: " + spread
-				}
-				moves := ""
-				if ph.name == "add node 4" {
-					moves = fmt.Sprintf(" (min moves %d)", c.Node(4).OpenConns())
-					if seenRounds >= 0 {
-						moves += fmt.Sprintf(" | rounds after node 4 seen %d", rounds()-seenRounds)
-					}
-				}
-				t.Logf("%s | run %d | %s | rounds %d | opened %d%s | %s",
-					sc.name, run, ph.name, rounds()-r0, totalOpened(c)-o0-(probes()-p0), moves, result)
-			}
-			if plain != nil {
-				plain.Close()
-			}
-			if p != nil {
-				p.Close()
-			}
-			c.Close()
-		}
-	}
+	assertQuiet(t, c, p)
 }
 
 // A node seen just now with no connection joins the targets and draws
@@ -481,6 +369,7 @@ func TestBalanceReport(t *testing.T) {
 // (until expiry) but draws none, since nothing says a connection can land
 // there; one not seen for the expiry window is forgotten.
 func TestBalanceRoundSeenExpired(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		balancedConfig(10, 10)(cfg)
@@ -527,6 +416,7 @@ func TestBalanceRoundSeenExpired(t *testing.T) {
 // Plain PostgreSQL servers listed in the connection string: nodes are
 // identified by one query per connection, and placement spreads the pool.
 func TestBalanceHostsPlacementPostgres(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Postgres: true})
 	p := startPool(t, c.HostsDSN(), balancedConfig(30, 30))
 	waitCond(t, func() string { return spreadOf(c, 30) })
@@ -538,11 +428,14 @@ func TestBalanceHostsPlacementPostgres(t *testing.T) {
 		}
 		return ""
 	})
-	assertQuiet(t, c, p, time.Second)
+	assertQuiet(t, c, p)
 }
 
 // Close stops the balancing loop and the probe even while they are busy
 // (rounds and probes every few milliseconds), and waits for them.
+//
+// Not parallel: it reads every goroutine's stack, so another test's pool
+// would look like this one's still running.
 func TestBalanceCloseStopsLoops(t *testing.T) {
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	cfg, err := ParseConfig(c.DSN())
@@ -578,8 +471,14 @@ func TestBalanceCloseStopsLoops(t *testing.T) {
 // Behind one address, a new connection for a retry that failed on some nodes
 // is redialled until it lands elsewhere (bounded: the last dial is kept).
 func TestBalanceRedialAvoidsNodes(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true, Balancing: clustertest.RoundRobin})
-	p := startPool(t, c.DSN(), balancedConfig(0, 5))
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(0, 5)(cfg)
+		// No probe: its dial through the load balancer would take a turn
+		// of the round robin between two redials.
+		cfg.ProbeInterval = time.Hour
+	})
 	ctx := withAvoidNodes(testCtx(t), 1, 2)
 	for i := range 5 {
 		// Holding each connection makes the next Acquire open a new one.
@@ -602,6 +501,7 @@ func TestBalanceRedialAvoidsNodes(t *testing.T) {
 // A listed host that refuses connections is tried last once a dial to it
 // failed, so new connections do not keep paying for it.
 func TestBalanceHostsSkipsDeadHost(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	dead := "127.0.0.1:1" // nothing listens on port 1
 	dsn := strings.Replace(c.HostsDSN(), "@", "@"+dead+",", 1)

@@ -110,6 +110,7 @@ func assertFleetQuiet(t *testing.T, c *clustertest.Cluster, pools []*Pool, nodes
 // fair hashing gives; a node added later and a node restarted get every
 // pool's share; balanced, the fleet opens nothing.
 func TestFleetScaleOutAndRestart(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	pools := startFleet(t, c.DSN())
 	waitCondWithin(t, fleetWait, fleetAtTargets(c, pools, []int{1, 2, 3}))
@@ -153,6 +154,7 @@ func TestFleetScaleOutAndRestart(t *testing.T) {
 // gossip and aimed at; a node drained and restarted is back when gossip
 // says so.
 func TestFleetGossip(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	gossipSetup(t, c, nil)
 	pools := startFleet(t, c.DSN())

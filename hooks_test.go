@@ -130,6 +130,7 @@ func hookCluster(t *testing.T, mutate func(*Config)) (*clustertest.Cluster, *Poo
 // A user AfterConnect that fails leaves no connection counted: pgxpool
 // closes the connection without BeforeClose, and the pool forgets it.
 func TestHookAfterConnectFails(t *testing.T) {
+	t.Parallel()
 	var calls atomic.Int64
 	errHook := errors.New("after connect says no")
 	c, p, _ := hookCluster(t, func(cfg *Config) {
@@ -165,6 +166,7 @@ func TestHookAfterConnectFails(t *testing.T) {
 // goroutine, where the panic would end the test binary), counted, traced,
 // and the connection is still closed and forgotten.
 func TestHookBeforeClosePanics(t *testing.T) {
+	t.Parallel()
 	var calls atomic.Int64
 	c, p, rec := hookCluster(t, func(cfg *Config) {
 		cfg.BeforeClose = func(*pgx.Conn) {
@@ -197,6 +199,7 @@ func TestHookBeforeClosePanics(t *testing.T) {
 // with an error naming the hook; on pgxpool's background goroutines (the
 // MinConns refill) it is recovered too. Counts stay right.
 func TestHookConnectPanics(t *testing.T) {
+	t.Parallel()
 	for _, hook := range []string{hookAfterConnect, hookIdentifyNode, hookBeforeConnect} {
 		t.Run(hook, func(t *testing.T) {
 			var calls atomic.Int64
@@ -251,6 +254,7 @@ func TestHookConnectPanics(t *testing.T) {
 // error naming the hook, and the connection, whose state the hook may have
 // left half changed, is destroyed rather than left acquired for good.
 func TestHookPrepareConnPanics(t *testing.T) {
+	t.Parallel()
 	for _, hook := range []string{hookPrepareConn, hookBeforeAcquire} {
 		t.Run(hook, func(t *testing.T) {
 			var panicNext atomic.Bool
@@ -304,6 +308,7 @@ func TestHookPrepareConnPanics(t *testing.T) {
 // Without node tracking (NodeIdentityNone) the pool installs its wrappers
 // only around the hooks the caller set, and still recovers their panics.
 func TestHookPanicsUntracked(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
 	var closes atomic.Int64
 	p := startPool(t, c.DSN(), func(cfg *Config) {

@@ -20,6 +20,7 @@ import (
 // for the simple protocol, which COMMIT and an Exec without arguments use:
 // the soak test found the pool re-running those on the other node.
 func TestLostCommitIsNotRetried(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, Seed: 1})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

@@ -73,6 +73,7 @@ func fillPool(t *testing.T, p *Pool) {
 // TestNodeIDs checks that the node IDs the pool decodes from the BackendKey
 // are the proxies' IDs, in CockroachDB's short and long forms.
 func TestNodeIDs(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		name string
 		opts clustertest.Options
@@ -109,6 +110,7 @@ func TestNodeIDs(t *testing.T) {
 // connections, and checks at each step that the per-node counts equal the
 // servers' own.
 func TestNodeStatsMatchServers(t *testing.T) {
+	t.Parallel()
 	// The counts compared are the proxies'; in-process servers behind them
 	// keep the test fast.
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
@@ -184,6 +186,7 @@ func TestNodeStatsMatchServers(t *testing.T) {
 // TestHijackLeavesTracking: a hijacked connection stays counted until the
 // caller closes it, and is then noticed by NodeStats.
 func TestHijackLeavesTracking(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) { cfg.MaxConns = 4 })
 	ctx := testCtx(t)
@@ -206,6 +209,7 @@ func TestHijackLeavesTracking(t *testing.T) {
 // (its BackendKey is an OS process ID), whatever the identity mode, unless
 // the pool is told to ask the server.
 func TestPostgres(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, Postgres: true})
 	t.Run("no node IDs", func(t *testing.T) { testPostgresNoNodeIDs(t, c) })
 	t.Run("query identity", func(t *testing.T) { testPostgresQueryIdentity(t, c) })
@@ -282,6 +286,7 @@ func testPostgresQueryIdentity(t *testing.T, c *clustertest.Cluster) {
 
 // TestIdentifyNode: a user function replaces the built-in identity.
 func TestIdentifyNode(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
 	var calls atomic.Int32
 	p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -315,6 +320,7 @@ func TestIdentifyNode(t *testing.T) {
 // TestUserHooksRun checks that every hook set on the config still runs, in
 // the documented order, and that their outcomes keep their pgxpool meaning.
 func TestUserHooksRun(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
 	var beforeConnect, afterConnect, prepare, beforeClose, traced atomic.Int32
 	var refuseNext atomic.Bool
@@ -389,6 +395,7 @@ func (ct *countingTracer) TraceRelease(*pgxpool.Pool, pgxpool.TraceReleaseData) 
 // TestHookFailures: a failing user AfterConnect leaves nothing tracked; the
 // deprecated BeforeAcquire is honoured; PrepareConn's errors reach the caller.
 func TestHookFailures(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
 	ctx := testCtx(t)
 
@@ -433,6 +440,7 @@ func TestHookFailures(t *testing.T) {
 // TestRetiredConnectionsRefused: connections on an evicted node are never
 // handed out; connections marked retire are destroyed by retireIdle at once.
 func TestRetiredConnectionsRefused(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true, Balancing: clustertest.RoundRobin})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MaxConns, cfg.MinConns = 4, 4
@@ -537,6 +545,7 @@ func poolStacks() string {
 // TestSameAsPgxpool runs the same calls against plain PostgreSQL through
 // pgxpool and through clusterpool and compares results and error kinds.
 func TestSameAsPgxpool(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, Postgres: true})
 	dsn := c.Nodes()[0].PostgresDSN()
 	ctx := testCtx(t)
@@ -678,6 +687,7 @@ func TestNewWithConfigErrors(t *testing.T) {
 // TestWrapPgxpoolConfig: a Config built around an existing pgxpool.Config
 // (cluster fields left zero) works, with the defaults.
 func TestWrapPgxpoolConfig(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
 	pgxCfg, err := pgxpool.ParseConfig(c.DSN())
 	if err != nil {
@@ -703,6 +713,7 @@ func TestWrapPgxpoolConfig(t *testing.T) {
 // connection of an evicted node) are replaced at once, not at pgxpool's next
 // health check, which this pool has put an hour away.
 func TestSweepRefillsMinConns(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true, Seed: 7})
 	p := startPool(t, c.HostsDSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
@@ -729,6 +740,7 @@ func TestSweepRefillsMinConns(t *testing.T) {
 // TestConnectStartStamped: every pool connection carries the time its
 // connect began, which eviction compares against (trackDialled).
 func TestConnectStartStamped(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
 	before := time.Now()
 	p := startPool(t, c.DSN(), nil)

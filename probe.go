@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -339,12 +340,22 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 	return id, nil
 }
 
-// aimProbe counts the sessions a probe opens and, behind one address with
-// node IDs in the BackendKey, when the pool misses a node, adds copies of
-// the address so that a connection reaching another node is refused and
-// dialled again (each dial is a fresh draw of the load balancer), up to
-// aimedDials in all; the last connection is kept.
+// aimProbe counts the connections a probe opens (every dial that
+// succeeds: a server accepted it, whatever happens next) and, behind one
+// address with node IDs in the BackendKey, when the pool misses a node, adds
+// copies of the address so that a connection reaching another node is
+// refused and dialled again (each dial is a fresh draw of the load
+// balancer), up to aimedDials in all; the last connection is kept.
 func (p *Pool) aimProbe(cc *pgx.ConnConfig, missing []NodeID) {
+	if dial := cc.DialFunc; dial != nil {
+		cc.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial(ctx, network, addr)
+			if err == nil {
+				p.obs.probeSession()
+			}
+			return c, err
+		}
+	}
 	prev := cc.ValidateConnect
 	dials, aimed := 1, p.placement.mode == connectRedial && len(missing) > 0
 	if aimed {
@@ -359,7 +370,6 @@ func (p *Pool) aimProbe(cc *pgx.ConnConfig, missing []NodeID) {
 	}
 	attempt := 0
 	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
-		p.obs.probeSession()
 		attempt++
 		if aimed && attempt < dials {
 			if id := p.nodeOf(pgConn); id != 0 && !slices.Contains(missing, id) {

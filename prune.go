@@ -48,6 +48,7 @@ func (p *Pool) runBalance(ctx context.Context) {
 // balanceRound is one balancing round: refresh what is known about the
 // nodes, plan, and retire connections per the plan.
 func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
+	p.obs.counters.balanceRounds.Add(1)
 	t := p.tracker
 	for _, s := range t.snapshot() { // also forgets connections closed behind the pool's back
 		if s.TotalConns > 0 {

@@ -11,6 +11,7 @@ import (
 // tracks no node, so it is pgxpool: no balancing round, no probe, no sweep
 // of its idle connections. On CockroachDB the same pool does balance.
 func TestSingleHostPostgresRunsNoLoops(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, Postgres: true, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 2, 2
@@ -37,6 +38,7 @@ func TestSingleHostPostgresRunsNoLoops(t *testing.T) {
 }
 
 func TestSingleHostCockroachStartsLoops(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1, InProcess: true})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 2, 2

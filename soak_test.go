@@ -68,12 +68,15 @@ var soakFaultKinds = [...]string{"drain", "kill", "restart", "partition", "laten
 
 // soakAllowedClass reports whether callers may see errors of class: the
 // README names ErrOutcomeUnknown and the callers' own 2–5 s deadlines
-// ("canceled") and nothing else; "fresh-node" is clustertest's, a node
-// routed to before its tables exist. Any other class (a connection error,
-// not-sent, 40001, 40003, permanent) reaching a caller is a failure of the
-// retry policy under faults it promises to absorb.
+// ("canceled"); "late" is an error after a Query's first row or a batch's
+// first result reached the caller, which docs/retries.md says the pool does
+// not retry (the caller has already consumed part of the answer);
+// "fresh-node" is clustertest's, a node routed to before its tables exist.
+// Any other class (a connection error, not-sent, 40001, 40003, permanent)
+// reaching a caller is a failure of the retry policy under faults it
+// promises to absorb.
 func soakAllowedClass(class string) bool {
-	return class == "outcome-unknown" || class == "canceled" || class == "fresh-node"
+	return class == "outcome-unknown" || class == "canceled" || class == "late" || class == "fresh-node"
 }
 
 // The tables. Only soak_idem has a key: a plain INSERT applied twice shows
@@ -384,7 +387,7 @@ func (s *soak) summaryLocked(seed int64, dur, elapsed time.Duration, ops int, a 
 		fs = append(fs, fmt.Sprintf("%s %d", k, s.faults[k]))
 	}
 	fmt.Fprintf(&b, "%d faults (%s), errors:", total, strings.Join(fs, " "))
-	classes := []string{"outcome-unknown", "canceled", "connection", "not-sent", "restart-txn", "ambiguous", "permanent", "fresh-node"}
+	classes := []string{"outcome-unknown", "canceled", "late", "connection", "not-sent", "restart-txn", "ambiguous", "permanent", "fresh-node"}
 	for k := range s.errClasses {
 		if !slices.Contains(classes, k) {
 			classes = append(classes, k)
@@ -427,7 +430,8 @@ func (s *soak) worker(w int, rng *rand.Rand, stop <-chan struct{}) {
 }
 
 // run runs one operation; late is set when a batch failed after its first
-// result reached the caller, which the pool leaves to the caller.
+// result, or a Query after its first row, reached the caller, which the
+// pool leaves to the caller.
 func (s *soak) run(ctx context.Context, op soakOp, id int64, rng *rand.Rand) (err error, late bool) {
 	p := s.pool
 	switch op {
@@ -468,9 +472,13 @@ func (s *soak) run(ctx context.Context, op soakOp, id int64, rng *rand.Rand) (er
 		var rows pgx.Rows
 		rows, err = p.Query(ctx, "SELECT op FROM soak_ni WHERE op >= $1 ORDER BY op LIMIT 5", id-int64(rng.IntN(50)))
 		if err == nil {
+			n := 0
 			for rows.Next() {
+				n++
 			}
-			err = rows.Err()
+			if err = rows.Err(); err != nil {
+				return err, n > 0
+			}
 		}
 	}
 	return err, false
@@ -489,7 +497,7 @@ func (s *soak) result(op soakOp, id int64, err error, late bool, started time.Ti
 	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled):
 		res = resContext
 	case late:
-		res = resLate
+		class, res = "late", resLate
 	case soakUndefinedTable(err):
 		// The load balancer routes to a new node as soon as AddNode
 		// returns; the fault loop kills it at once and creates the tables
@@ -1080,7 +1088,7 @@ func (r soakResult) String() string {
 	case resContext:
 		return "its deadline"
 	case resLate:
-		return "a batch error after the first result"
+		return "an error after the first result or row"
 	case resFailed:
 		return "a known failure"
 	case resFresh:

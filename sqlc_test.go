@@ -137,6 +137,7 @@ func Example_sqlc() {
 // On a 3-node PostgreSQL cluster: generated queries run on the pool and, via
 // WithTx, in a transaction of the pool, and the pool tracks the connections.
 func TestSqlcQueriesOnCluster(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

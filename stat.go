@@ -21,6 +21,7 @@ type ClusterStat struct {
 	nodesAdded        int64
 	nodesRemoved      int64
 	hookPanics        int64
+	balanceRounds     int64
 }
 
 // ClusterStat returns a snapshot of the pool's cluster-wide counters. Each
@@ -39,6 +40,7 @@ func (p *Pool) ClusterStat() *ClusterStat {
 		nodesAdded:        c.nodesAdded.Load(),
 		nodesRemoved:      c.nodesRemoved.Load(),
 		hookPanics:        c.hookPanics.Load(),
+		balanceRounds:     c.balanceRounds.Load(),
 	}
 	for i := range c.retryOutcomes {
 		s.retryOutcomes[i] = c.retryOutcomes[i].Load()
@@ -76,10 +78,11 @@ func (s *ClusterStat) Probes() int64 { return s.probes }
 // node.
 func (s *ClusterStat) ProbeFailures() int64 { return s.probeFailures }
 
-// ProbeSessions returns how many sessions the probes opened: servers
-// accepted them and the probe closed them at once. A probe that reads gossip
-// over one of the pool's idle connections opens none; one aimed at a node
-// behind a load balancer may open several.
+// ProbeSessions returns how many connections the probes opened (dials that
+// a server, or the load balancer in front of it, accepted); the probe closes
+// each at once. A probe that reads gossip over one of the pool's idle
+// connections opens none; one aimed at a node behind a load balancer may
+// open several.
 func (s *ClusterStat) ProbeSessions() int64 { return s.probeSessions }
 
 // Redials returns how many new connections were refused and dialled again
@@ -104,3 +107,9 @@ func (s *ClusterStat) NodesRemoved() int64 { return s.nodesRemoved }
 // HookPanics returns how many times one of the caller's hooks panicked and
 // the pool recovered the panic (see HookTracer).
 func (s *ClusterStat) HookPanics() int64 { return s.hookPanics }
+
+// BalanceRounds returns how many balancing rounds the pool has run (one
+// every BalanceInterval ±20% while nodes are tracked). Watching a pool over
+// a number of rounds, rather than for a duration, tells whether it stays
+// quiet once balanced however loaded the machine is.
+func (s *ClusterStat) BalanceRounds() int64 { return s.balanceRounds }

@@ -44,6 +44,7 @@ const tlsBalanceParams = "&cluster_balance_interval=200ms&cluster_connect_rate=0
 // secure mode is reached. One cluster serves every subtest; each has its own
 // pool.
 func TestTLS(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, TLS: true})
 	t.Run("LoadBalancer", func(t *testing.T) { testTLSPool(t, c, c.DSN()) })
 	t.Run("Hosts", func(t *testing.T) { testTLSPool(t, c, c.HostsDSN()) })
@@ -160,13 +161,17 @@ func testTLSPool(t *testing.T, c *clustertest.Cluster, dsn string) {
 	}
 	tlsWait(t, func() string { return tlsBalanced(p, c) })
 
-	// Idle: only the probes open connections now.
-	probes := p.ClusterStat().Probes()
-	accepted, opened := totalAccepted(c), p.Stat().NewConnsCount()
+	// Idle: only the probes open connections now. Watched over more than
+	// ten of the pool's own balance rounds, and at least two successful
+	// probes.
+	probes, failures := p.ClusterStat().Probes(), p.ClusterStat().ProbeFailures()
+	accepted, opened, rounds := totalAccepted(c), p.Stat().NewConnsCount(), p.ClusterStat().BalanceRounds()
 	tlsWait(t, func() string {
-		// Five probes at 500 ms ±20% span at least ten balance rounds.
-		if n := p.ClusterStat().Probes() - probes; n < 5 {
-			return fmt.Sprintf("%d probes so far", n)
+		if n := p.ClusterStat().BalanceRounds() - rounds; n < 11 {
+			return fmt.Sprintf("%d balance rounds so far", n)
+		}
+		if n := p.ClusterStat().Probes() - p.ClusterStat().ProbeFailures() - (probes - failures); n < 2 {
+			return fmt.Sprintf("%d probes succeeded so far", n)
 		}
 		return ""
 	})
@@ -178,8 +183,13 @@ func testTLSPool(t *testing.T, c *clustertest.Cluster, dsn string) {
 	if dAccepted > dProbes+1 {
 		t.Errorf("servers accepted %d connections during %d probes of an idle pool", dAccepted, dProbes)
 	}
-	if f := p.ClusterStat().ProbeFailures(); f != 0 {
-		t.Errorf("%d of %d probes failed over TLS: %v", f, p.ClusterStat().Probes(), pe.list())
+	// A probe has min(interval, 5 s) = 500 ms for TCP, the TLS handshake,
+	// startup and the gossip query; on a loaded machine one may run out of
+	// time, which says nothing about TLS. Any other failure does.
+	for _, err := range pe.list() {
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("a probe failed over TLS other than by its timeout: %v", err)
+		}
 	}
 	if msg := tlsBalanced(p, c); msg != "" {
 		t.Error(msg)
@@ -277,13 +287,10 @@ func testTLSWrongCA(t *testing.T, c *clustertest.Cluster) {
 		}
 		err = p.Ping(ctx)
 		_, acqErr := p.Acquire(ctx)
-		start := time.Now()
 		_, execErr := p.Exec(ctx, "SELECT 1")
-		execTook := time.Since(start)
 		cancel()
 		stat := p.ClusterStat()
 		p.Close()
-		t.Logf("Exec: %v after %v", execErr, execTook)
 		for what, err := range map[string]error{"Ping": err, "Acquire": acqErr, "Exec": execErr} {
 			var unknown x509.UnknownAuthorityError
 			if !errors.As(err, &unknown) || !strings.Contains(err.Error(), "certificate signed by unknown authority") {
@@ -293,7 +300,11 @@ func testTLSWrongCA(t *testing.T, c *clustertest.Cluster) {
 				t.Errorf("%s: %s error shows the password: %v", dsn, what, err)
 			}
 		}
-		t.Logf("wrong CA: %v; %d retry attempts, %d evictions", err, stat.RetryAttempts(), stat.Evictions())
+		// At once: one attempt per call, no retry, and no node blamed for
+		// the client's configuration.
+		if n, e := stat.RetryAttempts(), stat.Evictions(); n != 0 || e != 0 {
+			t.Errorf("%s: a wrong CA cost %d retries and %d evictions, want none", dsn, n, e)
+		}
 	}
 }
 
@@ -328,6 +339,7 @@ func otherCA(t *testing.T) []byte {
 // behind one address, so retrying only multiplies the handshakes and
 // delays the error.
 func TestTLSWrongCANotRetried(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2, TLS: true, InProcess: true})
 	wrong := filepath.Join(t.TempDir(), "wrong-ca.pem")
 	if err := os.WriteFile(wrong, otherCA(t), 0o644); err != nil {

@@ -433,6 +433,7 @@ type clusterCounters struct {
 	nodesAdded        atomic.Int64
 	nodesRemoved      atomic.Int64
 	hookPanics        atomic.Int64
+	balanceRounds     atomic.Int64
 }
 
 // newObserver finds the tracer interfaces tracer implements. A combined

@@ -12,6 +12,7 @@ import (
 )
 
 func TestTraceNodeLifecycleAndPruning(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -58,28 +59,39 @@ func TestTraceNodeLifecycleAndPruning(t *testing.T) {
 	}
 }
 
+// A reconnect storm meets the connect limiter. The limiter starts with
+// MaxConns tokens (its burst) and adds rate per second, so by time T after
+// the pool was created at most burst + rate × T connects can have started
+// without waiting. The storm reconnects as fast as it can until a connect
+// has waited; with the rate at 1 per second it gets there within a second
+// of using up the burst, however slow the machine, and a storm that got
+// past the bound without any wait means the limiter was bypassed.
 func TestTraceConnectThrottled(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 2})
 	r := &recorder{}
+	const rate, burst = 1.0, 2 // burst: MaxConns
+	created := time.Now()      // no later than the limiter's creation
 	p := startPool(t, c.DSN(), func(cfg *Config) {
-		cfg.MinConns, cfg.MaxConns = 0, 2
+		cfg.MinConns, cfg.MaxConns = 0, burst
 		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
-		cfg.ConnectRate = 10 // burst 10 (at least MaxConns and the rate)
+		cfg.ConnectRate = rate
 		cfg.Tracer = r
 	})
 	ctx := testCtx(t)
-	// A reconnect storm: more connects than the burst in a short time.
-	for range 8 {
+	for p.ClusterStat().ThrottledConnects() == 0 {
 		p.Reset()
 		if err := p.Ping(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if err := p.AcquireFunc(ctx, func(*pgxpool.Conn) error { return p.Ping(ctx) }); err != nil {
-			t.Fatal(err)
+		opened, allowed := p.Stat().NewConnsCount(), burst+rate*time.Since(created).Seconds()
+		if float64(opened) > allowed {
+			t.Fatalf("%d connects, none of them waited, where the limiter allows %.1f without waiting (burst %d + %g/s × %v)",
+				opened, allowed, burst, rate, time.Since(created).Round(time.Millisecond))
 		}
 	}
 	ev := waitEvent(t, r, "connect throttled", func(e TraceConnectThrottledData) bool { return e.Err == nil })
-	if ev.Limit != 10 || ev.Waited <= 0 {
+	if ev.Limit != rate || ev.Waited <= 0 {
 		t.Errorf("throttle event %+v", ev)
 	}
 	if st := p.ClusterStat(); st.ThrottledConnects() < 1 || st.ConnectWaitDuration() <= 0 {
@@ -90,6 +102,7 @@ func TestTraceConnectThrottled(t *testing.T) {
 // A drained node (57P01 on its connections) is evicted, and the reads that
 // met it are retried elsewhere.
 func TestTraceDrainedNode(t *testing.T) {
+	t.Parallel()
 	// Round robin spreads the six connections two per node; with a random
 	// load balancer node 2 would get none about a quarter of the time.
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
@@ -140,6 +153,7 @@ func TestTraceDrainedNode(t *testing.T) {
 // A probe that cannot reach the cluster is reported with its error and
 // counted, and counts against no node.
 func TestTraceProbeFailure(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -170,6 +184,7 @@ func TestTraceProbeFailure(t *testing.T) {
 // nodes are PostgreSQL, so each gets the two gossip tables the probe reads
 // (Cluster.SetGossip), which the test then rewrites.
 func TestTraceGossipDraining(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
 	ctx := testCtx(t)
 	gossip := func(draining map[int]bool) {

@@ -399,6 +399,7 @@ func waitSettled(t *testing.T, p *Pool, c *clustertest.Cluster, want int) {
 }
 
 func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
+	t.Parallel()
 	// Round robin spreads the six connections two per node; with a random
 	// load balancer a node would get none about a quarter of the time.
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, Balancing: clustertest.RoundRobin})
@@ -470,6 +471,7 @@ func TestTraceKilledNodeEvictionAndRetries(t *testing.T) {
 }
 
 func TestTraceWriteOutcomeUnknown(t *testing.T) {
+	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1})
 	r := &recorder{}
 	p := startPool(t, c.DSN(), func(cfg *Config) {
@@ -479,23 +481,42 @@ func TestTraceWriteOutcomeUnknown(t *testing.T) {
 		cfg.Tracer = r
 	})
 	ctx := testCtx(t)
-	const insert = "INSERT INTO kv (k, v) VALUES ($1, $2)"
 	if _, err := p.Exec(ctx, "CREATE TABLE IF NOT EXISTS kv (k INT PRIMARY KEY, v INT)"); err != nil {
 		t.Fatal(err)
 	}
-	// The first run prepares the statement on the pool's one connection, so
-	// the second sends only the execution.
-	if _, err := p.Exec(ctx, insert, 1, 1); err != nil {
+	// The write sleeps on the server; the node dies while the server runs
+	// it, seen in pg_stat_activity, so the write was sent and its answer
+	// is lost: the pool must not run it again.
+	const insert = "INSERT INTO kv (k, v) SELECT $1::int, $2::int FROM pg_sleep(60)"
+	direct, err := pgx.Connect(ctx, c.Node(1).PostgresDSN())
+	if err != nil {
 		t.Fatal(err)
 	}
-	// The write is sent, then the node dies before answering: the pool
-	// must not run it again.
-	c.Node(1).SetLatency(time.Second)
+	defer direct.Close(context.Background())
+	killed := make(chan struct{})
 	go func() {
-		time.Sleep(200 * time.Millisecond)
-		c.Node(1).Kill()
+		defer close(killed)
+		defer c.Node(1).Kill()
+		for {
+			var k int
+			if err := direct.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+				WHERE state = 'active' AND wait_event = 'PgSleep' AND pid <> pg_backend_pid()`).Scan(&k); err != nil {
+				t.Errorf("pg_stat_activity: %v", err)
+				return
+			}
+			if k > 0 {
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
 	}()
-	_, err := p.Exec(ctx, insert, 2, 2)
+	defer func() {
+		// The server still runs the write after the proxy went: end it.
+		_, _ = direct.Exec(context.Background(), `SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+			WHERE wait_event = 'PgSleep' AND pid <> pg_backend_pid()`)
+	}()
+	_, err = p.Exec(ctx, insert, 2, 2)
+	<-killed
 	if !errors.Is(err, ErrOutcomeUnknown) {
 		t.Fatalf("the write did not end with an unknown outcome: %v; retries %+v", err, eventsOf[TraceRetryData](r))
 	}

@@ -2,10 +2,8 @@ module github.com/clusterpool/clusterpool/clusterprom
 
 go 1.26.0
 
-replace github.com/clusterpool/clusterpool => ../
-
 require (
-	github.com/clusterpool/clusterpool v0.0.0-00010101000000-000000000000
+	github.com/clusterpool/clusterpool v0.1.0
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/prometheus/client_golang v1.25.0
 	github.com/prometheus/client_model v0.6.3

@@ -255,10 +255,19 @@ func clusterpoolSettings(params []string) (*clusterpool.Config, map[string]strin
 	return cfg, map[string]string{
 		"cluster_balance_interval": cfg.BalanceInterval.String(),
 		"cluster_probe_interval":   cfg.ProbeInterval.String(),
-		"cluster_max_retries":      strconv.Itoa(cfg.MaxRetries),
-		"cluster_connect_rate":     strconv.FormatFloat(cfg.ConnectRate, 'g', -1, 64),
+		"cluster_max_retries":      offIfNegative(strconv.Itoa(cfg.MaxRetries), cfg.MaxRetries < 0),
+		"cluster_connect_rate":     offIfNegative(strconv.FormatFloat(cfg.ConnectRate, 'g', -1, 64), cfg.ConnectRate < 0),
 		"cluster_node_identity":    string(cfg.NodeIdentity),
 	}, nil
+}
+
+// offIfNegative writes a setting that a negative value turns off as "off",
+// the spelling the connection string accepts for it.
+func offIfNegative(v string, off bool) string {
+	if off {
+		return "off"
+	}
+	return v
 }
 
 // ensureKV creates the benchmark's table on one node, straight to its

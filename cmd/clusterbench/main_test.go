@@ -204,7 +204,7 @@ func TestDSNRunsOnlyNonDestructiveScenarios(t *testing.T) {
 		t.Fatalf("exit code %d\n%s", code, stderr)
 	}
 	checkSane(t, res, []string{"balance", "overhead"})
-	if res.Settings["cluster_connect_rate"] != "0" || res.Settings["cluster_balance_interval"] != "250ms" {
+	if res.Settings["cluster_connect_rate"] != "off" || res.Settings["cluster_balance_interval"] != "250ms" {
 		t.Errorf("settings %v: want -cluster applied over the benchmark's defaults", res.Settings)
 	}
 	if strings.Join(res.Skipped, ",") != "scale-out,rolling-restart,crash,hot-spot" {
