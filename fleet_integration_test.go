@@ -59,7 +59,12 @@ func fleetAtTargets(c *clustertest.Cluster, pools []*Pool, nodes []int) func() s
 			got := maps.Clone(byApp[fleetApp(i)])
 			maps.DeleteFunc(got, func(id, k int) bool { return k == 0 && !slices.Contains(nodes, id) })
 			if !maps.Equal(got, want) {
-				return fmt.Sprintf("pool %d: servers see %v, its targets are %v; cluster %v", i, got, want, c.OpenConns())
+				var view []string
+				for _, n := range p.NodeStats() {
+					view = append(view, fmt.Sprintf("%d: %d conns, healthy %v, seen %v ago", n.ID, n.TotalConns, n.Healthy, time.Since(n.LastSeen).Round(time.Millisecond)))
+				}
+				return fmt.Sprintf("pool %d: servers see %v, its targets are %v; cluster %v; the pool's view %v, missing %v, probes %d (%d sessions)",
+					i, got, want, c.OpenConns(), view, p.missingNodes(), p.ClusterStat().Probes(), p.ClusterStat().ProbeSessions())
 			}
 		}
 		return ""

@@ -24,6 +24,8 @@ const (
 	// has no node identity (plain PostgreSQL behind one address) before the
 	// probe stops for good: there is nothing to discover.
 	unidentifiedProbes = 3
+	// gossipReadTimeout bounds reading gossip over a pool connection.
+	gossipReadTimeout = 2 * time.Second
 	// gossipBackoff is how long the probe stops asking for the gossip tables
 	// after it was not allowed to read them (or they do not exist).
 	gossipBackoff = 10 * time.Minute
@@ -41,6 +43,7 @@ type probeState struct {
 	n            int          // session probes started; rotates the first host
 	unidentified int          // probes in a row that found no node identity
 	gossipAfter  time.Time    // do not query gossip before this
+	gossipRead   time.Time    // when gossip was last read over an idle connection
 	backoff      probeBackoff // when the next session probe is due
 }
 
@@ -174,9 +177,14 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	if ctx.Err() != nil {
 		return false
 	}
+	if gossiped {
+		st.gossipRead = now
+	}
 	missing := p.missingNodes()
-	if gossiped && len(missing) == 0 {
-		return true // gossip vouched for every node: no session needed
+	if now.Sub(st.gossipRead) < probeWaitCap(p.settings.probeInterval) && len(missing) == 0 {
+		// Gossip vouches for every node: no session needed, also at a
+		// tick that found no idle connection to read it over.
+		return true
 	}
 	if !st.backoff.due(now, p.settings.probeInterval, len(missing) > 0) {
 		return true
@@ -244,7 +252,9 @@ func (p *Pool) gossipIdle(ctx context.Context, st *probeState, now time.Time) bo
 		return false
 	}
 	id := connStateOf(conn.Conn()).node.id
-	qctx, cancel := context.WithTimeout(ctx, min(p.settings.probeInterval, maxProbeTimeout))
+	// Cutting the query short would cost the connection (pgconn closes one
+	// whose query it cancels) and open another: allow a slow server time.
+	qctx, cancel := context.WithTimeout(ctx, gossipReadTimeout)
 	err := p.readGossip(qctx, conn.Conn(), now)
 	cancel()
 	conn.Release()
