@@ -111,31 +111,31 @@ func (b probeBackoff) probed(now time.Time, u float64) probeBackoff {
 
 // wait is how long after the last session probe the next is due: a share
 // of the time the pool had been quiet when the last probe ran, at least
-// base and at most probeWaitCap(base), jittered ±20%. The share is a half,
+// base (ProbeInterval) and at most limit (ProbeMaxInterval), jittered ±20%. The share is a half,
 // or an eighth while the pool misses a node (it waits to see it back, and
 // learning that soon is what the aimed probes are for). After a change the
 // probes come every base for two intervals (sixteen while missing), then
 // each wait is half again as long as the one before (an eighth), up to the
 // cap; any change snaps the wait back to base.
-func (b probeBackoff) wait(base time.Duration, missing bool) time.Duration {
+func (b probeBackoff) wait(base, limit time.Duration, missing bool) time.Duration {
 	quiet := b.lastProbe.Sub(b.lastChange) // negative after a change: base
 	share := quiet / 2
 	if missing {
 		share = quiet / 8
 	}
-	return jitter(min(max(base, share), probeWaitCap(base)), b.u)
+	return jitter(min(max(base, share), max(limit, base)), b.u)
 }
 
 // due reports whether a session probe is due at now. After a change the
 // wait is base (wait), so a change snaps a backed-off probe back at once
 // if the last probe is that long ago.
-func (b probeBackoff) due(now time.Time, base time.Duration, missing bool) bool {
-	return b.lastProbe.IsZero() || !now.Before(b.lastProbe.Add(b.wait(base, missing)))
+func (b probeBackoff) due(now time.Time, base, limit time.Duration, missing bool) bool {
+	return b.lastProbe.IsZero() || !now.Before(b.lastProbe.Add(b.wait(base, limit, missing)))
 }
 
-// probeWaitCap is the longest wait between session probes at rest:
-// maxProbeBackoff intervals, at most maxProbeWait unless the interval
-// itself is longer.
+// probeWaitCap is the default ProbeMaxInterval, the longest wait between
+// session probes at rest: maxProbeBackoff intervals, at most maxProbeWait
+// unless the interval itself is longer.
 func probeWaitCap(base time.Duration) time.Duration {
 	return max(base, min(maxProbeBackoff*base, maxProbeWait))
 }
@@ -144,7 +144,7 @@ func probeWaitCap(base time.Duration) time.Duration {
 // readable it reads it over one of the pool's idle connections: no new
 // session. A session probe (one short-lived connection) runs on its own
 // back-off: every ProbeInterval while the pool changes, up to
-// probeWaitCap(ProbeInterval) apart while nothing does. When the pool
+// ProbeMaxInterval apart while nothing does. When the pool
 // misses a node (evicted, or listed by gossip and never reached), the
 // session probe aims at it. A new node joins the targets as soon as a probe
 // reaches it, and a node no probe reaches for the expiry window leaves them.
@@ -181,12 +181,12 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		st.gossipRead = now
 	}
 	missing := p.missingNodes()
-	if now.Sub(st.gossipRead) < probeWaitCap(p.settings.probeInterval) && len(missing) == 0 {
+	if now.Sub(st.gossipRead) < p.settings.probeMaxInterval && len(missing) == 0 {
 		// Gossip vouches for every node: no session needed, also at a
 		// tick that found no idle connection to read it over.
 		return true
 	}
-	if !st.backoff.due(now, p.settings.probeInterval, len(missing) > 0) {
+	if !st.backoff.due(now, p.settings.probeInterval, p.settings.probeMaxInterval, len(missing) > 0) {
 		return true
 	}
 	st.backoff = st.backoff.probed(now, rand.Float64())

@@ -21,7 +21,7 @@ func runBackoff(base, end time.Duration, changesAt ...time.Duration) []time.Dura
 		}
 		now := t0.Add(at)
 		b = b.observe(changes, now)
-		if b.due(now, base, false) {
+		if b.due(now, base, probeWaitCap(base), false) {
 			b = b.probed(now, 0.5)
 			probes = append(probes, at)
 		}
@@ -98,7 +98,7 @@ func TestProbeBackoffWait(t *testing.T) {
 		{0, base}, {base, base}, {2 * base, base}, {3 * base, 1500 * time.Millisecond},
 		{10 * base, 5 * base}, {16 * base, 8 * base}, {time.Hour, 8 * base},
 	} {
-		if got := b.probed(t0.Add(tc.quiet), 0.5).wait(base, false); got != tc.want {
+		if got := b.probed(t0.Add(tc.quiet), 0.5).wait(base, probeWaitCap(base), false); got != tc.want {
 			t.Errorf("quiet %v: wait %v, want %v", tc.quiet, got, tc.want)
 		}
 	}
@@ -108,19 +108,23 @@ func TestProbeBackoffWait(t *testing.T) {
 	}{
 		{2 * base, base}, {8 * base, base}, {16 * base, 2 * base}, {64 * base, 8 * base},
 	} {
-		if got := b.probed(t0.Add(tc.quiet), 0.5).wait(base, true); got != tc.want {
+		if got := b.probed(t0.Add(tc.quiet), 0.5).wait(base, probeWaitCap(base), true); got != tc.want {
 			t.Errorf("missing, quiet %v: wait %v, want %v", tc.quiet, got, tc.want)
 		}
 	}
 	late := b.probed(t0.Add(time.Hour), 0.5)
-	if late.due(t0.Add(time.Hour+2*base), base, false) {
+	if late.due(t0.Add(time.Hour+2*base), base, probeWaitCap(base), false) {
 		t.Error("backed off: due two intervals after the last probe")
 	}
 	changed := late.observe(8, t0.Add(time.Hour+base))
-	if !changed.due(t0.Add(time.Hour+base), base, false) {
+	if !changed.due(t0.Add(time.Hour+base), base, probeWaitCap(base), false) {
 		t.Error("a change an interval after the last probe: not due at once")
 	}
 	if same := late.observe(7, t0.Add(time.Hour+base)); same.lastChange != t0 {
 		t.Error("an unchanged count moved the last change")
+	}
+	// ProbeMaxInterval off (the limit is the interval): no back-off.
+	if got := b.probed(t0.Add(time.Hour), 0.5).wait(base, base, false); got != base {
+		t.Errorf("no back-off: wait %v, want %v", got, base)
 	}
 }

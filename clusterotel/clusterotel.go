@@ -92,14 +92,14 @@ type instruments struct {
 	acquireDuration, emptyAcquireWait                                                   metric.Float64ObservableCounter
 	conns, maxConns                                                                     metric.Int64ObservableUpDownCounter
 
-	nodeConns                                 metric.Int64ObservableUpDownCounter
-	nodeHealthy, nodeDraining                 metric.Int64ObservableGauge
-	nodePruned, nodeRetries, nodeEvictions    metric.Int64ObservableCounter
-	nodes                                     metric.Int64ObservableUpDownCounter
-	retries, retryAttempts, evictions, probes metric.Int64ObservableCounter
-	probeFailures, redials, connectsThrottled metric.Int64ObservableCounter
-	nodesAdded, nodesRemoved, hookPanics      metric.Int64ObservableCounter
-	connectWait                               metric.Float64ObservableCounter
+	nodeConns                                                metric.Int64ObservableUpDownCounter
+	nodeHealthy, nodeDraining                                metric.Int64ObservableGauge
+	nodePruned, nodeRetries, nodeEvictions                   metric.Int64ObservableCounter
+	nodes                                                    metric.Int64ObservableUpDownCounter
+	retries, retryAttempts, evictions, probes                metric.Int64ObservableCounter
+	probeFailures, probeSessions, redials, connectsThrottled metric.Int64ObservableCounter
+	nodesAdded, nodesRemoved, hookPanics                     metric.Int64ObservableCounter
+	connectWait                                              metric.Float64ObservableCounter
 }
 
 // Register creates the instruments on a Meter from mp and registers one
@@ -156,6 +156,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	in.evictions = ic("clusterpool.evictions", "{eviction}", "Times a node was evicted.")
 	in.probes = ic("clusterpool.probes", "{probe}", "Probes made to discover nodes.")
 	in.probeFailures = ic("clusterpool.probe_failures", "{probe}", "Probes that failed to connect or identify a node.")
+	in.probeSessions = ic("clusterpool.probe_sessions", "{connection}", "Connections the probes opened (none when gossip is read over an idle pool connection).")
 	in.redials = ic("clusterpool.redials", "{connection}", "New connections refused and dialled again because they reached a node above its target.")
 	in.connectsThrottled = ic("clusterpool.connects_throttled", "{connection}", "New connections that waited for the connect rate limit.")
 	in.connectWait = fc("clusterpool.connect_throttle.wait_time", "Total time new connections waited for the connect rate limit.")
@@ -174,7 +175,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 		in.acquires, in.acquireDuration, in.emptyAcquires, in.emptyAcquireWait, in.canceledAcquires,
 		in.conns, in.maxConns, in.newConns, in.lifetimeDestroys, in.idleDestroys,
 		in.nodeConns, in.nodeHealthy, in.nodeDraining, in.nodePruned, in.nodeRetries, in.nodeEvictions,
-		in.nodes, in.retries, in.retryAttempts, in.evictions, in.probes, in.probeFailures, in.redials,
+		in.nodes, in.retries, in.retryAttempts, in.evictions, in.probes, in.probeFailures, in.probeSessions, in.redials,
 		in.connectsThrottled, in.connectWait, in.nodesAdded, in.nodesRemoved, in.hookPanics,
 	)
 	if err != nil {
@@ -236,6 +237,7 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 	o.ObserveInt64(in.evictions, st.Evictions(), only)
 	o.ObserveInt64(in.probes, st.Probes(), only)
 	o.ObserveInt64(in.probeFailures, st.ProbeFailures(), only)
+	o.ObserveInt64(in.probeSessions, st.ProbeSessions(), only)
 	o.ObserveInt64(in.redials, st.Redials(), only)
 	o.ObserveInt64(in.connectsThrottled, st.ThrottledConnects(), only)
 	o.ObserveFloat64(in.connectWait, st.ConnectWaitDuration().Seconds(), only)
