@@ -51,6 +51,7 @@
 //	clusterpool.evictions                    counter   {eviction}
 //	clusterpool.probes                       counter   {probe}
 //	clusterpool.probe_failures               counter   {probe}
+//	clusterpool.probe_sessions               counter   {connection}
 //	clusterpool.redials                      counter   {connection}
 //	clusterpool.connects_throttled           counter   {connection}
 //	clusterpool.connect_throttle.wait_time   counter   s
