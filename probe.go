@@ -84,13 +84,12 @@ const (
 
 // probeBackoff paces the session probes: every ProbeInterval while the pool
 // changes, and further apart while nothing does. It is a pure value; the
-// loop keeps it.
+// loop keeps it. The loop ticks every ProbeInterval ±20%, which is where
+// the probes' jitter comes from.
 type probeBackoff struct {
 	changes    uint64    // the pool's change count last seen
 	lastChange time.Time // when a change was last seen (first: the loop's start)
 	lastProbe  time.Time // when the last session probe ran (zero: none yet)
-	// u draws the jitter of the wait after lastProbe, in [0, 1).
-	u float64
 }
 
 // observe returns b after looking at the pool's change count at now: a
@@ -102,35 +101,35 @@ func (b probeBackoff) observe(changes uint64, now time.Time) probeBackoff {
 	return b
 }
 
-// probed returns b after a session probe at now; u draws the next wait's
-// jitter.
-func (b probeBackoff) probed(now time.Time, u float64) probeBackoff {
-	b.lastProbe, b.u = now, u
+// probed returns b after a session probe at now.
+func (b probeBackoff) probed(now time.Time) probeBackoff {
+	b.lastProbe = now
 	return b
 }
 
 // wait is how long after the last session probe the next is due: a share
 // of the time the pool had been quiet when the last probe ran, at least
-// base (ProbeInterval) and at most limit (ProbeMaxInterval), jittered ±20%. The share is a half,
-// or an eighth while the pool misses a node (it waits to see it back, and
-// learning that soon is what the aimed probes are for). After a change the
-// probes come every base for two intervals (sixteen while missing), then
-// each wait is half again as long as the one before (an eighth), up to the
-// cap; any change snaps the wait back to base.
+// base (ProbeInterval) and at most limit (ProbeMaxInterval). The share is a
+// half, or an eighth while the pool misses a node (it waits to see it back,
+// and learning that soon is what the aimed probes are for). After a change
+// the probes come every base for two intervals (sixteen while missing),
+// then each wait is half again as long as the one before (an eighth), up
+// to the limit; any change snaps the wait back to base.
 func (b probeBackoff) wait(base, limit time.Duration, missing bool) time.Duration {
 	quiet := b.lastProbe.Sub(b.lastChange) // negative after a change: base
 	share := quiet / 2
 	if missing {
 		share = quiet / 8
 	}
-	return jitter(min(max(base, share), max(limit, base)), b.u)
+	return min(max(base, share), max(limit, base))
 }
 
-// due reports whether a session probe is due at now. After a change the
-// wait is base (wait), so a change snaps a backed-off probe back at once
-// if the last probe is that long ago.
+// due reports whether a session probe is due at a tick at now: the wait
+// has passed, less the 20% by which a jittered tick may come early, so that
+// at a wait of base every tick probes. After a change the wait is base, so
+// a change snaps a backed-off probe back at the next tick.
 func (b probeBackoff) due(now time.Time, base, limit time.Duration, missing bool) bool {
-	return b.lastProbe.IsZero() || !now.Before(b.lastProbe.Add(b.wait(base, limit, missing)))
+	return b.lastProbe.IsZero() || !now.Before(b.lastProbe.Add(b.wait(base, limit, missing)-base/5))
 }
 
 // probeWaitCap is the default ProbeMaxInterval, the longest wait between
@@ -151,7 +150,7 @@ func probeWaitCap(base time.Duration) time.Duration {
 func (p *Pool) runProbe(ctx context.Context) {
 	// The loop's start counts as a probe: the first comes an interval later.
 	now := time.Now()
-	st := probeState{backoff: probeBackoff{}.observe(p.pace.changes.Load(), now).probed(now, rand.Float64())}
+	st := probeState{backoff: probeBackoff{}.observe(p.pace.changes.Load(), now).probed(now)}
 	base := p.settings.probeInterval
 	timer := time.NewTimer(jitter(base, rand.Float64()))
 	defer timer.Stop()
@@ -189,7 +188,7 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	if !st.backoff.due(now, p.settings.probeInterval, p.settings.probeMaxInterval, len(missing) > 0) {
 		return true
 	}
-	st.backoff = st.backoff.probed(now, rand.Float64())
+	st.backoff = st.backoff.probed(now)
 	return p.probe(ctx, st, missing, !gossiped)
 }
 

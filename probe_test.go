@@ -10,7 +10,7 @@ import (
 // given offsets, and returns when the session probes ran (offsets from t0).
 func runBackoff(base, end time.Duration, changesAt ...time.Duration) []time.Duration {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	b := probeBackoff{u: 0.5}.observe(0, t0)
+	b := probeBackoff{}.observe(0, t0)
 	var changes uint64
 	var probes []time.Duration
 	for at := base; at <= end; at += base {
@@ -22,7 +22,7 @@ func runBackoff(base, end time.Duration, changesAt ...time.Duration) []time.Dura
 		now := t0.Add(at)
 		b = b.observe(changes, now)
 		if b.due(now, base, probeWaitCap(base), false) {
-			b = b.probed(now, 0.5)
+			b = b.probed(now)
 			probes = append(probes, at)
 		}
 	}
@@ -91,14 +91,14 @@ func TestProbeWaitCap(t *testing.T) {
 func TestProbeBackoffWait(t *testing.T) {
 	const base = time.Second
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	b := probeBackoff{u: 0.5}.observe(7, t0) // u 0.5: no jitter
+	b := probeBackoff{}.observe(7, t0)
 	for _, tc := range []struct {
 		quiet, want time.Duration
 	}{
 		{0, base}, {base, base}, {2 * base, base}, {3 * base, 1500 * time.Millisecond},
 		{10 * base, 5 * base}, {16 * base, 8 * base}, {time.Hour, 8 * base},
 	} {
-		if got := b.probed(t0.Add(tc.quiet), 0.5).wait(base, probeWaitCap(base), false); got != tc.want {
+		if got := b.probed(t0.Add(tc.quiet)).wait(base, probeWaitCap(base), false); got != tc.want {
 			t.Errorf("quiet %v: wait %v, want %v", tc.quiet, got, tc.want)
 		}
 	}
@@ -108,11 +108,11 @@ func TestProbeBackoffWait(t *testing.T) {
 	}{
 		{2 * base, base}, {8 * base, base}, {16 * base, 2 * base}, {64 * base, 8 * base},
 	} {
-		if got := b.probed(t0.Add(tc.quiet), 0.5).wait(base, probeWaitCap(base), true); got != tc.want {
+		if got := b.probed(t0.Add(tc.quiet)).wait(base, probeWaitCap(base), true); got != tc.want {
 			t.Errorf("missing, quiet %v: wait %v, want %v", tc.quiet, got, tc.want)
 		}
 	}
-	late := b.probed(t0.Add(time.Hour), 0.5)
+	late := b.probed(t0.Add(time.Hour))
 	if late.due(t0.Add(time.Hour+2*base), base, probeWaitCap(base), false) {
 		t.Error("backed off: due two intervals after the last probe")
 	}
@@ -123,8 +123,18 @@ func TestProbeBackoffWait(t *testing.T) {
 	if same := late.observe(7, t0.Add(time.Hour+base)); same.lastChange != t0 {
 		t.Error("an unchanged count moved the last change")
 	}
+	// ProbeMaxInterval off (the limit is the interval): a probe at every
+	// tick, even ticks that the jitter brings 20% early.
+	off := probeBackoff{}.observe(1, t0).probed(t0)
+	for i := 1; i <= 20; i++ {
+		now := t0.Add(time.Duration(i) * base * 4 / 5)
+		if !off.due(now, base, base, false) {
+			t.Fatalf("back-off off: tick %d (%v after the last probe) not due", i, base*4/5)
+		}
+		off = off.probed(now)
+	}
 	// ProbeMaxInterval off (the limit is the interval): no back-off.
-	if got := b.probed(t0.Add(time.Hour), 0.5).wait(base, base, false); got != base {
+	if got := b.probed(t0.Add(time.Hour)).wait(base, base, false); got != base {
 		t.Errorf("no back-off: wait %v, want %v", got, base)
 	}
 }
