@@ -141,6 +141,31 @@ type Config struct {
 	// zero ConnectRate meant no limit.)
 	ConnectRate float64
 
+	// Locality is the pool's own locality in CockroachDB's --locality form,
+	// tiers from the most to the least inclusive, such as
+	// "region=us-east1,zone=us-east1-b". When set, the pool keeps its
+	// connections on the nodes of the most preferred level that has a
+	// healthy node: first the nodes sharing the whole locality, then each
+	// fallback level (LocalityFallback), then the whole cluster. It moves
+	// down a level when no node of the level in use is healthy, and back up
+	// when one is again, through the balancer at its usual pace, with no
+	// error for callers. A node's locality is read from
+	// crdb_internal.gossip_nodes when the probe may read it, otherwise with
+	// one SHOW LOCALITY on the first connection that reaches the node. Empty
+	// (the default) means no preference: every node is used alike and no
+	// locality is read but gossip's. A malformed locality is an error.
+	Locality string
+
+	// LocalityFallback lists the tiers of Locality the pool falls back to,
+	// in order, when no healthy node shares the whole Locality: "region"
+	// means the nodes whose tiers up to and including region are the
+	// pool's. Tiers go from the most to the least specific and exclude
+	// Locality's last tier (the first level). The whole cluster is always
+	// the last level. Nil (the default) means every shorter prefix of
+	// Locality, most specific first: for "region=r,zone=z", zone then
+	// region then the whole cluster. It needs Locality.
+	LocalityFallback []string
+
 	// NodeIdentity says how connections are mapped to nodes; see the
 	// NodeIdentity constants. The zero value "" means NodeIdentityAuto. It is
 	// ignored when IdentifyNode is set.
@@ -174,6 +199,7 @@ type Config struct {
 // the same exception as pgxpool.Config.Copy (the tls.Config is shared).
 func (c *Config) Copy() *Config {
 	n := *c
+	n.LocalityFallback = slices.Clone(c.LocalityFallback)
 	switch {
 	case c.Config == nil:
 	case c.ConnConfig == nil: // hand-built: NewWithConfig rejects it, Copy need not panic
@@ -194,6 +220,8 @@ const (
 	paramMaxRetries      = "cluster_max_retries"
 	paramConnectRate     = "cluster_connect_rate"
 	paramNodeIdentity    = "cluster_node_identity"
+	paramLocality        = "cluster_locality"
+	paramLocalityFall    = "cluster_locality_fallback"
 
 	// paramOff turns a setting off, as 0 does.
 	paramOff = "off"
@@ -221,6 +249,10 @@ const (
 //   - cluster_connect_rate: new connections per second, 0 or more (default
 //     10); 0 or "off" means no limit (Config.ConnectRate -1), as does "inf"
 //   - cluster_node_identity: auto, backendkey, query or none (default auto)
+//   - cluster_locality: the pool's locality, such as
+//     region=us-east1,zone=us-east1-b (default none); see Config.Locality
+//   - cluster_locality_fallback: comma-separated tiers of cluster_locality
+//     to fall back to, such as region (default: every shorter prefix)
 //
 // pgx's connect_timeout keeps its meaning; when it is not set the pool's own
 // connects use DefaultConnectTimeout (10 s) per host rather than pgxpool's
@@ -259,6 +291,10 @@ func ParseConfig(connString string) (*Config, error) {
 		if err := config.setParam(p.key, p.value); err != nil {
 			return nil, err
 		}
+	}
+	if _, err := newLocalityPrefs(config.Locality, config.LocalityFallback); err != nil {
+		// cluster_locality alone was checked by setParam.
+		return nil, fmt.Errorf("clusterpool: %s: invalid value %q: %v", paramLocalityFall, strings.Join(config.LocalityFallback, ","), err)
 	}
 	config.Config, err = pgxpool.ParseConfig(rest)
 	if err != nil {
@@ -337,6 +373,16 @@ func (c *Config) setParam(key, value string) error {
 			return invalid("must be auto, backendkey, query or none")
 		}
 		c.NodeIdentity = id
+	case paramLocality:
+		if _, err := newLocalityPrefs(value, nil); err != nil {
+			return invalid(err)
+		}
+		c.Locality = value
+	case paramLocalityFall:
+		if strings.TrimSpace(value) == "" {
+			return invalid("must list at least one tier of cluster_locality")
+		}
+		c.LocalityFallback = strings.Split(value, ",")
 	default:
 		return unknownParam(key, value)
 	}
@@ -345,7 +391,7 @@ func (c *Config) setParam(key, value string) error {
 
 // clusterParamNames returns the cluster_* parameters ParseConfig reads.
 func clusterParamNames() []string {
-	return []string{paramBalanceInterval, paramProbeInterval, paramProbeMax, paramMaxRetries, paramConnectRate, paramNodeIdentity}
+	return []string{paramBalanceInterval, paramProbeInterval, paramProbeMax, paramMaxRetries, paramConnectRate, paramNodeIdentity, paramLocality, paramLocalityFall}
 }
 
 // unknownParam is the error for a parameter that looks like a cluster
@@ -439,6 +485,13 @@ func (c *Config) validate() error {
 	case !c.NodeIdentity.valid():
 		return invalid("NodeIdentity", strconv.Quote(string(c.NodeIdentity)), "must be auto, backendkey, query or none")
 	}
+	if _, err := newLocalityPrefs(c.Locality, c.LocalityFallback); err != nil {
+		field, value := "Locality", strconv.Quote(c.Locality)
+		if _, lerr := parseLocality(c.Locality); lerr == nil {
+			field, value = "LocalityFallback", fmt.Sprintf("%q", c.LocalityFallback)
+		}
+		return invalid(field, value, err.Error())
+	}
 	return nil
 }
 
@@ -489,6 +542,8 @@ type settings struct {
 	// host:port pairs, i.e. the pool dials nodes directly and can place
 	// connections by reordering hosts.
 	multiHost bool
+	// locality is the pool's locality preference; nil: none.
+	locality *localityPrefs
 }
 
 func (c *Config) settings() settings {
@@ -504,6 +559,7 @@ func (c *Config) settings() settings {
 		identifyNode:     c.IdentifyNode,
 		multiHost:        distinctHosts(c.ConnConfig) > 1,
 	}
+	s.locality, _ = newLocalityPrefs(c.Locality, c.LocalityFallback) // validate checked it
 	if s.maxRetries < 0 {
 		s.maxRetries = 0
 	}

@@ -44,6 +44,15 @@
 // time out and evicted if it stays silent; pool connects get
 // DefaultConnectTimeout (10 s) per host unless connect_timeout is set.
 //
+// With Config.Locality (cluster_locality, such as
+// "region=us-east1,zone=us-east1-b") the targets and placement use only the
+// nodes of the most preferred level (the whole locality, then the fallback
+// tiers of Config.LocalityFallback, then the whole cluster) that has a live
+// node: the pool falls back a level when none is, and moves back through the
+// balancer when one is again. Gossip-learned hosts outside that level are
+// never dialled. Nodes' localities come from CockroachDB's gossip tables, or
+// from one SHOW LOCALITY per node.
+//
 // # Retries
 //
 // Exec, Query, QueryRow, Begin and the other query methods retry work that a
@@ -59,7 +68,8 @@
 // Events (nodes added, removed, evicted, draining; connections pruned; retry
 // attempts and outcomes; probes; throttled connects; recovered hook panics)
 // go to Config.Tracer, which the pool inspects once for NodeTracer,
-// PruneTracer, RetryTracer, ProbeTracer, ConnectTracer and HookTracer;
+// PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer and
+// LocalityTracer;
 // CombineTracers joins several. Adapters live
 // in their own packages and are registered by the caller: clusterslog
 // (log/slog), clusterprom (a Prometheus collector, in a module of its own) and
@@ -69,7 +79,8 @@
 //
 // ParseConfig accepts every pgxpool connection string plus cluster_*
 // parameters (cluster_balance_interval, cluster_probe_interval,
-// cluster_max_retries, cluster_connect_rate, cluster_node_identity). Config
+// cluster_max_retries, cluster_connect_rate, cluster_node_identity,
+// cluster_locality, cluster_locality_fallback). Config
 // embeds *pgxpool.Config, so pgxpool settings and hooks are set as usual; the
 // pool chains its own hooks with the caller's, never replacing them.
 //

@@ -163,3 +163,20 @@ func Example_pgxpoolParameter() {
 	// *pgxpool.Pool: 1 <nil>
 	// *clusterpool.Pool: 1 <nil>
 }
+
+// A service in us-east1-b prefers the nodes of its zone, then of its region,
+// then any node of the cluster.
+func ExampleParseConfig_locality() {
+	cfg, err := clusterpool.ParseConfig("host=lb.example.com port=26257 user=app dbname=app" +
+		" cluster_locality='region=us-east1,zone=us-east1-b' cluster_locality_fallback=region")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(cfg.Locality, cfg.LocalityFallback)
+
+	_, err = clusterpool.ParseConfig("host=lb.example.com cluster_locality='region=us-east1' cluster_locality_fallback=zone")
+	fmt.Println(err)
+	// Output:
+	// region=us-east1,zone=us-east1-b [region]
+	// clusterpool: cluster_locality_fallback: invalid value "zone": "zone" is not a tier of the locality "region=us-east1"
+}

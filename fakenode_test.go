@@ -235,7 +235,7 @@ func fakePool(t *testing.T, f *fakeNode, conns int32, mutate func(*Config)) *Poo
 		cfg.MinConns, cfg.MaxConns = conns, conns
 		cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
 		cfg.HealthCheckPeriod = time.Hour
-		cfg.ConnectRate = 0
+		cfg.ConnectRate = -1 // no limit
 		cfg.ShouldPing = func(context.Context, pgxpool.ShouldPingParams) bool { return false }
 		if mutate != nil {
 			mutate(cfg)
@@ -249,29 +249,30 @@ func fakePool(t *testing.T, f *fakeNode, conns int32, mutate func(*Config)) *Poo
 // the call, so a pool that ignores the cap fails the test at once rather
 // than by a timeout.
 func TestMaxRetriesCapsAttempts(t *testing.T) {
-	for _, maxRetries := range []int{0, 1, 3} {
+	for _, maxRetries := range []int{-1, 1, 3} { // -1: retries off
+		attempts := max(maxRetries, 0) + 1
 		t.Run(fmt.Sprint(maxRetries), func(t *testing.T) {
 			f := startFakeNode(t)
 			p := fakePool(t, f, 1, func(cfg *Config) { cfg.MaxRetries = maxRetries })
 			ctx, cancel := context.WithCancel(testCtx(t))
 			defer cancel()
 			f.setReply(func(sql string) fakeReply {
-				if f.received("restart") > maxRetries+1 {
+				if f.received("restart") > attempts {
 					cancel()
 				}
 				return fakeReply{Code: "40001"}
 			})
 			_, err := p.Exec(ctx, "UPDATE t SET v = 1 -- restart")
-			if got := f.received("restart"); got != maxRetries+1 {
-				t.Fatalf("MaxRetries %d: the server saw %d attempts, want %d: %v", maxRetries, got, maxRetries+1, err)
+			if got := f.received("restart"); got != attempts {
+				t.Fatalf("MaxRetries %d: the server saw %d attempts, want %d: %v", maxRetries, got, attempts, err)
 			}
 			var pe *pgconn.PgError
 			if !errors.As(err, &pe) || pe.Code != "40001" {
 				t.Fatalf("error %v does not carry 40001", err)
 			}
 			var re *RetryError
-			if maxRetries > 0 && (!errors.As(err, &re) || re.Attempts != maxRetries+1) {
-				t.Fatalf("error %v: want a *RetryError after %d attempts", err, maxRetries+1)
+			if maxRetries > 0 && (!errors.As(err, &re) || re.Attempts != attempts) {
+				t.Fatalf("error %v: want a *RetryError after %d attempts", err, attempts)
 			}
 		})
 	}

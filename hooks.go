@@ -169,6 +169,11 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 		}
 		cs = p.tracker.trackConn(id, addr, host, conn, connectStart(conn), time.Now())
 		p.startOnTracked()
+		if err := p.learnLocality(ctx, conn, cs.node); err != nil {
+			p.tracker.untrack(cs, false) // pgxpool closes conn without BeforeClose
+			p.placement.counted(conn.PgConn())
+			return err
+		}
 	}
 	p.placement.counted(conn.PgConn())
 	if p.userAfterConnect != nil {

@@ -76,6 +76,10 @@ type placement struct {
 	// IDs are CockroachDB's. They are dialled too, so a node added to the
 	// cluster after the pool started is reachable; see groupsFor.
 	gossipHosts map[NodeID]string
+	// gossipLocalities holds the localities gossip gave with gossipHosts,
+	// for the nodes among them; groupsFor dials only those within the
+	// locality level in use.
+	gossipLocalities map[NodeID]*nodeLocality
 	// reservations are connects under way, by the host placed first and,
 	// once the connection is up, by the address it reached. Each is held
 	// until AfterConnect has counted the connection on its node (see
@@ -148,14 +152,17 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 	info := make(map[NodeID]placementNode, len(nodes))
 	total := extra + unmapped
 	var eligible []NodeID
+	scope := pl.p.localityScope(nodes, now)
 	for _, n := range nodes {
 		c := int(n.conns.Load()) + pending[n.id]
 		total += c
-		ok := !n.evicted.Load() && !n.draining.Load()
+		healthy := !n.evicted.Load() && !n.draining.Load()
+		outside := healthy && !scope.in(n)
+		ok := healthy && !outside
 		if ok {
 			eligible = append(eligible, n.id)
 		}
-		info[n.id] = placementNode{Conns: c, Eligible: ok}
+		info[n.id] = placementNode{Conns: c, Eligible: ok, Outside: outside}
 	}
 	for i := range unmappedHosts {
 		eligible = append(eligible, NodeID(-1-i)) // never a real node ID
@@ -266,13 +273,15 @@ func hostGroups(cc *pgx.ConnConfig) []*hostGroup {
 
 // groupsFor returns cc's host groups plus one for each node that gossip
 // lists at an address the connection string does not name, with the first
-// host's TLS settings. It adds nothing behind a single address: a client told
-// to use a load balancer may not be able to reach the nodes directly.
+// host's TLS settings, if the node is within the locality level in use. It
+// adds nothing behind a single address: a client told to use a load
+// balancer may not be able to reach the nodes directly.
 func (pl *placement) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 	groups := hostGroups(cc)
 	if pl.mode != connectPlaced {
 		return groups
 	}
+	inScope := pl.gossipScope()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	known := make(map[NodeID]bool)
@@ -287,6 +296,9 @@ func (pl *placement) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 		port, perr := strconv.ParseUint(portStr, 10, 16)
 		if known[id] || err != nil || perr != nil {
 			continue
+		}
+		if inScope != nil && !inScope(id) {
+			continue // another region's node, say: dialled only in a fallback
 		}
 		key := hostPort(host, uint16(port))
 		if slices.ContainsFunc(groups, func(g *hostGroup) bool { return g.key == key }) {
@@ -573,10 +585,11 @@ func (pl *placement) overTarget(id NodeID, now time.Time) bool {
 		return false // a node nobody has seen yet is below any target
 	}
 	if !n.Eligible {
-		// Draining: the next round would retire the connection, so dial
-		// again if any other node may take it. Evicted: a connect is proof
-		// of health (it ends the eviction), so keep it.
-		if nd := pl.p.tracker.node(id); nd == nil || !nd.draining.Load() {
+		// Draining, or outside the locality level in use: the balancer
+		// would retire the connection, so dial again if any other node may
+		// take it. Evicted: a connect is proof of health (it ends the
+		// eviction), so keep it.
+		if nd := pl.p.tracker.node(id); !n.Outside && (nd == nil || !nd.draining.Load()) {
 			return false
 		}
 		return slices.ContainsFunc(slices.Collect(maps.Values(info)), func(o placementNode) bool { return o.Eligible })

@@ -28,6 +28,9 @@ type nodeView struct {
 	// expiry will tell) counts in the targets but never causes pruning,
 	// because pruning for it would only move connections between the others.
 	Refillable bool
+	// Outside means the node is healthy but outside the locality level the
+	// pool uses (Config.Locality); it is then not Eligible.
+	Outside bool
 }
 
 // balanceTargets spreads poolSize connections over the nodes: every node gets
@@ -128,7 +131,11 @@ func worthMoving(from, to int, exact bool) bool {
 // to the target, so a large imbalance closes in a few rounds while the last
 // connection or two, where overshooting would oscillate, move one at a time.
 // A node that is not eligible (unhealthy, draining or expired) sheds all its
-// connections: no target keeps them there.
+// connections: no target keeps them there. A healthy node outside the
+// locality level in use sheds half of them, ceil(conns/2), as an over-target
+// node would with a target of zero: a pool moving back to its preferred
+// level after a fallback leaves the fallback's nodes in a few rounds, not
+// in one burst of reconnects.
 //
 // Pruning only moves connections if the replacement can land on a node below
 // its target, so nothing is pruned unless some refillable node is below its
@@ -170,7 +177,11 @@ func planPrune(nodes []nodeView, targets map[NodeID]int, exact bool) map[NodeID]
 		}
 		t, ok := targets[n.ID]
 		if !n.Eligible || !ok {
-			add(n.ID, n.Conns)
+			k := n.Conns
+			if n.Outside {
+				k = (k + 1) / 2
+			}
+			add(n.ID, k)
 			continue
 		}
 		excess := n.Conns - t
@@ -251,8 +262,9 @@ func (s steadiness) observe(size, minConns int, settling bool, now time.Time, ho
 type placementNode struct {
 	Conns    int  // the pool's connections on the node, including dials under way
 	Target   int  // the node's balancing target
-	Eligible bool // healthy, not draining, not expired
+	Eligible bool // healthy, not draining, not expired, within the locality level
 	Avoid    bool // the caller asked to stay away (a retry after a failure there)
+	Outside  bool // healthy, but outside the locality level in use
 }
 
 // placementOrder returns the order in which a new connection tries the hosts
@@ -262,7 +274,8 @@ type placementNode struct {
 // First come hosts whose node is below target, most under-filled first; then
 // hosts not mapped yet (trying them is how a node listed in the connection
 // string is learned); then hosts whose node is at or above target, least
-// loaded first; last, hosts whose node is unhealthy, draining, expired or to
+// loaded first; then hosts whose node is healthy but outside the locality
+// level in use; last, hosts whose node is unhealthy, draining, expired or to
 // be avoided. No host is dropped: when everything better fails, pgconn still
 // falls back to them. Ties are broken by a per-pool hash of the host's
 // position, so different pools do not all prefer the same host.
@@ -280,7 +293,7 @@ func placementOrder(hostNodes []NodeID, hostPending []int, hostDown []bool, node
 	}
 	class := func(i int) int {
 		if hostDown != nil && hostDown[i] {
-			return 3
+			return 4
 		}
 		id := hostNodes[i]
 		if id == 0 {
@@ -288,8 +301,10 @@ func placementOrder(hostNodes []NodeID, hostPending []int, hostDown []bool, node
 		}
 		n, ok := nodes[id]
 		switch {
-		case !ok || !n.Eligible || n.Avoid:
+		case ok && n.Outside && !n.Avoid:
 			return 3
+		case !ok || !n.Eligible || n.Avoid:
+			return 4
 		case n.Conns < n.Target:
 			return 0
 		default:

@@ -28,8 +28,10 @@ import (
 //     connection on a node above its target so that pgconn dials again)
 //     runs first, then the one on the connection config, such as
 //     target_session_attrs'.
-//   - AfterConnect: the pool identifies the node first, then the user's hook
-//     runs; if the user's hook fails, the connection is forgotten and closed.
+//   - AfterConnect: the pool identifies the node first (and, with
+//     Config.Locality, asks a node whose locality it does not know yet for
+//     it, once per node), then the user's hook runs; if the user's hook
+//     fails, the connection is forgotten and closed.
 //   - PrepareConn (or the deprecated BeforeAcquire): the pool first refuses
 //     connections marked for retirement or on an evicted node, returning
 //     (false, nil) so pgxpool destroys them and tries another; otherwise the
@@ -155,6 +157,8 @@ type Pool struct {
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
 	balance   balanceState   // the balance rounds' memory (prune.go)
 	pace      probePace      // the probe's pace and what it aims at (probe.go)
+
+	localityState // the locality level in use (locality.go)
 
 	// The caller's hooks, chained behind the pool's own (hooks.go).
 	// userBeforeConnect recovers the hook's panics; the probe and health

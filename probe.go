@@ -34,7 +34,7 @@ const (
 // gossipQuery reads CockroachDB's view of the cluster. It needs the
 // VIEWCLUSTERMETADATA privilege (or admin); without it the probe falls back
 // silently to what connections and probes see.
-const gossipQuery = `SELECT l.node_id, l.draining, COALESCE(l.membership, 'active'), COALESCE(n.is_live, false), COALESCE(n.address, '')
+const gossipQuery = `SELECT l.node_id, l.draining, COALESCE(l.membership, 'active'), COALESCE(n.is_live, false), COALESCE(n.address, ''), COALESCE(n.locality, '')
 FROM crdb_internal.gossip_liveness AS l LEFT JOIN crdb_internal.gossip_nodes AS n ON n.node_id = l.node_id`
 
 // probeState is the probe loop's memory between probes; only the loop
@@ -346,6 +346,9 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 			st.gossipAfter = now.Add(gossipBackoff)
 		}
 	}
+	if err := p.learnLocality(ctx, conn, p.tracker.node(id)); err != nil {
+		return id, err
+	}
 	return id, nil
 }
 
@@ -445,11 +448,12 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 		draining, live bool
 		membership     string
 		address        string
+		locality       string
 	}
 	var entries []entry
 	for rows.Next() {
 		var e entry
-		if err := rows.Scan(&e.id, &e.draining, &e.membership, &e.live, &e.address); err != nil {
+		if err := rows.Scan(&e.id, &e.draining, &e.membership, &e.live, &e.address, &e.locality); err != nil {
 			rows.Close()
 			return err
 		}
@@ -457,6 +461,17 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 	}
 	if err := rows.Err(); err != nil {
 		return err
+	}
+	// Localities first: the hosts below are dialled by the level the
+	// known nodes' localities choose.
+	localities := make(map[NodeID]*nodeLocality)
+	for _, e := range entries {
+		if n := p.gossipNode(NodeID(e.id), e.address); n != nil && n.setLocality(e.locality, p.settings.locality) {
+			p.obs.nodeLocality(n.id, e.locality)
+		}
+		nl := &nodeLocality{raw: e.locality}
+		nl.setShared(p.settings.locality)
+		localities[NodeID(e.id)] = nl
 	}
 	if p.cockroachIDs() {
 		hosts := make(map[NodeID]string)
@@ -474,6 +489,7 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 		}
 		p.placement.mu.Lock()
 		p.placement.gossipHosts = hosts
+		p.placement.gossipLocalities = localities
 		p.placement.mu.Unlock()
 		p.pace.mu.Lock()
 		news := false

@@ -61,14 +61,18 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	p.placement.learnHosts(nodes)
 
 	refill := p.refillWindow()
+	scope := p.localityScope(nodes, now)
 	views := make([]nodeView, 0, len(nodes))
 	for _, n := range nodes {
 		conns := int(n.conns.Load()) - n.markedToRetire()
+		healthy := !n.evicted.Load() && !n.draining.Load()
+		outside := healthy && !scope.in(n)
 		views = append(views, nodeView{
 			ID:         n.id,
 			Conns:      max(conns, 0),
-			Eligible:   !n.evicted.Load() && !n.draining.Load(),
+			Eligible:   healthy && !outside,
 			Refillable: conns > 0 || now.Sub(time.Unix(0, n.lastSeen.Load())) <= refill,
+			Outside:    outside,
 		})
 	}
 	settling := p.settling(now)

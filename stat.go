@@ -21,6 +21,7 @@ type ClusterStat struct {
 	nodesAdded        int64
 	nodesRemoved      int64
 	hookPanics        int64
+	localityFallbacks int64
 	balanceRounds     int64
 }
 
@@ -40,6 +41,7 @@ func (p *Pool) ClusterStat() *ClusterStat {
 		nodesAdded:        c.nodesAdded.Load(),
 		nodesRemoved:      c.nodesRemoved.Load(),
 		hookPanics:        c.hookPanics.Load(),
+		localityFallbacks: c.localityFallbacks.Load(),
 		balanceRounds:     c.balanceRounds.Load(),
 	}
 	for i := range c.retryOutcomes {
@@ -107,6 +109,11 @@ func (s *ClusterStat) NodesRemoved() int64 { return s.nodesRemoved }
 // HookPanics returns how many times one of the caller's hooks panicked and
 // the pool recovered the panic (see HookTracer).
 func (s *ClusterStat) HookPanics() int64 { return s.hookPanics }
+
+// LocalityFallbacks returns how many times the pool moved to a less
+// preferred level of its locality preference (Config.Locality) because no
+// node of the level in use was healthy.
+func (s *ClusterStat) LocalityFallbacks() int64 { return s.localityFallbacks }
 
 // BalanceRounds returns how many balancing rounds the pool has run (one
 // every BalanceInterval ±20% while nodes are tracked). Watching a pool over

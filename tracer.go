@@ -98,15 +98,21 @@ const (
 	// PruneNodeUnavailable: the node is evicted, draining or expired, so
 	// its target is zero.
 	PruneNodeUnavailable
+	// PruneOutsideLocality: the node is healthy but outside the locality
+	// level the pool uses (Config.Locality), so its target is zero.
+	PruneOutsideLocality
 )
 
-// String returns "rebalance" or "node_unavailable", fit for a metric label.
+// String returns "rebalance", "node_unavailable" or "outside_locality",
+// fit for a metric label.
 func (r PruneReason) String() string {
 	switch r {
 	case PruneRebalance:
 		return "rebalance"
 	case PruneNodeUnavailable:
 		return "node_unavailable"
+	case PruneOutsideLocality:
+		return "outside_locality"
 	}
 	return "unknown"
 }
@@ -237,6 +243,39 @@ type TraceConnectThrottledData struct {
 	Err error
 }
 
+// LocalityTracer traces the pool's locality preference (Config.Locality):
+// what it learns of the nodes' localities, and the level it uses.
+type LocalityTracer interface {
+	// TraceNodeLocality is called when the pool learns a node's locality
+	// (from gossip, or from the node with Config.Locality set), or sees it
+	// change.
+	TraceNodeLocality(ctx context.Context, pool *Pool, data TraceNodeLocalityData)
+	// TraceLocalityLevel is called when the pool moves to another level of
+	// its locality preference: down when no node of the level in use is
+	// healthy, back up when a node of a more preferred level is. Only with
+	// Config.Locality set.
+	TraceLocalityLevel(ctx context.Context, pool *Pool, data TraceLocalityLevelData)
+}
+
+// TraceNodeLocalityData is passed to LocalityTracer.TraceNodeLocality.
+type TraceNodeLocalityData struct {
+	Node NodeID
+	// Locality is the node's locality, as NodeStat.Locality.
+	Locality string
+}
+
+// TraceLocalityLevelData is passed to LocalityTracer.TraceLocalityLevel.
+type TraceLocalityLevelData struct {
+	// Level names the level now in use by the last tier of Config.Locality
+	// its nodes share ("zone", "region"); "" is the whole cluster.
+	Level string
+	// Previous names the level used before, the same way.
+	Previous string
+	// Fallback is true when the pool moved to a less preferred level,
+	// false when it moved back to a more preferred one.
+	Fallback bool
+}
+
 // HookTracer traces the panics the pool recovers in the caller's hooks
 // (see "Hooks" in the Pool documentation).
 type HookTracer interface {
@@ -304,6 +343,9 @@ func CombineTracers(tracers ...any) any {
 		if t, ok := t.(HookTracer); ok {
 			m.hook = append(m.hook, t)
 		}
+		if t, ok := t.(LocalityTracer); ok {
+			m.locality = append(m.locality, t)
+		}
 	}
 	return m
 }
@@ -311,25 +353,26 @@ func CombineTracers(tracers ...any) any {
 // implementsTracer reports whether t implements at least one tracer interface.
 func implementsTracer(t any) bool {
 	switch t.(type) {
-	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, *multiTracer:
+	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, *multiTracer:
 		return true
 	}
 	return false
 }
 
 // tracerInterfaces lists the tracer interfaces, for errors.
-const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer"
+const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer"
 
 // multiTracer is what CombineTracers returns. It implements every tracer
 // interface; the pool asks it which ones have members (see newObserver).
 type multiTracer struct {
-	all     []any
-	node    []NodeTracer
-	prune   []PruneTracer
-	retry   []RetryTracer
-	probe   []ProbeTracer
-	connect []ConnectTracer
-	hook    []HookTracer
+	all      []any
+	node     []NodeTracer
+	prune    []PruneTracer
+	retry    []RetryTracer
+	probe    []ProbeTracer
+	connect  []ConnectTracer
+	hook     []HookTracer
+	locality []LocalityTracer
 }
 
 func (m *multiTracer) TraceNodeAdded(ctx context.Context, pool *Pool, data TraceNodeAddedData) {
@@ -392,19 +435,32 @@ func (m *multiTracer) TraceHookPanic(ctx context.Context, pool *Pool, data Trace
 	}
 }
 
+func (m *multiTracer) TraceNodeLocality(ctx context.Context, pool *Pool, data TraceNodeLocalityData) {
+	for _, t := range m.locality {
+		t.TraceNodeLocality(ctx, pool, data)
+	}
+}
+
+func (m *multiTracer) TraceLocalityLevel(ctx context.Context, pool *Pool, data TraceLocalityLevelData) {
+	for _, t := range m.locality {
+		t.TraceLocalityLevel(ctx, pool, data)
+	}
+}
+
 // observer is where the rest of the package reports events: it counts them
 // (ClusterStat) and forwards them to the tracers found in Config.Tracer.
 // Every method is safe on a nil *observer and costs a nil check and at most
 // an atomic add when no tracer is set: event data is built only for a
 // tracer that will receive it.
 type observer struct {
-	pool    *Pool
-	node    NodeTracer
-	prune   PruneTracer
-	retry   RetryTracer
-	probe   ProbeTracer
-	connect ConnectTracer
-	hook    HookTracer
+	pool     *Pool
+	node     NodeTracer
+	prune    PruneTracer
+	retry    RetryTracer
+	probe    ProbeTracer
+	connect  ConnectTracer
+	hook     HookTracer
+	locality LocalityTracer
 
 	counters clusterCounters
 
@@ -433,6 +489,7 @@ type clusterCounters struct {
 	nodesAdded        atomic.Int64
 	nodesRemoved      atomic.Int64
 	hookPanics        atomic.Int64
+	localityFallbacks atomic.Int64
 	balanceRounds     atomic.Int64
 }
 
@@ -463,6 +520,9 @@ func newObserver(p *Pool, tracer any) *observer {
 		if len(m.hook) > 0 {
 			o.hook = m
 		}
+		if len(m.locality) > 0 {
+			o.locality = m
+		}
 		return o
 	}
 	o.node, _ = tracer.(NodeTracer)
@@ -471,6 +531,7 @@ func newObserver(p *Pool, tracer any) *observer {
 	o.probe, _ = tracer.(ProbeTracer)
 	o.connect, _ = tracer.(ConnectTracer)
 	o.hook, _ = tracer.(HookTracer)
+	o.locality, _ = tracer.(LocalityTracer)
 	return o
 }
 
@@ -566,6 +627,9 @@ func (o *observer) pruned(ctx context.Context, nodes []*node, views []nodeView) 
 		reason := PruneRebalance
 		if i := slices.IndexFunc(views, func(v nodeView) bool { return v.ID == n.id }); i >= 0 && !views[i].Eligible {
 			reason = PruneNodeUnavailable
+			if views[i].Outside {
+				reason = PruneOutsideLocality
+			}
 		}
 		o.prune.TracePrune(ctx, o.pool, TracePruneData{Node: n.id, Count: int(k), Reason: reason})
 	}
@@ -696,5 +760,31 @@ func (o *observer) hookPanicked(ctx context.Context, hook string, value any, sta
 	o.counters.hookPanics.Add(1)
 	if o.hook != nil {
 		o.hook.TraceHookPanic(ctx, o.pool, TraceHookPanicData{Hook: hook, Value: value, Stack: stack})
+	}
+}
+
+// nodeLocality reports that the pool learned node id's locality.
+func (o *observer) nodeLocality(id NodeID, locality string) {
+	if o != nil && o.locality != nil {
+		o.locality.TraceNodeLocality(context.Background(), o.pool, TraceNodeLocalityData{Node: id, Locality: locality})
+	}
+}
+
+// localityLevel reports a move from the level needing prev shared tiers
+// to the one needing need.
+func (o *observer) localityLevel(lp *localityPrefs, prev, need int) {
+	if o == nil {
+		return
+	}
+	fallback := need < prev
+	if fallback {
+		o.counters.localityFallbacks.Add(1)
+	}
+	if o.locality != nil {
+		o.locality.TraceLocalityLevel(context.Background(), o.pool, TraceLocalityLevelData{
+			Level:    lp.levelName(need),
+			Previous: lp.levelName(prev),
+			Fallback: fallback,
+		})
 	}
 }

@@ -64,6 +64,12 @@ type node struct {
 	draining   atomic.Bool  // the node said it is draining (probe)
 	nodeHealth              // eviction and health checks (health.go)
 
+	// locality is the node's locality once gossip or the node told it;
+	// localityAsking is set while a connection asks the node for it, so
+	// that a burst of connects asks once.
+	locality       atomic.Pointer[nodeLocality]
+	localityAsking atomic.Bool
+
 	// Counters the balance rounds and retry code increment; reported in NodeStats.
 	retries atomic.Int64 // queries retried because of this node
 	pruned  atomic.Int64 // connections retired to rebalance
@@ -396,6 +402,12 @@ type NodeStat struct {
 	Healthy bool
 	// Draining is true when the node reported that it is draining.
 	Draining bool
+	// Locality is the node's locality in CockroachDB's --locality form
+	// ("region=us-east1,zone=us-east1-b") once the pool knows it: from
+	// CockroachDB's gossip tables when the probe may read them, or, with
+	// Config.Locality set, from the node itself. Empty when not known or
+	// when the node has none.
+	Locality string
 	// LastSeen is the last time a connect, probe or query reached the node.
 	LastSeen time.Time
 
@@ -419,9 +431,14 @@ func (t *tracker) snapshot() []NodeStat {
 			}
 		}
 		n.mu.Unlock()
+		var locality string
+		if nl := n.localityOf(); nl != nil {
+			locality = nl.raw
+		}
 		stats = append(stats, NodeStat{
 			ID:            n.id,
 			Addr:          addr,
+			Locality:      locality,
 			TotalConns:    total,
 			IdleConns:     total - inUse,
 			AcquiredConns: inUse,

@@ -42,6 +42,7 @@
 //	clusterpool.node.pruned_connections      counter   {connection}
 //	clusterpool.node.retries                 counter   {attempt}
 //	clusterpool.node.evictions               counter   {eviction}
+//	clusterpool.node.locality                gauge     1, attribute locality, once the locality is known
 //
 // Per pool (Pool.ClusterStat):
 //
@@ -58,6 +59,7 @@
 //	clusterpool.nodes_added                  counter   {node}
 //	clusterpool.nodes_removed                counter   {node}
 //	clusterpool.hook_panics                  counter   {panic}
+//	clusterpool.locality_fallbacks           counter   {fallback}
 //
 // pgxpool's TotalConns is the sum of clusterpool.conns over its states and is
 // not exported again. In clusterpool.nodes a node counts once: unhealthy if
@@ -93,14 +95,16 @@ type instruments struct {
 	acquireDuration, emptyAcquireWait                                                   metric.Float64ObservableCounter
 	conns, maxConns                                                                     metric.Int64ObservableUpDownCounter
 
-	nodeConns                                                metric.Int64ObservableUpDownCounter
-	nodeHealthy, nodeDraining                                metric.Int64ObservableGauge
-	nodePruned, nodeRetries, nodeEvictions                   metric.Int64ObservableCounter
-	nodes                                                    metric.Int64ObservableUpDownCounter
-	retries, retryAttempts, evictions, probes                metric.Int64ObservableCounter
-	probeFailures, probeSessions, redials, connectsThrottled metric.Int64ObservableCounter
-	nodesAdded, nodesRemoved, hookPanics                     metric.Int64ObservableCounter
-	connectWait                                              metric.Float64ObservableCounter
+	nodeConns                                 metric.Int64ObservableUpDownCounter
+	nodeHealthy, nodeDraining, nodeLocality   metric.Int64ObservableGauge
+	nodePruned, nodeRetries, nodeEvictions    metric.Int64ObservableCounter
+	nodes                                     metric.Int64ObservableUpDownCounter
+	retries, retryAttempts, evictions, probes metric.Int64ObservableCounter
+	probeFailures, probeSessions, redials     metric.Int64ObservableCounter
+	connectsThrottled                         metric.Int64ObservableCounter
+	nodesAdded, nodesRemoved, hookPanics      metric.Int64ObservableCounter
+	localityFallbacks                         metric.Int64ObservableCounter
+	connectWait                               metric.Float64ObservableCounter
 }
 
 // Register creates the instruments on a Meter from mp and registers one
@@ -150,6 +154,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	in.nodePruned = ic("clusterpool.node.pruned_connections", "{connection}", "Connections of the node retired by the balancer.")
 	in.nodeRetries = ic("clusterpool.node.retries", "{attempt}", "Attempts retried after a failure on the node.")
 	in.nodeEvictions = ic("clusterpool.node.evictions", "{eviction}", "Times the node was evicted.")
+	in.nodeLocality = g("clusterpool.node.locality", "1 for the node's locality (CockroachDB's --locality form), once the pool knows it.")
 
 	in.nodes = ud("clusterpool.nodes", "{node}", "Nodes known to the pool by state; each node counts once: unhealthy, else draining, else healthy.")
 	in.retries = ic("clusterpool.retries", "{call}", "Calls that involved the retry logic, by how they ended.")
@@ -164,6 +169,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	in.nodesAdded = ic("clusterpool.nodes_added", "{node}", "Times the pool learned of a node.")
 	in.nodesRemoved = ic("clusterpool.nodes_removed", "{node}", "Times the pool forgot a node that expired.")
 	in.hookPanics = ic("clusterpool.hook_panics", "{panic}", "Panics in the caller's connection hooks that the pool recovered.")
+	in.localityFallbacks = ic("clusterpool.locality_fallbacks", "{fallback}", "Times the pool moved to a less preferred locality level because no node of the level in use was healthy.")
 	if err := errors.Join(errs...); err != nil {
 		return nil, errors.Join(errors.New("clusterotel: creating instruments"), err)
 	}
@@ -175,9 +181,9 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	},
 		in.acquires, in.acquireDuration, in.emptyAcquires, in.emptyAcquireWait, in.canceledAcquires,
 		in.conns, in.maxConns, in.newConns, in.lifetimeDestroys, in.idleDestroys,
-		in.nodeConns, in.nodeHealthy, in.nodeDraining, in.nodePruned, in.nodeRetries, in.nodeEvictions,
+		in.nodeConns, in.nodeHealthy, in.nodeDraining, in.nodePruned, in.nodeRetries, in.nodeEvictions, in.nodeLocality,
 		in.nodes, in.retries, in.retryAttempts, in.evictions, in.probes, in.probeFailures, in.probeSessions, in.redials,
-		in.connectsThrottled, in.connectWait, in.nodesAdded, in.nodesRemoved, in.hookPanics,
+		in.connectsThrottled, in.connectWait, in.nodesAdded, in.nodesRemoved, in.hookPanics, in.localityFallbacks,
 	)
 	if err != nil {
 		return nil, errors.Join(errors.New("clusterotel: registering the callback"), err)
@@ -217,6 +223,9 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 		o.ObserveInt64(in.nodePruned, s.Pruned, onNode)
 		o.ObserveInt64(in.nodeRetries, s.Retries, onNode)
 		o.ObserveInt64(in.nodeEvictions, s.Evictions, onNode)
+		if s.Locality != "" {
+			o.ObserveInt64(in.nodeLocality, 1, metric.WithAttributes(poolAttr, node, attribute.String("locality", s.Locality)))
+		}
 		switch {
 		case !s.Healthy:
 			unhealthy++
@@ -245,6 +254,7 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 	o.ObserveInt64(in.nodesAdded, st.NodesAdded(), only)
 	o.ObserveInt64(in.nodesRemoved, st.NodesRemoved(), only)
 	o.ObserveInt64(in.hookPanics, st.HookPanics(), only)
+	o.ObserveInt64(in.localityFallbacks, st.LocalityFallbacks(), only)
 }
 
 func boolValue(b bool) int64 {

@@ -171,3 +171,44 @@ func TestMetricsOnCluster(t *testing.T) {
 		t.Errorf("after Unregister, %d data points remain", len(v))
 	}
 }
+
+// Each node's locality is an attribute of clusterpool.node.locality.
+func TestNodeLocality(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true, Balancing: clustertest.RoundRobin,
+		Localities: []string{"region=a", "region=b"}})
+	cfg, err := clusterpool.ParseConfig(c.DSN() + "&cluster_locality=region%3Da")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MinConns, cfg.MaxConns = 2, 2
+	cfg.BalanceInterval, cfg.ProbeInterval = 50*time.Millisecond, 50*time.Millisecond
+	cfg.ConnectRate = -1
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	t.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
+	reg, err := clusterotel.Register(mp, "orders", pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Unregister()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		v := collect(t, reader)
+		a, b := v[`clusterpool.node.locality{locality=region=a,node=1,pool=orders}`], v[`clusterpool.node.locality{locality=region=b,node=2,pool=orders}`]
+		_, fallbacks := v[`clusterpool.locality_fallbacks{pool=orders}`]
+		if a == 1 && b == 1 && fallbacks {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node localities not reported: %v", v)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

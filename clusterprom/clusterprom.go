@@ -25,6 +25,7 @@
 //	clusterpool_pruned_connections_total{pool,node}             counter
 //	clusterpool_node_retries_total{pool,node}                   counter
 //	clusterpool_node_evictions_total{pool,node}                 counter
+//	clusterpool_node_locality{pool,node,locality}               gauge, 1 (info), once the locality is known
 //
 // Per pool (counters never go back, even when nodes are forgotten):
 //
@@ -41,6 +42,7 @@
 //	clusterpool_nodes_added_total{pool}                         counter
 //	clusterpool_nodes_removed_total{pool}                       counter
 //	clusterpool_hook_panics_total{pool}                         counter
+//	clusterpool_locality_fallbacks_total{pool}                  counter
 //
 // Per pool, pgxpool's own figures (Pool.Stat, which reads pgxpool.Stat):
 //
@@ -60,6 +62,17 @@
 // sum over the metric does not count it twice. clusterpool_conns counts what
 // pgxpool holds, including connections being dialled; clusterpool_connections
 // counts established connections per node.
+//
+// clusterpool_node_locality carries each node's locality (NodeStat.Locality,
+// CockroachDB's --locality form, "region=us-east1,zone=us-east1-b") as a
+// label, so other per-node series can be grouped by it, for instance the
+// connections per locality:
+//
+//	sum by (pool, locality) (clusterpool_connections * on (pool, node) group_left (locality) clusterpool_node_locality)
+//
+// clusterpool_locality_fallbacks_total counts moves to a less preferred
+// level of the pool's locality preference (cluster_locality) because no
+// node of the level in use was healthy.
 //
 // The outcome label of clusterpool_retries_total is a
 // clusterpool.RetryOutcome: succeeded, gave_up, outcome_unknown or
@@ -86,6 +99,7 @@ type Collector struct {
 	nodePruned    *prometheus.Desc
 	nodeRetries   *prometheus.Desc
 	nodeEvictions *prometheus.Desc
+	nodeLocality  *prometheus.Desc
 
 	nodes             *prometheus.Desc
 	retries           *prometheus.Desc
@@ -100,6 +114,7 @@ type Collector struct {
 	nodesAdded        *prometheus.Desc
 	nodesRemoved      *prometheus.Desc
 	hookPanics        *prometheus.Desc
+	localityFallbacks *prometheus.Desc
 
 	acquires          *prometheus.Desc
 	acquireDuration   *prometheus.Desc
@@ -131,6 +146,7 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 		nodePruned:    desc("pruned_connections_total", "Connections of the node retired by the balancer.", "node"),
 		nodeRetries:   desc("node_retries_total", "Attempts retried after a failure on the node.", "node"),
 		nodeEvictions: desc("node_evictions_total", "Times the node was evicted.", "node"),
+		nodeLocality:  desc("node_locality", "1 for the node's locality (CockroachDB's --locality form), once the pool knows it.", "node", "locality"),
 
 		nodes:             desc("nodes", "Nodes known to the pool by state; each node counts once: unhealthy, else draining, else healthy.", "state"),
 		retries:           desc("retries_total", "Calls that involved the retry logic, by how they ended.", "outcome"),
@@ -145,6 +161,7 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 		nodesAdded:        desc("nodes_added_total", "Times the pool learned of a node."),
 		nodesRemoved:      desc("nodes_removed_total", "Times the pool forgot a node that expired."),
 		hookPanics:        desc("hook_panics_total", "Panics in the caller's connection hooks that the pool recovered."),
+		localityFallbacks: desc("locality_fallbacks_total", "Times the pool moved to a less preferred locality level because no node of the level in use was healthy."),
 
 		acquires:          desc("acquire_total", "Successful acquires from the pool (pgxpool.Stat.AcquireCount)."),
 		acquireDuration:   desc("acquire_duration_seconds_total", "Total time of successful acquires (pgxpool.Stat.AcquireDuration)."),
@@ -162,9 +179,9 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
-		c.connections, c.nodeHealthy, c.nodeDraining, c.nodePruned, c.nodeRetries, c.nodeEvictions,
+		c.connections, c.nodeHealthy, c.nodeDraining, c.nodePruned, c.nodeRetries, c.nodeEvictions, c.nodeLocality,
 		c.nodes, c.retries, c.retryAttempts, c.evictions, c.probes, c.probeFailures, c.probeSessions, c.redials,
-		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved, c.hookPanics,
+		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved, c.hookPanics, c.localityFallbacks,
 		c.acquires, c.acquireDuration, c.emptyAcquires, c.emptyAcquireWait, c.canceledAcquires,
 		c.conns, c.maxConns, c.newConns, c.lifetimeDestroyed, c.idleDestroyed,
 	} {
@@ -191,6 +208,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.nodePruned, float64(s.Pruned), node)
 		counter(c.nodeRetries, float64(s.Retries), node)
 		counter(c.nodeEvictions, float64(s.Evictions), node)
+		if s.Locality != "" {
+			gauge(c.nodeLocality, 1, node, s.Locality)
+		}
 		switch {
 		case !s.Healthy:
 			unhealthy++
@@ -219,6 +239,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.nodesAdded, float64(st.NodesAdded()))
 	counter(c.nodesRemoved, float64(st.NodesRemoved()))
 	counter(c.hookPanics, float64(st.HookPanics()))
+	counter(c.localityFallbacks, float64(st.LocalityFallbacks()))
 
 	ps := c.pool.Stat()
 	counter(c.acquires, float64(ps.AcquireCount()))

@@ -380,3 +380,52 @@ func TestPgxpoolStatOnCluster(t *testing.T) {
 		}
 	}
 }
+
+// Each node's locality is a label of clusterpool_node_locality, and a
+// fallback of the pool's locality preference is counted.
+func TestNodeLocality(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true, Balancing: clustertest.RoundRobin,
+		Localities: []string{"region=a,zone=a1", "region=b,zone=b1"}})
+	cfg, err := clusterpool.ParseConfig(c.DSN() + "&cluster_locality=region%3Da")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MinConns, cfg.MaxConns = 2, 2
+	cfg.BalanceInterval, cfg.ProbeInterval = 50*time.Millisecond, 50*time.Millisecond
+	cfg.ConnectRate = -1
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	reg := prometheus.NewRegistry()
+	col := clusterprom.NewCollector("orders", pool)
+	reg.MustRegister(col)
+	waitFor(t, func() string {
+		v := values(t, reg)
+		for _, k := range []string{
+			`clusterpool_node_locality{locality="region=a,zone=a1",node="1",pool="orders"}`,
+			`clusterpool_node_locality{locality="region=b,zone=b1",node="2",pool="orders"}`,
+		} {
+			if v[k] != 1 {
+				return fmt.Sprintf("%s = %v; have %v", k, v[k], v)
+			}
+		}
+		return ""
+	})
+	if problems, err := testutil.CollectAndLint(col); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %+v", err, problems)
+	}
+	// Region a drains: the pool falls back to the whole cluster.
+	if err := c.Node(1).Drain(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() string {
+		if v := values(t, reg)[`clusterpool_locality_fallbacks_total{pool="orders"}`]; v != 1 {
+			return fmt.Sprintf("clusterpool_locality_fallbacks_total = %v, want 1", v)
+		}
+		return ""
+	})
+}

@@ -11,11 +11,14 @@
 //
 //   - Debug: balancing (connections pruned to rebalance, throttled
 //     connects), probes, and each retried attempt.
-//   - Info: nodes added, removed, healthy again, draining; connections
-//     pruned from an unavailable node; a call that succeeded after retries
-//     or whose context ended between attempts.
-//   - Warn: a node evicted (unhealthy), a call that gave up after retries,
-//     and one not retried because its outcome is unknown.
+//   - Info: nodes added, removed, healthy again, draining; a node's
+//     locality learned; connections pruned from an unavailable node or
+//     outside the locality level in use; the pool back on a more
+//     preferred locality level; a call that succeeded after retries or
+//     whose context ended between attempts.
+//   - Warn: a node evicted (unhealthy), the pool falling back to a less
+//     preferred locality level, a call that gave up after retries, and one
+//     not retried because its outcome is unknown.
 //   - Error: a panic in one of the caller's hooks, which the pool recovered;
 //     the record carries the hook, the panic value and the stack.
 //
@@ -57,6 +60,8 @@ var (
 	_ clusterpool.ProbeTracer   = (*Tracer)(nil)
 	_ clusterpool.ConnectTracer = (*Tracer)(nil)
 	_ clusterpool.HookTracer    = (*Tracer)(nil)
+
+	_ clusterpool.LocalityTracer = (*Tracer)(nil)
 )
 
 // Attribute keys.
@@ -78,6 +83,9 @@ const (
 	keyHook     = "hook"
 	keyPanic    = "panic"
 	keyStack    = "stack"
+	keyLocality = "locality"
+	keyLevel    = "locality_level"
+	keyPrevious = "previous_level"
 )
 
 func (t *Tracer) log(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) {
@@ -131,7 +139,7 @@ func (t *Tracer) TraceNodeDraining(ctx context.Context, _ *clusterpool.Pool, dat
 // at Info.
 func (t *Tracer) TracePrune(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TracePruneData) {
 	level := slog.LevelDebug
-	if data.Reason == clusterpool.PruneNodeUnavailable {
+	if data.Reason == clusterpool.PruneNodeUnavailable || data.Reason == clusterpool.PruneOutsideLocality {
 		level = slog.LevelInfo
 	}
 	if !t.enabled(ctx, level) {
@@ -221,4 +229,33 @@ func (t *Tracer) TraceHookPanic(ctx context.Context, _ *clusterpool.Pool, data c
 	}
 	t.log(ctx, slog.LevelError, "clusterpool: hook panicked (recovered)",
 		slog.String(keyHook, data.Hook), slog.String(keyPanic, fmt.Sprint(data.Value)), slog.String(keyStack, string(data.Stack)))
+}
+
+// TraceNodeLocality logs at Info.
+func (t *Tracer) TraceNodeLocality(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceNodeLocalityData) {
+	if !t.enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	t.log(ctx, slog.LevelInfo, "clusterpool: node locality", nodeAttr(data.Node), slog.String(keyLocality, data.Locality))
+}
+
+// TraceLocalityLevel logs a fallback at Warn and a return at Info. The
+// level is the last tier the nodes in use share with the pool's locality
+// ("zone", "region"), or "cluster" for the whole cluster.
+func (t *Tracer) TraceLocalityLevel(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceLocalityLevelData) {
+	level, msg := slog.LevelInfo, "clusterpool: back on a preferred locality level"
+	if data.Fallback {
+		level, msg = slog.LevelWarn, "clusterpool: locality fallback: no healthy node in the preferred level"
+	}
+	if !t.enabled(ctx, level) {
+		return
+	}
+	t.log(ctx, level, msg, slog.String(keyLevel, levelName(data.Level)), slog.String(keyPrevious, levelName(data.Previous)))
+}
+
+func levelName(level string) string {
+	if level == "" {
+		return "cluster"
+	}
+	return level
 }

@@ -109,6 +109,18 @@ func TestLevelsAndAttributes(t *testing.T) {
 		{"probe failed", func(tr *clusterslog.Tracer) {
 			tr.TraceProbe(ctx, nil, clusterpool.TraceProbeData{Err: boom})
 		}, "DEBUG", "clusterpool: probe failed", map[string]any{"err": "boom"}},
+		{"prune outside locality", func(tr *clusterslog.Tracer) {
+			tr.TracePrune(ctx, nil, clusterpool.TracePruneData{Node: 4, Count: 2, Reason: clusterpool.PruneOutsideLocality})
+		}, "INFO", "clusterpool: connections pruned", map[string]any{"count": 2.0, "reason": "outside_locality"}},
+		{"node locality", func(tr *clusterslog.Tracer) {
+			tr.TraceNodeLocality(ctx, nil, clusterpool.TraceNodeLocalityData{Node: 4, Locality: "region=b,zone=b1"})
+		}, "INFO", "clusterpool: node locality", map[string]any{"node": 4.0, "locality": "region=b,zone=b1"}},
+		{"locality fallback", func(tr *clusterslog.Tracer) {
+			tr.TraceLocalityLevel(ctx, nil, clusterpool.TraceLocalityLevelData{Level: "", Previous: "region", Fallback: true})
+		}, "WARN", "clusterpool: locality fallback: no healthy node in the preferred level", map[string]any{"locality_level": "cluster", "previous_level": "region"}},
+		{"locality back", func(tr *clusterslog.Tracer) {
+			tr.TraceLocalityLevel(ctx, nil, clusterpool.TraceLocalityLevelData{Level: "zone", Previous: "region"})
+		}, "INFO", "clusterpool: back on a preferred locality level", map[string]any{"locality_level": "zone", "previous_level": "region"}},
 		{"throttled", func(tr *clusterslog.Tracer) {
 			tr.TraceConnectThrottled(ctx, nil, clusterpool.TraceConnectThrottledData{Waited: 250 * time.Millisecond, Limit: 10})
 		}, "DEBUG", "clusterpool: new connection throttled", map[string]any{"waited": float64(250 * time.Millisecond), "limit_per_second": 10.0}},
@@ -263,4 +275,45 @@ func busyReads(t *testing.T, pool *clusterpool.Pool, workers int) (stop func()) 
 	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
 	t.Cleanup(stop)
 	return stop
+}
+
+// On a cluster in two regions: each node's locality is logged once learned,
+// and a fallback when the preferred region drains is a warning.
+func TestLocalityOnCluster(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true, Balancing: clustertest.RoundRobin,
+		Localities: []string{"region=a", "region=b"}})
+	cfg, err := clusterpool.ParseConfig(c.DSN() + "&cluster_locality=region%3Da")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logger, buf := newLogger(slog.LevelInfo)
+	cfg.Tracer = clusterslog.New(logger)
+	cfg.MinConns, cfg.MaxConns = 2, 2
+	cfg.BalanceInterval, cfg.ProbeInterval = 50*time.Millisecond, 50*time.Millisecond
+	cfg.ConnectRate = -1
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	pool, err := clusterpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	waitFor(t, "both localities logged", func() bool {
+		seen := make(map[float64]any)
+		for _, r := range find(buf.records(t), "clusterpool: node locality") {
+			seen[r["node"].(float64)] = r["locality"]
+		}
+		return seen[1] == "region=a" && seen[2] == "region=b"
+	})
+	if err := c.Node(1).Drain(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the fallback logged", func() bool {
+		for _, r := range find(buf.records(t), "clusterpool: locality fallback: no healthy node in the preferred level") {
+			if r["level"] == "WARN" && r["previous_level"] == "region" && r["locality_level"] == "cluster" {
+				return true
+			}
+		}
+		return false
+	})
 }

@@ -381,10 +381,10 @@ func TestScenarioFlags(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{nil, []string{"balance", "scale-out", "rolling-restart", "crash", "hot-spot", "overhead"}},
+		{nil, []string{"balance", "scale-out", "rolling-restart", "crash", "hot-spot", "regions", "overhead"}},
 		{[]string{"-scenario", "fleet"}, []string{"fleet"}},
 		{[]string{"-scenarios", "fleet"}, []string{"fleet"}},
-		{[]string{"-scenario", "all,fleet"}, []string{"balance", "scale-out", "rolling-restart", "crash", "hot-spot", "overhead", "fleet"}},
+		{[]string{"-scenario", "all,fleet"}, []string{"balance", "scale-out", "rolling-restart", "crash", "hot-spot", "regions", "overhead", "fleet"}},
 	} {
 		var stderr bytes.Buffer
 		o, code := parseFlags(tc.args, &stderr)

@@ -79,7 +79,7 @@ func (h *harness) setup(ctx context.Context, plan runPlan) (*target, error) {
 		hooks := newHookCounter()
 		return &target{counter: hooks, hooks: hooks, dsn: h.opts.dsn}, nil
 	}
-	c, err := clustertest.Start(ctx, clustertest.Options{Nodes: plan.nodes, Seed: h.opts.seed, InProcess: h.inProcess})
+	c, err := clustertest.Start(ctx, clustertest.Options{Nodes: plan.nodes, Seed: h.opts.seed, InProcess: h.inProcess, Localities: plan.localities})
 	if err != nil {
 		return nil, err
 	}
@@ -185,7 +185,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 			return res, err
 		}
 	}
-	pool, err := newPool(ctx, kind, poolParams{dsn: t.dsn, cluster: h.cluster, size: plan.poolSize, hooks: t.hooks})
+	pool, err := newPool(ctx, kind, poolParams{dsn: t.dsn, cluster: mergeParams(h.cluster, plan.cluster), size: plan.poolSize, hooks: t.hooks})
 	if err != nil {
 		return res, err
 	}

@@ -207,10 +207,10 @@ func TestDSNRunsOnlyNonDestructiveScenarios(t *testing.T) {
 	if res.Settings["cluster_connect_rate"] != "off" || res.Settings["cluster_balance_interval"] != "250ms" {
 		t.Errorf("settings %v: want -cluster applied over the benchmark's defaults", res.Settings)
 	}
-	if strings.Join(res.Skipped, ",") != "scale-out,rolling-restart,crash,hot-spot" {
+	if strings.Join(res.Skipped, ",") != "scale-out,rolling-restart,crash,hot-spot,regions" {
 		t.Errorf("skipped %v", res.Skipped)
 	}
-	if !strings.Contains(stderr, "skipped scale-out, rolling-restart, crash, hot-spot") {
+	if !strings.Contains(stderr, "skipped scale-out, rolling-restart, crash, hot-spot, regions") {
 		t.Errorf("does not say what it skipped:\n%s", stderr)
 	}
 }

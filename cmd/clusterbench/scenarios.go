@@ -59,6 +59,9 @@ type runPlan struct {
 	// script runs alongside the load (faults over time); it must return
 	// when ctx ends.
 	script func(ctx context.Context, c *clustertest.Cluster, mark func(string)) error
+	// localities are the nodes' localities (clustertest.Options); cluster
+	// are cluster_* settings added to the run's for clusterpool.
+	localities, cluster []string
 }
 
 // runInfo is what the metric functions need to know about a finished run.
@@ -287,6 +290,7 @@ var scenarios = []scenario{
 			}
 		},
 	},
+	regionsScenario,
 	{
 		name:        "overhead",
 		headline:    "ops_per_sec",

@@ -157,6 +157,24 @@ func mutantNoEvict(class ErrorClass, err error) ErrorClass {
 			{"TestTraceConnectThrottled", integration},
 		},
 	},
+	{
+		name:    "locality-ignored",
+		snippet: `s := localityScope{need: preferredShare(lp.levels, best)}`,
+		replace: `s := localityScope{need: 0 * preferredShare(lp.levels, best)}`,
+		tests: []killer{
+			{"TestLocalityScopeFallsBackAndReturns", unit},
+			{"TestLocalityRegionBehindLoadBalancer", integration},
+		},
+	},
+	{
+		name:    "gossip-hosts-any-region",
+		snippet: `if inScope != nil && !inScope(id) {`,
+		replace: `if false && inScope != nil && !inScope(id) {`,
+		tests: []killer{
+			{"TestGroupsForGossipHostsByLocality", unit},
+			{"TestLocalityGossipHostsStayInRegion", integration},
+		},
+	},
 }
 
 func main() {
