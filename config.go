@@ -103,8 +103,10 @@ type Config struct {
 	// below MinInterval (1 ms), is an error.
 	BalanceInterval time.Duration
 
-	// ProbeInterval is how often the pool opens one short-lived connection to
-	// discover nodes and their health. ParseConfig sets DefaultProbeInterval
+	// ProbeInterval is how often the pool looks for nodes and their health:
+	// it reads CockroachDB's gossip tables over an idle pool connection when
+	// allowed, and otherwise opens one short-lived connection, at most this
+	// often (see ProbeMaxInterval). ParseConfig sets DefaultProbeInterval
 	// (5 s); zero also means the default. Negative, or below MinInterval
 	// (1 ms), is an error.
 	ProbeInterval time.Duration
