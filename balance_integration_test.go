@@ -2,6 +2,7 @@ package clusterpool
 
 import (
 	"fmt"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -117,9 +118,27 @@ func TestBalanceScaleOutAndInBehindLoadBalancer(t *testing.T) {
 // promise more than ten rounds with no connection opened.
 const quietRounds = 11
 
-// assertQuiet waits until the pool has converged (balanced, and no
-// connection opened for four rounds: a refill may still be landing when the
-// counts first look even), then checks that the pool opens no connection
+// atOwnTargets describes the pool's own counts: "" when its healthy nodes
+// hold exactly the targets its hash gives for size connections (a steady
+// pool places its remainder there, so within ±1 is not yet converged).
+func atOwnTargets(p *Pool, size int) string {
+	var ids []NodeID
+	got := make(map[NodeID]int)
+	for _, s := range p.NodeStats() {
+		if s.Healthy && !s.Draining {
+			ids = append(ids, s.ID)
+			got[s.ID] = int(s.TotalConns)
+		}
+	}
+	if want := balanceTargets(size, ids, p.seed); !maps.Equal(got, want) {
+		return fmt.Sprintf("pool's counts %v, its targets %v", got, want)
+	}
+	return ""
+}
+
+// assertQuiet waits until the pool has converged (balanced, at its own
+// targets, and no connection opened for four rounds: a refill may still be
+// landing when the counts first look even), then checks that the pool opens no connection
 // while its own round counter advances by quietRounds: rounds in which a
 // balanced pool must not oscillate, however slowly a loaded machine runs
 // them. The probes' connections are not the pool's; one may straddle the
@@ -132,6 +151,9 @@ func assertQuiet(t *testing.T, c *clustertest.Cluster, p *Pool) {
 			last, lastRound = n, p.ClusterStat().BalanceRounds()
 		}
 		if msg := spreadOf(c, 30); msg != "" {
+			return msg
+		}
+		if msg := atOwnTargets(p, 30); msg != "" {
 			return msg
 		}
 		if p.ClusterStat().BalanceRounds()-lastRound < 4 {
