@@ -158,6 +158,8 @@ type Pool struct {
 	limits    *limits        // runtime limits (limits.go)
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
+	balance   balanceState   // the balance rounds' memory (prune.go)
+	pace      probePace      // the probe's pace and what it aims at (probe.go)
 
 	localityState // the locality level in use (locality.go)
 
