@@ -107,6 +107,7 @@ func TestPlanPrune(t *testing.T) {
 		name    string
 		nodes   []nodeView
 		targets map[NodeID]int
+		exact   bool
 		want    map[NodeID]int
 	}{
 		{
@@ -115,9 +116,34 @@ func TestPlanPrune(t *testing.T) {
 			targets: map[NodeID]int{1: 10, 2: 10, 3: 10},
 		},
 		{
-			name:    "off by one, remainder elsewhere: nothing (would only swap the extra)",
+			name:    "off by one, remainder elsewhere, size moving: nothing (counts lag)",
 			nodes:   views(map[NodeID]int{1: 8, 2: 8, 3: 7, 4: 7}),
 			targets: map[NodeID]int{1: 7, 2: 8, 3: 8, 4: 7},
+		},
+		{
+			name:    "off by one, remainder elsewhere, steady: the extra moves where the hash says",
+			nodes:   views(map[NodeID]int{1: 8, 2: 8, 3: 7, 4: 7}),
+			targets: map[NodeID]int{1: 7, 2: 8, 3: 8, 4: 7},
+			exact:   true,
+			want:    map[NodeID]int{1: 1},
+		},
+		{
+			name:    "steady and at the targets: nothing",
+			nodes:   views(map[NodeID]int{1: 7, 2: 8, 3: 8, 4: 7}),
+			targets: map[NodeID]int{1: 7, 2: 8, 3: 8, 4: 7},
+			exact:   true,
+		},
+		{
+			name: "steady, two extras misplaced, one slot refillable: one moves",
+			nodes: []nodeView{
+				{ID: 1, Conns: 3, Eligible: true, Refillable: true},
+				{ID: 2, Conns: 3, Eligible: true, Refillable: true},
+				{ID: 3, Conns: 2, Eligible: true, Refillable: true},
+				{ID: 4, Conns: 2, Eligible: true, Refillable: false},
+			},
+			targets: map[NodeID]int{1: 2, 2: 2, 3: 3, 4: 3},
+			exact:   true,
+			want:    map[NodeID]int{1: 1},
 		},
 		{
 			name:    "new node: each old node sheds half its excess, rounded up",
@@ -159,7 +185,7 @@ func TestPlanPrune(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := planPrune(tc.nodes, tc.targets)
+			got := planPrune(tc.nodes, tc.targets, tc.exact)
 			if !maps.Equal(got, tc.want) {
 				t.Fatalf("planPrune = %v, want %v", got, tc.want)
 			}
@@ -177,7 +203,7 @@ func simulate(t *testing.T, counts map[NodeID]int, place func(counts, targets ma
 		if isBalanced(counts, ids) {
 			return rounds, opened
 		}
-		plan := planBalance(views(counts), 42)
+		plan := planBalance(views(counts), 42, false)
 		for id, k := range plan.Prune {
 			counts[id] -= k
 		}

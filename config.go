@@ -104,11 +104,28 @@ type Config struct {
 	// below MinInterval (1 ms), is an error.
 	BalanceInterval time.Duration
 
-	// ProbeInterval is how often the pool opens one short-lived connection to
-	// discover nodes and their health. ParseConfig sets DefaultProbeInterval
+	// ProbeInterval is how often the pool looks for nodes and their health:
+	// it reads CockroachDB's gossip tables over an idle pool connection when
+	// allowed, and otherwise opens one short-lived connection, at most this
+	// often (see ProbeMaxInterval). ParseConfig sets DefaultProbeInterval
 	// (5 s); zero also means the default. Negative, or below MinInterval
 	// (1 ms), is an error.
 	ProbeInterval time.Duration
+
+	// ProbeMaxInterval is the longest wait between the probe's short-lived
+	// connections while nothing changes: the probe opens one every
+	// ProbeInterval after a change (a node seen, lost, evicted, draining, a
+	// connection lost, a move), and backs off towards ProbeMaxInterval while
+	// nothing does. Zero means the default: 8 × ProbeInterval, at most a
+	// minute (but never below ProbeInterval). Negative means no back-off
+	// (cluster_probe_max_interval=off): a probe every ProbeInterval, as
+	// before, for pools behind one address without gossip that must find new
+	// nodes quickly (see docs/balancing.md). A positive value below
+	// ProbeInterval (with its default applied) is an error. When CockroachDB's
+	// gossip tables are readable the probe reads them over an idle pool
+	// connection every ProbeInterval instead, and opens no connection unless
+	// the pool misses a node.
+	ProbeMaxInterval time.Duration
 
 	// MaxRetries is how many times a failed call may be retried (so a call
 	// makes at most MaxRetries+1 attempts). Zero means DefaultMaxRetries (5),
@@ -232,6 +249,7 @@ const (
 	paramPrefix          = "cluster_"
 	paramBalanceInterval = "cluster_balance_interval"
 	paramProbeInterval   = "cluster_probe_interval"
+	paramProbeMax        = "cluster_probe_max_interval"
 	paramMaxRetries      = "cluster_max_retries"
 	paramConnectRate     = "cluster_connect_rate"
 	paramNodeIdentity    = "cluster_node_identity"
@@ -248,6 +266,7 @@ const (
 const (
 	offMaxRetries  = -1
 	offConnectRate = -1.0
+	offProbeMax    = -1 * time.Nanosecond
 )
 
 // ParseConfig builds a Config from connString. It accepts everything
@@ -257,6 +276,9 @@ const (
 //
 //   - cluster_balance_interval: duration, 0 (the default, 5s) or at least 1ms
 //   - cluster_probe_interval: duration, 0 (the default, 5s) or at least 1ms
+//   - cluster_probe_max_interval: duration, 0 (the default: 8 ×
+//     cluster_probe_interval, at most 1m) or at least cluster_probe_interval;
+//     "off" turns the probe's back-off off (Config.ProbeMaxInterval -1ns)
 //   - cluster_max_retries: integer, 0 or more (default 5); 0 or "off" turns
 //     retries off (Config.MaxRetries -1)
 //   - cluster_connect_rate: new connections per second, 0 or more (default
@@ -339,6 +361,19 @@ func (c *Config) setParam(key, value string) error {
 		} else {
 			c.ProbeInterval = d
 		}
+	case paramProbeMax:
+		if strings.EqualFold(value, paramOff) {
+			c.ProbeMaxInterval = offProbeMax
+			break
+		}
+		d, err := time.ParseDuration(value)
+		if err != nil {
+			return invalid(err)
+		}
+		if why := checkInterval(d); why != "" {
+			return invalid(why + " (or off: no back-off)")
+		}
+		c.ProbeMaxInterval = d
 	case paramMaxRetries:
 		if strings.EqualFold(value, paramOff) {
 			c.MaxRetries = offMaxRetries
@@ -421,7 +456,7 @@ func (c *Config) setParam(key, value string) error {
 
 // clusterParamNames returns the cluster_* parameters ParseConfig reads.
 func clusterParamNames() []string {
-	return []string{paramBalanceInterval, paramProbeInterval, paramMaxRetries, paramConnectRate, paramNodeIdentity, paramLocality, paramLocalityFall, paramMaxConnsPerNode, paramAcquireTimeout}
+	return []string{paramBalanceInterval, paramProbeInterval, paramProbeMax, paramMaxRetries, paramConnectRate, paramNodeIdentity, paramLocality, paramLocalityFall, paramMaxConnsPerNode, paramAcquireTimeout}
 }
 
 // unknownParam is the error for a parameter that looks like a cluster
@@ -506,6 +541,8 @@ func (c *Config) validate() error {
 		return invalid("BalanceInterval", c.BalanceInterval, checkInterval(c.BalanceInterval))
 	case checkInterval(c.ProbeInterval) != "":
 		return invalid("ProbeInterval", c.ProbeInterval, checkInterval(c.ProbeInterval))
+	case c.ProbeMaxInterval > 0 && c.ProbeMaxInterval < c.withDefaults().ProbeInterval:
+		return invalid("ProbeMaxInterval", c.ProbeMaxInterval, fmt.Sprintf("must be 0 (the default), negative (no back-off) or at least ProbeInterval (%v)", c.withDefaults().ProbeInterval))
 	case math.IsNaN(c.ConnectRate):
 		return invalid("ConnectRate", c.ConnectRate, "must be a number: 0 for the default, negative or +Inf for no limit")
 	case c.Tracer != nil && !implementsTracer(c.Tracer):
@@ -558,13 +595,16 @@ func createdByParseConfig(cfg any) bool {
 type settings struct {
 	balanceInterval time.Duration
 	probeInterval   time.Duration
-	maxRetries      int     // 0: no retries
-	connectRate     float64 // connections per second; +Inf: no limit
-	connectBurst    int     // tokens for a cold start: MaxConns
-	identity        NodeIdentity
-	maxConnsPerNode int32         // 0: no cap
-	acquireTimeout  time.Duration // 0: none
-	identifyNode    func(context.Context, IdentifyNodeParams) (NodeID, string, error)
+	// probeMaxInterval is the probe's longest wait at rest: probeInterval
+	// when its back-off is off.
+	probeMaxInterval time.Duration
+	maxRetries       int     // 0: no retries
+	connectRate      float64 // connections per second; +Inf: no limit
+	connectBurst     int     // tokens for a cold start: MaxConns
+	identity         NodeIdentity
+	maxConnsPerNode  int32         // 0: no cap
+	acquireTimeout   time.Duration // 0: none
+	identifyNode     func(context.Context, IdentifyNodeParams) (NodeID, string, error)
 	// multiHost is true when the connection string lists several distinct
 	// host:port pairs, i.e. the pool dials nodes directly and can place
 	// connections by reordering hosts.
@@ -576,16 +616,17 @@ type settings struct {
 func (c *Config) settings() settings {
 	c = c.withDefaults()
 	s := settings{
-		balanceInterval: c.BalanceInterval,
-		probeInterval:   c.ProbeInterval,
-		maxRetries:      c.MaxRetries,
-		connectRate:     c.ConnectRate,
-		connectBurst:    max(int(c.MaxConns), 1),
-		identity:        c.NodeIdentity,
-		maxConnsPerNode: max(c.MaxConnsPerNode, 0),
-		acquireTimeout:  max(c.AcquireTimeout, 0),
-		identifyNode:    c.IdentifyNode,
-		multiHost:       distinctHosts(c.ConnConfig) > 1,
+		balanceInterval:  c.BalanceInterval,
+		probeInterval:    c.ProbeInterval,
+		probeMaxInterval: max(c.ProbeMaxInterval, c.ProbeInterval),
+		maxRetries:       c.MaxRetries,
+		connectRate:      c.ConnectRate,
+		connectBurst:     max(int(c.MaxConns), 1),
+		identity:         c.NodeIdentity,
+		maxConnsPerNode:  max(c.MaxConnsPerNode, 0),
+		acquireTimeout:   max(c.AcquireTimeout, 0),
+		identifyNode:     c.IdentifyNode,
+		multiHost:        distinctHosts(c.ConnConfig) > 1,
 	}
 	s.locality, _ = newLocalityPrefs(c.Locality, c.LocalityFallback) // validate checked it
 	if s.maxRetries < 0 {
@@ -606,6 +647,9 @@ func (c *Config) withDefaults() *Config {
 	}
 	if n.ProbeInterval == 0 {
 		n.ProbeInterval = DefaultProbeInterval
+	}
+	if n.ProbeMaxInterval == 0 {
+		n.ProbeMaxInterval = probeWaitCap(n.ProbeInterval)
 	}
 	if n.MaxRetries == 0 {
 		n.MaxRetries = DefaultMaxRetries

@@ -112,9 +112,17 @@ func TestParseConfigClusterParams(t *testing.T) {
 		},
 		{
 			name:     "off",
-			conn:     "postgres://u@h/db?cluster_connect_rate=off&cluster_max_retries=OFF",
-			check:    func(c *Config) bool { return c.ConnectRate == -1 && c.MaxRetries == -1 },
+			conn:     "postgres://u@h/db?cluster_connect_rate=off&cluster_max_retries=OFF&cluster_probe_max_interval=off",
+			check:    func(c *Config) bool { return c.ConnectRate == -1 && c.MaxRetries == -1 && c.ProbeMaxInterval < 0 },
 			wantRest: "postgres://u@h/db",
+		},
+		{
+			name: "probe max interval",
+			conn: "host=h cluster_probe_interval=500ms cluster_probe_max_interval=2s",
+			check: func(c *Config) bool {
+				return c.ProbeInterval == 500*time.Millisecond && c.ProbeMaxInterval == 2*time.Second
+			},
+			wantRest: "host=h",
 		},
 	}
 	for _, tt := range tests {
@@ -168,6 +176,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{"postgres://u:" + secret + "@h/db?cluster_balance_interval=1ns", []string{"cluster_balance_interval", `"1ns"`, "at least 1ms"}},
 		{"postgres://u:" + secret + "@h/db?cluster_probe_interval=999us", []string{"cluster_probe_interval", `"999us"`, "at least 1ms"}},
 		{"postgres://u:" + secret + "@h/db?cluster_probe_interval=5", []string{"cluster_probe_interval", `"5"`, "missing unit"}},
+		{"postgres://u:" + secret + "@h/db?cluster_probe_max_interval=-1s", []string{"cluster_probe_max_interval", `"-1s"`, "negative", "off"}},
+		{"postgres://u:" + secret + "@h/db?cluster_probe_max_interval=soon", []string{"cluster_probe_max_interval", `"soon"`}},
 		{"postgres://u:" + secret + "@h/db?cluster_max_retries=99999999999", []string{"cluster_max_retries", `"99999999999"`, "range"}},
 		{"postgres://u:" + secret + "@h/db?cluster_max_retries=", []string{"cluster_max_retries", `""`}},
 		{"postgres://u:" + secret + "@h/db?cluster_node_identity=", []string{"cluster_node_identity", `""`}},
@@ -230,6 +240,9 @@ func TestConfigValidate(t *testing.T) {
 		{"1ns balance", func(c *Config) { c.BalanceInterval = 1 }, "Config.BalanceInterval: invalid value 1ns: must be 0 (the default) or at least 1ms"},
 		{"negative probe", func(c *Config) { c.ProbeInterval = -1 }, "Config.ProbeInterval: invalid value -1ns"},
 		{"5ns probe (a missing unit)", func(c *Config) { c.ProbeInterval = 5 }, "Config.ProbeInterval: invalid value 5ns"},
+		{"probe max below the probe interval", func(c *Config) { c.ProbeMaxInterval = time.Second }, "Config.ProbeMaxInterval: invalid value 1s: must be 0 (the default), negative (no back-off) or at least ProbeInterval (5s)"},
+		{"probe max off", func(c *Config) { c.ProbeMaxInterval = -1 }, ""},
+		{"probe max at the probe interval", func(c *Config) { c.ProbeInterval, c.ProbeMaxInterval = time.Second, time.Second }, ""},
 		{"negative retries: off", func(c *Config) { c.MaxRetries = -1 }, ""},
 		{"negative rate: no limit", func(c *Config) { c.ConnectRate = -1 }, ""},
 		{"-Inf rate: no limit", func(c *Config) { c.ConnectRate = math.Inf(-1) }, ""},

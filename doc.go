@@ -37,9 +37,14 @@
 // healthy nodes (targets differ by at most one) and retires about half of
 // each over-target node's excess, idle connections only. New connections are
 // rate-limited (Config.ConnectRate) and, when the connection string lists the
-// nodes' own hosts, placed on the least-connected node. A short-lived probe
-// connection every Config.ProbeInterval finds new nodes; nodes nothing has
-// seen for a while leave the targets. A node that stops answering (a network
+// nodes' own hosts, placed on the least-connected node. Once the pool's
+// size holds still, its remainder connections go where a per-pool hash
+// says, so many pools add up to an even cluster. Every Config.ProbeInterval
+// the probe reads CockroachDB's gossip tables over an idle connection when
+// allowed, or opens a short-lived connection, backing off to
+// Config.ProbeMaxInterval while nothing changes, to find new nodes and
+// nodes that came back; nodes nothing has seen for a while leave the
+// targets. A node that stops answering (a network
 // partition, a hung server) is checked in the background when calls on it
 // time out and evicted if it stays silent; pool connects get
 // DefaultConnectTimeout (10 s) per host unless connect_timeout is set.
@@ -119,8 +124,8 @@
 //
 // ParseConfig accepts every pgxpool connection string plus cluster_*
 // parameters (cluster_balance_interval, cluster_probe_interval,
-// cluster_max_retries, cluster_connect_rate, cluster_node_identity,
-// cluster_max_conns_per_node, cluster_acquire_timeout). Config
+// cluster_probe_max_interval, cluster_max_retries, cluster_connect_rate,
+// cluster_node_identity, cluster_max_conns_per_node, cluster_acquire_timeout,
 // cluster_locality, cluster_locality_fallback). Config
 // embeds *pgxpool.Config, so pgxpool settings and hooks are set as usual; the
 // pool chains its own hooks with the caller's, never replacing them.

@@ -40,9 +40,7 @@ func (t *tracker) trackDialled(id NodeID, addr, host string, _ *pgx.Conn, starte
 	return t.add(id, addr, host, nil, started, now)
 }
 
-// probeConns is how many probes opened a connection the server accepted:
-// with BackendKey identity a probe fails only when it does not connect.
+// probeConns is how many sessions the probes opened.
 func (p *Pool) probeConns() int64 {
-	st := p.ClusterStat()
-	return st.Probes() - st.ProbeFailures()
+	return p.ClusterStat().ProbeSessions()
 }

@@ -21,14 +21,20 @@ const (
 // then fails the test with cond's last description of what is still wrong.
 func waitCond(t testing.TB, cond func() string) {
 	t.Helper()
-	deadline := time.Now().Add(condTimeout)
+	waitCondWithin(t, condTimeout, cond)
+}
+
+// waitCondWithin is waitCond with the deadline d.
+func waitCondWithin(t testing.TB, d time.Duration, cond func() string) {
+	t.Helper()
+	deadline := time.Now().Add(d)
 	for {
 		msg := cond()
 		if msg == "" {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %s", condTimeout, msg)
+			t.Fatalf("condition not met after %v: %s", d, msg)
 		}
 		time.Sleep(condPoll)
 	}

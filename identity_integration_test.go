@@ -26,7 +26,7 @@ func TestGossipIgnoredForForeignNodeIDs(t *testing.T) {
 	// so each has applied what it read.
 	waitCond(t, func() string {
 		st := p.ClusterStat()
-		if n := st.Probes() - st.ProbeFailures(); n < 10 {
+		if n := st.Probes() - st.ProbeFailures(); n < 10 { // gossip reads over idle connections count
 			return fmt.Sprintf("%d successful probes", n)
 		}
 		return ""

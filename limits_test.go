@@ -63,13 +63,13 @@ func TestPlanBalanceRespectsCaps(t *testing.T) {
 		{ID: 2, Conns: 13, Eligible: true, Refillable: true},
 		{ID: 3, Conns: 13, Eligible: true, Refillable: true},
 	}
-	plan := planBalance(views, 3)
+	plan := planBalance(views, 3, false)
 	if plan.Targets[1] != 4 || len(plan.Prune) != 0 {
 		t.Errorf("full node: targets %v, prune %v; want node 1 at 4 and nothing pruned", plan.Targets, plan.Prune)
 	}
 	// Without the full mark the round prunes nodes 2 and 3 for node 1.
 	views[0].Full = false
-	if plan := planBalance(views, 3); len(plan.Prune) == 0 {
+	if plan := planBalance(views, 3, false); len(plan.Prune) == 0 {
 		t.Errorf("not full: nothing pruned for an under-filled node: %v", plan)
 	}
 	// A per-node cap of 8: a node at 12 goes down to the cap.
@@ -78,7 +78,7 @@ func TestPlanBalanceRespectsCaps(t *testing.T) {
 		{ID: 2, Conns: 2, Eligible: true, Refillable: true, Cap: 8},
 		{ID: 3, Conns: 2, Eligible: true, Refillable: true, Cap: 8},
 	}
-	if plan := planBalance(capped, 3); plan.Targets[1] > 8 || plan.Prune[1] == 0 {
+	if plan := planBalance(capped, 3, false); plan.Targets[1] > 8 || plan.Prune[1] == 0 {
 		t.Errorf("capped: %+v", plan)
 	}
 }

@@ -257,7 +257,7 @@ func TestPlanPruneOutside(t *testing.T) {
 		{ID: 4, Conns: 4, Refillable: true}, // unhealthy
 		{ID: 5, Conns: 1, Outside: true, Refillable: true},
 	}
-	plan := planBalance(views, 1)
+	plan := planBalance(views, 1, false)
 	if got := fmt.Sprint(plan.Targets); got != "map[1:6 2:5]" && got != "map[1:5 2:6]" {
 		t.Errorf("targets %v, want 11 over nodes 1 and 2", got)
 	}
@@ -266,7 +266,7 @@ func TestPlanPruneOutside(t *testing.T) {
 	}
 	// Nowhere to go: nothing moves.
 	views[0].Refillable, views[1].Refillable = false, false
-	if plan := planBalance(views, 1); len(plan.Prune) != 0 {
+	if plan := planBalance(views, 1, false); len(plan.Prune) != 0 {
 		t.Errorf("prune %v with no node of the level below target", plan.Prune)
 	}
 }

@@ -357,6 +357,38 @@ func (pl *placement) groupsFor(cc *pgx.ConnConfig) []*hostGroup {
 	return groups
 }
 
+// probeOrder returns the order in which a probe tries groups (nil: as
+// listed, for a single host): first the hosts of nodes the pool misses
+// (missing, see Pool.missingNodes) and hosts not mapped to a node yet, then
+// the others, rotated by n so every listed node is probed every len(groups)
+// probes however connections are placed.
+func (pl *placement) probeOrder(groups []*hostGroup, missing []NodeID, n int) []int {
+	if len(groups) < 2 {
+		return nil
+	}
+	pl.mu.Lock()
+	aimed := make([]bool, len(groups))
+	for i, g := range groups {
+		id := pl.hostNodes[g.key]
+		aimed[i] = id == 0 || slices.Contains(missing, id)
+	}
+	pl.mu.Unlock()
+	order := make([]int, len(groups))
+	for i := range order {
+		order[i] = (n + i) % len(groups)
+	}
+	slices.SortStableFunc(order, func(a, b int) int {
+		switch {
+		case aimed[a] == aimed[b]:
+			return 0
+		case aimed[a]:
+			return -1
+		}
+		return 1
+	})
+	return order
+}
+
 // tlsFor returns the TLS settings for dialling host with the settings tc
 // that pgconn built for another host. sslmode=verify-full sets ServerName to
 // the host it was parsed for, and a certificate must be checked against the
@@ -750,13 +782,15 @@ func (pl *placement) moveLanding(id NodeID, now time.Time) (over bool, takers, n
 
 // overTarget reports whether a new connection on node id should be refused:
 // the node is draining, or it would be above its target while another
-// eligible node that can take it is below target and
-// holds at least two fewer: as in planPrune, moving a connection between
-// nodes one apart only swaps which holds the extra one, and refusing such
-// connections during a cold start, when every count lags behind the dials
-// under way, costs more dials than the balance rounds do later.
+// eligible node that can take it is below target and worthMoving says the
+// connection should go there instead, by the rule the balance rounds prune
+// by: exact when the connect brings the pool back to the size it was steady
+// at (a refill after a move), otherwise only for nodes two or more apart
+// (during a cold start every count lags behind the dials under way, and
+// refusing then costs more dials than the balance rounds do later).
 func (pl *placement) overTarget(id NodeID, now time.Time) bool {
-	info, _ := pl.liveNodes(now, 1, 0)
+	info, total := pl.liveNodes(now, 1, 0)
+	exact := pl.p.balance.exactAt(total)
 	n, ok := info[id]
 	if !ok {
 		return false // a node nobody has seen yet is below any target
@@ -776,7 +810,7 @@ func (pl *placement) overTarget(id NodeID, now time.Time) bool {
 	}
 	refill := pl.p.refillWindow()
 	for oid, o := range info {
-		if oid == id || !o.Eligible || o.Conns >= o.Target || o.Conns > n.Conns-2 {
+		if oid == id || !o.Eligible || o.Conns >= o.Target || !worthMoving(n.Conns, o.Conns, exact) {
 			continue
 		}
 		if o.Conns > 0 || pl.recentlySeen(oid, now, refill) {

@@ -153,8 +153,9 @@ func viewCaps(nodes []nodeView) map[NodeID]int {
 
 // planBalance decides one round. The pool's current size (the sum of Conns)
 // is spread over the eligible nodes, within their caps; see
-// [cappedTargets] and [planPrune].
-func planBalance(nodes []nodeView, seed uint64) balancePlan {
+// [cappedTargets] and [planPrune]. exact says the pool is steady (see
+// [steadiness]): its remainder is then placed where its hash says.
+func planBalance(nodes []nodeView, seed uint64, exact bool) balancePlan {
 	size := 0
 	var eligible []NodeID
 	for _, n := range nodes {
@@ -164,7 +165,27 @@ func planBalance(nodes []nodeView, seed uint64) balancePlan {
 		}
 	}
 	targets := cappedTargets(size, eligible, seed, viewCaps(nodes))
-	return balancePlan{Targets: targets, Prune: planPrune(nodes, targets)}
+	return balancePlan{Targets: targets, Prune: planPrune(nodes, targets, exact)}
+}
+
+// worthMoving reports whether one connection should move from a node
+// holding from connections, above its target, to a refillable node holding
+// to, below its target; or, at connect time, whether a new connection that
+// would make a node hold from+1 should go to that node instead. It is the
+// one meaning of "over target" for pruning (planPrune) and for refusing a
+// connection behind a load balancer (placement.overTarget).
+//
+// While the pool is steady (exact), every such move counts: it puts the
+// pool's remainder connections on the nodes its hash names, so that many
+// pools, each with its own hash, add up to an even cluster and a node that
+// joins or rejoins gets its share of the fleet's remainders. Otherwise
+// (the pool's size is moving: a cold start, a refill) only a move between
+// nodes two or more apart counts: moving one connection between nodes one
+// apart only swaps which holds the extra one, and the counts lag behind the
+// connects under way, so enforcing the remainder then would open
+// connections for nothing.
+func worthMoving(from, to int, exact bool) bool {
+	return exact || from-to >= 2
 }
 
 // planPrune says how many connections each node sheds this round. nodes must
@@ -183,10 +204,11 @@ func planBalance(nodes []nodeView, seed uint64) balancePlan {
 //
 // Pruning only moves connections if the replacement can land on a node below
 // its target, so nothing is pruned unless some refillable node is below its
-// target; and an eligible node sheds only if it holds at least two more than
-// that under-filled node, since moving one connection between nodes that
-// differ by one only swaps which of them holds the extra one.
-func planPrune(nodes []nodeView, targets map[NodeID]int) map[NodeID]int {
+// target, an eligible node sheds only if worthMoving says a connection should
+// go from it to the emptiest such node, and eligible nodes together shed no
+// more than the refillable nodes lack (the most loaded first): more would
+// only move connections between nodes at their targets.
+func planPrune(nodes []nodeView, targets map[NodeID]int, exact bool) map[NodeID]int {
 	minUnder, deficit := math.MaxInt, 0
 	for _, n := range nodes {
 		t, ok := targets[n.ID]
@@ -209,6 +231,11 @@ func planPrune(nodes []nodeView, targets map[NodeID]int) map[NodeID]int {
 		}
 		prune[id] = k
 	}
+	type shed struct {
+		id             NodeID
+		excess, wanted int
+	}
+	var over []shed
 	for _, n := range nodes {
 		if n.Conns == 0 {
 			continue
@@ -223,12 +250,76 @@ func planPrune(nodes []nodeView, targets map[NodeID]int) map[NodeID]int {
 			continue
 		}
 		excess := n.Conns - t
-		if excess <= 0 || n.Conns-minUnder < 2 {
+		if excess <= 0 || !worthMoving(n.Conns, minUnder, exact) {
 			continue
 		}
-		add(n.ID, (excess+1)/2)
+		over = append(over, shed{n.ID, excess, (excess + 1) / 2})
+	}
+	slices.SortFunc(over, func(a, b shed) int {
+		if c := cmp.Compare(b.excess, a.excess); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.id, b.id)
+	})
+	for _, s := range over {
+		k := min(s.wanted, deficit)
+		add(s.id, k)
+		deficit -= k
 	}
 	return prune
+}
+
+// spreadJoins holds back moves towards nodes that just joined the eligible
+// set (a new node, one back from a restart or an eviction) while the pool
+// is steady: such a node stays not refillable until its time in ready,
+// which it gets, now+delay, when it first shows up eligible. The caller
+// draws delay at random for each round (up to a balance interval), so
+// many pools that learn of a node at the same moment (gossip, a restart
+// they all see) move their connections to it over a few rounds rather than
+// in the same second; a cold start, whose size is still moving, is not
+// held back. ready is updated in place: nodes no longer eligible leave it.
+func spreadJoins(views []nodeView, ready map[NodeID]time.Time, steady bool, now time.Time, delay time.Duration) {
+	for i, v := range views {
+		if !v.Eligible {
+			delete(ready, v.ID)
+			continue
+		}
+		at, ok := ready[v.ID]
+		if !ok {
+			at = now
+			if steady {
+				at = now.Add(delay)
+			}
+			ready[v.ID] = at
+		}
+		if now.Before(at) {
+			views[i].Refillable = false
+		}
+	}
+	for id := range ready {
+		if !slices.ContainsFunc(views, func(v nodeView) bool { return v.ID == id }) {
+			delete(ready, id)
+		}
+	}
+}
+
+// steadiness is what the balance rounds remember of the pool's size, to
+// tell a pool that holds still from one whose size is moving.
+type steadiness struct {
+	size  int       // the pool's size at the last round
+	since time.Time // since when it has held still; zero: not yet
+}
+
+// observe returns the steadiness after a round that found the pool at size
+// (settling: connections are being opened), and whether the pool is steady:
+// at least minConns (below, pgxpool is about to refill it), nothing being
+// opened, and the same size for at least hold (the rounds before saw it
+// too). Only a steady pool enforces its remainder placement (worthMoving).
+func (s steadiness) observe(size, minConns int, settling bool, now time.Time, hold time.Duration) (steadiness, bool) {
+	if settling || size < minConns || size != s.size || s.since.IsZero() {
+		return steadiness{size: size, since: now}, false
+	}
+	return s, now.Sub(s.since) >= hold
 }
 
 // placementNode is what ordering the hosts of a new connection knows about
@@ -338,7 +429,12 @@ const expiryProbability = 1e-4
 //
 // With the 5 s defaults that is 2m24s for 3 nodes and 8m54s for 10. A node
 // holding at least one connection never expires: the connection is proof of
-// life, and if it dies the connection's failure says so sooner.
+// life, and if it dies the connection's failure says so sooner; a node
+// gossip lists as live counts as seen at every read. At rest the probes
+// back off (probeBackoff), so a live node that holds none of the pool's
+// connections may expire; it joins again at the next probe that reaches it
+// (a change, which snaps the probes back), and while it holds none of the
+// pool's connections its target was zero or it was not refillable.
 func expiryWindow(balanceInterval, probeInterval time.Duration, nodes int) time.Duration {
 	m := 1.0
 	if nodes > 1 {

@@ -159,6 +159,8 @@ type Pool struct {
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
 	keeper    keeper         // the background refill (prune.go)
+	balance   balanceState   // the balance rounds' memory (prune.go)
+	pace      probePace      // the probe's pace and what it aims at (probe.go)
 
 	localityState // the locality level in use (locality.go)
 

@@ -5,10 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Probe settings.
@@ -19,6 +24,8 @@ const (
 	// has no node identity (plain PostgreSQL behind one address) before the
 	// probe stops for good: there is nothing to discover.
 	unidentifiedProbes = 3
+	// gossipReadTimeout bounds reading gossip over a pool connection.
+	gossipReadTimeout = 2 * time.Second
 	// gossipBackoff is how long the probe stops asking for the gossip tables
 	// after it was not allowed to read them (or they do not exist).
 	gossipBackoff = 10 * time.Minute
@@ -33,18 +40,119 @@ FROM crdb_internal.gossip_liveness AS l LEFT JOIN crdb_internal.gossip_nodes AS 
 // probeState is the probe loop's memory between probes; only the loop
 // goroutine touches it.
 type probeState struct {
-	n            int       // probes started; rotates the first host
-	unidentified int       // probes in a row that found no node identity
-	gossipAfter  time.Time // do not query gossip before this
+	n            int          // session probes started; rotates the first host
+	unidentified int          // probes in a row that found no node identity
+	gossipAfter  time.Time    // do not query gossip before this
+	gossipRead   time.Time    // when gossip was last read over an idle connection
+	backoff      probeBackoff // when the next session probe is due
 }
 
-// runProbe opens one short-lived connection every ProbeInterval ±20% so the
-// pool learns of nodes it holds no connection to: a new node joins the
-// targets as soon as a probe reaches it, and a node no probe reaches for the
-// expiry window leaves them.
+// probePace is what the probe loop learns from the rest of the pool: that
+// something changed (so the probe snaps back to ProbeInterval), and which
+// nodes gossip lists that the pool has not reached.
+type probePace struct {
+	changes atomic.Uint64 // bumped by clusterChanged
+
+	mu sync.Mutex // protects the fields below
+	// wanted are nodes gossip lists as live and active that the pool has
+	// not reached: behind one address the probe aims at them.
+	wanted map[NodeID]bool
+	// gossipWell is each node's state at the last gossip read: live,
+	// active and not draining.
+	gossipWell map[NodeID]bool
+}
+
+// clusterChanged tells the probe that something changed (a node seen for
+// the first time, forgotten, evicted or healthy again, draining or not, a
+// connection lost, a balance round that pruned): the probe snaps back to
+// ProbeInterval at its next tick, since more changes tend to follow one.
+func (p *Pool) clusterChanged() {
+	p.pace.changes.Add(1)
+}
+
+// Back-off of the session probes at rest.
+const (
+	// maxProbeBackoff bounds the wait between session probes as a multiple
+	// of ProbeInterval...
+	maxProbeBackoff = 8
+	// ...and maxProbeWait as a time, unless ProbeInterval itself is longer.
+	maxProbeWait = time.Minute
+	// aimedDials bounds the dials of a probe aimed, behind one address, at a
+	// node the pool misses: each dial reaches it with probability 1/N.
+	aimedDials = 4
+)
+
+// probeBackoff paces the session probes: every ProbeInterval while the pool
+// changes, and further apart while nothing does. It is a pure value; the
+// loop keeps it. The loop ticks every ProbeInterval ±20%, which is where
+// the probes' jitter comes from.
+type probeBackoff struct {
+	changes    uint64    // the pool's change count last seen
+	lastChange time.Time // when a change was last seen (first: the loop's start)
+	lastProbe  time.Time // when the last session probe ran (zero: none yet)
+}
+
+// observe returns b after looking at the pool's change count at now: a
+// change snaps the pace back to ProbeInterval.
+func (b probeBackoff) observe(changes uint64, now time.Time) probeBackoff {
+	if changes != b.changes || b.lastChange.IsZero() {
+		b.changes, b.lastChange = changes, now
+	}
+	return b
+}
+
+// probed returns b after a session probe at now.
+func (b probeBackoff) probed(now time.Time) probeBackoff {
+	b.lastProbe = now
+	return b
+}
+
+// wait is how long after the last session probe the next is due: a share
+// of the time the pool had been quiet when the last probe ran, at least
+// base (ProbeInterval) and at most limit (ProbeMaxInterval). The share is a
+// half, or an eighth while the pool misses a node (it waits to see it back,
+// and learning that soon is what the aimed probes are for). After a change
+// the probes come every base for two intervals (sixteen while missing),
+// then each wait is half again as long as the one before (an eighth), up
+// to the limit; any change snaps the wait back to base.
+func (b probeBackoff) wait(base, limit time.Duration, missing bool) time.Duration {
+	quiet := b.lastProbe.Sub(b.lastChange) // negative after a change: base
+	share := quiet / 2
+	if missing {
+		share = quiet / 8
+	}
+	return min(max(base, share), max(limit, base))
+}
+
+// due reports whether a session probe is due at a tick at now: the wait
+// has passed, less the 20% by which a jittered tick may come early, so that
+// at a wait of base every tick probes. After a change the wait is base, so
+// a change snaps a backed-off probe back at the next tick.
+func (b probeBackoff) due(now time.Time, base, limit time.Duration, missing bool) bool {
+	return b.lastProbe.IsZero() || !now.Before(b.lastProbe.Add(b.wait(base, limit, missing)-base/5))
+}
+
+// probeWaitCap is the default ProbeMaxInterval, the longest wait between
+// session probes at rest: maxProbeBackoff intervals, at most maxProbeWait
+// unless the interval itself is longer.
+func probeWaitCap(base time.Duration) time.Duration {
+	return max(base, min(maxProbeBackoff*base, maxProbeWait))
+}
+
+// runProbe discovers the cluster every ProbeInterval ±20%. When gossip is
+// readable it reads it over one of the pool's idle connections: no new
+// session. A session probe (one short-lived connection) runs on its own
+// back-off: every ProbeInterval while the pool changes, up to
+// ProbeMaxInterval apart while nothing does. When the pool
+// misses a node (evicted, or listed by gossip and never reached), the
+// session probe aims at it. A new node joins the targets as soon as a probe
+// reaches it, and a node no probe reaches for the expiry window leaves them.
 func (p *Pool) runProbe(ctx context.Context) {
-	var st probeState
-	timer := time.NewTimer(jitter(p.settings.probeInterval, rand.Float64()))
+	// The loop's start counts as a probe: the first comes an interval later.
+	now := time.Now()
+	st := probeState{backoff: probeBackoff{}.observe(p.pace.changes.Load(), now).probed(now)}
+	base := p.settings.probeInterval
+	timer := time.NewTimer(jitter(base, rand.Float64()))
 	defer timer.Stop()
 	for {
 		select {
@@ -52,15 +160,118 @@ func (p *Pool) runProbe(ctx context.Context) {
 			return
 		case <-timer.C:
 		}
-		if !p.probe(ctx, &st) {
+		if !p.probeTick(ctx, &st, time.Now()) {
 			return
 		}
-		timer.Reset(jitter(p.settings.probeInterval, rand.Float64()))
+		timer.Reset(jitter(base, rand.Float64()))
 	}
 }
 
-// probe runs one probe and reports whether probing should go on. The
-// connection is built from the pool's own connection config (same TLS,
+// probeTick reads gossip over an idle connection when it can, and runs a
+// session probe when one is due or a node is missed that gossip cannot
+// vouch for. It reports whether probing should go on.
+func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) bool {
+	st.backoff = st.backoff.observe(p.pace.changes.Load(), now)
+	gossiped := p.gossipIdle(ctx, st, now)
+	if ctx.Err() != nil {
+		return false
+	}
+	if gossiped {
+		st.gossipRead = now
+	}
+	missing := p.missingNodes()
+	if now.Sub(st.gossipRead) < p.settings.probeMaxInterval && len(missing) == 0 {
+		// Gossip vouches for every node: no session needed, also at a
+		// tick that found no idle connection to read it over.
+		return true
+	}
+	if !st.backoff.due(now, p.settings.probeInterval, p.settings.probeMaxInterval, len(missing) > 0) {
+		return true
+	}
+	st.backoff = st.backoff.probed(now)
+	return p.probe(ctx, st, missing, !gossiped)
+}
+
+// missingNodes returns the nodes the pool misses, sorted: evicted ones it
+// waits to see back (unless gossip says they are draining, leaving or not
+// live: then gossip will tell when they are back), those gossip lists that
+// it has never reached, and, when the pool holds at least a connection per
+// node, nodes that hold none of them and that nothing reached within the
+// refill window (their connections closed without an eviction, as idle ones
+// a drain closes do: the balance rounds cannot move connections there until
+// something sees the node again).
+func (p *Pool) missingNodes() []NodeID {
+	nodes := p.tracker.nodeList()
+	now := time.Now()
+	full := p.pool != nil && int(p.pool.Stat().TotalConns()) >= len(nodes)
+	var evicted []NodeID
+	for _, n := range nodes {
+		unseen := full && n.conns.Load() == 0 && now.Sub(time.Unix(0, n.lastSeen.Load())) > p.refillWindow()
+		if (n.evicted.Load() || unseen) && !n.draining.Load() {
+			evicted = append(evicted, n.id)
+		}
+	}
+	var ids []NodeID
+	p.pace.mu.Lock()
+	for _, id := range evicted {
+		if well, known := p.pace.gossipWell[id]; !known || well {
+			ids = append(ids, id)
+		}
+	}
+	for id := range p.pace.wanted {
+		if !slices.Contains(ids, id) && p.tracker.node(id) == nil {
+			ids = append(ids, id)
+		}
+	}
+	p.pace.mu.Unlock()
+	slices.Sort(ids)
+	return ids
+}
+
+// gossipIdle reads gossip over one of the pool's idle connections, and
+// reports whether it did. It takes the idle connections for a moment
+// (sweepIdle: no caller waits on a connect for it, and a caller finds the
+// others back at once), keeps one on a healthy node and puts the rest back.
+// No idle connection, or gossip not readable: it reports false and the
+// probe opens a session.
+func (p *Pool) gossipIdle(ctx context.Context, st *probeState, now time.Time) bool {
+	if !now.After(st.gossipAfter) {
+		return false
+	}
+	var conn *pgxpool.Conn
+	for _, c := range p.sweepIdle(ctx) {
+		cs := connStateOf(c.Conn())
+		if conn == nil && cs != nil && !cs.refused() && !cs.node.draining.Load() {
+			conn = c
+			continue
+		}
+		releaseSwept(c)
+	}
+	if conn == nil {
+		return false
+	}
+	id := connStateOf(conn.Conn()).node.id
+	// Cutting the query short would cost the connection (pgconn closes one
+	// whose query it cancels) and open another: allow a slow server time.
+	qctx, cancel := context.WithTimeout(ctx, gossipReadTimeout)
+	err := p.readGossip(qctx, conn.Conn(), now)
+	cancel()
+	conn.Release()
+	if ctx.Err() != nil {
+		return false
+	}
+	if err != nil {
+		if !isTransient(err) {
+			st.gossipAfter = now.Add(gossipBackoff)
+		}
+		return false
+	}
+	p.obs.probed(ctx, id, nil)
+	return true
+}
+
+// probe runs one session probe and reports whether probing should go on.
+// The connection is built from the pool's own connection config (same TLS,
 // credentials, DialFunc, user BeforeConnect) but is not a pool connection:
 // it is neither tracked nor rate limited, and it is closed at once. A failed
 // probe counts against no node: behind a load balancer it is not known which
@@ -68,13 +279,16 @@ func (p *Pool) runProbe(ctx context.Context) {
 // listed, the node behind the host tried first is checked (health.go),
 // which evicts it only if it does not answer the check either.
 //
+// missing are the nodes the pool misses (missingNodes); the probe aims at
+// them. gossip says whether to read gossip on the probe's connection.
+//
 // Every step (the user's BeforeConnect aside) runs under one context with
 // the probe's timeout, closing the connection included, so a node that
 // accepts TCP and never answers holds the probe no longer than that.
-func (p *Pool) probe(parent context.Context, st *probeState) bool {
+func (p *Pool) probe(parent context.Context, st *probeState, missing []NodeID, gossip bool) bool {
 	ctx, cancel := context.WithTimeout(parent, min(p.settings.probeInterval, maxProbeTimeout))
 	defer cancel()
-	id, err := p.probeOnce(ctx, st)
+	id, err := p.probeOnce(ctx, st, missing, gossip)
 	if parent.Err() != nil {
 		return false // the pool is closing: not a probe failure
 	}
@@ -92,23 +306,21 @@ func (p *Pool) probe(parent context.Context, st *probeState) bool {
 // probeOnce connects, identifies the node, records it as seen and healthy,
 // and reads gossip when allowed. It returns the node reached (0: none or no
 // identity) and why it failed.
-func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
-	// Several hosts: visit them in turn, so every listed node is probed
-	// every len(groups) probes however connections are placed.
+//
+// With several hosts it tries first the host of a node the pool misses,
+// else the hosts in turn, so every listed node is probed every len(hosts)
+// probes however connections are placed. Behind one address, when the pool
+// misses a node, it refuses connections that reach another node and dials
+// again, up to aimedDials in all (the last connection is kept).
+func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, gossip bool) (NodeID, error) {
 	cc, err := p.sideConfig(ctx, func(groups []*hostGroup) []int {
-		if len(groups) < 2 {
-			return nil
-		}
-		order := make([]int, len(groups))
-		for i := range order {
-			order[i] = (st.n + i) % len(groups)
-		}
-		return order
+		return p.placement.probeOrder(groups, missing, st.n)
 	})
 	st.n++
 	if err != nil {
 		return 0, fmt.Errorf("clusterpool: probe: BeforeConnect: %w", err)
 	}
+	p.aimProbe(cc, missing)
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		if !errors.Is(ctx.Err(), context.Canceled) { // not the pool closing
@@ -129,7 +341,7 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 	now := time.Now()
 	p.tracker.seen(id, now)
 	p.tracker.markHealthy(id, now)
-	if now.After(st.gossipAfter) {
+	if gossip && now.After(st.gossipAfter) {
 		if err := p.readGossip(ctx, conn, now); err != nil && !isTransient(err) {
 			st.gossipAfter = now.Add(gossipBackoff)
 		}
@@ -139,6 +351,54 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState) (NodeID, error) {
 	}
 	return id, nil
 }
+
+// aimProbe counts the connections a probe opens (every dial that
+// succeeds: a server accepted it, whatever happens next) and, behind one
+// address with node IDs in the BackendKey, when the pool misses a node, adds
+// copies of the address so that a connection reaching another node is
+// refused and dialled again (each dial is a fresh draw of the load
+// balancer), up to aimedDials in all; the last connection is kept.
+func (p *Pool) aimProbe(cc *pgx.ConnConfig, missing []NodeID) {
+	if dial := cc.DialFunc; dial != nil {
+		cc.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial(ctx, network, addr)
+			if err == nil {
+				p.obs.probeSession()
+			}
+			return c, err
+		}
+	}
+	prev := cc.ValidateConnect
+	dials, aimed := 1, p.placement.mode == connectRedial && len(missing) > 0
+	if aimed {
+		all := attempts(cc)
+		for range aimedDials - 1 {
+			for _, fb := range all {
+				c := *fb
+				cc.Fallbacks = append(cc.Fallbacks, &c)
+			}
+		}
+		dials = aimedDials
+	}
+	attempt := 0
+	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
+		attempt++
+		if aimed && attempt < dials {
+			if id := p.nodeOf(pgConn); id != 0 && !slices.Contains(missing, id) {
+				return errProbeElsewhere
+			}
+		}
+		if prev != nil {
+			return prev(ctx, pgConn)
+		}
+		return nil
+	}
+}
+
+// errProbeElsewhere refuses a probe's connection that reached a node other
+// than the one the probe aims at, so pgconn dials again; it never leaves
+// the probe.
+var errProbeElsewhere = errors.New("clusterpool: probe reached a node it does not aim at; dialling again")
 
 // isTransient reports whether a gossip query error may go away by itself
 // (connection trouble, timeout, a node shutting down) rather than mean "not
@@ -215,16 +475,34 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 	}
 	if p.cockroachIDs() {
 		hosts := make(map[NodeID]string)
+		wanted := make(map[NodeID]bool)
 		for _, e := range entries {
-			if e.live && !e.draining && e.membership == "active" && e.address != "" {
+			if !e.live || e.draining || e.membership != "active" {
+				continue
+			}
+			if e.address != "" {
 				hosts[NodeID(e.id)] = e.address
+			}
+			if p.tracker.node(NodeID(e.id)) == nil {
+				wanted[NodeID(e.id)] = true
 			}
 		}
 		p.placement.mu.Lock()
 		p.placement.gossipHosts = hosts
 		p.placement.gossipLocalities = localities
 		p.placement.mu.Unlock()
+		p.pace.mu.Lock()
+		news := false
+		for id := range wanted {
+			news = news || !p.pace.wanted[id]
+		}
+		p.pace.wanted = wanted
+		p.pace.mu.Unlock()
+		if news {
+			p.clusterChanged()
+		}
 	}
+	well := make(map[NodeID]bool, len(entries))
 	for _, e := range entries {
 		n := p.gossipNode(NodeID(e.id), e.address)
 		if n == nil {
@@ -234,11 +512,25 @@ func (p *Pool) readGossip(ctx context.Context, conn *pgx.Conn, now time.Time) er
 		if n.draining.Swap(leaving) != leaving {
 			p.obs.nodeDraining(n.id, leaving)
 		}
+		well[n.id] = e.live && !leaving
 		switch {
 		case !e.live:
 			p.tracker.evict(n.id, now)
 		case !leaving:
 			p.tracker.seen(n.id, now)
+		}
+	}
+	p.pace.mu.Lock()
+	was := p.pace.gossipWell
+	p.pace.gossipWell = well
+	p.pace.mu.Unlock()
+	for id, ok := range well {
+		if wasWell, known := was[id]; ok && known && !wasWell {
+			// Gossip showed the node draining, leaving or not live at the
+			// last read and well now: it came back (a restart). That is
+			// proof enough to end an eviction without a session; a node
+			// gossip showed well throughout is probed instead.
+			p.tracker.markHealthy(id, now)
 		}
 	}
 	return nil

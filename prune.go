@@ -83,8 +83,11 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 			Outside:    outside,
 		})
 	}
-	plan := planBalance(views, p.seed)
-	if p.settling(now) {
+	settling := p.settling(now)
+	exact := p.balance.observe(views, int(p.config.MinConns), settling, now, p.settings.balanceInterval/2)
+	p.balance.spreadJoins(views, exact, now, time.Duration(rand.Float64()*float64(p.settings.balanceInterval)))
+	plan := planBalance(views, p.seed, exact)
+	if settling {
 		// Connections are being opened (a refill after the last round): their
 		// nodes are not known yet, so pruning now would overshoot.
 		plan.Prune = nil
@@ -92,6 +95,7 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	plan.Prune = p.payMoves(plan, views, now)
 	if len(plan.Prune) > 0 {
 		p.lastPrune.Store(now.UnixNano())
+		p.clusterChanged()
 	}
 	p.retire(ctx, plan.Prune, now)
 	p.obs.pruned(ctx, nodes, views)
@@ -174,12 +178,63 @@ func paidPrune(prune map[NodeID]int, moving map[NodeID]bool, paid int) map[NodeI
 	return out
 }
 
+// balanceState is what the balance rounds remember between rounds.
+type balanceState struct {
+	// steadySize is the pool's size when a round last found it steady (0:
+	// never); a connect that brings the pool back to it is judged by the
+	// exact rule (placement.overTarget).
+	steadySize atomic.Int64
+
+	mu     sync.Mutex // protects the fields below
+	steady steadiness
+	// ready holds when each eligible node may first receive moves
+	// (spreadJoins).
+	ready map[NodeID]time.Time
+}
+
+// spreadJoins applies spreadJoins to a round's views.
+func (b *balanceState) spreadJoins(views []nodeView, steady bool, now time.Time, delay time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ready == nil {
+		b.ready = make(map[NodeID]time.Time)
+	}
+	spreadJoins(views, b.ready, steady, now, delay)
+}
+
+// observe records the size of the pool a round found (views) and reports
+// whether the pool is steady, so the round places its remainder exactly.
+func (b *balanceState) observe(views []nodeView, minConns int, settling bool, now time.Time, hold time.Duration) bool {
+	size := 0
+	for _, v := range views {
+		size += v.Conns
+	}
+	b.mu.Lock()
+	var steady bool
+	b.steady, steady = b.steady.observe(size, minConns, settling, now, hold)
+	b.mu.Unlock()
+	if steady {
+		b.steadySize.Store(int64(size))
+	}
+	return steady
+}
+
+// exactAt reports whether a pool of size total (a connect under way
+// included) is back at the size it was last steady at, where the exact
+// rule of worthMoving applies.
+func (b *balanceState) exactAt(total int) bool {
+	s := b.steadySize.Load()
+	return s > 0 && int64(total) == s
+}
+
 // refillWindow is how long after a node was last seen a new connection can
 // be expected to reach it. Behind a random load balancer a live node without
 // connections is seen about every N probes; a node that just went away stays
-// refillable this long, so a short window limits pruning for nothing.
+// refillable this long, so a short window limits pruning for nothing. It
+// covers the first moves towards a node that joined being held back for up
+// to a balance interval (spreadJoins), and a round after that.
 func (p *Pool) refillWindow() time.Duration {
-	return 2 * max(p.settings.balanceInterval, p.settings.probeInterval)
+	return 2*max(p.settings.balanceInterval, p.settings.probeInterval) + p.settings.balanceInterval
 }
 
 // settling reports whether connections are being opened right now, or

@@ -17,6 +17,7 @@ type ClusterStat struct {
 	evictions         int64
 	probes            int64
 	probeFailures     int64
+	probeSessions     int64
 	redials           int64
 	connectsThrottled int64
 	connectWait       time.Duration
@@ -45,6 +46,7 @@ func (p *Pool) ClusterStat() *ClusterStat {
 		evictions:         c.evictions.Load(),
 		probes:            c.probes.Load(),
 		probeFailures:     c.probeFailures.Load(),
+		probeSessions:     c.probeSessions.Load(),
 		connectsThrottled: c.connectsThrottled.Load(),
 		connectWait:       time.Duration(c.connectWait.Load()),
 		callerConnectWait: time.Duration(c.callerConnectWait.Load()),
@@ -100,6 +102,13 @@ func (s *ClusterStat) Probes() int64 { return s.probes }
 // ProbeFailures returns how many probes failed to connect to or identify a
 // node.
 func (s *ClusterStat) ProbeFailures() int64 { return s.probeFailures }
+
+// ProbeSessions returns how many connections the probes opened (dials that
+// a server, or the load balancer in front of it, accepted); the probe closes
+// each at once. A probe that reads gossip over one of the pool's idle
+// connections opens none; one aimed at a node behind a load balancer may
+// open several.
+func (s *ClusterStat) ProbeSessions() int64 { return s.probeSessions }
 
 // Redials returns how many new connections were refused and dialled again
 // because they landed on a node above its target behind a load balancer.

@@ -536,6 +536,7 @@ type clusterCounters struct {
 	evictions         atomic.Int64
 	probes            atomic.Int64
 	probeFailures     atomic.Int64
+	probeSessions     atomic.Int64
 	connectsThrottled atomic.Int64
 	connectWait       atomic.Int64 // nanoseconds
 	callerConnectWait atomic.Int64 // nanoseconds, of connectWait
@@ -609,6 +610,7 @@ func (o *observer) nodeSeen(n *node, addr string) {
 	o.known[n.id] = n
 	o.mu.Unlock()
 	o.counters.nodesAdded.Add(1)
+	o.changed()
 	if o.node != nil {
 		o.node.TraceNodeAdded(context.Background(), o.pool, TraceNodeAddedData{Node: n.id, Addr: addr})
 	}
@@ -629,6 +631,7 @@ func (o *observer) nodesRemoved(ids []NodeID) {
 			continue
 		}
 		o.counters.nodesRemoved.Add(1)
+		o.changed()
 		if o.node != nil {
 			o.node.TraceNodeRemoved(context.Background(), o.pool, TraceNodeRemovedData{Node: id})
 		}
@@ -644,6 +647,7 @@ func (o *observer) nodeHealth(id NodeID, healthy bool) {
 	if !healthy {
 		o.counters.evictions.Add(1)
 	}
+	o.changed()
 	if o.node != nil {
 		o.node.TraceNodeHealth(context.Background(), o.pool, TraceNodeHealthData{Node: id, Healthy: healthy})
 	}
@@ -651,6 +655,7 @@ func (o *observer) nodeHealth(id NodeID, healthy bool) {
 
 // nodeDraining reports a change of a node's draining state.
 func (o *observer) nodeDraining(id NodeID, draining bool) {
+	o.changed()
 	if o != nil && o.node != nil {
 		o.node.TraceNodeDraining(context.Background(), o.pool, TraceNodeDrainingData{Node: id, Draining: draining})
 	}
@@ -779,6 +784,21 @@ func (o *observer) probed(ctx context.Context, id NodeID, err error) {
 	}
 	if o.probe != nil {
 		o.probe.TraceProbe(ctx, o.pool, TraceProbeData{Node: id, Err: err})
+	}
+}
+
+// probeSession counts a session a probe opened (a server accepted it).
+func (o *observer) probeSession() {
+	if o != nil {
+		o.counters.probeSessions.Add(1)
+	}
+}
+
+// changed tells the probe that the cluster, or the pool's view of it,
+// changed (Pool.clusterChanged).
+func (o *observer) changed() {
+	if o != nil && o.pool != nil {
+		o.pool.clusterChanged()
 	}
 }
 

@@ -225,6 +225,9 @@ func (t *tracker) untrack(cs *connState, broken bool) {
 	delete(n.connSet, cs)
 	n.mu.Unlock()
 	n.conns.Add(-1)
+	if broken {
+		t.obs.changed() // a lost connection
+	}
 	if pingFailed && t.suspect != nil {
 		// The ping at acquire failed, most often because the node did
 		// not answer before the acquirer's deadline: the acquire's error

@@ -52,6 +52,7 @@
 //	clusterpool.evictions                    counter   {eviction}
 //	clusterpool.probes                       counter   {probe}
 //	clusterpool.probe_failures               counter   {probe}
+//	clusterpool.probe_sessions               counter   {connection}
 //	clusterpool.redials                      counter   {connection}
 //	clusterpool.connects_throttled           counter   {connection}
 //	clusterpool.connect_throttle.wait_time   counter   s
@@ -119,7 +120,8 @@ type instruments struct {
 	nodePruned, nodeRetries, nodeEvictions    metric.Int64ObservableCounter
 	nodes                                     metric.Int64ObservableUpDownCounter
 	retries, retryAttempts, evictions, probes metric.Int64ObservableCounter
-	probeFailures, redials, connectsThrottled metric.Int64ObservableCounter
+	probeFailures, probeSessions, redials     metric.Int64ObservableCounter
+	connectsThrottled                         metric.Int64ObservableCounter
 	nodesAdded, nodesRemoved, hookPanics      metric.Int64ObservableCounter
 	localityFallbacks                         metric.Int64ObservableCounter
 	connectWait                               metric.Float64ObservableCounter
@@ -187,6 +189,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 	in.evictions = ic("clusterpool.evictions", "{eviction}", "Times a node was evicted.")
 	in.probes = ic("clusterpool.probes", "{probe}", "Probes made to discover nodes.")
 	in.probeFailures = ic("clusterpool.probe_failures", "{probe}", "Probes that failed to connect or identify a node.")
+	in.probeSessions = ic("clusterpool.probe_sessions", "{connection}", "Connections the probes opened (none when gossip is read over an idle pool connection).")
 	in.redials = ic("clusterpool.redials", "{connection}", "New connections refused and dialled again because they reached a node above its target.")
 	in.connectsThrottled = ic("clusterpool.connects_throttled", "{connection}", "New connections that waited for the connect rate limit.")
 	in.connectWait = fc("clusterpool.connect_throttle.wait_time", "Total time new connections waited for the connect rate limit.")
@@ -219,7 +222,7 @@ func Register(mp metric.MeterProvider, name string, pool *clusterpool.Pool) (*Re
 		in.acquires, in.acquireDuration, in.emptyAcquires, in.emptyAcquireWait, in.canceledAcquires,
 		in.conns, in.maxConns, in.newConns, in.lifetimeDestroys, in.idleDestroys,
 		in.nodeConns, in.nodeHealthy, in.nodeDraining, in.nodePruned, in.nodeRetries, in.nodeEvictions, in.nodeLocality,
-		in.nodes, in.retries, in.retryAttempts, in.evictions, in.probes, in.probeFailures, in.redials,
+		in.nodes, in.retries, in.retryAttempts, in.evictions, in.probes, in.probeFailures, in.probeSessions, in.redials,
 		in.limitMaxConns, in.limitMinConns, in.limitPerNode, in.effectiveMaxConns, in.fullNodes, in.acquireTimeouts, in.nodeFull,
 		in.workloadLimit, in.workloadInUse, in.workloadWaiting, in.workloadAcquires, in.workloadWaits, in.workloadWait,
 		in.connectsThrottled, in.connectWait, in.nodesAdded, in.nodesRemoved, in.hookPanics, in.localityFallbacks,
@@ -287,6 +290,7 @@ func observe(o metric.Observer, in *instruments, pool *clusterpool.Pool, poolAtt
 	o.ObserveInt64(in.evictions, st.Evictions(), only)
 	o.ObserveInt64(in.probes, st.Probes(), only)
 	o.ObserveInt64(in.probeFailures, st.ProbeFailures(), only)
+	o.ObserveInt64(in.probeSessions, st.ProbeSessions(), only)
 	o.ObserveInt64(in.redials, st.Redials(), only)
 	o.ObserveInt64(in.connectsThrottled, st.ThrottledConnects(), only)
 	o.ObserveFloat64(in.connectWait, st.ConnectWaitDuration().Seconds(), only)

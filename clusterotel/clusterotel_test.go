@@ -134,6 +134,7 @@ func TestMetricsOnCluster(t *testing.T) {
 		`clusterpool.evictions{pool=orders}`:                  0,
 		`clusterpool.retry_attempts{pool=orders}`:             0,
 		`clusterpool.probes{pool=orders}`:                     float64(st.Probes()),
+		`clusterpool.probe_sessions{pool=orders}`:             float64(st.ProbeSessions()),
 		`clusterpool.hook_panics{pool=orders}`:                0,
 		`clusterpool.connect_throttle.wait_time{pool=orders}`: 0,
 	}

@@ -35,6 +35,7 @@
 //	clusterpool_evictions_total{pool}                           counter
 //	clusterpool_probes_total{pool}                              counter
 //	clusterpool_probe_failures_total{pool}                      counter
+//	clusterpool_probe_sessions_total{pool}                      counter
 //	clusterpool_redials_total{pool}                             counter
 //	clusterpool_connects_throttled_total{pool}                  counter
 //	clusterpool_connect_throttle_wait_seconds_total{pool}       counter
@@ -126,6 +127,7 @@ type Collector struct {
 	evictions         *prometheus.Desc
 	probes            *prometheus.Desc
 	probeFailures     *prometheus.Desc
+	probeSessions     *prometheus.Desc
 	redials           *prometheus.Desc
 	connectsThrottled *prometheus.Desc
 	connectWait       *prometheus.Desc
@@ -177,6 +179,7 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 		evictions:         desc("evictions_total", "Times a node was evicted."),
 		probes:            desc("probes_total", "Probes made to discover nodes."),
 		probeFailures:     desc("probe_failures_total", "Probes that failed to connect or identify a node."),
+		probeSessions:     desc("probe_sessions_total", "Connections the probes opened (none when gossip is read over an idle pool connection)."),
 		redials:           desc("redials_total", "New connections refused and dialled again because they reached a node above its target."),
 		connectsThrottled: desc("connects_throttled_total", "New connections that waited for the connect rate limit."),
 		connectWait:       desc("connect_throttle_wait_seconds_total", "Total time new connections waited for the connect rate limit."),
@@ -216,7 +219,7 @@ func NewCollector(name string, pool *clusterpool.Pool) *Collector {
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.connections, c.nodeHealthy, c.nodeDraining, c.nodePruned, c.nodeRetries, c.nodeEvictions, c.nodeLocality,
-		c.nodes, c.retries, c.retryAttempts, c.evictions, c.probes, c.probeFailures, c.redials,
+		c.nodes, c.retries, c.retryAttempts, c.evictions, c.probes, c.probeFailures, c.probeSessions, c.redials,
 		c.connectsThrottled, c.connectWait, c.nodesAdded, c.nodesRemoved, c.hookPanics, c.localityFallbacks,
 		c.acquires, c.acquireDuration, c.emptyAcquires, c.emptyAcquireWait, c.canceledAcquires,
 		c.conns, c.maxConns, c.newConns, c.lifetimeDestroyed, c.idleDestroyed,
@@ -271,6 +274,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.evictions, float64(st.Evictions()))
 	counter(c.probes, float64(st.Probes()))
 	counter(c.probeFailures, float64(st.ProbeFailures()))
+	counter(c.probeSessions, float64(st.ProbeSessions()))
 	counter(c.redials, float64(st.Redials()))
 	counter(c.connectsThrottled, float64(st.ThrottledConnects()))
 	counter(c.connectWait, st.ConnectWaitDuration().Seconds())

@@ -185,7 +185,7 @@ func clusterStats(d db) *clusterpool.ClusterStat {
 // pgxpool): the servers count them, but they are not the pool's.
 func probeConns(d db) int64 {
 	if s := clusterStats(d); s != nil {
-		return s.Probes() - s.ProbeFailures()
+		return s.ProbeSessions()
 	}
 	return 0
 }

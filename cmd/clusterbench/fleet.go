@@ -122,6 +122,17 @@ func runFleet(ctx context.Context, h *harness, kind string) (res PoolResult, err
 		pools = append(pools, p)
 	}
 
+	// gossip writes the gossip tables when the run shows them (-fleet-gossip).
+	gossip := func(ctx context.Context, draining map[int]bool) error {
+		if !o.fleetGossip {
+			return nil
+		}
+		return c.SetGossip(ctx, draining)
+	}
+	if err := gossip(ctx, nil); err != nil {
+		return res, err
+	}
+
 	var restMu sync.Mutex // protects rest
 	var rest [2]fleetProbe
 	script := func(ctx context.Context) error {
@@ -145,10 +156,16 @@ func runFleet(ctx context.Context, h *harness, kind string) (res PoolResult, err
 		if err := ensureKV(ctx, n); err != nil {
 			return ignoreDone(ctx, err)
 		}
+		if err := gossip(ctx, nil); err != nil {
+			return ignoreDone(ctx, err)
+		}
 		if !sleepUntil(ctx, tl.drain-time.Since(start)) {
 			return nil
 		}
 		ev.mark("drain 1")
+		if err := gossip(ctx, map[int]bool{1: true}); err != nil {
+			return ignoreDone(ctx, err)
+		}
 		if err := c.Node(1).Drain(ctx, tl.drainWait); err != nil {
 			return ignoreDone(ctx, err)
 		}
@@ -160,7 +177,7 @@ func runFleet(ctx context.Context, h *harness, kind string) (res PoolResult, err
 			return ignoreDone(ctx, err)
 		}
 		ev.mark("up 1")
-		return nil
+		return ignoreDone(ctx, gossip(ctx, nil))
 	}
 	rec := newRecorder(start)
 	work := func(until context.Context) {

@@ -30,9 +30,11 @@ type options struct {
 	cluster   []string // cluster_* settings for clusterpool, defaults merged in
 	// userCluster are the -cluster settings as given.
 	userCluster []string
-	// The fleet scenario's: pools, connections per pool, phase length.
+	// The fleet scenario's: pools, connections per pool, phase length,
+	// and whether the servers show CockroachDB's gossip tables.
 	pools, poolConns int
 	fleetPhase       time.Duration
+	fleetGossip      bool
 }
 
 const (
@@ -210,6 +212,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 	fs.StringVar(scenarioFlag, "scenarios", "all", "the same as -scenario")
 	fs.IntVar(&o.pools, "pools", 16, "fleet: how many pools, each with its own application_name")
 	fs.IntVar(&o.poolConns, "pool-conns", 10, "fleet: connections per pool (MinConns = MaxConns)")
+	fs.BoolVar(&o.fleetGossip, "fleet-gossip", false, "fleet: the servers show CockroachDB's gossip tables (crdb_internal.gossip_liveness, gossip_nodes), kept up to date as nodes join, drain and come back, as for a user with VIEWCLUSTERMETADATA; needs the postgres backend")
 	fs.DurationVar(&o.fleetPhase, "fleet-phase", 10*time.Second, "fleet: phase length: the quiet start lasts 2.5 phases (the at-rest window is its last fifth), a phase follows the scale-out, a fifth of one the drain and restart, a phase the restart")
 	fs.DurationVar(&o.duration, "duration", 5*time.Second, "how long each scenario runs, for each pool")
 	fs.IntVar(&o.nodes, "nodes", 3, "nodes in the embedded cluster")

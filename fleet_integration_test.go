@@ -1,0 +1,209 @@
+package clusterpool
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+)
+
+// Fleet tests: several pools, each with its own application_name, as
+// service replicas run them against one cluster; the servers' counts per
+// application (Cluster.OpenConnsByApp) tell the pools apart.
+const (
+	fleetPools        = 6
+	fleetConns        = 6
+	fleetBalanceEvery = 300 * time.Millisecond
+	// Probes at 100 ms back off to 800 ms at rest: a pool behind the load
+	// balancer with no gossip finds a new node of 4 within 40 s with
+	// probability 1 - (3/4)^50, and the fleet test waits that long.
+	fleetProbeEvery = 100 * time.Millisecond
+	fleetWait       = 40 * time.Second
+)
+
+func fleetApp(i int) string { return fmt.Sprintf("fleet-%d", i) }
+
+// startFleet starts fleetPools pools of fleetConns connections on dsn.
+func startFleet(t *testing.T, dsn string) []*Pool {
+	t.Helper()
+	var pools []*Pool
+	for i := range fleetPools {
+		pools = append(pools, startPool(t, dsn+"&application_name="+fleetApp(i), func(cfg *Config) {
+			cfg.MinConns, cfg.MaxConns = fleetConns, fleetConns
+			cfg.BalanceInterval = fleetBalanceEvery
+			cfg.ProbeInterval = fleetProbeEvery
+			cfg.ConnectRate = -1
+		}))
+	}
+	return pools
+}
+
+// fleetAtTargets is a waitCond condition: the servers see every pool at
+// exactly its hashed targets over nodes (so within ±1, with its remainder
+// where its hash says), and nothing on other nodes.
+func fleetAtTargets(c *clustertest.Cluster, pools []*Pool, nodes []int) func() string {
+	return func() string {
+		byApp := c.OpenConnsByApp()
+		var ids []NodeID
+		for _, n := range nodes {
+			ids = append(ids, NodeID(n))
+		}
+		for i, p := range pools {
+			want := make(map[int]int)
+			for id, k := range balanceTargets(fleetConns, ids, p.seed) {
+				want[int(id)] = k
+			}
+			got := maps.Clone(byApp[fleetApp(i)])
+			maps.DeleteFunc(got, func(id, k int) bool { return k == 0 && !slices.Contains(nodes, id) })
+			if !maps.Equal(got, want) {
+				var view []string
+				for _, n := range p.NodeStats() {
+					view = append(view, fmt.Sprintf("%d: %d conns, healthy %v, seen %v ago", n.ID, n.TotalConns, n.Healthy, time.Since(n.LastSeen).Round(time.Millisecond)))
+				}
+				return fmt.Sprintf("pool %d: servers see %v, its targets are %v; cluster %v; the pool's view %v, missing %v, probes %d (%d sessions)",
+					i, got, want, c.OpenConns(), view, p.missingNodes(), p.ClusterStat().Probes(), p.ClusterStat().ProbeSessions())
+			}
+		}
+		return ""
+	}
+}
+
+// fleetOpened is what the fleet's pools opened by their own count, and
+// the sessions the servers accepted less the probes'.
+func fleetOpened(c *clustertest.Cluster, pools []*Pool) (pool, servers int64) {
+	servers = totalOpened(c)
+	for _, p := range pools {
+		pool += p.Stat().NewConnsCount()
+		servers -= p.probeConns()
+	}
+	return pool, servers
+}
+
+// assertFleetQuiet waits until the fleet has converged (at its targets over
+// nodes, and no connection opened for four rounds: a move's refill may still
+// be landing when the counts first match), then checks that it opens no
+// connection for d (over six balance rounds).
+func assertFleetQuiet(t *testing.T, c *clustertest.Cluster, pools []*Pool, nodes []int, d time.Duration) {
+	t.Helper()
+	last, since := int64(-1), time.Now()
+	atTargets := fleetAtTargets(c, pools, nodes)
+	waitCondWithin(t, fleetWait, func() string {
+		if n, _ := fleetOpened(c, pools); n != last {
+			last, since = n, time.Now()
+		}
+		if msg := atTargets(); msg != "" {
+			return msg
+		}
+		if time.Since(since) < 4*fleetBalanceEvery {
+			return "connections opened in the last four rounds"
+		}
+		return ""
+	})
+	pool, servers := fleetOpened(c, pools)
+	time.Sleep(d) // a quiet period, not a wait for a condition
+	pool2, servers2 := fleetOpened(c, pools)
+	if pool2 != pool || servers2-servers > 1 { // a probe may straddle the window
+		t.Errorf("fleet at its targets opened %d connections (servers: %d) in %v: %v", pool2-pool, servers2-servers, d, c.OpenConnsByApp())
+	}
+}
+
+// A fleet behind one random load balancer, no gossip: every pool places its
+// remainder where its hash says, so the cluster adds up to what independent
+// fair hashing gives; a node added later and a node restarted get every
+// pool's share; balanced, the fleet opens nothing.
+func TestFleetScaleOutAndRestart(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	pools := startFleet(t, c.DSN())
+	waitCondWithin(t, fleetWait, fleetAtTargets(c, pools, []int{1, 2, 3}))
+	assertFleetQuiet(t, c, pools, []int{1, 2, 3}, 2*time.Second)
+
+	n4, err := c.AddNode(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	added := time.Now()
+	waitCondWithin(t, fleetWait, fleetAtTargets(c, pools, []int{1, 2, 3, 4}))
+	t.Logf("scale-out: node 4 holds %d of %d (fair %d) after %v; peak %d new sessions/s there",
+		n4.OpenConns(), fleetPools*fleetConns, fleetPools*fleetConns/4, time.Since(added).Round(time.Millisecond),
+		n4.PeakAcceptRate(added, time.Now(), time.Second))
+	assertFleetQuiet(t, c, pools, []int{1, 2, 3, 4}, 2*time.Second)
+
+	n1 := c.Node(1)
+	n1.Kill()
+	waitCondWithin(t, fleetWait, func() string {
+		for _, p := range pools {
+			_, _ = p.Exec(testCtx(t), "SELECT 1") // meet a broken connection
+		}
+		if k := n1.OpenConns(); k != 0 {
+			return fmt.Sprintf("killed node 1 holds %d", k)
+		}
+		return fleetAtTargets(c, pools, []int{2, 3, 4})()
+	})
+	if err := n1.Restart(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	waitCondWithin(t, fleetWait, fleetAtTargets(c, pools, []int{1, 2, 3, 4}))
+	t.Logf("restart: node 1 holds %d (fair %d) after %v; peak %d new sessions/s there",
+		n1.OpenConns(), fleetPools*fleetConns/4, time.Since(back).Round(time.Millisecond), n1.PeakAcceptRate(back, time.Now(), time.Second))
+	assertFleetQuiet(t, c, pools, []int{1, 2, 3, 4}, 2*time.Second)
+}
+
+// A fleet behind one load balancer with gossip readable (as for a user with
+// VIEWCLUSTERMETADATA): at rest the pools read gossip over their idle
+// connections and open no probe session; a node added later is listed by
+// gossip and aimed at; a node drained and restarted is back when gossip
+// says so.
+func TestFleetGossip(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	gossipSetup(t, c, nil)
+	pools := startFleet(t, c.DSN())
+	assertFleetQuiet(t, c, pools, []int{1, 2, 3}, time.Second)
+
+	probes := func() (reads, sessions int64) {
+		for _, p := range pools {
+			st := p.ClusterStat()
+			reads, sessions = reads+st.Probes(), sessions+st.ProbeSessions()
+		}
+		return reads, sessions
+	}
+	reads, sessions := probes()
+	time.Sleep(2 * time.Second) // at rest, not a wait for a condition
+	reads2, sessions2 := probes()
+	if sessions2 != sessions || reads2 == reads {
+		t.Errorf("at rest with gossip: %d probe sessions and %d probes in 2 s, want 0 sessions and some probes (gossip reads)", sessions2-sessions, reads2-reads)
+	}
+
+	n4, err := c.AddNode(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gossipSetup(t, c, nil)
+	added := time.Now()
+	assertFleetQuiet(t, c, pools, []int{1, 2, 3, 4}, time.Second)
+	_, sessions3 := probes()
+	t.Logf("scale-out with gossip: node 4 holds %d (fair %d), %d probe sessions (%.1f per pool), peak %d new sessions/s there",
+		n4.OpenConns(), fleetPools*fleetConns/4, sessions3-sessions2, float64(sessions3-sessions2)/fleetPools, n4.PeakAcceptRate(added, time.Now(), time.Second))
+
+	n1 := c.Node(1)
+	gossipSetup(t, c, map[int]bool{1: true})
+	if err := n1.Drain(testCtx(t), 300*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	waitCondWithin(t, fleetWait, fleetAtTargets(c, pools, []int{2, 3, 4}))
+	if err := n1.Restart(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	_, sessions4 := probes()
+	gossipSetup(t, c, nil)
+	back := time.Now()
+	assertFleetQuiet(t, c, pools, []int{1, 2, 3, 4}, time.Second)
+	_, sessions5 := probes()
+	t.Logf("restart with gossip: node 1 holds %d (fair %d), %d probe sessions after it was back, peak %d new sessions/s there",
+		n1.OpenConns(), fleetPools*fleetConns/4, sessions5-sessions4, n1.PeakAcceptRate(back, time.Now(), time.Second))
+}

@@ -1,0 +1,140 @@
+package clusterpool
+
+import (
+	"testing"
+	"time"
+)
+
+// runBackoff drives the session probe's back-off as the loop does, ticking
+// every base from t0 to end, with the pool's change count bumped at the
+// given offsets, and returns when the session probes ran (offsets from t0).
+func runBackoff(base, end time.Duration, changesAt ...time.Duration) []time.Duration {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	b := probeBackoff{}.observe(0, t0)
+	var changes uint64
+	var probes []time.Duration
+	for at := base; at <= end; at += base {
+		for _, c := range changesAt {
+			if c > at-base && c <= at {
+				changes++
+			}
+		}
+		now := t0.Add(at)
+		b = b.observe(changes, now)
+		if b.due(now, base, probeWaitCap(base), false) {
+			b = b.probed(now)
+			probes = append(probes, at)
+		}
+	}
+	return probes
+}
+
+func countIn(ts []time.Duration, from, to time.Duration) int {
+	n := 0
+	for _, t := range ts {
+		if t > from && t <= to {
+			n++
+		}
+	}
+	return n
+}
+
+func TestProbeBackoff(t *testing.T) {
+	const base = 500 * time.Millisecond
+	// At rest: after the first few intervals the probes back off to the cap
+	// (8 intervals); over a minute at rest that is under 25% of the probes
+	// a fixed interval makes (120).
+	probes := runBackoff(base, 80*time.Second)
+	if got := countIn(probes, 20*time.Second, 80*time.Second); got > 120/4 {
+		t.Errorf("%d session probes in a minute at rest, want ≤ 30 (a quarter of the fixed-interval count)", got)
+	}
+	for i := 1; i < len(probes); i++ {
+		if gap := probes[i] - probes[i-1]; gap > jitter(probeWaitCap(base), 1)+base {
+			t.Fatalf("gap %v between probes, beyond the cap %v", gap, probeWaitCap(base))
+		}
+	}
+	// The first probes after the start come every interval.
+	if got := countIn(probes, 0, 2*base); got != 2 {
+		t.Errorf("%d probes in the first two intervals, want 2: %v", got, probes)
+	}
+
+	// A change at 60 s snaps the probe back: the next probe comes within
+	// one interval of it, and the next two intervals have one each.
+	probes = runBackoff(base, 80*time.Second, 60*time.Second)
+	if got := countIn(probes, 60*time.Second, 60*time.Second+base); got != 1 {
+		t.Errorf("%d probes in the interval after a change, want 1: %v", got, probes)
+	}
+	if got := countIn(probes, 60*time.Second, 60*time.Second+3*base); got < 3 {
+		t.Errorf("%d probes in three intervals after a change, want 3: %v", got, probes)
+	}
+	// ...and backs off again while nothing changes.
+	if got := countIn(probes, 70*time.Second, 80*time.Second); got > 4 {
+		t.Errorf("%d probes 10-20 s after the change, want ≤ 4: %v", got, probes)
+	}
+}
+
+func TestProbeWaitCap(t *testing.T) {
+	for _, tc := range []struct{ base, want time.Duration }{
+		{500 * time.Millisecond, 4 * time.Second},
+		{5 * time.Second, 40 * time.Second},
+		{10 * time.Second, time.Minute},
+		{2 * time.Minute, 2 * time.Minute},
+	} {
+		if got := probeWaitCap(tc.base); got != tc.want {
+			t.Errorf("probeWaitCap(%v) = %v, want %v", tc.base, got, tc.want)
+		}
+	}
+}
+
+// The wait grows with the quiet time before the last probe, and a change
+// makes it the base interval again.
+func TestProbeBackoffWait(t *testing.T) {
+	const base = time.Second
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	b := probeBackoff{}.observe(7, t0)
+	for _, tc := range []struct {
+		quiet, want time.Duration
+	}{
+		{0, base}, {base, base}, {2 * base, base}, {3 * base, 1500 * time.Millisecond},
+		{10 * base, 5 * base}, {16 * base, 8 * base}, {time.Hour, 8 * base},
+	} {
+		if got := b.probed(t0.Add(tc.quiet)).wait(base, probeWaitCap(base), false); got != tc.want {
+			t.Errorf("quiet %v: wait %v, want %v", tc.quiet, got, tc.want)
+		}
+	}
+	// While the pool misses a node the wait grows four times slower.
+	for _, tc := range []struct {
+		quiet, want time.Duration
+	}{
+		{2 * base, base}, {8 * base, base}, {16 * base, 2 * base}, {64 * base, 8 * base},
+	} {
+		if got := b.probed(t0.Add(tc.quiet)).wait(base, probeWaitCap(base), true); got != tc.want {
+			t.Errorf("missing, quiet %v: wait %v, want %v", tc.quiet, got, tc.want)
+		}
+	}
+	late := b.probed(t0.Add(time.Hour))
+	if late.due(t0.Add(time.Hour+2*base), base, probeWaitCap(base), false) {
+		t.Error("backed off: due two intervals after the last probe")
+	}
+	changed := late.observe(8, t0.Add(time.Hour+base))
+	if !changed.due(t0.Add(time.Hour+base), base, probeWaitCap(base), false) {
+		t.Error("a change an interval after the last probe: not due at once")
+	}
+	if same := late.observe(7, t0.Add(time.Hour+base)); same.lastChange != t0 {
+		t.Error("an unchanged count moved the last change")
+	}
+	// ProbeMaxInterval off (the limit is the interval): a probe at every
+	// tick, even ticks that the jitter brings 20% early.
+	off := probeBackoff{}.observe(1, t0).probed(t0)
+	for i := 1; i <= 20; i++ {
+		now := t0.Add(time.Duration(i) * base * 4 / 5)
+		if !off.due(now, base, base, false) {
+			t.Fatalf("back-off off: tick %d (%v after the last probe) not due", i, base*4/5)
+		}
+		off = off.probed(now)
+	}
+	// ProbeMaxInterval off (the limit is the interval): no back-off.
+	if got := b.probed(t0.Add(time.Hour)).wait(base, base, false); got != base {
+		t.Errorf("no back-off: wait %v, want %v", got, base)
+	}
+}
