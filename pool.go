@@ -302,12 +302,12 @@ func (p *Pool) startLoopsLocked() {
 	p.goBackground(p.health.run)
 }
 
-// goBackgroundIfOpen runs f as goBackground does, unless Close has begun,
-// and reports whether it did.
+// goBackgroundIfOpen runs f as goBackground does, unless Close has begun
+// (or the background work was stopped), and reports whether it did.
 func (p *Pool) goBackgroundIfOpen(f func(ctx context.Context)) bool {
 	p.bgMu.Lock()
 	defer p.bgMu.Unlock()
-	if p.bgClosed {
+	if p.bgClosed || p.bgCtx.Err() != nil {
 		return false
 	}
 	p.goBackground(f)
