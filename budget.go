@@ -2,8 +2,11 @@ package clusterpool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
+	"slices"
+	"sync"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -12,13 +15,38 @@ import (
 // connectBudget is how many new connections the pool may open, and how fast
 // (Config.ConnectRate). The burst is at least the pool's MaxConns, so a cold
 // start fills the pool at once; what it slows are reconnect storms, such as a
-// whole pool reconnecting after a node restart. A connect takes its token in
-// BeforeConnect, under the context pgxpool connects with, before dialling and
-// with no lock held, so a connect that waits delays only itself.
+// whole pool reconnecting after a node restart. From the pool's creation on,
+// it never opens more than MaxConns + rate × (time since), redials included.
+//
+// Two kinds of connect draw on it. Refills replace connections the pool lost
+// without meaning to (a drain, a crash, an eviction, a broken connection)
+// and take their token in BeforeConnect, under the context pgxpool connects
+// with, before dialling and with no lock held; without one they wait, a
+// caller's connect ahead of the pool's background refills. Moves are the
+// balancer's own: a connection retired only to be opened on another node,
+// and the redials that steer the replacement there. A move never waits and
+// never takes what refills need: the balance round takes the tokens for the
+// replacement and its expected redials before it retires anything (prepay),
+// only from tokens above the refill reserve, and the replacement's connect
+// then finds them paid. So balancing can delay balancing, never a refill.
 type connectBudget struct {
 	limiter *rate.Limiter // nil: no limit
 	obs     *observer
+
+	mu sync.Mutex // protects the fields below
+	// replacements and redials hold, oldest first, until when each token a
+	// balance round took for a move's replacement, or for the redials that
+	// steer it, waits to be used. A connect uses a replacement token before
+	// asking the limiter; a redial uses a redial token first.
+	replacements, redials []time.Time
 }
+
+// prepaidTTL bounds how long a token taken for a move waits to be used. An
+// in-use connection retired at its release may come back much later, a pool
+// above MinConns may not replace it at all, and a replacement may land where
+// it should at the first dial; the token is then spent for nothing, which
+// only ever slows the pool.
+const prepaidTTL = 10 * time.Second
 
 func newConnectBudget(perSecond float64, burst int, obs *observer) *connectBudget {
 	return &connectBudget{limiter: newConnectLimiter(perSecond, burst), obs: obs}
@@ -34,25 +62,206 @@ func newConnectLimiter(perSecond float64, burst int) *rate.Limiter {
 	return rate.NewLimiter(rate.Limit(perSecond), burst)
 }
 
-// take takes a token for a connect, waiting for one if needed, and reports
-// a wait. A token that is there at once costs one limiter call, as Wait
-// alone would.
-func (b *connectBudget) take(ctx context.Context) error {
-	if b.limiter == nil || b.limiter.Allow() {
-		return nil
+// refillReserve is how many tokens balancing leaves in the bucket for
+// refills: the connections one node holds when poolSize connections are
+// spread over nodes, i.e. what losing one node of a balanced pool costs.
+// With one node nothing can move, and the whole bucket is the refills'.
+func refillReserve(poolSize, nodes int) int {
+	poolSize = max(poolSize, 0)
+	if nodes <= 1 {
+		return poolSize
 	}
-	start := time.Now()
-	err := b.limiter.Wait(ctx)
-	b.obs.connectThrottled(ctx, time.Since(start), float64(b.limiter.Limit()), err)
-	if err != nil {
-		return fmt.Errorf("clusterpool: waiting for the connect rate limit (%g/s): %w", float64(b.limiter.Limit()), err)
-	}
-	return nil
+	return (poolSize + nodes - 1) / nodes
 }
 
-// tryTake takes a token only if one is there at now. A redial is a new
-// connection for the server too: without a token of its own the connection
-// in hand is kept.
-func (b *connectBudget) tryTake(now time.Time) bool {
-	return b.limiter == nil || b.limiter.AllowN(now, 1)
+// dialsPerMove is how many dials a move is expected to take: its
+// replacement's first dial and the redials that steer it. Behind one
+// load-balancer address each dial reaches one of takers nodes of nodes with
+// probability takers/nodes, and the connect dials at most maxRedials+1
+// times; with the nodes' own hosts listed (placed) the first dial goes where
+// it should.
+func dialsPerMove(placed bool, takers, nodes int) int {
+	if placed || takers <= 0 || nodes <= takers {
+		return 1
+	}
+	return min(maxRedials+1, (nodes+takers-1)/takers)
+}
+
+// movesAffordable is how many of want moves, each costing dials tokens (its
+// replacement's and its redials'), the tokens in the bucket pay for while
+// leaving reserve of them to refills, when redials tokens paid earlier for
+// redials are still unused.
+func movesAffordable(tokens float64, reserve, want, dials, redials int) int {
+	if want <= 0 || math.IsNaN(tokens) {
+		return 0
+	}
+	dials = max(dials, 1)
+	spare := int(math.Floor(tokens)) - reserve
+	k := 0
+	for k < want && movesCost(k+1, dials, redials) <= spare {
+		k++
+	}
+	return k
+}
+
+// movesCost is how many tokens k moves of dials tokens each take from the
+// limiter when redials tokens for redials are already paid.
+func movesCost(k, dials, redials int) int {
+	return k + max(0, k*(max(dials, 1)-1)-redials)
+}
+
+// errNoToken refuses, in BeforeConnect, a caller's connect that would wait
+// for the connect rate limit while the pool refills the same connection in
+// the background; the pool's own acquirers wait for a connection to come
+// back instead of seeing it (limits.go's acquireConn).
+var errNoToken = errors.New("clusterpool: no connect token now, and the pool is refilling in the background; waiting for a connection instead")
+
+// take takes a token for a connect: one a move prepaid for its replacement
+// if there is one (move is then true), else the limiter's, waiting for it if
+// needed, and reports a wait. caller says an acquire waits for this connect
+// (it is not one of the pool's background refills). A caller's connect
+// that finds no token and for which yield (nil: never) says that the pool
+// refills in the background anyway is refused with errNoToken: its caller
+// waits for the first connection released rather than for the limiter. A
+// token that is there at once costs one limiter call, as Wait alone would.
+func (b *connectBudget) take(ctx context.Context, caller bool, yield func() bool) (move bool, err error) {
+	if b.limiter == nil {
+		return false, nil
+	}
+	if b.takePrepaid(time.Now(), &b.replacements) {
+		b.obs.connectPrepaid()
+		return true, nil
+	}
+	if b.limiter.Allow() {
+		return false, nil
+	}
+	if caller && yield != nil && yield() {
+		return false, errNoToken
+	}
+	start := time.Now()
+	if caller {
+		err = b.limiter.Wait(ctx)
+	} else {
+		err = b.waitBehindCallers(ctx)
+	}
+	b.obs.connectThrottled(ctx, time.Since(start), float64(b.limiter.Limit()), caller, err)
+	if err != nil {
+		return false, fmt.Errorf("clusterpool: waiting for the connect rate limit (%g/s): %w", float64(b.limiter.Limit()), err)
+	}
+	return false, nil
+}
+
+// errTokenPastDeadline: the next token comes after the connect's deadline.
+var errTokenPastDeadline = errors.New("no token before the context's deadline")
+
+// waitBehindCallers waits for a token for a background connect. Unlike
+// Wait, it books no future token: it takes one only when one is there, so a
+// caller's connect, which books its token as it starts waiting, is served
+// first, and a background refill waits behind every caller.
+func (b *connectBudget) waitBehindCallers(ctx context.Context) error {
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	<-timer.C
+	for {
+		now := time.Now()
+		if b.limiter.AllowN(now, 1) {
+			return nil
+		}
+		// Until the bucket holds a whole token again; at least a
+		// millisecond, so the loop never spins. Like Wait, give up at once
+		// when that is past the context's deadline.
+		missing := 1 - b.limiter.TokensAt(now)
+		wait := max(time.Duration(missing/float64(b.limiter.Limit())*float64(time.Second)), time.Millisecond)
+		if deadline, ok := ctx.Deadline(); ok && now.Add(wait).After(deadline) {
+			return errTokenPastDeadline
+		}
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-timer.C:
+		}
+	}
+}
+
+// takePrepaid takes one of the tokens in pool (replacements or redials),
+// if one is left.
+func (b *connectBudget) takePrepaid(now time.Time, pool *[]time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.expireLocked(now)
+	if len(*pool) == 0 {
+		return false
+	}
+	*pool = (*pool)[1:]
+	return true
+}
+
+// prepay takes from the limiter, at now, the tokens for up to want moves of
+// dials tokens each (see dialsPerMove; redial tokens paid earlier and still
+// unused count), from the tokens above reserve, and returns how many moves
+// it paid for: the balance round retires that many connections, no more,
+// so it asks only for moves it can make.
+func (b *connectBudget) prepay(now time.Time, want, dials, reserve int) int {
+	if b.limiter == nil || want <= 0 {
+		return max(want, 0)
+	}
+	dials = max(dials, 1)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.expireLocked(now)
+	k := movesAffordable(b.limiter.TokensAt(now), reserve, want, dials, len(b.redials))
+	if k == 0 {
+		return 0
+	}
+	cost := movesCost(k, dials, len(b.redials))
+	if !b.limiter.AllowN(now, cost) {
+		return 0 // a refill took tokens meanwhile: next round
+	}
+	until := now.Add(prepaidTTL)
+	for range k {
+		b.replacements = append(b.replacements, until)
+	}
+	for range cost - k {
+		b.redials = append(b.redials, until)
+	}
+	return k
+}
+
+// takeForRedial takes a token for a redial at now without waiting: one a
+// move prepaid, or one of the limiter's above reserve. Without one the
+// connection in hand is kept: a redial is a new connection for the server
+// too.
+func (b *connectBudget) takeForRedial(now time.Time, reserve int) bool {
+	if b.limiter == nil {
+		return true
+	}
+	if b.takePrepaid(now, &b.redials) {
+		return true
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return movesAffordable(b.limiter.TokensAt(now), reserve, 1, 1, 0) == 1 && b.limiter.AllowN(now, 1)
+}
+
+// replacementsOwed is how many moves' replacements no connect has started
+// yet.
+func (b *connectBudget) replacementsOwed(now time.Time) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.expireLocked(now)
+	return len(b.replacements)
+}
+
+// expireLocked drops the prepaid tokens whose time is up.
+func (b *connectBudget) expireLocked(now time.Time) {
+	expire := func(pool []time.Time) []time.Time {
+		i := slices.IndexFunc(pool, func(until time.Time) bool { return !now.After(until) })
+		if i < 0 {
+			return pool[:0]
+		}
+		return pool[i:]
+	}
+	b.replacements = expire(b.replacements)
+	b.redials = expire(b.redials)
 }

@@ -47,10 +47,16 @@ func TestAbandonedPingIsNotACut(t *testing.T) {
 	})
 	c.Node(1).SetLatency(0)
 
-	p.Reset() // closes the working connection
+	var pinged *connState
+	n.mu.Lock()
+	for cs := range n.connSet {
+		pinged = cs
+	}
+	n.mu.Unlock()
+	p.Reset() // closes the working connection (and the pool opens another)
 	waitCond(t, func() string {
-		if k := n.conns.Load(); k != 0 {
-			return fmt.Sprintf("%d connections still tracked", k)
+		if !pinged.closed.Load() {
+			return "the pinged connection is still tracked"
 		}
 		return ""
 	})

@@ -93,22 +93,44 @@ func (p *Pool) installHooks(cfg *pgxpool.Config) {
 // listed pgconn moves on to the next host only when the timeout ends the
 // attempt.
 func (p *Pool) beforeConnect(ctx context.Context, cc *pgx.ConnConfig) error {
+	if t := refillTicketOf(ctx); t != nil {
+		t.start() // the refill's acquire may go: the connect goes on without it
+	}
 	if err := p.limits.admitConnect(ctx); err != nil {
 		return err // before the budget: a refused connect costs no token
 	}
 	if p.config.ConnConfig.ConnectTimeout <= 0 {
 		cc.ConnectTimeout = DefaultConnectTimeout
 	}
-	if err := p.budget.take(ctx); err != nil {
+	caller := !backgroundConnect(ctx)
+	var yield func() bool
+	if p.tracking() {
+		yield = p.refillInstead
+	}
+	move, err := p.budget.take(ctx, caller, yield)
+	if err != nil {
 		return err
 	}
 	var started time.Time
 	if p.tracking() {
 		started = time.Now() // after the budget's wait: the dial starts now
 	}
-	place := p.placement.place(ctx, cc, time.Now())
+	place := p.placement.place(ctx, cc, time.Now(), caller, move)
 	chainValidateConnect(cc, place, started, p.bindCancelDials(cc))
 	return nil
+}
+
+// backgroundConnect reports whether no acquire waits for the connect ctx
+// belongs to: it is a refill of the pool's own (refill), or one of pgxpool's
+// MinConns top-ups, which run with pgxpool's 60-second timeout (see
+// pgxpool.Config.MinConns). An acquire's connect runs under puddle's context,
+// which has no deadline (the caller's own deadline only ends the wait).
+func backgroundConnect(ctx context.Context) bool {
+	if refillTicketOf(ctx) != nil {
+		return true
+	}
+	_, ok := ctx.Deadline()
+	return ok
 }
 
 // connectStartKey is where a new connection's CustomData holds the time its
@@ -258,7 +280,13 @@ func (p *Pool) beforeClose(conn *pgx.Conn) {
 	// Already closed, pgconn found the connection broken; otherwise the
 	// pool is closing a working one. Read before the user's hook runs.
 	broken := conn.PgConn().IsClosed()
-	defer p.tracker.untrack(connStateOf(conn), broken)
+	cs := connStateOf(conn)
+	defer func() {
+		p.tracker.untrack(cs, broken)
+		if cs != nil {
+			p.keep() // the pool may now hold fewer than it should
+		}
+	}()
 	if p.userBeforeClose != nil {
 		p.callBeforeClose(conn)
 	}
@@ -277,22 +305,72 @@ func (releaseTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEnd
 
 func (rt releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
 	if cs := connStateOf(data.Conn); cs != nil {
-		cs.released()
+		rt.releasedTracked(cs, data.Conn)
 	}
 	if rt.p.limits.on() {
 		rt.p.limits.released(data.Conn)
+	} else if rt.p.limits != nil {
+		rt.p.limits.wakeRoom() // an acquirer refused a connect for want of a token (errNoToken)
+	}
+}
+
+// releasedTracked marks a tracked connection idle again; one that is going
+// away (broken, retired, or on an evicted node) is closed now, so pgxpool
+// destroys it on this release, and the pool refills in the background.
+func (rt releaseTracer) releasedTracked(cs *connState, conn *pgx.Conn) {
+	cs.released()
+	broken := conn.IsClosed() // pgxpool destroys it on this release
+	closing := broken
+	if !closing && (cs.retire.Load() || cs.node.evicted.Load()) {
+		// Back in the pool, it would be refused at a caller's acquire,
+		// which would then wait for a connect of its own.
+		closeQuietly(conn)
+		closing = true
+	}
+	if closing {
+		// Forgotten and refilled before the destroy frees the connection's
+		// place in the pool, so the refill is first in line for it: the
+		// caller that released it (a retry, say) would otherwise take the
+		// place and wait for the connect itself.
+		rt.p.tracker.untrack(cs, broken)
+		rt.p.keep()
 	}
 }
 
 // withReleaseTracer installs rt next to the user's tracer, which keeps every
-// interface it implements (multitracer forwards each one).
+// interface it implements (multitracer forwards each one), except that the
+// acquires of the pool's own refills do not reach its AcquireTracer.
 func withReleaseTracer(user pgx.QueryTracer, rt releaseTracer) pgx.QueryTracer {
 	if user == nil {
 		return rt
 	}
 	mt := multitracer.New(user)
 	mt.PoolReleaseTracers = append(mt.PoolReleaseTracers, rt)
+	for i, at := range mt.PoolAcquireTracers {
+		mt.PoolAcquireTracers[i] = userAcquireTracer{p: rt.p, user: at}
+	}
 	return mt
+}
+
+// userAcquireTracer passes the user's AcquireTracer every acquire but a
+// refill's (prune.go), which is not one of the user's.
+type userAcquireTracer struct {
+	p    *Pool
+	user pgxpool.AcquireTracer
+}
+
+func (t userAcquireTracer) TraceAcquireStart(ctx context.Context, pool *pgxpool.Pool, data pgxpool.TraceAcquireStartData) context.Context {
+	if t.p.sweeps.Load() != 0 && refillTicketOf(ctx) != nil {
+		return ctx
+	}
+	return t.user.TraceAcquireStart(ctx, pool, data)
+}
+
+func (t userAcquireTracer) TraceAcquireEnd(ctx context.Context, pool *pgxpool.Pool, data pgxpool.TraceAcquireEndData) {
+	if t.p.sweeps.Load() != 0 && refillTicketOf(ctx) != nil {
+		return
+	}
+	t.user.TraceAcquireEnd(ctx, pool, data)
 }
 
 // Names of the caller's hooks, as TraceHookPanicData.Hook gives them.

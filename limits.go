@@ -348,7 +348,7 @@ func (p *Pool) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 // tried again within the limits' loop; any other error is returned.
 func (p *Pool) acquireFailed(ctx context.Context, err error) (*pgxpool.Conn, error) {
 	// errNoRoom: a limit was set while this acquire was under way.
-	if ctx.Err() == nil && (isTooManyConns(err) || errors.Is(err, errNodeAtCap) || errors.Is(err, errNoRoom)) {
+	if ctx.Err() == nil && (isTooManyConns(err) || errors.Is(err, errNodeAtCap) || errors.Is(err, errNoRoom) || errors.Is(err, errNoToken)) {
 		return p.limits.acquire(ctx)
 	}
 	return nil, err
@@ -413,7 +413,7 @@ func (l *limits) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 			return c, nil
 		case ctx.Err() != nil:
 			return nil, err
-		case errors.Is(err, errNoRoom), errors.Is(err, errNodeAtCap):
+		case errors.Is(err, errNoRoom), errors.Is(err, errNodeAtCap), errors.Is(err, errNoToken):
 		case isTooManyConns(err) && refused < maxFullRetries:
 			refused++
 			l.p.noteTooMany(err)

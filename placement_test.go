@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -29,7 +30,7 @@ func TestInstallRedialOnlyOnceReached(t *testing.T) {
 	}
 	pl := &placement{}
 	cc := parse()
-	check := pl.installRedial(cc, nil)
+	check := pl.installRedial(cc, nil, true, false)
 	if len(cc.Fallbacks) != 0 {
 		t.Fatalf("no connect reached a node yet: %d fallbacks added, want none", len(cc.Fallbacks))
 	}
@@ -38,7 +39,7 @@ func TestInstallRedialOnlyOnceReached(t *testing.T) {
 	}
 
 	cc = parse()
-	pl.installRedial(cc, nil)
+	pl.installRedial(cc, nil, true, false)
 	if len(cc.Fallbacks) != maxRedials {
 		t.Fatalf("after a connect reached a node: %d fallbacks, want %d", len(cc.Fallbacks), maxRedials)
 	}
@@ -46,13 +47,13 @@ func TestInstallRedialOnlyOnceReached(t *testing.T) {
 		t.Fatalf("a failed dial (%v) left reached %v", err, pl.reached.Load())
 	}
 	cc = parse()
-	pl.installRedial(cc, nil)
+	pl.installRedial(cc, nil, true, false)
 	if len(cc.Fallbacks) != 0 {
 		t.Fatalf("after a failed dial: %d fallbacks added, want none", len(cc.Fallbacks))
 	}
 
 	cc = parse()
-	pl.installRedial(cc, []NodeID{1})
+	pl.installRedial(cc, []NodeID{1}, true, false)
 	if len(cc.Fallbacks) != maxRedials {
 		t.Fatalf("a retry avoiding node 1: %d fallbacks, want %d", len(cc.Fallbacks), maxRedials)
 	}
@@ -90,5 +91,77 @@ func TestConnectErrorLikePgxpool(t *testing.T) {
 			}
 		}
 		p.Close()
+	}
+}
+
+func TestRedialPays(t *testing.T) {
+	round := 250 * time.Millisecond
+	over := redialCase{Attempt: 1, OverTarget: true, Takers: 1, Nodes: 3, DialTime: 10 * time.Millisecond, Round: round}
+	for _, tc := range []struct {
+		name string
+		edit func(*redialCase)
+		want bool
+	}{
+		{"background refill on an over-target node", func(*redialCase) {}, true},
+		{"the last dial is kept", func(c *redialCase) { c.Attempt = maxRedials + 1 }, false},
+		{"not over target", func(c *redialCase) { c.OverTarget = false }, false},
+		{"no node would take it", func(c *redialCase) { c.Takers = 0 }, false},
+		{"a caller waits: the balancer moves it later", func(c *redialCase) { c.Caller = true }, false},
+		{"a caller's move replacement: one redial", func(c *redialCase) { c.Caller, c.Move = true, true }, true},
+		{"but not two", func(c *redialCase) { c.Caller, c.Move, c.Attempt = true, true, 2 }, false},
+		{"a background move's replacement", func(c *redialCase) { c.Move = true }, true},
+		{"a retry must leave the node", func(c *redialCase) { c.Caller, c.OverTarget, c.Avoid = true, false, true }, true},
+		{"a draining node closes it", func(c *redialCase) { c.Caller, c.OverTarget, c.Draining = true, false, true }, true},
+		{"even the retry keeps the last dial", func(c *redialCase) { c.Avoid, c.Attempt = true, maxRedials+1 }, false},
+		// 3 dials expected (1 taker of 3) at 80 ms: 240 ms < a round.
+		{"slow dials that fit in a round", func(c *redialCase) { c.DialTime = 80 * time.Millisecond }, true},
+		// 3 × 90 ms > 250 ms: the pool would be short longer than the
+		// round in which the balancer would have moved it anyway.
+		{"slow dials that do not", func(c *redialCase) { c.DialTime = 90 * time.Millisecond }, false},
+		// Only 1 dial left: it is what counts, not the 3 expected.
+		{"few dials left", func(c *redialCase) { c.Attempt, c.DialTime = maxRedials, 200*time.Millisecond }, true},
+		{"one taker of ten, at most the dials left", func(c *redialCase) { c.Nodes, c.DialTime = 10, 60*time.Millisecond }, true},
+	} {
+		c := over
+		tc.edit(&c)
+		if got := redialPays(c); got != tc.want {
+			t.Errorf("%s: redialPays(%+v) = %v, want %v", tc.name, c, got, tc.want)
+		}
+	}
+}
+
+// A move's replacement is steered to a node below its target, the
+// connection it replaces (marked to retire) not counted: landing on a node
+// one above the lightest is a move lost, though overTarget would keep it.
+func TestMoveLanding(t *testing.T) {
+	p := &Pool{tracker: newTracker(), seed: 1}
+	pl := newPlacement(p)
+	now := time.Now()
+	var leaving *connState
+	for id, k := range map[NodeID]int{1: 7, 2: 9, 3: 8} {
+		for range k {
+			cs := p.tracker.track(id, "", "", nil, now)
+			if id == 2 {
+				leaving = cs
+			}
+		}
+	}
+	leaving.retire.Store(true) // 7/8/8 and this connection: 8 each
+	for _, tc := range []struct {
+		id     NodeID
+		over   bool
+		takers int
+	}{
+		{1, false, 0},
+		{2, true, 1},
+		{3, true, 1},
+	} {
+		over, takers, nodes := pl.moveLanding(tc.id, now)
+		if over != tc.over || takers != tc.takers || nodes != 3 {
+			t.Errorf("moveLanding(%d) = %v, %d takers of %d; want %v, %d of 3", tc.id, over, takers, nodes, tc.over, tc.takers)
+		}
+	}
+	if pl.overTarget(3, now) {
+		t.Error("overTarget(3): the pool's other connects keep a node one above the lightest")
 	}
 }

@@ -158,6 +158,7 @@ type Pool struct {
 	limits    *limits        // runtime limits (limits.go)
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
+	keeper    keeper         // the background refill (prune.go)
 	balance   balanceState   // the balance rounds' memory (prune.go)
 	pace      probePace      // the probe's pace and what it aims at (probe.go)
 
@@ -299,6 +300,18 @@ func (p *Pool) startLoopsLocked() {
 	p.goBackground(p.runBalance)
 	p.goBackground(p.runProbe)
 	p.goBackground(p.health.run)
+}
+
+// goBackgroundIfOpen runs f as goBackground does, unless Close has begun
+// (or the background work was stopped), and reports whether it did.
+func (p *Pool) goBackgroundIfOpen(f func(ctx context.Context)) bool {
+	p.bgMu.Lock()
+	defer p.bgMu.Unlock()
+	if p.bgClosed || p.bgCtx.Err() != nil {
+		return false
+	}
+	p.goBackground(f)
+	return true
 }
 
 // goBackground runs f in a goroutine that Close cancels (through ctx) and

@@ -21,6 +21,8 @@ type ClusterStat struct {
 	redials           int64
 	connectsThrottled int64
 	connectWait       time.Duration
+	callerConnectWait time.Duration
+	connectsPrepaid   int64
 	nodesAdded        int64
 	nodesRemoved      int64
 	hookPanics        int64
@@ -47,6 +49,8 @@ func (p *Pool) ClusterStat() *ClusterStat {
 		probeSessions:     c.probeSessions.Load(),
 		connectsThrottled: c.connectsThrottled.Load(),
 		connectWait:       time.Duration(c.connectWait.Load()),
+		callerConnectWait: time.Duration(c.callerConnectWait.Load()),
+		connectsPrepaid:   c.connectsPrepaid.Load(),
 		nodesAdded:        c.nodesAdded.Load(),
 		nodesRemoved:      c.nodesRemoved.Load(),
 		hookPanics:        c.hookPanics.Load(),
@@ -115,8 +119,21 @@ func (s *ClusterStat) Redials() int64 { return s.redials }
 func (s *ClusterStat) ThrottledConnects() int64 { return s.connectsThrottled }
 
 // ConnectWaitDuration returns the total time new connections waited for the
-// connect rate limit.
+// connect rate limit. Balance moves never wait (their tokens are taken
+// before they retire anything), so this is the refills' wait: connections
+// replacing ones lost to a drain, a crash or an eviction, in a storm larger
+// than the limit's burst.
 func (s *ClusterStat) ConnectWaitDuration() time.Duration { return s.connectWait }
+
+// CallerConnectWaitDuration returns the part of ConnectWaitDuration that
+// acquires spent waiting: connects a caller's Acquire had started, not the
+// pool's background refills. It is what the connect limit added to callers'
+// latency.
+func (s *ClusterStat) CallerConnectWaitDuration() time.Duration { return s.callerConnectWait }
+
+// PrepaidConnects returns how many new connections used a token that a
+// balance round took for them before retiring the connections they replace.
+func (s *ClusterStat) PrepaidConnects() int64 { return s.connectsPrepaid }
 
 // NodesAdded returns how many times the pool learned of a node, counting a
 // node again when it comes back after expiring.

@@ -239,6 +239,9 @@ type TraceConnectThrottledData struct {
 	Waited time.Duration
 	// Limit is the limit in connections per second.
 	Limit float64
+	// Background is true when no acquire was waiting for the connection:
+	// it was one of the pool's own refills (or pgxpool's MinConns fill).
+	Background bool
 	// Err is non-nil when the caller's context ended during the wait; the
 	// connection was then not opened.
 	Err error
@@ -536,6 +539,8 @@ type clusterCounters struct {
 	probeSessions     atomic.Int64
 	connectsThrottled atomic.Int64
 	connectWait       atomic.Int64 // nanoseconds
+	callerConnectWait atomic.Int64 // nanoseconds, of connectWait
+	connectsPrepaid   atomic.Int64
 	nodesAdded        atomic.Int64
 	nodesRemoved      atomic.Int64
 	hookPanics        atomic.Int64
@@ -799,19 +804,32 @@ func (o *observer) changed() {
 
 // connectThrottled reports that a new connection waited for the connect
 // rate limit (connectBudget.take); err is the wait's error, if any.
-func (o *observer) connectThrottled(ctx context.Context, waited time.Duration, limit float64, err error) {
+func (o *observer) connectThrottled(ctx context.Context, waited time.Duration, limit float64, caller bool, err error) {
 	if o == nil {
 		return
 	}
 	o.counters.connectsThrottled.Add(1)
 	o.counters.connectWait.Add(int64(waited))
+	if caller {
+		o.counters.callerConnectWait.Add(int64(waited))
+	}
 	if o.connect != nil {
 		o.connect.TraceConnectThrottled(ctx, o.pool, TraceConnectThrottledData{
-			Waited: waited,
-			Limit:  limit,
-			Err:    err,
+			Waited:     waited,
+			Limit:      limit,
+			Background: !caller,
+			Err:        err,
 		})
 	}
+}
+
+// connectPrepaid reports that a new connection used a token a balance move
+// had taken for it.
+func (o *observer) connectPrepaid() {
+	if o == nil {
+		return
+	}
+	o.counters.connectsPrepaid.Add(1)
 }
 
 // hookPanicked reports a recovered panic in the caller's hook.

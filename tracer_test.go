@@ -280,13 +280,13 @@ func TestWaitConnectReportsThrottling(t *testing.T) {
 	o := newObserver(nil, r)
 	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(200), 1), obs: o}
 	ctx := context.Background()
-	if err := b.take(ctx); err != nil { // the burst token: no wait
+	if _, err := b.take(ctx, true, nil); err != nil { // the burst token: no wait
 		t.Fatal(err)
 	}
 	if got := eventsOf[TraceConnectThrottledData](r); len(got) != 0 {
 		t.Fatalf("throttle reported for an available token: %v", got)
 	}
-	if err := b.take(ctx); err != nil {
+	if _, err := b.take(ctx, true, nil); err != nil {
 		t.Fatal(err)
 	}
 	got := eventsOf[TraceConnectThrottledData](r)
@@ -298,7 +298,7 @@ func TestWaitConnectReportsThrottling(t *testing.T) {
 	cancel()
 	b.limiter = rate.NewLimiter(rate.Limit(0.001), 1)
 	b.limiter.Allow()
-	if err := b.take(cctx); err == nil {
+	if _, err := b.take(cctx, true, nil); err == nil {
 		t.Fatal("take with a canceled context succeeded")
 	}
 	if got := eventsOf[TraceConnectThrottledData](r); len(got) != 2 || got[1].Err == nil {

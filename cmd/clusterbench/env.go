@@ -204,6 +204,8 @@ func libraryStats(d db) map[string]float64 {
 		"redials":            float64(s.Redials()),
 		"throttled_connects": float64(s.ThrottledConnects()),
 		"connect_wait_ms":    float64(s.ConnectWaitDuration().Milliseconds()),
+		"caller_wait_ms":     float64(s.CallerConnectWaitDuration().Milliseconds()),
+		"prepaid_connects":   float64(s.PrepaidConnects()),
 	}
 }
 

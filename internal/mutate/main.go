@@ -147,8 +147,8 @@ func mutantNoEvict(class ErrorClass, err error) ErrorClass {
 	},
 	{
 		name:    "connect-limiter-bypassed",
-		snippet: `if b.limiter == nil || b.limiter.Allow() {`,
-		replace: `if true {`,
+		snippet: `func (b *connectBudget) take(ctx context.Context, caller bool) (move bool, err error) { if b.limiter == nil {`,
+		replace: `func (b *connectBudget) take(ctx context.Context, caller bool) (move bool, err error) { if true {`,
 		tests: []killer{
 			{"TestBeforeConnectTakesALimiterToken", unit},
 			// TestBalanceConnectRateAfterRestart also kills it when the

@@ -1,0 +1,236 @@
+package clusterpool
+
+import (
+	"context"
+	"maps"
+	"math"
+	"testing"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+func TestRefillReserve(t *testing.T) {
+	for _, tc := range []struct{ size, nodes, want int }{
+		{24, 3, 8},  // one node of a balanced pool
+		{30, 4, 8},  // 8/8/7/7: the largest share
+		{10, 1, 10}, // nothing can move: all of it
+		{10, 0, 10},
+		{0, 3, 0},
+		{-1, 3, 0},
+	} {
+		if got := refillReserve(tc.size, tc.nodes); got != tc.want {
+			t.Errorf("refillReserve(%d, %d) = %d, want %d", tc.size, tc.nodes, got, tc.want)
+		}
+	}
+}
+
+func TestDialsPerMove(t *testing.T) {
+	for _, tc := range []struct {
+		placed        bool
+		takers, nodes int
+		want          int
+	}{
+		{true, 1, 4, 1},                // hosts listed: the first dial goes there
+		{false, 1, 3, 3},               // one node of three takes it
+		{false, 1, 4, 4},               // one of four: N dials on average
+		{false, 1, 10, maxRedials + 1}, // never more than the connect dials
+		{false, 2, 3, 2},
+		{false, 3, 3, 1},
+		{false, 0, 3, 1}, // no taker: no redial, one dial
+	} {
+		if got := dialsPerMove(tc.placed, tc.takers, tc.nodes); got != tc.want {
+			t.Errorf("dialsPerMove(%v, %d, %d) = %d, want %d", tc.placed, tc.takers, tc.nodes, got, tc.want)
+		}
+	}
+}
+
+func TestMovesAffordable(t *testing.T) {
+	for _, tc := range []struct {
+		tokens                        float64
+		reserve, want, dials, redials int
+		affordable                    int
+	}{
+		{24, 8, 4, 3, 0, 4},   // 16 above the reserve: 5 moves of 3, 4 wanted
+		{24, 8, 10, 3, 0, 5},  // 16 above the reserve: 5 moves of 3
+		{10.9, 8, 4, 3, 0, 0}, // 2.9 above: not one whole move
+		{11, 8, 4, 3, 0, 1},
+		{10, 8, 4, 3, 2, 1}, // 2 redials paid: 1 move costs 1 token, 2 would cost 2 + 2
+		{10, 8, 4, 3, 9, 2}, // redials to spare: a token a move
+		{5, 8, 4, 1, 0, 0},  // below the reserve: nothing
+		{-3, 0, 4, 1, 0, 0}, // callers booked future tokens
+		{30, 0, 0, 1, 0, 0},
+		{30, 0, 4, 0, 0, 4}, // dials < 1 counts as 1
+		{math.NaN(), 0, 4, 1, 0, 0},
+	} {
+		if got := movesAffordable(tc.tokens, tc.reserve, tc.want, tc.dials, tc.redials); got != tc.affordable {
+			t.Errorf("movesAffordable(%v, reserve %d, want %d, dials %d, redials %d) = %d, want %d",
+				tc.tokens, tc.reserve, tc.want, tc.dials, tc.redials, got, tc.affordable)
+		}
+	}
+}
+
+// A move pays first and never takes what refills need: the round's tokens
+// come from above the reserve, the replacement and its redials find theirs
+// paid, and a refill after all that still has the reserve.
+func TestBudgetMovesPayFirst(t *testing.T) {
+	now := time.Now()
+	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(10), 24)}
+	if got := b.prepay(now, 5, 3, 8); got != 5 {
+		t.Fatalf("prepay 5 moves of 3 with 24 tokens above a reserve of 8: paid %d", got)
+	}
+	if tokens := b.limiter.TokensAt(now); tokens != 9 {
+		t.Fatalf("tokens after prepaying 15: %v, want 9", tokens)
+	}
+	if got := b.prepay(now, 5, 3, 8); got != 1 {
+		t.Fatalf("prepay again with 9 tokens, reserve 8, 3 per move, 10 redials paid: paid %d, want 1", got)
+	}
+	// That one cost a token: its redials were paid already.
+	if got := b.replacementsOwed(now); got != 6 {
+		t.Fatalf("replacements owed %d, want 6", got)
+	}
+	for i := range 6 {
+		if !b.takePrepaid(now, &b.replacements) {
+			t.Fatalf("replacement %d found no prepaid token", i)
+		}
+	}
+	if b.takePrepaid(now, &b.replacements) {
+		t.Fatal("a seventh replacement found a prepaid token")
+	}
+	// The redials were paid too: 10 of them; the reserve is all that is
+	// left in the limiter.
+	for i := range 10 {
+		if !b.takeForRedial(now, 8) {
+			t.Fatalf("redial %d: no token", i)
+		}
+	}
+	if b.takeForRedial(now, 8) {
+		t.Fatal("a redial took the refill reserve")
+	}
+	// Refills take what is left: the reserve.
+	for i := range 8 {
+		if !b.limiter.AllowN(now, 1) {
+			t.Fatalf("refill %d: no token; the reserve was spent", i)
+		}
+	}
+}
+
+// Prepaid tokens a move never used are dropped after prepaidTTL, spent: the
+// pool never opens more than the limiter allows.
+func TestBudgetPrepaidExpire(t *testing.T) {
+	now := time.Now()
+	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(0.1), 10)}
+	if got := b.prepay(now, 2, 2, 0); got != 2 {
+		t.Fatalf("paid %d, want 2", got)
+	}
+	if got := b.replacementsOwed(now.Add(prepaidTTL)); got != 2 {
+		t.Fatalf("owed at the deadline: %d, want 2", got)
+	}
+	later := now.Add(prepaidTTL + time.Millisecond)
+	if got := b.replacementsOwed(later); got != 0 || len(b.redials) != 0 {
+		t.Fatalf("after the deadline: owed %d, redial tokens %d; want none", got, len(b.redials))
+	}
+	// 6 tokens left at now, plus one every ten seconds.
+	if want := 6 + 0.1*(prepaidTTL+time.Millisecond).Seconds(); math.Abs(b.limiter.TokensAt(later)-want) > 1e-6 {
+		t.Fatalf("tokens %v, want %v: expiry must not give tokens back", b.limiter.TokensAt(later), want)
+	}
+}
+
+// Without a limit every move is paid and every redial allowed.
+func TestBudgetNoLimit(t *testing.T) {
+	b := &connectBudget{}
+	if got := b.prepay(time.Now(), 7, 4, 100); got != 7 {
+		t.Fatalf("no limit: paid %d of 7", got)
+	}
+	if !b.takeForRedial(time.Now(), 100) {
+		t.Fatal("no limit: redial refused")
+	}
+	if move, err := b.take(context.Background(), true, nil); move || err != nil {
+		t.Fatalf("no limit: take = %v, %v", move, err)
+	}
+}
+
+// A background refill books no future token, so a caller's connect that
+// waits (rate.Limiter.Wait books its token as it starts) is served first:
+// the token a caller booked is not there for the refill when it comes due.
+func TestBudgetCallersFirst(t *testing.T) {
+	t0 := time.Now()
+	lim := rate.NewLimiter(rate.Limit(10), 1)
+	lim.AllowN(t0, 1) // empty
+	if r := lim.ReserveN(t0, 1); !r.OK() || r.DelayFrom(t0) != 100*time.Millisecond {
+		t.Fatalf("the caller's booking: ok %v, delay %v", r.OK(), r.DelayFrom(t0))
+	}
+	if lim.AllowN(t0.Add(100*time.Millisecond), 1) {
+		t.Fatal("a background refill took the token the caller booked")
+	}
+	if !lim.AllowN(t0.Add(200*time.Millisecond), 1) {
+		t.Fatal("the next token is the background refill's")
+	}
+
+	// waitBehindCallers returns once a token is there, and when its
+	// context ends.
+	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(1000), 1)}
+	b.limiter.Allow()
+	if err := b.waitBehindCallers(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	b.limiter.SetLimit(rate.Limit(1e-6))
+	b.limiter.Allow()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := b.waitBehindCallers(ctx); err != context.Canceled {
+		t.Fatalf("cancelled: %v", err)
+	}
+	// As Wait does, it gives up at once when the next token comes after
+	// the context's deadline (pgxpool's top-ups have a minute).
+	ctx, cancel = context.WithTimeout(context.Background(), time.Hour)
+	defer cancel()
+	if err := b.waitBehindCallers(ctx); err != errTokenPastDeadline {
+		t.Fatalf("next token in 11 days, deadline in an hour: %v", err)
+	}
+}
+
+func TestPaidPrune(t *testing.T) {
+	eligible := map[NodeID]bool{1: true, 2: true, 3: true}
+	for _, tc := range []struct {
+		name  string
+		prune map[NodeID]int
+		paid  int
+		want  map[NodeID]int
+	}{
+		{"all paid", map[NodeID]int{1: 2, 2: 1}, 3, map[NodeID]int{1: 2, 2: 1}},
+		{"widest first", map[NodeID]int{1: 3, 2: 1}, 2, map[NodeID]int{1: 2}},
+		{"then evenly", map[NodeID]int{1: 2, 2: 2}, 3, map[NodeID]int{1: 2, 2: 1}},
+		{"none paid", map[NodeID]int{1: 2}, 0, nil},
+		{"ineligible sheds anyway", map[NodeID]int{4: 5, 1: 1}, 0, map[NodeID]int{4: 5}},
+		{"paid beyond the plan", map[NodeID]int{1: 1}, 5, map[NodeID]int{1: 1}},
+	} {
+		got := paidPrune(tc.prune, eligible, tc.paid)
+		if !maps.Equal(got, tc.want) {
+			t.Errorf("%s: paidPrune(%v, %d) = %v, want %v", tc.name, tc.prune, tc.paid, got, tc.want)
+		}
+	}
+}
+
+func TestRefillCount(t *testing.T) {
+	for _, tc := range []struct {
+		name                                    string
+		minConns, maxConns, open, opening, owed int
+		want                                    int
+	}{
+		{"full", 24, 24, 24, 0, 0, 0},
+		{"lost 8", 24, 24, 16, 0, 0, 8},
+		{"lost 8, 3 opening", 24, 24, 16, 3, 0, 5},
+		{"move in a full pool waits for the close", 24, 24, 24, 0, 2, 0},
+		{"move closed, owed", 24, 24, 23, 0, 1, 1},
+		{"above MinConns: moves replaced", 0, 30, 20, 0, 3, 3},
+		{"above MinConns, nothing owed", 5, 30, 20, 0, 0, 0},
+		{"moves bounded by MaxConns", 0, 30, 29, 0, 3, 1},
+		{"opening beyond", 10, 30, 8, 5, 0, 0},
+	} {
+		if got := refillCount(tc.minConns, tc.maxConns, tc.open, tc.opening, tc.owed); got != tc.want {
+			t.Errorf("%s: refillCount(min %d, max %d, open %d, opening %d, owed %d) = %d, want %d",
+				tc.name, tc.minConns, tc.maxConns, tc.open, tc.opening, tc.owed, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,230 @@
+package clusterpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// acquireCounter is a user tracer that counts the acquires it sees.
+type acquireCounter struct{ starts atomic.Int64 }
+
+func (a *acquireCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+func (a *acquireCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+func (a *acquireCounter) TraceAcquireStart(ctx context.Context, _ *pgxpool.Pool, _ pgxpool.TraceAcquireStartData) context.Context {
+	a.starts.Add(1)
+	return ctx
+}
+func (a *acquireCounter) TraceAcquireEnd(context.Context, *pgxpool.Pool, pgxpool.TraceAcquireEndData) {
+}
+
+// refilledTo waits until the pool holds want connections, none of them
+// being opened, and the servers count as many.
+func refilledTo(t *testing.T, c *clustertest.Cluster, p *Pool, want int32) {
+	t.Helper()
+	waitCond(t, func() string {
+		st := p.Stat()
+		open := 0
+		for _, n := range c.OpenConns() {
+			open += n
+		}
+		if st.TotalConns() != want || st.ConstructingConns() != 0 || open != int(want) {
+			return fmt.Sprintf("pool %d (%d opening), servers %d; want %d", st.TotalConns(), st.ConstructingConns(), open, want)
+		}
+		return ""
+	})
+}
+
+// Connections the pool loses without pgxpool's health check noticing come
+// back at once, in the background, not a HealthCheckPeriod later: Reset
+// destroys the idle connections and triggers no check, as a connection
+// PrepareConn refuses, a failed acquire-time ping or a failed top-up do
+// not. No caller acquires meanwhile, and the user's AcquireTracer sees no
+// acquire of the refill's.
+func TestRefillAfterReset(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	tracer := &acquireCounter{}
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(6, 6)(cfg)
+		cfg.HealthCheckPeriod = time.Hour
+		cfg.ConnConfig.Tracer = tracer
+	})
+	refilledTo(t, c, p, 6)
+	opened := p.Stat().NewConnsCount()
+	p.Reset()
+	refilledTo(t, c, p, 6)
+	if n := p.Stat().NewConnsCount() - opened; n < 6 {
+		t.Errorf("%d connections opened after Reset, want at least 6", n)
+	}
+	if n := tracer.starts.Load(); n != 0 {
+		t.Errorf("the user's AcquireTracer saw %d acquires; the refill's are not the user's", n)
+	}
+}
+
+// A connection retired while in use (a balance move, an eviction) is
+// closed when its caller releases it, and replaced in the background: the
+// next caller finds a connection ready and opens none itself. Before, it
+// went back to the pool and was refused at the next acquire, whose caller
+// then waited for a connect of its own (and pgxpool's health check did not
+// notice the loss).
+func TestRefillRetiredOnRelease(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(4, 4)(cfg)
+		cfg.HealthCheckPeriod = time.Hour
+		cfg.BalanceInterval = time.Hour // no round moves anything here
+	})
+	refilledTo(t, c, p, 4)
+	ctx := testCtx(t)
+	var held []*pgxpool.Conn
+	for range 4 {
+		conn, err := p.Acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, conn)
+	}
+	for _, conn := range held {
+		connStateOf(conn.Conn()).retire.Store(true)
+	}
+	opened := p.Stat().NewConnsCount()
+	for _, conn := range held {
+		conn.Release()
+	}
+	waitCond(t, func() string {
+		if n := p.Stat().NewConnsCount() - opened; n < 4 {
+			return fmt.Sprintf("%d connections opened to replace 4 retired", n)
+		}
+		return ""
+	})
+	refilledTo(t, c, p, 4)
+	if n := p.Stat().NewConnsCount() - opened; n != 4 {
+		t.Fatalf("%d connections opened to replace 4 retired, want 4", n)
+	}
+	before := p.Stat().NewConnsCount()
+	for range 4 {
+		conn, err := p.Acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if connStateOf(conn.Conn()).retire.Load() {
+			t.Error("a retired connection was handed out")
+		}
+		defer conn.Release()
+	}
+	if n := p.Stat().NewConnsCount() - before; n != 0 {
+		t.Errorf("callers opened %d connections after the refill", n)
+	}
+}
+
+// The connect wait is split: a background refill that waits for the rate
+// limit counts in ConnectWaitDuration only, a caller's connect in
+// CallerConnectWaitDuration too.
+func TestCallerConnectWait(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	kept := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(3, 3)(cfg)
+		cfg.HealthCheckPeriod = time.Hour
+		cfg.ConnectRate = 5 // burst 5
+	})
+	waitCond(t, func() string {
+		if st := kept.Stat(); st.TotalConns() != 3 || st.ConstructingConns() != 0 {
+			return fmt.Sprintf("pool %d (%d opening)", st.TotalConns(), st.ConstructingConns())
+		}
+		return ""
+	})
+	// However long that took, the bucket is empty now: the 3 refills
+	// after Reset wait for their tokens, in the background.
+	kept.budget.limiter.AllowN(time.Now(), 5)
+	kept.Reset()
+	waitCond(t, func() string {
+		if st := kept.ClusterStat(); st.ConnectWaitDuration() <= 0 {
+			return "no refill waited yet"
+		}
+		return ""
+	})
+	if st := kept.ClusterStat(); st.CallerConnectWaitDuration() != 0 {
+		t.Errorf("after a background refill: callers' wait %v, want none (total %v)", st.CallerConnectWaitDuration(), st.ConnectWaitDuration())
+	}
+
+	// Callers that open connections themselves, the bucket empty.
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		balancedConfig(0, 3)(cfg)
+		cfg.ConnectRate = 4 // burst 4
+	})
+	ctx := testCtx(t)
+	acquire3 := func() {
+		var held []*pgxpool.Conn
+		for range 3 {
+			conn, err := p.Acquire(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, conn)
+		}
+		for _, conn := range held {
+			conn.Release()
+		}
+	}
+	acquire3() // 3 tokens of 4
+	p.Reset()
+	acquire3() // 1 token left, then 4 a second
+	if st := p.ClusterStat(); st.CallerConnectWaitDuration() <= 0 || st.CallerConnectWaitDuration() != st.ConnectWaitDuration() {
+		t.Errorf("callers' connects after the bucket emptied: callers' wait %v, total %v; want the same, above zero", st.CallerConnectWaitDuration(), st.ConnectWaitDuration())
+	}
+}
+
+// A caller's connect that finds no token while the pool is below MinConns
+// does not wait for the limiter: the pool refills that connection in the
+// background anyway, so the connect is refused (errNoToken) and its
+// acquirer waits for a connection to come back instead. With nothing to
+// refill (MinConns 0) the caller's connect waits for the limiter as
+// before. No server is needed: the hook only decides.
+func TestCallerYieldsToRefill(t *testing.T) {
+	for _, tc := range []struct {
+		minConns int32
+		want     error
+	}{
+		{2, errNoToken},
+		{0, nil}, // the limiter's wait
+	} {
+		p := startPool(t, "postgres://u@127.0.0.1:1/db?sslmode=disable", func(cfg *Config) {
+			cfg.MinConns, cfg.MaxConns = tc.minConns, 3
+			cfg.ConnectRate = 1 / (1000 * time.Hour).Seconds()
+		})
+		p.budget.limiter.AllowN(time.Now(), 3) // the burst spent
+		cfg := p.PgxPool().Config()
+		// An acquire's connect: puddle's context has no deadline. The
+		// limiter's wait ends when it is cancelled.
+		ctx, cancel := context.WithCancel(context.Background())
+		stop := time.AfterFunc(50*time.Millisecond, cancel)
+		err := cfg.BeforeConnect(ctx, cfg.ConnConfig.Copy())
+		stop.Stop()
+		cancel()
+		switch {
+		case tc.want != nil && !errors.Is(err, tc.want):
+			t.Errorf("MinConns %d: %v, want %v", tc.minConns, err, tc.want)
+		case tc.want == nil && !errors.Is(err, context.Canceled):
+			t.Errorf("MinConns %d: %v, want the limiter's wait, cancelled", tc.minConns, err)
+		}
+		// The acquirer waits for a connection rather than fail with it.
+		actx, acancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		_, err = p.Acquire(actx)
+		acancel()
+		if errors.Is(err, errNoToken) {
+			t.Errorf("MinConns %d: Acquire returned %v", tc.minConns, err)
+		}
+	}
+}
