@@ -821,10 +821,22 @@ func (l *limits) enforce(ctx context.Context, now time.Time) bool {
 		l.excess.Store(0)
 	}
 	if total < effMin {
-		l.refill(ctx, effMin-total)
+		p.keep() // the background refill (prune.go), to the runtime MinConns
 		return true
 	}
 	return false
+}
+
+// openConns counts the pool's open connections for refilling: those
+// tracked on nodes, which leave the count when they start closing (pgxpool
+// still counts a connection being destroyed); when the pool identifies no
+// node (plain PostgreSQL), pgxpool's count of those not being opened.
+func (p *Pool) openConns() int {
+	if k := p.trackedConns(); k > 0 || len(p.tracker.nodeList()) > 0 {
+		return k
+	}
+	st := p.pool.Stat()
+	return int(st.TotalConns() - st.ConstructingConns())
 }
 
 // trackedConns counts the connections tracked on nodes.
@@ -886,35 +898,6 @@ func planLimits(nodes []nodeView, size int, seed uint64) map[NodeID]int {
 		return nil
 	}
 	return prune
-}
-
-// refill opens k connections for MinConns: it takes the idle connections
-// out for a moment, so that pgxpool opens new ones rather than hand those
-// out, acquires k (each a new connection, placed and rate limited as
-// usual), then puts everything back.
-func (l *limits) refill(ctx context.Context, k int) {
-	p := l.p
-	rctx, cancel := context.WithTimeout(context.WithValue(ctx, acquiringKey{}, l), p.connectTimeout())
-	defer cancel()
-	p.sweeps.Add(1)
-	defer p.sweeps.Add(-1)
-	rctx = context.WithValue(rctx, sweepKey{}, true)
-	idle := p.pool.AcquireAllIdle(rctx)
-	fresh := make([]*pgxpool.Conn, k)
-	var wg sync.WaitGroup
-	for i := range fresh {
-		wg.Go(func() {
-			if c, err := p.pool.Acquire(rctx); err == nil {
-				fresh[i] = c
-			}
-		})
-	}
-	wg.Wait()
-	for _, c := range append(idle, fresh...) {
-		if c != nil {
-			releaseSwept(c)
-		}
-	}
 }
 
 // WaitReady blocks until the pool holds its MinConns connections (the

@@ -485,7 +485,7 @@ func (p *Pool) refillNeed(now time.Time) int {
 	if p.limits.on() {
 		minConns, maxConns = p.limits.effectiveMin(now), p.limits.effectiveMax(now)
 	}
-	return refillCount(minConns, maxConns, p.trackedConns(), int(p.pool.Stat().ConstructingConns()), p.budget.replacementsOwed(now))
+	return refillCount(minConns, maxConns, p.openConns(), int(p.pool.Stat().ConstructingConns()), p.budget.replacementsOwed(now))
 }
 
 // refillInstead reports whether the pool, not counting a caller's connect
@@ -498,7 +498,7 @@ func (p *Pool) refillInstead() bool {
 	if p.limits.on() {
 		minConns = p.limits.effectiveMin(time.Now())
 	}
-	if p.trackedConns()+max(int(p.pool.Stat().ConstructingConns())-1, 0) >= minConns {
+	if p.openConns()+max(int(p.pool.Stat().ConstructingConns())-1, 0) >= minConns {
 		return false
 	}
 	p.keep()
