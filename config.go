@@ -194,7 +194,13 @@ type Config struct {
 	// the pool's size the pool works with that smaller size
 	// (ClusterStat.EffectiveMaxConns). Zero, the default, means no cap; so
 	// does a negative value. Pool.SetMaxConnsPerNode changes it at run time.
-	// See "Runtime limits" in the package documentation.
+	//
+	// Whatever the cap, a node that refuses a new connection with SQLSTATE
+	// 53300 (too many connections: CockroachDB's
+	// server.max_connections_per_gateway) is full, not unhealthy: it is
+	// never evicted for it, its connections keep working, the connect goes
+	// to another node, and callers see no error while another node has room
+	// (NodeStat.Full).
 	MaxConnsPerNode int32
 
 	// AcquireTimeout is the longest a call waits for a connection

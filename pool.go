@@ -364,7 +364,7 @@ func (p *Pool) Close() {
 }
 
 // Acquire returns a connection from the pool, within the runtime limits
-// (see "Runtime limits" in the package documentation).
+// (SetMaxConns, SetAcquireTimeout, SetWorkloadLimits with WithWorkload).
 func (p *Pool) Acquire(ctx context.Context) (*pgxpool.Conn, error) {
 	// acquireConn, written out: this is the hot path.
 	if p.limits.on() {

@@ -297,8 +297,8 @@ type TraceHookPanicData struct {
 	Stack []byte
 }
 
-// LimitTracer traces the runtime limits (see "Runtime limits" in the
-// package documentation).
+// LimitTracer traces the runtime limits (SetMaxConns and the other
+// setters, workload waits).
 type LimitTracer interface {
 	// TraceLimits is called after a setter (SetMaxConns, SetMinConns,
 	// SetMaxConnsPerNode, SetAcquireTimeout, SetWorkloadLimits) changed the

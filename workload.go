@@ -23,7 +23,9 @@ const workloadDataKey = "clusterpool.workload"
 
 // WithWorkload returns a context that marks the calls made with it as
 // work of the named workload, which Config.WorkloadLimits (or
-// Pool.SetWorkloadLimits) may bound. An empty name unmarks the context.
+// Pool.SetWorkloadLimits) may bound. An empty name unmarks the context. A
+// connection of a workload taken out of the pool with Hijack keeps its
+// slot: the pool never sees it released.
 func WithWorkload(ctx context.Context, name string) context.Context {
 	return context.WithValue(ctx, workloadKey{}, name)
 }
