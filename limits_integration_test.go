@@ -103,7 +103,14 @@ func TestLimitsShrinkGrowUnderLoad(t *testing.T) {
 	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
 	p := startPool(t, c.DSN(), limitsConfig(30, 30))
-	waitCond(t, func() string { return spreadOf(c, 30) })
+	// All thirty open, none connecting: a connect admitted before the
+	// shrink could end after it.
+	waitCond(t, func() string {
+		if st := p.Stat(); st.TotalConns() != 30 || st.ConstructingConns() != 0 {
+			return fmt.Sprintf("pool %d (%d connecting), want 30 open", st.TotalConns(), st.ConstructingConns())
+		}
+		return spreadOf(c, 30)
+	})
 	ld := startLoad(t, 40, sleepQuery(p))
 
 	start := p.limits.rounds.Load()
@@ -116,9 +123,19 @@ func TestLimitsShrinkGrowUnderLoad(t *testing.T) {
 		}
 		return ""
 	})
+	// pgxpool counts a connection until its destroy, on a goroutine of
+	// its own, has run: one the pool closed at its release is gone from
+	// the servers first. Once the pool counts 10, no connection above the
+	// size is left to close, and a new one is admitted only below it.
+	open := func() int32 { st := p.Stat(); return st.TotalConns() - st.ConstructingConns() }
+	waitCond(t, func() string {
+		if n := open(); n > 10 {
+			return fmt.Sprintf("pool counts %d open, want at most 10", n)
+		}
+		return ""
+	})
 	for range 25 { // under load the pool stays at its new size
-		st := p.Stat()
-		if n, open := serverTotal(c), st.TotalConns()-st.ConstructingConns(); n > 10 || open > 10 {
+		if n, open := serverTotal(c), open(); n > 10 || open > 10 {
 			t.Fatalf("servers hold %d, pool %d after the shrink to 10: %v", n, open, c.OpenConns())
 		}
 		time.Sleep(condPoll)
@@ -358,9 +375,13 @@ func TestLimitsWorkload(t *testing.T) {
 	if err := p.SetWorkloadLimits(map[string]int{"batch": 1}); err != nil {
 		t.Fatal(err)
 	}
+	// The calls holding slots finish under the old limit: a slot counts in
+	// InUse from its grant, before its acquire returns (and inFlight
+	// counts it), to its release, after inFlight stops counting it. Once
+	// InUse is 1, every slot granted since came after the lowering.
 	waitCond(t, func() string {
-		if n := inFlight.Load(); n > 1 {
-			return fmt.Sprintf("%d batch calls in flight", n)
+		if st := workloadStat(p, "batch"); st.InUse > 1 {
+			return fmt.Sprintf("%d batch slots held", st.InUse)
 		}
 		return ""
 	})

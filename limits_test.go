@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"strings"
 	"testing"
@@ -183,6 +184,50 @@ func TestWorkloadFIFO(t *testing.T) {
 	if s := w.stat(); s.InUse != 0 {
 		t.Errorf("in use %d after the last release", s.InUse)
 	}
+}
+
+// A workload whose limit is lowered below the slots it holds lets no call
+// in, waiting or new, until a release takes it below the new limit: the
+// holders finish under the old limit, every later slot under the new one.
+func TestWorkloadLowered(t *testing.T) {
+	w := &workload{name: "batch", limit: 2}
+	ctx := context.Background()
+	for range 2 {
+		if _, err := w.acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	granted := make(chan struct{}, 2)
+	for i := range 2 {
+		go func() {
+			if _, err := w.acquire(ctx); err == nil {
+				granted <- struct{}{}
+			}
+		}()
+		waitCond(t, func() string {
+			if s := w.stat(); s.Waiting != i+1 {
+				return fmt.Sprintf("%d waiting, want %d", s.Waiting, i+1)
+			}
+			return ""
+		})
+	}
+	w.setLimit(1)
+	w.release()
+	if s := w.stat(); s.InUse != 1 || s.Waiting != 2 {
+		t.Fatalf("after one release at limit 1: %+v, want 1 in use, 2 waiting", s)
+	}
+	w.release()
+	<-granted
+	if s := w.stat(); s.InUse != 1 || s.Waiting != 1 {
+		t.Fatalf("after the second release: %+v, want 1 in use, 1 waiting", s)
+	}
+	select {
+	case <-granted:
+		t.Fatal("a second waiter got in at limit 1")
+	default:
+	}
+	w.release()
+	<-granted
 }
 
 func TestParseConfigLimits(t *testing.T) {
