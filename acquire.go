@@ -34,10 +34,25 @@ func (p *Pool) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 // tried again within the limits' loop; any other error is returned.
 func (p *Pool) acquireFailed(ctx context.Context, err error) (*pgxpool.Conn, error) {
 	// errNoRoom: a limit was set while this acquire was under way.
-	if ctx.Err() == nil && (isTooManyConns(err) || errors.Is(err, errNodeAtCap) || errors.Is(err, errNoRoom) || errors.Is(err, errNoToken)) {
+	if ownRefusal(err) {
+		if ctx.Err() != nil {
+			// The caller's context ended just as the pool refused the
+			// connect: the caller sees its own context's error, as with
+			// pgxpool, never the pool's internal refusal.
+			return nil, ctx.Err()
+		}
+		return p.limits.acquire(ctx)
+	}
+	if isTooManyConns(err) && ctx.Err() == nil {
 		return p.limits.acquire(ctx)
 	}
 	return nil, err
+}
+
+// ownRefusal reports whether err is one of the pool's own refusals of a
+// connect in BeforeConnect, which callers never see: they wait instead.
+func ownRefusal(err error) bool {
+	return errors.Is(err, errNoRoom) || errors.Is(err, errNodeAtCap) || errors.Is(err, errNoToken)
 }
 
 // acquire gets a connection within the limits: a slot of the call's
@@ -97,9 +112,11 @@ func (l *limits) acquireConn(ctx context.Context) (*pgxpool.Conn, error) {
 		switch {
 		case err == nil:
 			return c, nil
+		case ctx.Err() != nil && ownRefusal(err):
+			return nil, ctx.Err()
 		case ctx.Err() != nil:
 			return nil, err
-		case errors.Is(err, errNoRoom), errors.Is(err, errNodeAtCap), errors.Is(err, errNoToken):
+		case ownRefusal(err):
 		case isTooManyConns(err) && refused < maxFullRetries:
 			refused++
 			l.p.noteTooMany(err)

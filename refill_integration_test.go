@@ -243,3 +243,42 @@ func TestCallerYieldsToRefill(t *testing.T) {
 		}
 	}
 }
+
+// cancelAtAcquireEnd is a user tracer that ends the acquirer's context as
+// pgxpool's Acquire returns an error: the caller's deadline falling just
+// after the pool refused a connect in its own BeforeConnect.
+type cancelAtAcquireEnd struct{ acquireCounter }
+
+type cancelKey struct{}
+
+func (*cancelAtAcquireEnd) TraceAcquireEnd(ctx context.Context, _ *pgxpool.Pool, d pgxpool.TraceAcquireEndData) {
+	if cancel, ok := ctx.Value(cancelKey{}).(context.CancelFunc); ok && d.Err != nil {
+		cancel()
+	}
+}
+
+// TestOwnRefusalNeverReturned: when the caller's context ends just as the
+// pool refused a connect for want of a token (errNoToken), the caller
+// gets its context's error, as with pgxpool, with and without runtime
+// limits. Seen once in CI as "unexpected error: clusterpool: no connect
+// token now..." from a caller whose 0-30 ms deadline fell there.
+func TestOwnRefusalNeverReturned(t *testing.T) {
+	for _, limited := range []bool{false, true} {
+		p := startPool(t, "postgres://u@127.0.0.1:1/db?sslmode=disable", func(cfg *Config) {
+			cfg.MinConns, cfg.MaxConns = 2, 3
+			cfg.ConnectRate = 1 / (1000 * time.Hour).Seconds()
+			cfg.ConnConfig.Tracer = &cancelAtAcquireEnd{}
+		})
+		if limited {
+			p.SetAcquireTimeout(time.Hour)
+		}
+		emptyBucket(p.budget.limiter)
+		ctx, cancel := context.WithCancel(context.Background())
+		ctx = context.WithValue(ctx, cancelKey{}, cancel)
+		_, err := p.Acquire(ctx)
+		cancel()
+		if !errors.Is(err, context.Canceled) || errors.Is(err, errNoToken) {
+			t.Errorf("limits %v: Acquire returned %v, want context.Canceled", limited, err)
+		}
+	}
+}
