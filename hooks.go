@@ -353,7 +353,7 @@ func withReleaseTracer(user pgx.QueryTracer, rt releaseTracer) pgx.QueryTracer {
 }
 
 // userAcquireTracer passes the user's AcquireTracer every acquire but a
-// refill's (prune.go), which is not one of the user's.
+// refill's (refill.go), which is not one of the user's.
 type userAcquireTracer struct {
 	p    *Pool
 	user pgxpool.AcquireTracer

@@ -356,7 +356,7 @@ func (l *limits) enforce(ctx context.Context, now time.Time) bool {
 		l.excess.Store(0)
 	}
 	if total < effMin {
-		p.keep() // the background refill (prune.go), to the runtime MinConns
+		p.keep() // the background refill (refill.go), to the runtime MinConns
 		return true
 	}
 	return false

@@ -158,7 +158,7 @@ type Pool struct {
 	limits    *limits        // runtime limits (limits.go)
 	sweeps    atomic.Int32   // sweeps of idle connections under way (sweepIdle)
 	lastPrune atomic.Int64   // unix nanoseconds of the last round that pruned
-	keeper    keeper         // the background refill (prune.go)
+	keeper    keeper         // the background refill (refill.go)
 	balance   balanceState   // the balance rounds' memory (prune.go)
 	pace      probePace      // the probe's pace and what it aims at (probe.go)
 

@@ -1,7 +1,7 @@
 package clusterpool
 
 // The tracker records which connection is on which node. Contracts for the
-// rest of the package (hooks.go, prune.go, placement.go, health.go, probe.go,
+// rest of the package (hooks.go, prune.go, refill.go, placement.go, health.go, probe.go,
 // retry.go):
 //
 //   - connStateOf(conn) returns the *connState the pool stored in the
