@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net"
 	"slices"
@@ -90,15 +91,38 @@ type probeBackoff struct {
 	changes    uint64    // the pool's change count last seen
 	lastChange time.Time // when a change was last seen (first: the loop's start)
 	lastProbe  time.Time // when the last session probe ran (zero: none yet)
+	exploring  bool      // too few landings on the known nodes to back off
 }
 
-// observe returns b after looking at the pool's change count at now: a
-// change snaps the pace back to ProbeInterval.
-func (b probeBackoff) observe(changes uint64, now time.Time) probeBackoff {
+// observe returns b after looking at the pool's change count at now, and
+// at the nodes it knows (known) and the connections that landed on them
+// since it came to know that many (landed, tracker.coverage): a change
+// snaps the pace back to ProbeInterval. And the probe does not back off
+// while the pool may not have met every node yet: behind one address a
+// node is found only when a connection or a probe lands on it, one draw
+// in N, so a pool that knows k nodes keeps probing every interval until
+// enough draws have landed on those k that a node it has not met would
+// have shown up (coverLandings). A cold start's connects count, so this
+// costs a few probes after the start and after the number of nodes
+// changes, none at rest.
+func (b probeBackoff) observe(changes uint64, known int, landed uint64, now time.Time) probeBackoff {
 	if changes != b.changes || b.lastChange.IsZero() {
 		b.changes, b.lastChange = changes, now
 	}
+	b.exploring = landed < uint64(coverLandings(known))
 	return b
+}
+
+// coverLandings is how many draws of a random load balancer must all land
+// on k known nodes before a (k+1)th node would have been met with
+// probability 99%: the least m with (k/(k+1))^m ≤ 1%. 7 for one node, 12
+// for two, 17 for three, 21 for four, 44 for nine. 0 for none (no node
+// identified: nothing to count against).
+func coverLandings(k int) int {
+	if k <= 0 {
+		return 0
+	}
+	return int(math.Ceil(math.Log(0.01) / math.Log(float64(k)/float64(k+1))))
 }
 
 // probed returns b after a session probe at now.
@@ -116,6 +140,9 @@ func (b probeBackoff) probed(now time.Time) probeBackoff {
 // then each wait is half again as long as the one before (an eighth), up
 // to the limit; any change snaps the wait back to base.
 func (b probeBackoff) wait(base, limit time.Duration, missing bool) time.Duration {
+	if b.exploring {
+		return base
+	}
 	quiet := b.lastProbe.Sub(b.lastChange) // negative after a change: base
 	share := quiet / 2
 	if missing {
@@ -150,7 +177,8 @@ func probeWaitCap(base time.Duration) time.Duration {
 func (p *Pool) runProbe(ctx context.Context) {
 	// The loop's start counts as a probe: the first comes an interval later.
 	now := time.Now()
-	st := probeState{backoff: probeBackoff{}.observe(p.pace.changes.Load(), now).probed(now)}
+	known, landed := p.tracker.coverage()
+	st := probeState{backoff: probeBackoff{}.observe(p.pace.changes.Load(), known, landed, now).probed(now)}
 	base := p.settings.probeInterval
 	timer := time.NewTimer(jitter(base, rand.Float64()))
 	defer timer.Stop()
@@ -171,7 +199,8 @@ func (p *Pool) runProbe(ctx context.Context) {
 // session probe when one is due or a node is missed that gossip cannot
 // vouch for. It reports whether probing should go on.
 func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) bool {
-	st.backoff = st.backoff.observe(p.pace.changes.Load(), now)
+	known, landed := p.tracker.coverage()
+	st.backoff = st.backoff.observe(p.pace.changes.Load(), known, landed, now)
 	gossiped := p.gossipIdle(ctx, st, now)
 	if ctx.Err() != nil {
 		return false
@@ -340,6 +369,7 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 	}
 	now := time.Now()
 	p.tracker.seen(id, now)
+	p.tracker.landings.Add(1)
 	p.tracker.markHealthy(id, now)
 	if gossip && now.After(st.gossipAfter) {
 		if err := p.readGossip(ctx, conn, now); err != nil && !isTransient(err) {

@@ -10,7 +10,7 @@ import (
 // given offsets, and returns when the session probes ran (offsets from t0).
 func runBackoff(base, end time.Duration, changesAt ...time.Duration) []time.Duration {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	b := probeBackoff{}.observe(0, t0)
+	b := probeBackoff{}.observe(0, 3, 100, t0)
 	var changes uint64
 	var probes []time.Duration
 	for at := base; at <= end; at += base {
@@ -20,7 +20,7 @@ func runBackoff(base, end time.Duration, changesAt ...time.Duration) []time.Dura
 			}
 		}
 		now := t0.Add(at)
-		b = b.observe(changes, now)
+		b = b.observe(changes, 3, 100, now)
 		if b.due(now, base, probeWaitCap(base), false) {
 			b = b.probed(now)
 			probes = append(probes, at)
@@ -91,7 +91,7 @@ func TestProbeWaitCap(t *testing.T) {
 func TestProbeBackoffWait(t *testing.T) {
 	const base = time.Second
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	b := probeBackoff{}.observe(7, t0)
+	b := probeBackoff{}.observe(7, 3, 100, t0)
 	for _, tc := range []struct {
 		quiet, want time.Duration
 	}{
@@ -116,16 +116,16 @@ func TestProbeBackoffWait(t *testing.T) {
 	if late.due(t0.Add(time.Hour+2*base), base, probeWaitCap(base), false) {
 		t.Error("backed off: due two intervals after the last probe")
 	}
-	changed := late.observe(8, t0.Add(time.Hour+base))
+	changed := late.observe(8, 3, 100, t0.Add(time.Hour+base))
 	if !changed.due(t0.Add(time.Hour+base), base, probeWaitCap(base), false) {
 		t.Error("a change an interval after the last probe: not due at once")
 	}
-	if same := late.observe(7, t0.Add(time.Hour+base)); same.lastChange != t0 {
+	if same := late.observe(7, 3, 100, t0.Add(time.Hour+base)); same.lastChange != t0 {
 		t.Error("an unchanged count moved the last change")
 	}
 	// ProbeMaxInterval off (the limit is the interval): a probe at every
 	// tick, even ticks that the jitter brings 20% early.
-	off := probeBackoff{}.observe(1, t0).probed(t0)
+	off := probeBackoff{}.observe(1, 3, 100, t0).probed(t0)
 	for i := 1; i <= 20; i++ {
 		now := t0.Add(time.Duration(i) * base * 4 / 5)
 		if !off.due(now, base, base, false) {
@@ -136,5 +136,36 @@ func TestProbeBackoffWait(t *testing.T) {
 	// ProbeMaxInterval off (the limit is the interval): no back-off.
 	if got := b.probed(t0.Add(time.Hour)).wait(base, base, false); got != base {
 		t.Errorf("no back-off: wait %v, want %v", got, base)
+	}
+}
+
+func TestCoverLandings(t *testing.T) {
+	for k, want := range map[int]int{0: 0, 1: 7, 2: 12, 3: 17, 4: 21, 9: 44} {
+		if got := coverLandings(k); got != want {
+			t.Errorf("coverLandings(%d) = %d, want %d", k, got, want)
+		}
+	}
+}
+
+// A pool that may not have met every node yet (too few landings on the
+// nodes it knows) probes every interval, and backs off once enough have
+// landed.
+func TestProbeBackoffExplores(t *testing.T) {
+	const base = time.Second
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	quiet := t0.Add(time.Hour)
+	for _, tc := range []struct {
+		known  int
+		landed uint64
+		want   time.Duration
+	}{
+		{2, 6, base}, {2, 11, base}, {2, 12, probeWaitCap(base)},
+		{3, 16, base}, {3, 17, probeWaitCap(base)},
+		{0, 0, probeWaitCap(base)}, // nothing identified: nothing to count
+	} {
+		b := probeBackoff{}.observe(0, tc.known, tc.landed, t0).probed(quiet)
+		if got := b.wait(base, probeWaitCap(base), false); got != tc.want {
+			t.Errorf("%d nodes known, %d landed: wait %v, want %v", tc.known, tc.landed, got, tc.want)
+		}
 	}
 }

@@ -46,8 +46,16 @@ type tracker struct {
 	// suspect, when set, is told of a node whose connection failed
 	// pgxpool's acquire-time ping (Pool.callCut); it must not block.
 	suspect func(*node)
+	// landings counts connections that reached a node: every tracked
+	// connect, and every session probe that identified its node. Behind
+	// one address each is a draw of the load balancer, which is how the
+	// probe knows it has seen enough of them to have met every node
+	// (probeBackoff.observe).
+	landings atomic.Uint64
 
 	mu sync.Mutex // protects the fields below
+	// metAt is landings when the number of nodes last changed.
+	metAt uint64
 	// nodes holds every node with connections or seen recently.
 	nodes map[NodeID]*node
 	// localIDs maps a server address to the local NodeID assigned to it in
@@ -141,6 +149,7 @@ func (t *tracker) nodeLocked(id NodeID, now time.Time) *node {
 		n = &node{id: id, connSet: make(map[*connState]struct{})}
 		n.lastSeen.Store(now.UnixNano())
 		t.nodes[id] = n
+		t.metAt = t.landings.Load()
 	}
 	return n
 }
@@ -192,6 +201,7 @@ func (t *tracker) add(id NodeID, addr, host string, cleanupDone <-chan struct{},
 	n.mu.Unlock()
 	t.mu.Unlock()
 	t.obs.nodeSeen(n, addr)
+	t.landings.Add(1)
 
 	n.lastSeen.Store(now.UnixNano())
 	n.fullUntil.Store(0) // it took this one
@@ -304,6 +314,7 @@ func (t *tracker) expire(now time.Time, window time.Duration) []NodeID {
 		}
 	}
 	if len(gone) > 0 {
+		t.metAt = t.landings.Load()
 		for addr, id := range t.localIDs {
 			if _, ok := t.nodes[id]; !ok {
 				delete(t.localIDs, addr)
@@ -339,6 +350,14 @@ func (t *tracker) nodeList() []*node {
 	t.mu.Unlock()
 	slices.SortFunc(nodes, func(a, b *node) int { return compareIDs(a.id, b.id) })
 	return nodes
+}
+
+// coverage returns how many nodes the tracker knows, and how many
+// connections have landed (landings) since that number last changed.
+func (t *tracker) coverage() (known int, landed uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.nodes), t.landings.Load() - t.metAt
 }
 
 func compareIDs(a, b NodeID) int {
