@@ -80,8 +80,8 @@ var mutants = []mutant{
 	},
 	{
 		name:    "planner-never-prunes",
-		snippet: `func planPrune(nodes []nodeView, targets map[NodeID]int) map[NodeID]int {`,
-		replace: `func planPrune(nodes []nodeView, targets map[NodeID]int) map[NodeID]int {
+		snippet: `func planPrune(nodes []nodeView, targets map[NodeID]int, exact bool) map[NodeID]int {`,
+		replace: `func planPrune(nodes []nodeView, targets map[NodeID]int, exact bool) map[NodeID]int {
 	return nil`,
 		tests: []killer{
 			{"TestPlanPrune", unit},
@@ -147,8 +147,8 @@ func mutantNoEvict(class ErrorClass, err error) ErrorClass {
 	},
 	{
 		name:    "connect-limiter-bypassed",
-		snippet: `func (b *connectBudget) take(ctx context.Context, caller bool) (move bool, err error) { if b.limiter == nil {`,
-		replace: `func (b *connectBudget) take(ctx context.Context, caller bool) (move bool, err error) { if true {`,
+		snippet: `func (b *connectBudget) take(ctx context.Context, caller bool, yield func() bool) (move bool, err error) { if b.limiter == nil {`,
+		replace: `func (b *connectBudget) take(ctx context.Context, caller bool, yield func() bool) (move bool, err error) { if true {`,
 		tests: []killer{
 			{"TestBeforeConnectTakesALimiterToken", unit},
 			// TestBalanceConnectRateAfterRestart also kills it when the
