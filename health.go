@@ -467,6 +467,7 @@ func (h *healthChecker) dialNode(ctx context.Context, n *node) (answered, known 
 		return !nodeSilent(err), true
 	}
 	_ = conn.Close(ctx) // bounded by the check's context
+	n.tookSession()     // it had room for the check
 	return true, true
 }
 

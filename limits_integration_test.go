@@ -649,3 +649,37 @@ func TestLimitsShrinkUntracked(t *testing.T) {
 	})
 	ld.check(t)
 }
+
+// A node marked full (53300, or with hosts listed a host whose connect
+// failed over to another) is full until fullFor ends or a connection
+// reaches it: a probe that gets a session there counts, so a node that
+// failed over during a partition is used again once a probe reaches it
+// after the heal, not 30 s later. (TestPartition/Hosts waited 20 s for
+// node 2 with 'Full:true' under load: it had failed over just before the
+// heal, and the probes that reached it afterwards did not clear it.)
+func TestFullClearedByProbe(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	p := startPool(t, c.HostsDSN(), balancedConfig(3, 3))
+	const victim = 2
+	waitCond(t, func() string {
+		if s, _ := nodeStat(p, victim); s.TotalConns != 1 {
+			return fmt.Sprintf("pool's node %d: %+v", victim, s)
+		}
+		return spreadOf(c, 3)
+	})
+	p.markFull(victim, time.Now())
+	if s, _ := nodeStat(p, victim); !s.Full {
+		t.Fatalf("node %d not full after markFull: %+v", victim, s)
+	}
+	probes := p.ClusterStat().Probes()
+	waitCond(t, func() string {
+		if s, _ := nodeStat(p, victim); s.Full {
+			return fmt.Sprintf("node %d still full after %d probes", victim, p.ClusterStat().Probes()-probes)
+		}
+		return ""
+	})
+	if s, _ := nodeStat(p, victim); !s.Healthy {
+		t.Errorf("node %d: %+v", victim, s)
+	}
+}

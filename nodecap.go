@@ -88,10 +88,17 @@ func (p *Pool) fullNodes(nodes []*node, now time.Time) map[NodeID]bool {
 // full reports whether the node, healthy, takes no new connection now: it
 // refused one with 53300 (too many connections), or with hosts listed its
 // host refused a connect that then went to another host, within fullFor,
-// and no connection has reached it since. An evicted node is unhealthy,
-// not full.
+// and no session has reached it since (a pool connection, a probe, a
+// health check's dial: tookSession). An evicted node is unhealthy, not
+// full.
 func (n *node) full(now time.Time) bool {
 	return n.fullUntil.Load() > now.UnixNano() && !n.evicted.Load()
+}
+
+// tookSession records that the node accepted a new session (a pool
+// connection, a probe, a health check's dial): it is not full.
+func (n *node) tookSession() {
+	n.fullUntil.Store(0)
 }
 
 // capping reports whether connects must check node caps: a per-node cap is

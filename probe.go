@@ -370,6 +370,9 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 	now := time.Now()
 	p.tracker.seen(id, now)
 	p.tracker.landings.Add(1)
+	if n := p.tracker.node(id); n != nil {
+		n.tookSession() // it had room for the probe
+	}
 	p.tracker.markHealthy(id, now)
 	if gossip && now.After(st.gossipAfter) {
 		if err := p.readGossip(ctx, conn, now); err != nil && !isTransient(err) {

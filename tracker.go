@@ -204,7 +204,7 @@ func (t *tracker) add(id NodeID, addr, host string, cleanupDone <-chan struct{},
 	t.landings.Add(1)
 
 	n.lastSeen.Store(now.UnixNano())
-	n.fullUntil.Store(0) // it took this one
+	n.tookSession()
 	if !started.IsZero() && started.UnixNano() <= n.evictedAt.Load() {
 		cs.retire.Store(true)
 	} else {
