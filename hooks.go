@@ -304,37 +304,39 @@ func (releaseTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.Tra
 func (releaseTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
 
 func (rt releaseTracer) TraceRelease(_ *pgxpool.Pool, data pgxpool.TraceReleaseData) {
+	// Hot path: the checks inline, a call only for what is rare.
 	if cs := connStateOf(data.Conn); cs != nil {
-		rt.releasedTracked(cs, data.Conn)
+		cs.released()
+		if data.Conn.IsClosed() || cs.retire.Load() || cs.node.evicted.Load() {
+			rt.releasedClosing(cs, data.Conn)
+		}
 	}
-	if rt.p.limits.on() {
-		rt.p.limits.released(data.Conn)
-	} else if rt.p.limits != nil {
-		rt.p.limits.wakeRoom() // an acquirer refused a connect for want of a token (errNoToken)
+	if l := rt.p.limits; l != nil {
+		if l.active.Load() {
+			l.released(data.Conn)
+		} else if l.roomWaiting.Load() != 0 {
+			l.wakeRoom() // an acquirer refused a connect for want of a token (errNoToken)
+		}
 	}
 }
 
-// releasedTracked marks a tracked connection idle again; one that is going
-// away (broken, retired, or on an evicted node) is closed now, so pgxpool
-// destroys it on this release, and the pool refills in the background.
-func (rt releaseTracer) releasedTracked(cs *connState, conn *pgx.Conn) {
-	cs.released()
+// releasedClosing sees to a tracked connection released as it goes away
+// (broken, retired, or on an evicted node): one still open is closed now,
+// so pgxpool destroys it on this release, and the pool refills in the
+// background.
+func (rt releaseTracer) releasedClosing(cs *connState, conn *pgx.Conn) {
 	broken := conn.IsClosed() // pgxpool destroys it on this release
-	closing := broken
-	if !closing && (cs.retire.Load() || cs.node.evicted.Load()) {
+	if !broken {
 		// Back in the pool, it would be refused at a caller's acquire,
 		// which would then wait for a connect of its own.
 		closeQuietly(conn)
-		closing = true
 	}
-	if closing {
-		// Forgotten and refilled before the destroy frees the connection's
-		// place in the pool, so the refill is first in line for it: the
-		// caller that released it (a retry, say) would otherwise take the
-		// place and wait for the connect itself.
-		rt.p.tracker.untrack(cs, broken)
-		rt.p.keep()
-	}
+	// Forgotten and refilled before the destroy frees the connection's
+	// place in the pool, so the refill is first in line for it: the
+	// caller that released it (a retry, say) would otherwise take the
+	// place and wait for the connect itself.
+	rt.p.tracker.untrack(cs, broken)
+	rt.p.keep()
 }
 
 // withReleaseTracer installs rt next to the user's tracer, which keeps every
