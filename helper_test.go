@@ -112,3 +112,20 @@ func countsMatch(p *Pool, c *clustertest.Cluster) func() string {
 		return ""
 	}
 }
+
+// pollWindow tells how much a counter grew since the poll before last: what
+// the servers may still count for a moment after the pool is done with it
+// (a session the pool closed or refused is gone from a server a little
+// after the pool lets it go).
+type pollWindow struct{ prev, last int64 }
+
+// sinceLastPolls starts a window at the counter's value now.
+func sinceLastPolls(now int64) *pollWindow { return &pollWindow{now, now} }
+
+// poll records the counter's value now and returns its growth since the
+// poll before last.
+func (w *pollWindow) poll(now int64) int {
+	d := now - w.prev
+	w.prev, w.last = w.last, now
+	return int(d)
+}

@@ -143,13 +143,12 @@ func TestLimitsShrinkGrowUnderLoad(t *testing.T) {
 	// they may hold one more for each connection being opened now or
 	// opened since the poll before last, never more, and so at most 10 at
 	// a poll with no connect around it.
-	opened := []int64{p.Stat().NewConnsCount(), p.Stat().NewConnsCount()}
+	opened := sinceLastPolls(p.Stat().NewConnsCount())
 	for range 25 {
 		n := serverTotal(c)
 		st := p.Stat()
 		now := st.NewConnsCount()
-		recent := int(now-opened[0]) + int(st.ConstructingConns())
-		opened = []int64{opened[1], now}
+		recent := opened.poll(now) + int(st.ConstructingConns())
 		if o := st.TotalConns() - st.ConstructingConns(); o > 10 {
 			t.Fatalf("pool holds %d open connections after the shrink to 10; servers %v", o, c.OpenConns())
 		}
@@ -255,13 +254,11 @@ func TestLimitsPerNodeCap(t *testing.T) {
 			// a probe's session and the sessions the pool refused on
 			// landing (a redial, or a node at its cap): one more for each
 			// refused since the poll before last, and one for a probe.
-			refused := []int64{p.ClusterStat().Redials(), p.ClusterStat().Redials()}
+			refused := sinceLastPolls(p.ClusterStat().Redials())
 			serversWithin := func(limit int) {
 				t.Helper()
 				for range 25 {
-					now := p.ClusterStat().Redials()
-					recent := int(now - refused[0])
-					refused = []int64{refused[1], now}
+					recent := refused.poll(p.ClusterStat().Redials())
 					for id, n := range c.OpenConns() {
 						if n > limit && (mode == "hosts" || n > limit+1+recent) {
 							t.Errorf("settled at the cap %d, node %d holds %d on the server (pool: %v, new conns %d, redials %d, pruned %d, held %v, excess %d)",
