@@ -372,7 +372,7 @@ func TestTLSWrongCANotRetried(t *testing.T) {
 // dials it with the same verify-full TLS settings. A learned host without
 // TLS would be refused with 28000 and the node would get nothing.
 func testTLSGossipScaleOut(t *testing.T, c *clustertest.Cluster) {
-	p, _ := tlsPool(t, c.HostsDSN(), 12, "&cluster_probe_interval=200ms"+tlsBalanceParams)
+	p, pe := tlsPool(t, c.HostsDSN(), 12, "&cluster_probe_interval=200ms"+tlsBalanceParams)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := c.SetGossip(ctx, nil); err != nil {
@@ -395,7 +395,7 @@ func testTLSGossipScaleOut(t *testing.T, c *clustertest.Cluster) {
 	}
 	tlsWait(t, func() string {
 		if k := n4.OpenConns(); k < 3 {
-			return fmt.Sprintf("node 4, known only from gossip, holds %d connections; servers %v", k, c.OpenConns())
+			return fmt.Sprintf("node 4, known only from gossip, holds %d connections; servers %v; probe and gossip errors %v", k, c.OpenConns(), pe.list())
 		}
 		for _, s := range p.NodeStats() {
 			if int(s.ID) == n4.ID() && s.TotalConns >= 3 {
