@@ -220,3 +220,54 @@ func TestFleetGossip(t *testing.T) {
 	t.Logf("restart with gossip: node 1 holds %d (fair %d), %d probe sessions after it was back, peak %d new sessions/s there",
 		n1.OpenConns(), fleetPools*fleetConns/4, sessions5-sessions4, n1.PeakAcceptRate(back, time.Now(), time.Second))
 }
+
+// Without gossip a pool reads which nodes hold the fleet's sessions
+// (crdb_internal.cluster_sessions, readable by every user) over an idle
+// connection, and aims its probes at a node listed there that it has never
+// reached: here node 7, which no probe can reach, so only the sessions can
+// have named it. A snapshot without it ends the aiming.
+func TestFleetSessionsName(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	setSessions := func(rows string) {
+		for _, n := range c.Nodes() {
+			if err := n.ExecDirect(testCtx(t), `CREATE SCHEMA IF NOT EXISTS crdb_internal;
+CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, application_name TEXT);
+DELETE FROM crdb_internal.cluster_sessions;`+rows); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	setSessions(`INSERT INTO crdb_internal.cluster_sessions VALUES (1, 'other'), (7, 'other'), (7, 'other');`)
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 6, 6
+		cfg.BalanceInterval = fleetBalanceEvery
+		cfg.ProbeInterval = fleetProbeEvery
+	})
+	waitCond(t, func() string {
+		if m := p.missingNodes(); !slices.Contains(m, 7) {
+			return fmt.Sprintf("the pool misses %v, want node 7 (listed by the sessions only)", m)
+		}
+		return ""
+	})
+	// Aimed probes open up to aimedDials sessions each, none reaching node 7.
+	before := p.ClusterStat().ProbeSessions()
+	waitCond(t, func() string {
+		if n := p.ClusterStat().ProbeSessions() - before; n < 2*aimedDials {
+			return fmt.Sprintf("%d probe sessions since node 7 was named, want at least %d (two aimed probes)", n, 2*aimedDials)
+		}
+		return ""
+	})
+	for _, n := range p.NodeStats() {
+		if n.ID == 7 {
+			t.Errorf("node 7, named by the sessions and never reached, is among the pool's nodes: %+v", n)
+		}
+	}
+	setSessions("")
+	waitCond(t, func() string {
+		if m := p.missingNodes(); len(m) != 0 {
+			return fmt.Sprintf("with no session listed the pool still misses %v", m)
+		}
+		return ""
+	})
+}

@@ -41,11 +41,13 @@ FROM crdb_internal.gossip_liveness AS l LEFT JOIN crdb_internal.gossip_nodes AS 
 // probeState is the probe loop's memory between probes; only the loop
 // goroutine touches it.
 type probeState struct {
-	n            int          // session probes started; rotates the first host
-	unidentified int          // probes in a row that found no node identity
-	gossipAfter  time.Time    // do not query gossip before this
-	gossipRead   time.Time    // when gossip was last read over an idle connection
-	backoff      probeBackoff // when the next session probe is due
+	n             int          // session probes started; rotates the first host
+	unidentified  int          // probes in a row that found no node identity
+	gossipAfter   time.Time    // do not query gossip before this
+	gossipRead    time.Time    // when gossip was last read over an idle connection
+	sessionsAfter time.Time    // do not read the sessions before this
+	sessionsRead  time.Time    // when the sessions were last read
+	backoff       probeBackoff // when the next session probe is due
 }
 
 // probePace is what the probe loop learns from the rest of the pool: that
@@ -61,6 +63,9 @@ type probePace struct {
 	// gossipWell is each node's state at the last gossip read: live,
 	// active and not draining.
 	gossipWell map[NodeID]bool
+	// heard are nodes that hold sessions of the fleet, by the last read of
+	// crdb_internal.cluster_sessions, and that the pool has not reached.
+	heard map[NodeID]bool
 }
 
 // clusterChanged tells the probe that something changed (a node seen for
@@ -168,10 +173,11 @@ func probeWaitCap(base time.Duration) time.Duration {
 
 // runProbe discovers the cluster every ProbeInterval ±20%. When gossip is
 // readable it reads it over one of the pool's idle connections: no new
-// session. A session probe (one short-lived connection) runs on its own
-// back-off: every ProbeInterval while the pool changes, up to
-// ProbeMaxInterval apart while nothing does. When the pool
-// misses a node (evicted, or listed by gossip and never reached), the
+// session; when it is not, it reads which nodes hold the fleet's sessions
+// the same way (sessions.go). A session probe (one short-lived connection)
+// runs on its own back-off: every ProbeInterval while the pool changes, up
+// to ProbeMaxInterval apart while nothing does. When the pool misses a node
+// (evicted, or listed by gossip or the sessions and never reached), the
 // session probe aims at it. A new node joins the targets as soon as a probe
 // reaches it, and a node no probe reaches for the expiry window leaves them.
 func (p *Pool) runProbe(ctx context.Context) {
@@ -195,9 +201,10 @@ func (p *Pool) runProbe(ctx context.Context) {
 	}
 }
 
-// probeTick reads gossip over an idle connection when it can, and runs a
-// session probe when one is due or a node is missed that gossip cannot
-// vouch for. It reports whether probing should go on.
+// probeTick reads gossip over an idle connection when it can (else, when
+// due, the fleet's sessions: sessionsDue), and runs a session probe when one
+// is due or a node is missed that gossip cannot vouch for. It reports
+// whether probing should go on.
 func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) bool {
 	known, landed := p.tracker.coverage()
 	st.backoff = st.backoff.observe(p.pace.changes.Load(), known, landed, now)
@@ -207,6 +214,12 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	}
 	if gossiped {
 		st.gossipRead = now
+	} else if p.sessionsDue(st, now) && p.sessionsIdle(ctx, st, now) {
+		// A node heard of is a change: the session probe snaps back.
+		st.backoff = st.backoff.observe(p.pace.changes.Load(), known, landed, now)
+	}
+	if ctx.Err() != nil {
+		return false
 	}
 	missing := p.missingNodes()
 	if now.Sub(st.gossipRead) < p.settings.probeMaxInterval && len(missing) == 0 {
@@ -223,8 +236,9 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 
 // missingNodes returns the nodes the pool misses, sorted: evicted ones it
 // waits to see back (unless gossip says they are draining, leaving or not
-// live: then gossip will tell when they are back), those gossip lists that
-// it has never reached, and, when the pool holds at least a connection per
+// live: then gossip will tell when they are back), those gossip lists or
+// that hold sessions of the fleet (readSessions) that it has never reached,
+// and, when the pool holds at least a connection per
 // node, nodes that hold none of them and that nothing reached within the
 // refill window (their connections closed without an eviction, as idle ones
 // a drain closes do: the balance rounds cannot move connections there until
@@ -247,9 +261,11 @@ func (p *Pool) missingNodes() []NodeID {
 			ids = append(ids, id)
 		}
 	}
-	for id := range p.pace.wanted {
-		if !slices.Contains(ids, id) && p.tracker.node(id) == nil {
-			ids = append(ids, id)
+	for _, set := range []map[NodeID]bool{p.pace.wanted, p.pace.heard} {
+		for id := range set {
+			if !slices.Contains(ids, id) && p.tracker.node(id) == nil {
+				ids = append(ids, id)
+			}
 		}
 	}
 	p.pace.mu.Unlock()
@@ -257,16 +273,29 @@ func (p *Pool) missingNodes() []NodeID {
 	return ids
 }
 
-// gossipIdle reads gossip over one of the pool's idle connections, and
-// reports whether it did. It takes the idle connections for a moment
-// (sweepIdle: no caller waits on a connect for it, and a caller finds the
-// others back at once), keeps one on a healthy node and puts the rest back.
-// No idle connection, or gossip not readable: it reports false and the
-// probe opens a session.
+// gossipIdle reads gossip over one of the pool's idle connections
+// (overIdle), and reports whether it did. No idle connection, or gossip not
+// readable: it reports false and the probe opens a session.
 func (p *Pool) gossipIdle(ctx context.Context, st *probeState, now time.Time) bool {
 	if !now.After(st.gossipAfter) {
 		return false
 	}
+	ok, err := p.overIdle(ctx, func(ctx context.Context, conn *pgx.Conn) error {
+		return p.readGossip(ctx, conn, now)
+	})
+	if err != nil && !isTransient(err) {
+		st.gossipAfter = now.Add(gossipBackoff)
+	}
+	return ok
+}
+
+// overIdle runs read over one of the pool's idle connections and reports
+// whether it ran and succeeded; a probe is counted either way once a
+// connection was found. It takes the idle connections for a moment
+// (sweepIdle: no caller waits on a connect for it, and a caller finds the
+// others back at once), keeps one on a healthy node and puts the rest back.
+// No idle connection: false, nil.
+func (p *Pool) overIdle(ctx context.Context, read func(context.Context, *pgx.Conn) error) (bool, error) {
 	var conn *pgxpool.Conn
 	for _, c := range p.sweepIdle(ctx) {
 		cs := connStateOf(c.Conn())
@@ -277,26 +306,23 @@ func (p *Pool) gossipIdle(ctx context.Context, st *probeState, now time.Time) bo
 		releaseSwept(c)
 	}
 	if conn == nil {
-		return false
+		return false, nil
 	}
 	id := connStateOf(conn.Conn()).node.id
 	// Cutting the query short would cost the connection (pgconn closes one
 	// whose query it cancels) and open another: allow a slow server time.
 	qctx, cancel := context.WithTimeout(ctx, gossipReadTimeout)
-	err := p.readGossip(qctx, conn.Conn(), now)
+	err := read(qctx, conn.Conn())
 	cancel()
 	conn.Release()
 	if ctx.Err() != nil {
-		return false
+		return false, nil
 	}
 	if err != nil {
-		if !isTransient(err) {
-			st.gossipAfter = now.Add(gossipBackoff)
-		}
-		return false
+		return false, err
 	}
 	p.obs.probed(ctx, id, nil)
-	return true
+	return true, nil
 }
 
 // probe runs one session probe and reports whether probing should go on.

@@ -169,3 +169,48 @@ func TestProbeBackoffExplores(t *testing.T) {
 		}
 	}
 }
+
+// The fleet's sessions are read only when gossip cannot be (it says more),
+// with CockroachDB's node IDs, and twice per session-probe wait: every tick
+// after a change, further apart at rest; a refusal stops them.
+func TestSessionsDue(t *testing.T) {
+	const base = time.Second
+	limit := probeWaitCap(base)
+	p := &Pool{settings: settings{probeInterval: base, probeMaxInterval: limit, identity: NodeIdentityAuto}}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	refused := probeState{gossipAfter: t0.Add(gossipBackoff)}
+	atRest := func(st probeState, lastRead time.Time) probeState {
+		st.backoff = probeBackoff{}.observe(0, 3, 100, t0).probed(t0.Add(5 * time.Minute))
+		st.sessionsRead = lastRead
+		return st
+	}
+	now := t0.Add(5*time.Minute + time.Second) // gossip still refused
+	for _, tc := range []struct {
+		name string
+		st   probeState
+		now  time.Time
+		want bool
+	}{
+		{"gossip readable", probeState{}, t0, false},
+		{"gossip refused, never read", refused, t0, true},
+		{"at rest, read a quarter wait ago", atRest(refused, now.Add(-limit/4)), now, false},
+		{"at rest, read half a wait ago", atRest(refused, now.Add(-limit/2)), now, true},
+		{"after a change, read a tick ago", func() probeState {
+			st := refused
+			st.backoff = probeBackoff{}.observe(0, 3, 100, t0).probed(t0)
+			st.sessionsRead = t0
+			return st
+		}(), t0.Add(base), true},
+		{"sessions refused", probeState{gossipAfter: t0.Add(gossipBackoff), sessionsAfter: t0.Add(gossipBackoff)}, t0, false},
+	} {
+		if got := p.sessionsDue(&tc.st, tc.now); got != tc.want {
+			t.Errorf("%s: sessionsDue = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	// Node IDs that are not CockroachDB's cannot be matched to the list.
+	q := &Pool{settings: p.settings}
+	q.settings.identity = NodeIdentityQuery
+	if q.sessionsDue(&refused, t0) {
+		t.Error("sessionsDue with the query identity: true, want false")
+	}
+}

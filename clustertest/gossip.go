@@ -46,3 +46,45 @@ COMMIT;`
 	}
 	return nil
 }
+
+// SetSessions writes the sessions open now into every node's server as
+// CockroachDB's crdb_internal.cluster_sessions shows them: one row per
+// session on any node of the cluster, with the columns node_id and
+// application_name (CockroachDB has more). Every CockroachDB user can read
+// its own sessions there, on every node, without a privilege; a client that
+// reads it learns which nodes hold sessions, including nodes it has never
+// reached. The sessions are the proxies' counts (Node.OpenConnsByApp), so
+// nodes partitioned from the client are listed and killed ones are not.
+//
+// As with SetGossip the table is a snapshot: call SetSessions as often as
+// the test needs it current. It needs PostgreSQL servers, so it fails with
+// Options.InProcess.
+func (c *Cluster) SetSessions(ctx context.Context) error {
+	if c.opts.InProcess {
+		return errors.New("clustertest: SetSessions needs PostgreSQL servers, not Options.InProcess")
+	}
+	nodes := c.Nodes()
+	var counts []string
+	for _, n := range nodes {
+		for app, k := range n.OpenConnsByApp() {
+			counts = append(counts, fmt.Sprintf("(%d, %s, %d)", n.ID(), quoteLiteral(app), k))
+		}
+	}
+	insert := ""
+	if len(counts) > 0 {
+		insert = `INSERT INTO crdb_internal.cluster_sessions SELECT v.node_id, v.app FROM (VALUES ` +
+			strings.Join(counts, ", ") + `) AS v(node_id, app, k), generate_series(1, v.k);`
+	}
+	sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
+CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, application_name TEXT);
+BEGIN;
+DELETE FROM crdb_internal.cluster_sessions;
+` + insert + `
+COMMIT;`
+	for _, n := range nodes {
+		if err := n.ExecDirect(ctx, sql); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -78,3 +78,51 @@ func TestSetGossipInProcess(t *testing.T) {
 		t.Fatalf("SetGossip on an in-process cluster: %v, want an error naming Options.InProcess", err)
 	}
 }
+
+// SetSessions lists every open session of every node on every server, by
+// node and application_name, and a second call replaces the snapshot.
+func TestSetSessions(t *testing.T) {
+	c := New(t, Options{Nodes: 2})
+	ctx := testCtx(t)
+	// view reads the table through node id's proxy: "node app count" lines.
+	view := func(id int) string {
+		conn := connect(t, ctx, c.Node(id).DSN()+"&application_name=reader")
+		rows, err := conn.Query(ctx, `SELECT node_id, application_name, count(*) FROM crdb_internal.cluster_sessions GROUP BY 1, 2 ORDER BY 1, 2`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var lines []string
+		for rows.Next() {
+			var id, k int64
+			var app string
+			if err := rows.Scan(&id, &app, &k); err != nil {
+				t.Fatal(err)
+			}
+			lines = append(lines, fmt.Sprintf("%d %s %d", id, app, k))
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(lines, "\n")
+	}
+	// Two sessions of app a on node 2, none elsewhere but the reader's own.
+	connect(t, ctx, c.Node(2).DSN()+"&application_name=a")
+	connect(t, ctx, c.Node(2).DSN()+"&application_name=a")
+	if err := c.SetSessions(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := view(1), "2 a 2"; got != want {
+		t.Errorf("node 1's sessions:\n%s\nwant:\n%s", got, want)
+	}
+	// The reader's own session on node 1 shows at the next snapshot.
+	if err := c.SetSessions(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := view(1), "1 reader 1\n2 a 2"; got != want {
+		t.Errorf("node 1's sessions after a second snapshot:\n%s\nwant:\n%s", got, want)
+	}
+	if err := New(t, Options{Nodes: 1, InProcess: true}).SetSessions(ctx); err == nil || !strings.Contains(err.Error(), "InProcess") {
+		t.Errorf("SetSessions on an in-process cluster: %v, want an error naming Options.InProcess", err)
+	}
+}

@@ -58,13 +58,47 @@ var fleetScenario = scenario{
 			"as %d service replicas would run against one cluster: they start together on %d nodes behind the random load balancer; "+
 			"nothing changes from %v to %v (the at-rest window); node %d is added at %v; node 1 is drained at %v (57P01, %v connection wait), "+
 			"down, and back at %v; the run ends at %v. The servers' counts of each pool's sessions (by application_name), probes' sessions of a few "+
-			"milliseconds left out (each count is the median of five 100 ms samples). The cluster is even when every pool holds all its connections "+
+			"milliseconds left out (each count is the median of five 100 ms samples). "+
+			"%s "+
+			"The cluster is even when every pool holds all its connections "+
 			"within ±1 across the nodes and the node that (re)joined holds at least 95%% of its fair share, until the next event.",
 			o.pools, o.poolConns, fleetWorkersPerPool, o.pools, o.nodes, secs(tl.restFrom), secs(tl.add), o.nodes+1, secs(tl.add), secs(tl.drain),
-			secs(tl.drainWait), secs(tl.up), secs(tl.end))
+			secs(tl.drainWait), secs(tl.up), secs(tl.end), fleetViews(h))
 	},
 	clusterParams: func(h *harness) []string { return mergeParams(fleetClusterDefaults, h.userCluster) },
 	run:           runFleet,
+}
+
+// fleetViews says what the servers show a client of the cluster.
+func fleetViews(h *harness) string {
+	switch {
+	case h.opts.fleetGossip:
+		return "The servers show CockroachDB's gossip tables (-fleet-gossip), kept current as nodes join, drain and come back."
+	case h.inProcess:
+		return "The servers show neither gossip nor sessions (in-process backend)."
+	}
+	return "No gossip (a user without VIEWCLUSTERMETADATA); the servers show crdb_internal.cluster_sessions (every user reads its own sessions), rewritten every " +
+		secs(fleetSessionsEvery) + "."
+}
+
+// fleetSessionsEvery is how often the fleet's servers' sessions table is
+// rewritten (clustertest.Cluster.SetSessions).
+const fleetSessionsEvery = 200 * time.Millisecond
+
+// refreshSessions keeps the cluster's sessions table current until ctx
+// ends. A failed write leaves the last snapshot, as a slow node leaves
+// CockroachDB's view a little stale.
+func refreshSessions(ctx context.Context, c *clustertest.Cluster) {
+	t := time.NewTicker(fleetSessionsEvery)
+	defer t.Stop()
+	for {
+		_ = c.SetSessions(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 func secs(d time.Duration) string { return strconv.FormatFloat(d.Seconds(), 'f', -1, 64) + " s" }
@@ -131,6 +165,18 @@ func runFleet(ctx context.Context, h *harness, kind string) (res PoolResult, err
 	}
 	if err := gossip(ctx, nil); err != nil {
 		return res, err
+	}
+	// Without gossip the servers still show every pool's sessions in
+	// crdb_internal.cluster_sessions, as CockroachDB shows each user its
+	// own on every node, kept current every fleetSessionsEvery.
+	if !o.fleetGossip && !h.inProcess {
+		sctx, stop := context.WithCancel(ctx)
+		var swg sync.WaitGroup
+		swg.Go(func() { refreshSessions(sctx, c) })
+		defer func() {
+			stop()
+			swg.Wait()
+		}()
 	}
 
 	var restMu sync.Mutex // protects rest
