@@ -105,8 +105,8 @@ func (s *ClusterStat) ProbeFailures() int64 { return s.probeFailures }
 
 // ProbeSessions returns how many connections the probes opened (dials that
 // a server, or the load balancer in front of it, accepted); the probe closes
-// each at once. A probe that reads gossip over one of the pool's idle
-// connections opens none; one aimed at a node behind a load balancer may
+// each at once. A probe that reads gossip, or the fleet's sessions, over one
+// of the pool's idle connections opens none; one aimed at a node behind a load balancer may
 // open several.
 func (s *ClusterStat) ProbeSessions() int64 { return s.probeSessions }
 

@@ -72,6 +72,9 @@
 // given, so a client that reads them (to discover nodes, or to notice a
 // drain before it starts refusing connections) can be tested. The tables do
 // not follow AddNode, RemoveNode or Drain: call SetGossip again.
+// Cluster.SetSessions writes a snapshot of the sessions open on every node as
+// crdb_internal.cluster_sessions (node_id, application_name), which every
+// CockroachDB user can read for its own sessions.
 //
 // # Localities
 //
