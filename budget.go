@@ -15,8 +15,16 @@ import (
 // connectBudget is how many new connections the pool may open, and how fast
 // (Config.ConnectRate). The burst is at least the pool's MaxConns, so a cold
 // start fills the pool at once; what it slows are reconnect storms, such as a
-// whole pool reconnecting after a node restart. From the pool's creation on,
-// it never opens more than MaxConns + rate × (time since), redials included.
+// whole pool reconnecting after a node restart. Besides, the balancer has a
+// start allowance of half that burst (startAllowance), for the moves and
+// redials that even out where the cold start's connects landed: a cold start
+// through a random load balancer leaves the pool uneven and the bucket
+// empty, and at the limiter's rate alone the moves would take seconds. It
+// is spent by balancing only, never by refills, and lapses the first time a
+// balance round finds the pool steady with nothing to move. From the pool's
+// creation on, it never opens more than MaxConns + ⌈MaxConns/2⌉ + rate ×
+// (time since), redials included; refills alone never more than MaxConns +
+// rate × (time since).
 //
 // Two kinds of connect draw on it. Refills replace connections the pool lost
 // without meaning to (a drain, a crash, an eviction, a broken connection)
@@ -34,6 +42,8 @@ type connectBudget struct {
 	obs     *observer
 
 	mu sync.Mutex // protects the fields below
+	// start is what is left of the start allowance (0 once it lapsed).
+	start int
 	// replacements and redials hold, oldest first, until when each token a
 	// balance round took for a move's replacement, or for the redials that
 	// steer it, waits to be used. A connect uses a replacement token before
@@ -49,7 +59,39 @@ type connectBudget struct {
 const prepaidTTL = 10 * time.Second
 
 func newConnectBudget(perSecond float64, burst int, obs *observer) *connectBudget {
-	return &connectBudget{limiter: newConnectLimiter(perSecond, burst), obs: obs}
+	return &connectBudget{limiter: newConnectLimiter(perSecond, burst), obs: obs, start: startAllowance(burst)}
+}
+
+// startAllowance is the balancer's start allowance for a burst: half of
+// it, rounded up. With it a cold start opens at most 1.5 × the pool's size
+// before the limiter's rate adds to it.
+func startAllowance(burst int) int {
+	return (max(burst, 0) + 1) / 2
+}
+
+// endStart ends the start allowance: the pool was found balanced.
+func (b *connectBudget) endStart() {
+	b.mu.Lock()
+	b.start = 0
+	b.mu.Unlock()
+}
+
+// spareLocked is what balancing may spend at now: the limiter's tokens
+// above reserve, and the start allowance.
+func (b *connectBudget) spareLocked(now time.Time, reserve int) float64 {
+	return max(b.limiter.TokensAt(now)-float64(reserve), 0) + float64(b.start)
+}
+
+// spendLocked takes n tokens at now for balancing, from the start allowance
+// first and the limiter for the rest, and reports whether it could: all or
+// nothing.
+func (b *connectBudget) spendLocked(now time.Time, n int) bool {
+	fromStart := min(n, b.start)
+	if n > fromStart && !b.limiter.AllowN(now, n-fromStart) {
+		return false
+	}
+	b.start -= fromStart
+	return true
 }
 
 // newConnectLimiter returns the limiter for new connections, or nil when
@@ -210,12 +252,14 @@ func (b *connectBudget) prepay(now time.Time, want, dials, reserve int) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.expireLocked(now)
-	k := movesAffordable(b.limiter.TokensAt(now), reserve, want, dials, len(b.redials))
+	// The start allowance is balancing's own; the reserve is limiter
+	// tokens that refills need.
+	k := movesAffordable(b.spareLocked(now, reserve), 0, want, dials, len(b.redials))
 	if k == 0 {
 		return 0
 	}
 	cost := movesCost(k, dials, len(b.redials))
-	if !b.limiter.AllowN(now, cost) {
+	if !b.spendLocked(now, cost) {
 		return 0 // a refill took tokens meanwhile: next round
 	}
 	until := now.Add(prepaidTTL)
@@ -229,7 +273,8 @@ func (b *connectBudget) prepay(now time.Time, want, dials, reserve int) int {
 }
 
 // takeForRedial takes a token for a redial at now without waiting: one a
-// move prepaid, or one of the limiter's above reserve. Without one the
+// move prepaid, or one of the start allowance and the limiter's above
+// reserve. Without one the
 // connection in hand is kept: a redial is a new connection for the server
 // too.
 func (b *connectBudget) takeForRedial(now time.Time, reserve int) bool {
@@ -241,7 +286,7 @@ func (b *connectBudget) takeForRedial(now time.Time, reserve int) bool {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return movesAffordable(b.limiter.TokensAt(now), reserve, 1, 1, 0) == 1 && b.limiter.AllowN(now, 1)
+	return movesAffordable(b.spareLocked(now, reserve), 0, 1, 1, 0) == 1 && b.spendLocked(now, 1)
 }
 
 // replacementsOwed is how many moves' replacements no connect has started

@@ -115,6 +115,46 @@ func TestBudgetMovesPayFirst(t *testing.T) {
 	}
 }
 
+// The start allowance pays the moves that even out a cold start while the
+// limiter's bucket is empty, and only them: it never lends to refills, the
+// refill reserve stays the limiter's, and it lapses when the pool is found
+// balanced.
+func TestBudgetStartAllowance(t *testing.T) {
+	for burst, want := range map[int]int{0: 0, 1: 1, 24: 12, 25: 13} {
+		if got := startAllowance(burst); got != want {
+			t.Errorf("startAllowance(%d) = %d, want %d", burst, got, want)
+		}
+	}
+	now := time.Now()
+	b := newConnectBudget(10, 24, nil)
+	if !b.limiter.AllowN(now, 24) { // the cold start
+		t.Fatal("the cold start found no burst")
+	}
+	// 12 allowed, 3 per move: four moves, though the limiter is empty and
+	// its reserve is 8.
+	if got := b.prepay(now, 7, 3, 8); got != 4 {
+		t.Fatalf("moves paid from the start allowance: %d, want 4", got)
+	}
+	if got := b.prepay(now, 3, 3, 8); got != 0 {
+		t.Fatalf("moves paid once the allowance is spent and the bucket is empty: %d, want 0", got)
+	}
+	// Refills wait for the limiter: the allowance lent them nothing.
+	if b.limiter.AllowN(now, 1) {
+		t.Fatal("a refill found a token in an empty bucket")
+	}
+
+	// A redial may spend the allowance; endStart ends it.
+	b = newConnectBudget(10, 24, nil)
+	b.limiter.AllowN(now, 24)
+	if !b.takeForRedial(now, 8) {
+		t.Fatal("a cold start's redial found no token in the start allowance")
+	}
+	b.endStart()
+	if b.takeForRedial(now, 8) || b.prepay(now, 1, 1, 0) != 0 {
+		t.Fatal("the start allowance paid after it lapsed")
+	}
+}
+
 // Prepaid tokens a move never used are dropped after prepaidTTL, spent: the
 // pool never opens more than the limiter allows.
 func TestBudgetPrepaidExpire(t *testing.T) {

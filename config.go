@@ -137,7 +137,10 @@ type Config struct {
 
 	// ConnectRate limits how many new connections per second the pool opens.
 	// The burst is the pool's MaxConns, so a cold start or a full refill is not
-	// slowed; a reconnect storm after a node restart is. Zero means
+	// slowed; a reconnect storm after a node restart is. The balancer may open
+	// half a burst more once, to even out where the cold start's connections
+	// landed, so a pool opens at most MaxConns + ⌈MaxConns/2⌉ + rate × t in
+	// its first t seconds. Zero means
 	// DefaultConnectRate (10 per second), which ParseConfig also sets.
 	// Negative or +Inf means no limit, as in pgxpool; cluster_connect_rate=0
 	// (or off) in a connection string sets -1. NaN is an error. (Before, a

@@ -87,6 +87,10 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	exact := p.balance.observe(views, int(p.config.MinConns), settling, now, p.settings.balanceInterval/2)
 	p.balance.spreadJoins(views, exact, now, time.Duration(rand.Float64()*float64(p.settings.balanceInterval)))
 	plan := planBalance(views, p.seed, exact)
+	if exact && len(plan.Prune) == 0 {
+		// Steady at its targets: what the start allowance was for is done.
+		p.budget.endStart()
+	}
 	if settling {
 		// Connections are being opened (a refill after the last round): their
 		// nodes are not known yet, so pruning now would overshoot.
