@@ -225,7 +225,10 @@ func TestFleetGossip(t *testing.T) {
 // (crdb_internal.cluster_sessions, readable by every user) over an idle
 // connection, and aims its probes at a node listed there that it has never
 // reached: here node 7, which no probe can reach, so only the sessions can
-// have named it. A snapshot without it ends the aiming.
+// have named it. Once its aimed draws have missed node 7 as often as a
+// reachable node would have been met, it stops aiming there (node 7 might
+// be behind another region's load balancer) while node 7 stays listed; a
+// node listed anew is aimed at anew.
 func TestFleetSessionsName(t *testing.T) {
 	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
@@ -238,23 +241,38 @@ DELETE FROM crdb_internal.cluster_sessions;`+rows); err != nil {
 			}
 		}
 	}
-	setSessions(`INSERT INTO crdb_internal.cluster_sessions VALUES (1, 'other'), (7, 'other'), (7, 'other');`)
+	const listed = `INSERT INTO crdb_internal.cluster_sessions VALUES (1, 'other'), (7, 'other'), (7, 'other');`
+	setSessions(listed)
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
 		cfg.BalanceInterval = fleetBalanceEvery
 		cfg.ProbeInterval = fleetProbeEvery
 	})
-	waitCond(t, func() string {
+	aimed := func() string {
 		if m := p.missingNodes(); !slices.Contains(m, 7) {
 			return fmt.Sprintf("the pool misses %v, want node 7 (listed by the sessions only)", m)
 		}
 		return ""
-	})
+	}
+	waitCond(t, aimed)
 	// Aimed probes open up to aimedDials sessions each, none reaching node 7.
 	before := p.ClusterStat().ProbeSessions()
 	waitCond(t, func() string {
 		if n := p.ClusterStat().ProbeSessions() - before; n < 2*aimedDials {
 			return fmt.Sprintf("%d probe sessions since node 7 was named, want at least %d (two aimed probes)", n, 2*aimedDials)
+		}
+		return ""
+	})
+	heard := func() (missed int, ok bool) {
+		p.pace.mu.Lock()
+		defer p.pace.mu.Unlock()
+		missed, ok = p.pace.heard[7]
+		return missed, ok
+	}
+	waitCond(t, func() string {
+		missed, ok := heard()
+		if m := p.missingNodes(); slices.Contains(m, 7) || !ok {
+			return fmt.Sprintf("node 7, still listed, missed by %d aimed draws (listed %v): the pool misses %v, want it to have given up after %d", missed, ok, m, coverLandings(3))
 		}
 		return ""
 	})
@@ -265,9 +283,11 @@ DELETE FROM crdb_internal.cluster_sessions;`+rows); err != nil {
 	}
 	setSessions("")
 	waitCond(t, func() string {
-		if m := p.missingNodes(); len(m) != 0 {
-			return fmt.Sprintf("with no session listed the pool still misses %v", m)
+		if missed, ok := heard(); ok {
+			return fmt.Sprintf("with no session listed the pool still remembers node 7 (%d draws missed)", missed)
 		}
 		return ""
 	})
+	setSessions(listed)
+	waitCond(t, aimed)
 }

@@ -45,6 +45,7 @@ type probeState struct {
 	unidentified  int          // probes in a row that found no node identity
 	gossipAfter   time.Time    // do not query gossip before this
 	gossipRead    time.Time    // when gossip was last read over an idle connection
+	reached       NodeID       // the node the last session probe reached (0: none)
 	sessionsAfter time.Time    // do not read the sessions before this
 	sessionsRead  time.Time    // when the sessions were last read
 	backoff       probeBackoff // when the next session probe is due
@@ -64,8 +65,10 @@ type probePace struct {
 	// active and not draining.
 	gossipWell map[NodeID]bool
 	// heard are nodes that hold sessions of the fleet, by the last read of
-	// crdb_internal.cluster_sessions, and that the pool has not reached.
-	heard map[NodeID]bool
+	// crdb_internal.cluster_sessions, and that the pool has not reached,
+	// each with the draws of the probes aimed at it that missed it since it
+	// was first heard of (see readSessions).
+	heard map[NodeID]int
 }
 
 // clusterChanged tells the probe that something changed (a node seen for
@@ -231,7 +234,10 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		return true
 	}
 	st.backoff = st.backoff.probed(now)
-	return p.probe(ctx, st, missing, !gossiped)
+	st.reached = 0
+	goOn := p.probe(ctx, st, missing, !gossiped)
+	p.missedHeard(missing, st.reached)
+	return goOn
 }
 
 // missingNodes returns the nodes the pool misses, sorted: evicted ones it
@@ -261,11 +267,15 @@ func (p *Pool) missingNodes() []NodeID {
 			ids = append(ids, id)
 		}
 	}
-	for _, set := range []map[NodeID]bool{p.pace.wanted, p.pace.heard} {
-		for id := range set {
-			if !slices.Contains(ids, id) && p.tracker.node(id) == nil {
-				ids = append(ids, id)
-			}
+	for id := range p.pace.wanted {
+		if !slices.Contains(ids, id) && p.tracker.node(id) == nil {
+			ids = append(ids, id)
+		}
+	}
+	giveUp := coverLandings(len(nodes))
+	for id, missed := range p.pace.heard {
+		if missed < giveUp && !slices.Contains(ids, id) && p.tracker.node(id) == nil {
+			ids = append(ids, id)
 		}
 	}
 	p.pace.mu.Unlock()
@@ -393,6 +403,7 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 	if err != nil || id == 0 {
 		return 0, err
 	}
+	st.reached = id
 	now := time.Now()
 	p.tracker.seen(id, now)
 	p.tracker.landings.Add(1)

@@ -36,10 +36,14 @@ func (p *Pool) sessionsDue(st *probeState, now time.Time) bool {
 // (overIdle) and reports whether it did.
 func (p *Pool) sessionsIdle(ctx context.Context, st *probeState, now time.Time) bool {
 	ok, err := p.overIdle(ctx, p.readSessions)
-	if err != nil && !isTransient(err) {
+	switch {
+	case err != nil && !isTransient(err):
 		st.sessionsAfter = now.Add(gossipBackoff)
-	}
-	if ok {
+	case err != nil:
+		// A slow or failing fan-out (CockroachDB asks every node): wait
+		// as long as the probe waits at rest before asking again.
+		st.sessionsAfter = now.Add(p.settings.probeMaxInterval)
+	case ok:
 		st.sessionsRead = now
 	}
 	return ok
@@ -53,6 +57,13 @@ func (p *Pool) sessionsIdle(ctx context.Context, st *probeState, now time.Time) 
 // not after its own backed-off probes happen to land there. A node the
 // pool knows is left to its connections and probes: a listed session says
 // nothing about whether this client reaches it.
+//
+// Nor does it say that this client can reach a node it has not: replicas
+// behind another region's load balancer share the user and list their
+// nodes too. So the probe aims at a node heard of only until its aimed
+// draws have missed it as often as coverLandings says a reachable node
+// would have been met (missedHeard); then the pool stops aiming there for
+// as long as the node stays listed, and its back-off resumes.
 func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 	rows, err := conn.Query(ctx, sessionsQuery)
 	if err != nil {
@@ -62,16 +73,17 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 	if err != nil {
 		return err
 	}
-	heard := make(map[NodeID]bool)
-	for _, id := range ids {
-		if id > 0 && p.tracker.node(NodeID(id)) == nil {
-			heard[NodeID(id)] = true
-		}
-	}
+	heard := make(map[NodeID]int)
 	p.pace.mu.Lock()
 	news := false
-	for id := range heard {
-		news = news || !p.pace.heard[id]
+	for _, raw := range ids {
+		id := NodeID(raw)
+		if raw <= 0 || p.tracker.node(id) != nil {
+			continue
+		}
+		missed, known := p.pace.heard[id]
+		news = news || !known
+		heard[id] = missed
 	}
 	p.pace.heard = heard
 	p.pace.mu.Unlock()
@@ -79,4 +91,22 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		p.clusterChanged()
 	}
 	return nil
+}
+
+// missedHeard counts, for each node in missing that the pool has only
+// heard of, the draws of a session probe aimed at it that reached another
+// node (reached) or none: aimedDials behind one address, one with hosts
+// listed (the probe tries one host first).
+func (p *Pool) missedHeard(missing []NodeID, reached NodeID) {
+	draws := 1
+	if p.placement.mode == connectRedial {
+		draws = aimedDials
+	}
+	p.pace.mu.Lock()
+	defer p.pace.mu.Unlock()
+	for _, id := range missing {
+		if missed, ok := p.pace.heard[id]; ok && id != reached {
+			p.pace.heard[id] = missed + draws
+		}
+	}
 }
