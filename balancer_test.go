@@ -446,7 +446,7 @@ func TestInstallRedialRepeatsAllAttempts(t *testing.T) {
 	}
 	b := &placement{}
 	b.reached.Store(true) // a connect reached a node: redials are worth it
-	check := b.installRedial(cc, nil, true, false)
+	check := b.installRedial(cc, nil, true, false, &dialTokens{})
 	// The original plain attempt, then maxRedials copies of (TLS, plain).
 	if want := 1 + maxRedials*2; len(cc.Fallbacks) != want {
 		t.Fatalf("fallbacks after installRedial: %d, want %d", len(cc.Fallbacks), want)

@@ -20,8 +20,10 @@ import (
 // redials that even out where the cold start's connects landed: a cold start
 // through a random load balancer leaves the pool uneven and the bucket
 // empty, and at the limiter's rate alone the moves would take seconds. It
-// is spent by balancing only, never by refills, and lapses the first time a
-// balance round finds the pool steady with nothing to move. From the pool's
+// is spent by balancing only, never by refills, its moves only once the
+// pool holds MinConns (a pool still opening places its refills where it is
+// short), and it lapses the first time a balance round finds the pool
+// steady with nothing to move. From the pool's
 // creation on, it never opens more than MaxConns + ⌈MaxConns/2⌉ + rate ×
 // (time since), redials included; refills alone never more than MaxConns +
 // rate × (time since).
@@ -77,16 +79,16 @@ func (b *connectBudget) endStart() {
 }
 
 // spareLocked is what balancing may spend at now: the limiter's tokens
-// above reserve, and the start allowance.
-func (b *connectBudget) spareLocked(now time.Time, reserve int) float64 {
-	return max(b.limiter.TokensAt(now)-float64(reserve), 0) + float64(b.start)
+// above reserve, and allowance tokens of the start allowance.
+func (b *connectBudget) spareLocked(now time.Time, reserve, allowance int) float64 {
+	return max(b.limiter.TokensAt(now)-float64(reserve), 0) + float64(allowance)
 }
 
-// spendLocked takes n tokens at now for balancing, from the start allowance
-// first and the limiter for the rest, and reports whether it could: all or
-// nothing.
-func (b *connectBudget) spendLocked(now time.Time, n int) bool {
-	fromStart := min(n, b.start)
+// spendLocked takes n tokens at now for balancing, up to allowance of them
+// from the start allowance and the rest from the limiter, and reports
+// whether it could: all or nothing.
+func (b *connectBudget) spendLocked(now time.Time, n, allowance int) bool {
+	fromStart := min(n, allowance, b.start)
 	if n > fromStart && !b.limiter.AllowN(now, n-fromStart) {
 		return false
 	}
@@ -241,10 +243,11 @@ func (b *connectBudget) takePrepaid(now time.Time, pool *[]time.Time) bool {
 
 // prepay takes from the limiter, at now, the tokens for up to want moves of
 // dials tokens each (see dialsPerMove; redial tokens paid earlier and still
-// unused count), from the tokens above reserve, and returns how many moves
-// it paid for: the balance round retires that many connections, no more,
-// so it asks only for moves it can make.
-func (b *connectBudget) prepay(now time.Time, want, dials, reserve int) int {
+// unused count), from the tokens above reserve and, when start says so,
+// the start allowance, and returns how many moves it paid for: the balance
+// round retires that many connections, no more, so it asks only for moves
+// it can make.
+func (b *connectBudget) prepay(now time.Time, want, dials, reserve int, start bool) int {
 	if b.limiter == nil || want <= 0 {
 		return max(want, 0)
 	}
@@ -254,12 +257,16 @@ func (b *connectBudget) prepay(now time.Time, want, dials, reserve int) int {
 	b.expireLocked(now)
 	// The start allowance is balancing's own; the reserve is limiter
 	// tokens that refills need.
-	k := movesAffordable(b.spareLocked(now, reserve), 0, want, dials, len(b.redials))
+	allowance := 0
+	if start {
+		allowance = b.start
+	}
+	k := movesAffordable(b.spareLocked(now, reserve, allowance), 0, want, dials, len(b.redials))
 	if k == 0 {
 		return 0
 	}
 	cost := movesCost(k, dials, len(b.redials))
-	if !b.spendLocked(now, cost) {
+	if !b.spendLocked(now, cost, allowance) {
 		return 0 // a refill took tokens meanwhile: next round
 	}
 	until := now.Add(prepaidTTL)
@@ -286,7 +293,7 @@ func (b *connectBudget) takeForRedial(now time.Time, reserve int) bool {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return movesAffordable(b.spareLocked(now, reserve), 0, 1, 1, 0) == 1 && b.spendLocked(now, 1)
+	return movesAffordable(b.spareLocked(now, reserve, b.start), 0, 1, 1, 0) == 1 && b.spendLocked(now, 1, b.start)
 }
 
 // replacementsOwed is how many moves' replacements no connect has started

@@ -76,13 +76,13 @@ func TestMovesAffordable(t *testing.T) {
 func TestBudgetMovesPayFirst(t *testing.T) {
 	now := time.Now()
 	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(10), 24)}
-	if got := b.prepay(now, 5, 3, 8); got != 5 {
+	if got := b.prepay(now, 5, 3, 8, true); got != 5 {
 		t.Fatalf("prepay 5 moves of 3 with 24 tokens above a reserve of 8: paid %d", got)
 	}
 	if tokens := b.limiter.TokensAt(now); tokens != 9 {
 		t.Fatalf("tokens after prepaying 15: %v, want 9", tokens)
 	}
-	if got := b.prepay(now, 5, 3, 8); got != 1 {
+	if got := b.prepay(now, 5, 3, 8, true); got != 1 {
 		t.Fatalf("prepay again with 9 tokens, reserve 8, 3 per move, 10 redials paid: paid %d, want 1", got)
 	}
 	// That one cost a token: its redials were paid already.
@@ -132,11 +132,17 @@ func TestBudgetStartAllowance(t *testing.T) {
 	}
 	// 12 allowed, 3 per move: four moves, though the limiter is empty and
 	// its reserve is 8.
-	if got := b.prepay(now, 7, 3, 8); got != 4 {
+	if got := b.prepay(now, 7, 3, 8, true); got != 4 {
 		t.Fatalf("moves paid from the start allowance: %d, want 4", got)
 	}
-	if got := b.prepay(now, 3, 3, 8); got != 0 {
+	if got := b.prepay(now, 3, 3, 8, true); got != 0 {
 		t.Fatalf("moves paid once the allowance is spent and the bucket is empty: %d, want 0", got)
+	}
+	// A pool below MinConns does not spend it (start false).
+	c := newConnectBudget(10, 24, nil)
+	c.limiter.AllowN(now, 24)
+	if got := c.prepay(now, 7, 3, 8, false); got != 0 || c.start != 12 {
+		t.Fatalf("a pool below MinConns: %d moves paid, allowance left %d; want 0 and 12", got, c.start)
 	}
 	// Refills wait for the limiter: the allowance lent them nothing.
 	if b.limiter.AllowN(now, 1) {
@@ -150,7 +156,7 @@ func TestBudgetStartAllowance(t *testing.T) {
 		t.Fatal("a cold start's redial found no token in the start allowance")
 	}
 	b.endStart()
-	if b.takeForRedial(now, 8) || b.prepay(now, 1, 1, 0) != 0 {
+	if b.takeForRedial(now, 8) || b.prepay(now, 1, 1, 0, true) != 0 {
 		t.Fatal("the start allowance paid after it lapsed")
 	}
 }
@@ -160,7 +166,7 @@ func TestBudgetStartAllowance(t *testing.T) {
 func TestBudgetPrepaidExpire(t *testing.T) {
 	now := time.Now()
 	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(0.1), 10)}
-	if got := b.prepay(now, 2, 2, 0); got != 2 {
+	if got := b.prepay(now, 2, 2, 0, true); got != 2 {
 		t.Fatalf("paid %d, want 2", got)
 	}
 	if got := b.replacementsOwed(now.Add(prepaidTTL)); got != 2 {
@@ -179,7 +185,7 @@ func TestBudgetPrepaidExpire(t *testing.T) {
 // Without a limit every move is paid and every redial allowed.
 func TestBudgetNoLimit(t *testing.T) {
 	b := &connectBudget{}
-	if got := b.prepay(time.Now(), 7, 4, 100); got != 7 {
+	if got := b.prepay(time.Now(), 7, 4, 100, true); got != 7 {
 		t.Fatalf("no limit: paid %d of 7", got)
 	}
 	if !b.takeForRedial(time.Now(), 100) {

@@ -182,7 +182,7 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 	// it is tracked on its node, or until it fails.
 	id, addr, err := p.identify(ctx, conn)
 	if err != nil {
-		p.placement.counted(conn.PgConn())
+		p.placement.counted(conn.PgConn(), 0)
 		return err
 	}
 	var cs *connState
@@ -191,15 +191,21 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 		if addr == "" && p.settings.multiHost {
 			addr = host
 		}
+		// Tracked on its node and no longer reserved in one step, as a
+		// placement sees it: in between, a connect placed meanwhile would
+		// count it twice and pick another host.
+		p.placement.placeMu.Lock()
 		cs = p.tracker.trackConn(id, addr, host, conn, connectStart(conn), time.Now())
+		p.placement.counted(conn.PgConn(), id)
+		p.placement.placeMu.Unlock()
 		p.startOnTracked()
 		if err := p.learnLocality(ctx, conn, cs.node); err != nil {
 			p.tracker.untrack(cs, false) // pgxpool closes conn without BeforeClose
-			p.placement.counted(conn.PgConn())
 			return err
 		}
+	} else {
+		p.placement.counted(conn.PgConn(), 0)
 	}
-	p.placement.counted(conn.PgConn())
 	if p.userAfterConnect != nil {
 		if err := p.callAfterConnect(ctx, conn); err != nil {
 			p.tracker.untrack(cs, false) // pgxpool closes conn without BeforeClose

@@ -134,13 +134,62 @@ func newPlacement(p *Pool) *placement {
 // for the connect; move, that it replaces a connection a balance round
 // retired.
 func (pl *placement) place(ctx context.Context, cc *pgx.ConnConfig, now time.Time, caller, move bool) pgconn.ValidateConnectFunc {
+	pay := &dialTokens{}
+	var check pgconn.ValidateConnectFunc
 	switch pl.mode {
 	case connectPlaced:
-		return pl.placeHosts(ctx, cc, now)
+		check = pl.placeHosts(ctx, cc, now)
 	case connectRedial:
-		return pl.installRedial(cc, avoidNodesFrom(ctx), caller, move)
+		check = pl.installRedial(cc, avoidNodesFrom(ctx), caller, move, pay)
+	default:
+		return nil
 	}
-	return nil
+	pl.payDials(cc, pay, caller)
+	if check == nil {
+		return nil
+	}
+	return func(ctx context.Context, pgConn *pgconn.PgConn) error {
+		err := check(ctx, pgConn)
+		if err == nil {
+			pay.done.Store(true)
+		}
+		return err
+	}
+}
+
+// dialTokens is what one connect's dials have paid: BeforeConnect took the
+// first dial's token; a redial takes the next one before it refuses a
+// connection (paid). Once placement accepted a connection (done) the
+// connect is over: the connection's cancel requests dial with the same
+// DialFunc, from other goroutines, and are not sessions.
+type dialTokens struct {
+	dials atomic.Int32
+	paid  atomic.Bool
+	done  atomic.Bool
+}
+
+// payDials makes every dial of a connect after the first have a connect
+// token: pgconn dials the next host or copy of the address when an attempt
+// fails, and a server that refused the session (57P01 while it starts or
+// drains) has still counted it. A dial the redial did not pay for takes one
+// here, waiting as the connect's first did (BeforeConnect), so the pool
+// never opens more sessions than its budget, whatever the servers answer.
+func (pl *placement) payDials(cc *pgx.ConnConfig, pay *dialTokens, caller bool) {
+	dial := cc.DialFunc
+	if dial == nil || pl.p.budget == nil {
+		return
+	}
+	cc.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if pay.done.Load() {
+			return dial(ctx, network, addr)
+		}
+		if pay.dials.Add(1) > 1 && !pay.paid.Swap(false) {
+			if _, err := pl.p.budget.take(ctx, caller, nil); err != nil {
+				return nil, err
+			}
+		}
+		return dial(ctx, network, addr)
+	}
 }
 
 // liveNodes returns, for connect-time decisions, each eligible node's
@@ -152,14 +201,27 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 	nodes := pl.p.tracker.nodeList()
 	pl.mu.Lock()
 	pl.purgeReservationsLocked(now)
+	tracked := make(map[NodeID]bool, len(nodes))
+	for _, n := range nodes {
+		tracked[n.id] = true
+	}
 	pending := make(map[NodeID]int)
 	for _, r := range pl.reservations {
 		// The node behind the host now: a connect placed before its host
 		// was mapped counts towards the node another connect has since
-		// found there (0 while the host is still unmapped).
-		pending[pl.hostNodes[r.host]]++
+		// found there (0 while the host is unmapped, or mapped to a node
+		// the pool does not track yet).
+		id := pl.hostNodes[r.host]
+		if !tracked[id] {
+			id = 0
+		}
+		pending[id]++
 	}
 	unmapped := pending[0]
+	behindHost := make(map[NodeID]bool, len(pl.hostNodes))
+	for _, id := range pl.hostNodes {
+		behindHost[id] = true
+	}
 	pl.mu.Unlock()
 
 	info := make(map[NodeID]placementNode, len(nodes))
@@ -194,6 +256,15 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 			full = c >= perNode
 		}
 		info[n.id] = placementNode{Conns: c, Eligible: ok, Outside: outside, Full: full}
+	}
+	// An unmapped host stands for a node not met yet, unless the pool
+	// knows an eligible node that no host maps to (a probe met it, or
+	// its connections are gone): that node is the one behind such a host,
+	// and a slot for both would lower every other node's target.
+	for _, id := range eligible {
+		if unmappedHosts > 0 && !behindHost[id] {
+			unmappedHosts--
+		}
 	}
 	for i := range unmappedHosts {
 		eligible = append(eligible, NodeID(-1-i)) // never a real node ID
@@ -240,11 +311,19 @@ func (pl *placement) placeHosts(ctx context.Context, cc *pgx.ConnConfig, now tim
 	pl.mu.Lock()
 	for i, g := range groups {
 		hostNodes[i] = pl.hostNodes[g.key]
+	}
+	pl.mu.Unlock()
+	for i, id := range hostNodes {
+		// A host whose node the pool does not track yet (the BackendKey
+		// named it at connect, AfterConnect has not counted it) counts as
+		// unmapped: its connects under way are still its reservations.
+		if id != 0 && pl.p.tracker.node(id) == nil {
+			hostNodes[i] = 0
+		}
 		if hostNodes[i] == 0 {
 			unmapped++
 		}
 	}
-	pl.mu.Unlock()
 	info, _ := pl.liveNodes(now, 1, unmapped)
 	for _, id := range avoidNodesFrom(ctx) {
 		if n, ok := info[id]; ok {
@@ -481,8 +560,13 @@ func (pl *placement) connected(res *reservation, reserved string, pgConn *pgconn
 }
 
 // counted drops the reservation of the connect that opened pgConn, once
-// AfterConnect has counted the connection on its node or failed it.
-func (pl *placement) counted(pgConn *pgconn.PgConn) {
+// AfterConnect has counted the connection on its node (id) or failed it (id
+// 0). With hosts listed it first maps the host the connection reached to
+// id, in the same step: from then on the connection counts on the host
+// through its node, where until then the reservation counted it. Left to
+// the next balance round (learnHosts), the host would have looked emptier
+// than it was to the connects placed meanwhile.
+func (pl *placement) counted(pgConn *pgconn.PgConn, id NodeID) {
 	releaseCapSlot(pgConn)
 	res, _ := pgConn.CustomData()[reservationKey].(*reservation)
 	if res == nil {
@@ -491,6 +575,9 @@ func (pl *placement) counted(pgConn *pgconn.PgConn) {
 	delete(pgConn.CustomData(), reservationKey)
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
+	if id != 0 && pl.mode == connectPlaced && res.host != "" && !res.capRefused {
+		pl.hostNodes[res.host] = id
+	}
 	pl.reservations = slices.DeleteFunc(pl.reservations, func(r *reservation) bool { return r == res })
 }
 

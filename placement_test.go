@@ -30,7 +30,7 @@ func TestInstallRedialOnlyOnceReached(t *testing.T) {
 	}
 	pl := &placement{}
 	cc := parse()
-	check := pl.installRedial(cc, nil, true, false)
+	check := pl.installRedial(cc, nil, true, false, &dialTokens{})
 	if len(cc.Fallbacks) != 0 {
 		t.Fatalf("no connect reached a node yet: %d fallbacks added, want none", len(cc.Fallbacks))
 	}
@@ -39,7 +39,7 @@ func TestInstallRedialOnlyOnceReached(t *testing.T) {
 	}
 
 	cc = parse()
-	pl.installRedial(cc, nil, true, false)
+	pl.installRedial(cc, nil, true, false, &dialTokens{})
 	if len(cc.Fallbacks) != maxRedials {
 		t.Fatalf("after a connect reached a node: %d fallbacks, want %d", len(cc.Fallbacks), maxRedials)
 	}
@@ -47,13 +47,13 @@ func TestInstallRedialOnlyOnceReached(t *testing.T) {
 		t.Fatalf("a failed dial (%v) left reached %v", err, pl.reached.Load())
 	}
 	cc = parse()
-	pl.installRedial(cc, nil, true, false)
+	pl.installRedial(cc, nil, true, false, &dialTokens{})
 	if len(cc.Fallbacks) != 0 {
 		t.Fatalf("after a failed dial: %d fallbacks added, want none", len(cc.Fallbacks))
 	}
 
 	cc = parse()
-	pl.installRedial(cc, []NodeID{1}, true, false)
+	pl.installRedial(cc, []NodeID{1}, true, false, &dialTokens{})
 	if len(cc.Fallbacks) != maxRedials {
 		t.Fatalf("a retry avoiding node 1: %d fallbacks, want %d", len(cc.Fallbacks), maxRedials)
 	}
@@ -163,5 +163,45 @@ func TestMoveLanding(t *testing.T) {
 	}
 	if pl.overTarget(3, now) {
 		t.Error("overTarget(3): the pool's other connects keep a node one above the lightest")
+	}
+}
+
+// Every dial of a connect after the first has a connect token: one the
+// redial took before refusing a connection, or one payDials takes, waiting
+// for it as BeforeConnect does. A server that counted a refused session
+// (57P01 while it starts) cannot make the pool dial past its budget.
+func TestPayDials(t *testing.T) {
+	dials := 0
+	cc, err := pgx.ParseConfig("postgres://u@lb.example:26257/db?sslmode=disable")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc.DialFunc = func(context.Context, string, string) (net.Conn, error) {
+		dials++
+		return nil, errors.New("refused")
+	}
+	now := time.Now()
+	b := newConnectBudget(0.001, 2, nil) // two tokens, then none for 1,000 s
+	b.limiter.AllowN(now, 1)             // the first dial's, taken in BeforeConnect
+	pl := &placement{p: &Pool{budget: b}}
+	pay := &dialTokens{}
+	pl.payDials(cc, pay, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, _ = cc.DialFunc(ctx, "tcp", "lb.example:26257") // paid in BeforeConnect
+	pay.paid.Store(true)                               // as a redial that took its token
+	_, _ = cc.DialFunc(ctx, "tcp", "lb.example:26257")
+	_, _ = cc.DialFunc(ctx, "tcp", "lb.example:26257") // takes the last token
+	if dials != 3 {
+		t.Fatalf("%d dials with three tokens, want 3", dials)
+	}
+	if _, err := cc.DialFunc(ctx, "tcp", "lb.example:26257"); err == nil || dials != 3 {
+		t.Fatalf("a fourth dial with no token left: dialled %d times, err %v; want no dial and the limiter's error", dials, err)
+	}
+	// Once the connect is over, the connection's cancel requests dial
+	// freely: they are not sessions.
+	pay.done.Store(true)
+	if _, _ = cc.DialFunc(ctx, "tcp", "lb.example:26257"); dials != 4 {
+		t.Fatalf("a cancel request's dial after the connect: dialled %d times in all, want 4", dials)
 	}
 }

@@ -142,7 +142,12 @@ func (p *Pool) payMoves(plan balancePlan, views []nodeView, now time.Time) map[N
 		}
 	}
 	dials := dialsPerMove(p.placement.mode != connectRedial, takers, reachable)
-	paid := p.budget.prepay(now, want, dials, refillReserve(int(p.config.MaxConns), nodes))
+	// The start allowance evens out where a full pool's connections landed;
+	// a pool below MinConns is still opening (a connect of the cold start
+	// failed, or a refill is under way), and its refills are placed where
+	// the pool is short, which may need no move at all.
+	start := p.openConns() >= p.minConnsNow(now)
+	paid := p.budget.prepay(now, want, dials, refillReserve(int(p.config.MaxConns), nodes), start)
 	return paidPrune(plan.Prune, moving, paid)
 }
 

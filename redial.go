@@ -31,7 +31,7 @@ var errOverTarget = errors.New("clusterpool: node is above its connection target
 // Behind a random balancer each dial is a fresh draw: this reaches the
 // under-filled node in fewer balancing rounds for the same number of
 // connections opened.
-func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, move bool) pgconn.ValidateConnectFunc {
+func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, move bool, pay *dialTokens) pgconn.ValidateConnectFunc {
 	capped := pl.p != nil && pl.p.limits.capping()
 	if !pl.reached.Load() && len(avoid) == 0 && !capped {
 		return func(context.Context, *pgconn.PgConn) error {
@@ -112,6 +112,7 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 		}
 		releaseCapSlot(pgConn)
 		pl.redials.Add(1)
+		pay.paid.Store(true)
 		return errOverTarget
 	}
 }

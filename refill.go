@@ -107,11 +107,19 @@ func (p *Pool) runKeep(ctx context.Context) {
 // refillNeed is how many connections the pool should open now: MinConns
 // and MaxConns are the runtime ones when limits are in force (limits.go).
 func (p *Pool) refillNeed(now time.Time) int {
-	minConns, maxConns := int(p.config.MinConns), int(p.config.MaxConns)
+	maxConns := int(p.config.MaxConns)
 	if p.limits.on() {
-		minConns, maxConns = p.limits.effectiveMin(now), p.limits.effectiveMax(now)
+		maxConns = p.limits.effectiveMax(now)
 	}
-	return refillCount(minConns, maxConns, p.openConns(), int(p.pool.Stat().ConstructingConns()), p.budget.replacementsOwed(now))
+	return refillCount(p.minConnsNow(now), maxConns, p.openConns(), int(p.pool.Stat().ConstructingConns()), p.budget.replacementsOwed(now))
+}
+
+// minConnsNow is MinConns, the runtime one when limits are in force.
+func (p *Pool) minConnsNow(now time.Time) int {
+	if p.limits.on() {
+		return p.limits.effectiveMin(now)
+	}
+	return int(p.config.MinConns)
 }
 
 // refillInstead reports whether the pool, not counting a caller's connect
@@ -120,10 +128,7 @@ func (p *Pool) refillNeed(now time.Time) int {
 // caller may wait for a connection released meanwhile instead of for the
 // limiter. It asks the keeper to look.
 func (p *Pool) refillInstead() bool {
-	minConns := int(p.config.MinConns)
-	if p.limits.on() {
-		minConns = p.limits.effectiveMin(time.Now())
-	}
+	minConns := p.minConnsNow(time.Now())
 	if p.openConns()+max(int(p.pool.Stat().ConstructingConns())-1, 0) >= minConns {
 		return false
 	}
