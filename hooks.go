@@ -134,7 +134,7 @@ func backgroundConnect(ctx context.Context) bool {
 }
 
 // connectStartKey is where a new connection's CustomData holds the time its
-// connect began, for trackConn.
+// connect began, for the tracker's welcome.
 const connectStartKey = "clusterpool.connectStart"
 
 // chainValidateConnect sets cc.ValidateConnect, which pgconn calls with each
@@ -191,13 +191,16 @@ func (p *Pool) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 		if addr == "" && p.settings.multiHost {
 			addr = host
 		}
-		// Tracked on its node and no longer reserved in one step, as a
+		// Counted on its node and no longer reserved in one step, as a
 		// placement sees it: in between, a connect placed meanwhile would
-		// count it twice and pick another host.
+		// count it twice and pick another host. No tracer runs under the
+		// lock (a tracer may use the pool); welcome calls them after.
+		now := time.Now()
 		p.placement.placeMu.Lock()
-		cs = p.tracker.trackConn(id, addr, host, conn, connectStart(conn), time.Now())
+		cs = p.tracker.countConn(id, addr, host, conn, now)
 		p.placement.counted(conn.PgConn(), id)
 		p.placement.placeMu.Unlock()
+		p.tracker.welcome(cs, addr, connectStart(conn), now)
 		p.startOnTracked()
 		if err := p.learnLocality(ctx, conn, cs.node); err != nil {
 			p.tracker.untrack(cs, false) // pgxpool closes conn without BeforeClose

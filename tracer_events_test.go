@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -224,4 +225,47 @@ func TestTraceGossipDraining(t *testing.T) {
 
 	gossip(nil)
 	waitEvent(t, r, "node 2 no longer draining", func(e TraceNodeDrainingData) bool { return e.Node == 2 && !e.Draining })
+}
+
+// nodeAddedUser uses the pool from the first TraceNodeAdded; later calls
+// return at once (a sync.Once would make them wait for the first).
+type nodeAddedUser struct {
+	used atomic.Bool
+	err  chan error
+}
+
+func (u *nodeAddedUser) TraceNodeAdded(ctx context.Context, p *Pool, _ TraceNodeAddedData) {
+	if u.used.Swap(true) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, condTimeout)
+	defer cancel()
+	_, err := p.Exec(ctx, "SELECT 1")
+	u.err <- err
+}
+func (u *nodeAddedUser) TraceNodeRemoved(context.Context, *Pool, TraceNodeRemovedData)   {}
+func (u *nodeAddedUser) TraceNodeHealth(context.Context, *Pool, TraceNodeHealthData)     {}
+func (u *nodeAddedUser) TraceNodeDraining(context.Context, *Pool, TraceNodeDrainingData) {}
+
+// A tracer may use the pool: the pool calls no tracer while it holds a lock
+// that placing a connect needs. Here the first connection's AfterConnect
+// calls TraceNodeAdded, whose query needs a second connection, placed over
+// the listed hosts while the first is being counted.
+func TestTracerMayUseThePool(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, InProcess: true})
+	u := &nodeAddedUser{err: make(chan error, 1)}
+	p := startPool(t, c.HostsDSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 0, 2
+		cfg.Tracer = u
+	})
+	go func() { _ = p.Ping(testCtx(t)) }()
+	select {
+	case err := <-u.err:
+		if err != nil {
+			t.Fatalf("a query from TraceNodeAdded: %v", err)
+		}
+	case <-time.After(condTimeout):
+		t.Fatalf("a query from TraceNodeAdded did not return within %v: the pool called the tracer under a lock", condTimeout)
+	}
 }

@@ -13,7 +13,7 @@ package clusterpool
 //   - node.evicted: while set, PrepareConn refuses every connection on the
 //     node (hot path: one atomic load). Eviction is health.go's
 //     (tracker.evict, markHealthy, recordFailure). A successful connect to
-//     the node (trackConn) marks it healthy and seen.
+//     the node (countConn, welcome) marks it healthy and seen.
 //   - node counters retries, pruned, evictions: atomics the balance rounds,
 //     retry code and eviction increment; NodeStats reports them.
 //   - tracker.seen(id, now) records that something (probe, query) reached the
@@ -174,10 +174,12 @@ func (t *tracker) localID(addr string) NodeID {
 	return t.lastLocalID
 }
 
-// trackConn records a new connection on node id, whose connect began at
-// started (zero: unknown), and stores its state in the connection.
-func (t *tracker) trackConn(id NodeID, addr, host string, conn *pgx.Conn, started, now time.Time) *connState {
-	cs := t.add(id, addr, host, conn.PgConn().CleanupDone(), started, now)
+// countConn records a new connection on node id and stores its state in
+// the connection: the first step of tracking it. It calls no tracer, so it
+// may run under a lock of the pool's; welcome (with the time its connect
+// began) must follow.
+func (t *tracker) countConn(id NodeID, addr, host string, conn *pgx.Conn, now time.Time) *connState {
+	cs := t.count(id, addr, host, conn.PgConn().CleanupDone(), now)
 	conn.PgConn().CustomData()[customDataKey] = cs
 	return cs
 }
@@ -189,7 +191,16 @@ func (t *tracker) trackConn(id NodeID, addr, host string, conn *pgx.Conn, starte
 // healthy, and it is marked to retire, as the node's other connections were
 // at the eviction.
 func (t *tracker) add(id NodeID, addr, host string, cleanupDone <-chan struct{}, started, now time.Time) *connState {
+	cs := t.count(id, addr, host, cleanupDone, now)
+	t.welcome(cs, addr, started, now)
+	return cs
+}
+
+// count is add's first step: the connection counts on node id. It calls
+// no tracer.
+func (t *tracker) count(id NodeID, addr, host string, cleanupDone <-chan struct{}, now time.Time) *connState {
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	n := t.nodeLocked(id, now)
 	cs := &connState{node: n, host: host, cleanupDone: cleanupDone}
 	n.mu.Lock()
@@ -199,7 +210,14 @@ func (t *tracker) add(id NodeID, addr, host string, cleanupDone <-chan struct{},
 	n.connSet[cs] = struct{}{}
 	n.conns.Add(1)
 	n.mu.Unlock()
-	t.mu.Unlock()
+	return cs
+}
+
+// welcome is add's second step, for a connection count has counted: the
+// node is seen (a tracer learns of a new node), and healthy unless the
+// connection was dialled before its last eviction.
+func (t *tracker) welcome(cs *connState, addr string, started, now time.Time) {
+	n := cs.node
 	t.obs.nodeSeen(n, addr)
 	t.landings.Add(1)
 
@@ -208,9 +226,8 @@ func (t *tracker) add(id NodeID, addr, host string, cleanupDone <-chan struct{},
 	if !started.IsZero() && started.UnixNano() <= n.evictedAt.Load() {
 		cs.retire.Store(true)
 	} else {
-		t.markHealthy(id, now)
+		t.markHealthy(n.id, now)
 	}
-	return cs
 }
 
 // untrack forgets a connection that is closing. broken says pgconn had
