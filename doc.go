@@ -22,7 +22,9 @@
 // (Config.ConnectRate). A probe, every Config.ProbeInterval and backing off
 // to Config.ProbeMaxInterval at rest, finds new, drained and returning nodes,
 // from CockroachDB's gossip tables over an idle connection when it may read
-// them. Config.Locality keeps connections in the client's zone or region.
+// them, else from the nodes that hold the fleet's sessions
+// (crdb_internal.cluster_sessions, which every user may read for its own).
+// Config.Locality keeps connections in the client's zone or region.
 //
 // # Retries
 //
