@@ -253,8 +253,14 @@ func (p *Pool) refillWindow() time.Duration {
 // the size it has rather than not at all.
 func (p *Pool) settling(now time.Time) bool {
 	st := p.pool.Stat()
-	if st.ConstructingConns() > 0 {
-		return true
+	if c := st.ConstructingConns(); c > 0 {
+		// Under runtime limits a pool at its runtime size has no connect
+		// under way that BeforeConnect will admit (admitConnect): those
+		// are acquirers' first tries, refused at once, and under load
+		// there may always be one. They change no node's count.
+		if !p.limits.on() || int(st.TotalConns()-c) < p.limits.effectiveMax(now) {
+			return true
+		}
 	}
 	if st.TotalConns() < p.config.MinConns && now.Sub(time.Unix(0, p.lastPrune.Load())) < refillWait {
 		return true
