@@ -144,9 +144,8 @@ func (pl *placement) place(ctx context.Context, cc *pgx.ConnConfig, now time.Tim
 	default:
 		return nil
 	}
-	pl.payDials(cc, pay, caller)
-	if check == nil {
-		return nil
+	if !pl.payDials(cc, pay, caller) || check == nil {
+		return check
 	}
 	return func(ctx context.Context, pgConn *pgconn.PgConn) error {
 		err := check(ctx, pgConn)
@@ -174,10 +173,11 @@ type dialTokens struct {
 // drains) has still counted it. A dial the redial did not pay for takes one
 // here, waiting as the connect's first did (BeforeConnect), so the pool
 // never opens more sessions than its budget, whatever the servers answer.
-func (pl *placement) payDials(cc *pgx.ConnConfig, pay *dialTokens, caller bool) {
+// It reports whether it did anything: not without a connect limit.
+func (pl *placement) payDials(cc *pgx.ConnConfig, pay *dialTokens, caller bool) bool {
 	dial := cc.DialFunc
-	if dial == nil || pl.p.budget == nil {
-		return
+	if dial == nil || pl.p.budget == nil || pl.p.budget.limiter == nil {
+		return false
 	}
 	cc.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		if pay.done.Load() {
@@ -190,6 +190,7 @@ func (pl *placement) payDials(cc *pgx.ConnConfig, pay *dialTokens, caller bool) 
 		}
 		return dial(ctx, network, addr)
 	}
+	return true
 }
 
 // liveNodes returns, for connect-time decisions, each eligible node's

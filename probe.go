@@ -46,6 +46,7 @@ type probeState struct {
 	gossipAfter   time.Time    // do not query gossip before this
 	gossipRead    time.Time    // when gossip was last read over an idle connection
 	reached       NodeID       // the node the last session probe reached (0: none)
+	draws         int          // connections the last session probe landed, refused ones included
 	sessionsAfter time.Time    // do not read the sessions before this
 	sessionsRead  time.Time    // when the sessions were last read
 	backoff       probeBackoff // when the next session probe is due
@@ -234,9 +235,9 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		return true
 	}
 	st.backoff = st.backoff.probed(now)
-	st.reached = 0
+	st.reached, st.draws = 0, 0
 	goOn := p.probe(ctx, st, missing, !gossiped)
-	p.missedHeard(missing, st.reached)
+	p.missedHeard(missing, st.reached, st.draws)
 	return goOn
 }
 
@@ -385,7 +386,7 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 	if err != nil {
 		return 0, fmt.Errorf("clusterpool: probe: BeforeConnect: %w", err)
 	}
-	p.aimProbe(cc, missing)
+	p.aimProbe(cc, missing, &st.draws)
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		if !errors.Is(ctx.Err(), context.Canceled) { // not the pool closing
@@ -427,8 +428,10 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 // address with node IDs in the BackendKey, when the pool misses a node, adds
 // copies of the address so that a connection reaching another node is
 // refused and dialled again (each dial is a fresh draw of the load
-// balancer), up to aimedDials in all; the last connection is kept.
-func (p *Pool) aimProbe(cc *pgx.ConnConfig, missing []NodeID) {
+// balancer), up to aimedDials in all; the last connection is kept. It
+// counts in landed the connections that reached a server (authenticated),
+// refused ones included: the probe's draws.
+func (p *Pool) aimProbe(cc *pgx.ConnConfig, missing []NodeID, landed *int) {
 	if dial := cc.DialFunc; dial != nil {
 		cc.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := dial(ctx, network, addr)
@@ -450,10 +453,9 @@ func (p *Pool) aimProbe(cc *pgx.ConnConfig, missing []NodeID) {
 		}
 		dials = aimedDials
 	}
-	attempt := 0
 	cc.ValidateConnect = func(ctx context.Context, pgConn *pgconn.PgConn) error {
-		attempt++
-		if aimed && attempt < dials {
+		*landed++ // pgconn runs the attempts one after another
+		if aimed && *landed < dials {
 			if id := p.nodeOf(pgConn); id != 0 && !slices.Contains(missing, id) {
 				return errProbeElsewhere
 			}

@@ -262,7 +262,7 @@ func (p *Pool) settling(now time.Time) bool {
 			return true
 		}
 	}
-	if st.TotalConns() < p.config.MinConns && now.Sub(time.Unix(0, p.lastPrune.Load())) < refillWait {
+	if int(st.TotalConns()) < p.minConnsNow(now) && now.Sub(time.Unix(0, p.lastPrune.Load())) < refillWait {
 		return true
 	}
 	return p.placement.pendingConnects(now)

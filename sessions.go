@@ -94,13 +94,13 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 }
 
 // missedHeard counts, for each node in missing that the pool has only
-// heard of, the draws of a session probe aimed at it that reached another
-// node (reached) or none: aimedDials behind one address, one with hosts
-// listed (the probe tries one host first).
-func (p *Pool) missedHeard(missing []NodeID, reached NodeID) {
-	draws := 1
-	if p.placement.mode == connectRedial {
-		draws = aimedDials
+// heard of, the draws of a session probe aimed at it (the connections it
+// landed, draws) when the probe did not reach it (reached). A dial that
+// failed lands nowhere and counts for nothing: a load balancer that is down
+// says nothing about the node.
+func (p *Pool) missedHeard(missing []NodeID, reached NodeID, draws int) {
+	if draws == 0 {
+		return
 	}
 	p.pace.mu.Lock()
 	defer p.pace.mu.Unlock()
