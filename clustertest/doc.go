@@ -73,8 +73,10 @@
 // drain before it starts refusing connections) can be tested. The tables do
 // not follow AddNode, RemoveNode or Drain: call SetGossip again.
 // Cluster.SetSessions writes a snapshot of the sessions open on every node as
-// crdb_internal.cluster_sessions (node_id, application_name), which every
-// CockroachDB user can read for its own sessions.
+// crdb_internal.cluster_sessions (node_id, session_id, application_name,
+// active_queries), which every CockroachDB user can read for its own
+// sessions; a Down node is one row with a NULL session_id and the error in
+// active_queries, as CockroachDB lists a node its fan-out cannot reach.
 //
 // # Localities
 //

@@ -49,12 +49,16 @@ COMMIT;`
 
 // SetSessions writes the sessions open now into every node's server as
 // CockroachDB's crdb_internal.cluster_sessions shows them: one row per
-// session on any node of the cluster, with the columns node_id and
-// application_name (CockroachDB has more). Every CockroachDB user can read
-// its own sessions there, on every node, without a privilege; a client that
-// reads it learns which nodes hold sessions, including nodes it has never
-// reached. The sessions are the proxies' counts (Node.OpenConnsByApp), so
-// nodes partitioned from the client are listed and killed ones are not.
+// session on any node of the cluster, with the columns node_id, session_id,
+// application_name, active_queries and session_start (when the node
+// accepted it, a TIMESTAMP in UTC; CockroachDB has more columns). Every
+// CockroachDB user can read its own sessions there, on every node, without
+// a privilege; a client that reads it learns which nodes hold sessions,
+// including nodes it has never reached. The sessions are the proxies'
+// counts (Node.OpenConnsByApp), so nodes partitioned from the client are
+// listed. A node that is Down cannot answer the cluster's fan-out, and
+// CockroachDB then lists one row for it with its node_id, a NULL
+// session_id and the error in active_queries: so does SetSessions.
 //
 // As with SetGossip the table is a snapshot: call SetSessions as often as
 // the test needs it current. It needs PostgreSQL servers, so it fails with
@@ -64,23 +68,28 @@ func (c *Cluster) SetSessions(ctx context.Context) error {
 		return errors.New("clustertest: SetSessions needs PostgreSQL servers, not Options.InProcess")
 	}
 	nodes := c.Nodes()
-	var counts []string
+	var rows []string
 	for _, n := range nodes {
-		for app, k := range n.OpenConnsByApp() {
-			counts = append(counts, fmt.Sprintf("(%d, %s, %d)", n.ID(), quoteLiteral(app), k))
+		if n.State() == Down {
+			rows = append(rows, fmt.Sprintf("(%d, NULL, NULL, %s, NULL)", n.ID(),
+				quoteLiteral(fmt.Sprintf("-- rpc error: node %d unavailable", n.ID()))))
+			continue
+		}
+		for i, s := range n.Sessions() {
+			rows = append(rows, fmt.Sprintf("(%d, '%d-%d', %s, '', '%s')", n.ID(), n.ID(), i, quoteLiteral(s.App),
+				s.Start.UTC().Format("2006-01-02 15:04:05.999999")))
 		}
 	}
 	insert := ""
-	if len(counts) > 0 {
-		insert = `INSERT INTO crdb_internal.cluster_sessions SELECT v.node_id, v.app FROM (VALUES ` +
-			strings.Join(counts, ", ") + `) AS v(node_id, app, k), generate_series(1, v.k);`
+	if len(rows) > 0 {
+		insert = `INSERT INTO crdb_internal.cluster_sessions VALUES ` + strings.Join(rows, ", ") + `;
+`
 	}
 	sql := `CREATE SCHEMA IF NOT EXISTS crdb_internal;
-CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, application_name TEXT);
+CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, session_id TEXT, application_name TEXT, active_queries TEXT, session_start TIMESTAMP);
 BEGIN;
 DELETE FROM crdb_internal.cluster_sessions;
-` + insert + `
-COMMIT;`
+` + insert + `COMMIT;`
 	for _, n := range nodes {
 		if err := n.ExecDirect(ctx, sql); err != nil {
 			return err

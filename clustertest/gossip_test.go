@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 // SetGossip writes one row per node on every server, readable through the
@@ -80,14 +81,18 @@ func TestSetGossipInProcess(t *testing.T) {
 }
 
 // SetSessions lists every open session of every node on every server, by
-// node and application_name, and a second call replaces the snapshot.
+// node and application_name, each with a session_id, and a second call
+// replaces the snapshot; a node that is down is listed as CockroachDB lists
+// a node its fan-out cannot reach: one row with a NULL session_id and the
+// error in active_queries.
 func TestSetSessions(t *testing.T) {
 	c := New(t, Options{Nodes: 2})
 	ctx := testCtx(t)
 	// view reads the table through node id's proxy: "node app count" lines.
 	view := func(id int) string {
 		conn := connect(t, ctx, c.Node(id).DSN()+"&application_name=reader")
-		rows, err := conn.Query(ctx, `SELECT node_id, application_name, count(*) FROM crdb_internal.cluster_sessions GROUP BY 1, 2 ORDER BY 1, 2`)
+		rows, err := conn.Query(ctx, `SELECT node_id, CASE WHEN session_id IS NOT NULL THEN application_name WHEN active_queries LIKE '-- %' THEN 'error' ELSE '?' END, count(*)
+FROM crdb_internal.cluster_sessions GROUP BY 1, 2 ORDER BY 1, 2`)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -107,20 +112,43 @@ func TestSetSessions(t *testing.T) {
 		return strings.Join(lines, "\n")
 	}
 	// Two sessions of app a on node 2, none elsewhere but the reader's own.
+	before := time.Now()
 	connect(t, ctx, c.Node(2).DSN()+"&application_name=a")
 	connect(t, ctx, c.Node(2).DSN()+"&application_name=a")
+	after := time.Now()
 	if err := c.SetSessions(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := view(1), "2 a 2"; got != want {
 		t.Errorf("node 1's sessions:\n%s\nwant:\n%s", got, want)
 	}
-	// The reader's own session on node 1 shows at the next snapshot.
+	// Each with when node 2 accepted it, in UTC.
+	var started int
+	utc := func(t time.Time) string { return t.UTC().Format("2006-01-02 15:04:05.999999") }
+	if err := connect(t, ctx, c.Node(1).DSN()+"&application_name=reader").QueryRow(ctx, `SELECT count(*) FROM crdb_internal.cluster_sessions
+WHERE node_id = 2 AND session_start BETWEEN $1::timestamp AND $2::timestamp`, utc(before), utc(after)).Scan(&started); err != nil {
+		t.Fatal(err)
+	}
+	if started != 2 {
+		t.Errorf("%d of node 2's sessions started between %v and %v, want 2", started, before, after)
+	}
+	// The readers' own sessions on node 1 (the first view's and the
+	// start-time check's; every connect stays open until the test ends)
+	// show at the next snapshot.
 	if err := c.SetSessions(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := view(1), "1 reader 1\n2 a 2"; got != want {
+	if got, want := view(1), "1 reader 2\n2 a 2"; got != want {
 		t.Errorf("node 1's sessions after a second snapshot:\n%s\nwant:\n%s", got, want)
+	}
+	c.Node(2).Kill()
+	if err := c.SetSessions(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// One more reader (the second view's) on node 1; node 2's sessions died
+	// with it.
+	if got, want := view(1), "1 reader 3\n2 error 1"; got != want {
+		t.Errorf("node 1's sessions with node 2 down:\n%s\nwant:\n%s", got, want)
 	}
 	if err := New(t, Options{Nodes: 1, InProcess: true}).SetSessions(ctx); err == nil || !strings.Contains(err.Error(), "InProcess") {
 		t.Errorf("SetSessions on an in-process cluster: %v, want an error naming Options.InProcess", err)

@@ -177,6 +177,18 @@ func (n *Node) SetMaxConnections(max int) {
 // connection. Applications with no connection open are absent.
 func (n *Node) OpenConnsByApp() map[string]int { return n.sessions.byApp() }
 
+// Session is one client session open on a node, as its gateway lists it.
+type Session struct {
+	// App is the session's application_name ("" when the client set none).
+	App string
+	// Start is when the node accepted the session (its startup message).
+	Start time.Time
+}
+
+// Sessions returns the sessions open on the node now, oldest first: the
+// ones OpenConns counts.
+func (n *Node) Sessions() []Session { return n.sessions.sessions() }
+
 // AcceptTimes returns when the node accepted each session (counted as
 // TotalConns counts them) from from to to inclusive, oldest first. The node
 // remembers its last 65,536 accepts (across restarts); older ones are

@@ -64,6 +64,7 @@ type proxyConn struct {
 	counted  bool       // counted in the node's OpenConns
 	admitted bool       // holds one of the node's session slots
 	app      string     // the StartupMessage's application_name, once counted
+	sid      uint64     // the session's ID in the node's session log, once counted
 	key      *cancelKey // the key given to the client, while registered
 
 	// wmu serialises writes to the client, so that a shutdown message is
@@ -100,7 +101,7 @@ func (pc *proxyConn) close() {
 		return
 	}
 	pc.closed = true
-	server, counted, admitted, key, app := pc.server, pc.counted, pc.admitted, pc.key, pc.app
+	server, counted, admitted, key, app, sid := pc.server, pc.counted, pc.admitted, pc.key, pc.app, pc.sid
 	pc.key = nil
 	pc.mu.Unlock()
 
@@ -111,7 +112,7 @@ func (pc *proxyConn) close() {
 	}
 	if counted {
 		pc.n.open.Add(-1)
-		pc.n.sessions.closed(app)
+		pc.n.sessions.closed(app, sid)
 	}
 	if admitted {
 		pc.n.admitted.Add(-1)
@@ -182,7 +183,7 @@ func (pc *proxyConn) count(app string) {
 		pc.app = app
 		pc.n.open.Add(1)
 		pc.n.total.Add(1)
-		pc.n.sessions.accepted(app, true)
+		pc.sid = pc.n.sessions.accepted(app, true)
 	}
 	pc.mu.Unlock()
 }

@@ -25,43 +25,72 @@ type sessionLog struct {
 	mu sync.Mutex // protects the fields below
 	// openByApp counts open sessions per application_name; absent means 0.
 	openByApp map[string]int
+	// open holds each open session's application_name and accept time
+	// (since epoch), by the ID accepted returned.
+	open   map[uint64]openSession
+	lastID uint64
 	// accepts is a ring of accept times (since epoch), in order: it grows up
 	// to acceptLogSize, then next is the oldest entry and is overwritten.
 	accepts []time.Duration
 	next    int
 }
 
-func newSessionLog(epoch time.Time) *sessionLog {
-	return &sessionLog{epoch: epoch, openByApp: make(map[string]int)}
+// openSession is one open session: its application_name and when it was
+// accepted (since epoch).
+type openSession struct {
+	app string
+	at  time.Duration
 }
 
-// accepted records a session accepted now for app, open until closed(app)
-// unless it was refused at once (open false).
-func (l *sessionLog) accepted(app string, open bool) {
+func newSessionLog(epoch time.Time) *sessionLog {
+	return &sessionLog{epoch: epoch, openByApp: make(map[string]int), open: make(map[uint64]openSession)}
+}
+
+// accepted records a session accepted now for app, open until closed(id)
+// with the ID it returns, unless it was refused at once (open false: ID 0).
+func (l *sessionLog) accepted(app string, open bool) (id uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if open {
-		l.openByApp[app]++
-	}
 	// Read the clock under the lock so the ring stays in time order.
 	at := time.Since(l.epoch)
+	if open {
+		l.openByApp[app]++
+		l.lastID++
+		id = l.lastID
+		l.open[id] = openSession{app: app, at: at}
+	}
 	if len(l.accepts) < acceptLogSize {
 		l.accepts = append(l.accepts, at)
 		return
 	}
 	l.accepts[l.next] = at
 	l.next = (l.next + 1) % acceptLogSize
+	return id
 }
 
-// closed records the end of a session opened for app.
-func (l *sessionLog) closed(app string) {
+// closed records the end of the session accepted gave id, opened for app.
+func (l *sessionLog) closed(app string, id uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	delete(l.open, id)
 	if l.openByApp[app] <= 1 {
 		delete(l.openByApp, app)
 		return
 	}
 	l.openByApp[app]--
+}
+
+// sessions returns the open sessions with their accept times, oldest
+// first.
+func (l *sessionLog) sessions() []Session {
+	l.mu.Lock()
+	out := make([]Session, 0, len(l.open))
+	for _, s := range l.open {
+		out = append(out, Session{App: s.app, Start: l.epoch.Add(s.at)})
+	}
+	l.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Start.Before(out[j].Start) })
+	return out
 }
 
 func (l *sessionLog) byApp() map[string]int {

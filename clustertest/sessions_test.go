@@ -87,8 +87,12 @@ func TestSessionLogRing(t *testing.T) {
 	epoch := time.Now()
 	l := newSessionLog(epoch)
 	const extra = 1000
+	ids := make([]uint64, 0, acceptLogSize+extra)
 	for i := 0; i < acceptLogSize+extra; i++ {
-		l.accepted("a", true)
+		ids = append(ids, l.accepted("a", true))
+	}
+	if open := l.sessions(); len(open) != acceptLogSize+extra || open[0].Start.After(open[len(open)-1].Start) {
+		t.Fatalf("%d open sessions, want %d, oldest first", len(open), acceptLogSize+extra)
 	}
 	all := l.between(epoch, epoch.Add(time.Hour))
 	if len(all) != acceptLogSize {
@@ -111,11 +115,14 @@ func TestSessionLogRing(t *testing.T) {
 	if got := l.byApp(); got["a"] != acceptLogSize+extra {
 		t.Errorf("open by app %v", got)
 	}
-	for i := 0; i < acceptLogSize+extra; i++ {
-		l.closed("a")
+	for _, id := range ids {
+		l.closed("a", id)
 	}
 	if got := l.byApp(); len(got) != 0 {
 		t.Errorf("after every close: %v, want empty", got)
+	}
+	if got := l.sessions(); len(got) != 0 {
+		t.Errorf("after every close: %d sessions open, want none", len(got))
 	}
 }
 
