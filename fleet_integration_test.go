@@ -1,13 +1,16 @@
 package clusterpool
 
 import (
+	"context"
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5"
 )
 
 // Fleet tests: several pools, each with its own application_name, as
@@ -232,16 +235,10 @@ func TestFleetGossip(t *testing.T) {
 func TestFleetSessionsName(t *testing.T) {
 	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 3})
-	setSessions := func(rows string) {
-		for _, n := range c.Nodes() {
-			if err := n.ExecDirect(testCtx(t), `CREATE SCHEMA IF NOT EXISTS crdb_internal;
-CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, application_name TEXT);
-DELETE FROM crdb_internal.cluster_sessions;`+rows); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	const listed = `INSERT INTO crdb_internal.cluster_sessions VALUES (1, 'other'), (7, 'other'), (7, 'other');`
+	setSessions := func(rows string) { writeSessions(t, c, rows) }
+	// Node 8 is listed only as CockroachDB lists a node its fan-out could
+	// not reach: no session, so nothing to aim at.
+	const listed = `INSERT INTO crdb_internal.cluster_sessions VALUES (1, 'a', 'other', '', now()), (7, 'b', 'other', '', now()), (7, 'c', 'other', '', now()), (8, NULL, NULL, '-- rpc error', NULL);`
 	setSessions(listed)
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 6, 6
@@ -281,6 +278,12 @@ DELETE FROM crdb_internal.cluster_sessions;`+rows); err != nil {
 			t.Errorf("node 7, named by the sessions and never reached, is among the pool's nodes: %+v", n)
 		}
 	}
+	p.pace.mu.Lock()
+	_, eight := p.pace.heard[8]
+	p.pace.mu.Unlock()
+	if eight {
+		t.Error("node 8, listed only by an error row (no session), was heard of")
+	}
 	setSessions("")
 	waitCond(t, func() string {
 		if missed, ok := heard(); ok {
@@ -290,4 +293,88 @@ DELETE FROM crdb_internal.cluster_sessions;`+rows); err != nil {
 	})
 	setSessions(listed)
 	waitCond(t, aimed)
+}
+
+// writeSessions replaces every node's crdb_internal.cluster_sessions with
+// the rows that SQL inserts (node_id, session_id, application_name,
+// active_queries, session_start), as clustertest's SetSessions writes it.
+func writeSessions(t *testing.T, c *clustertest.Cluster, insert string) {
+	t.Helper()
+	for _, n := range c.Nodes() {
+		if err := n.ExecDirect(testCtx(t), `CREATE SCHEMA IF NOT EXISTS crdb_internal;
+CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, session_id TEXT, application_name TEXT, active_queries TEXT, session_start TIMESTAMP);
+DELETE FROM crdb_internal.cluster_sessions;`+insert); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// A node the pool misses whose sessions of the fleet all started after the
+// pool lost it (more than the clocks' slack after) is back: the read ends
+// its eviction and counts it as seen, without one of the pool's own probes
+// landing there, and without the pool having read the list while the node
+// was away. A node that kept an older session, one listed only by an error
+// row, one whose sessions started within the slack, and one not listed are
+// left as they are. The pool's loops are too slow here to interfere: the
+// test drives the reads.
+func TestSessionsBack(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 1})
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 0, 4
+		cfg.BalanceInterval = time.Hour
+		cfg.ProbeInterval = time.Hour
+	})
+	conn, err := pgx.Connect(testCtx(t), c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	lost := time.Now().Add(-time.Minute)
+	for id := NodeID(1); id <= 4; id++ {
+		p.tracker.seen(id, lost)
+	}
+	for id := NodeID(2); id <= 4; id++ {
+		p.tracker.evict(id, lost)
+	}
+	evicted := func() []NodeID {
+		var ids []NodeID
+		for _, n := range p.tracker.nodeList() {
+			if n.evicted.Load() {
+				ids = append(ids, n.id)
+			}
+		}
+		return ids
+	}
+	session := func(id int, start time.Time) string {
+		return fmt.Sprintf("(%d, 's%d-%d', 'other', '', '%s')", id, id, start.UnixNano(), start.UTC().Format("2006-01-02 15:04:05.999999"))
+	}
+	read := func(rows ...string) {
+		t.Helper()
+		writeSessions(t, c, "INSERT INTO crdb_internal.cluster_sessions VALUES "+strings.Join(rows, ", ")+";")
+		if err := p.readSessions(testCtx(t), conn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old, after, soon := lost.Add(-time.Hour), lost.Add(10*time.Second), lost.Add(sessionsClockSlack/2)
+	errorRow := "(3, NULL, NULL, '-- rpc error', NULL)"
+	read(session(1, old), session(2, old), session(2, after), errorRow)
+	if got := evicted(); !slices.Equal(got, []NodeID{2, 3, 4}) {
+		t.Fatalf("node 2 kept a session older than its eviction: evicted %v, want [2 3 4]", got)
+	}
+	read(session(1, old), session(3, soon), session(4, soon))
+	if got := evicted(); !slices.Equal(got, []NodeID{2, 3, 4}) {
+		t.Fatalf("nodes 3 and 4 with sessions that started within the clocks' slack of their eviction: evicted %v, want [2 3 4]", got)
+	}
+	changes := p.pace.changes.Load()
+	read(session(1, old), session(2, after), session(2, after.Add(time.Second)), errorRow)
+	if got := evicted(); !slices.Equal(got, []NodeID{3, 4}) {
+		t.Errorf("every session on node 2 started after its eviction: evicted %v, want [3 4]", got)
+	}
+	if p.pace.changes.Load() == changes {
+		t.Error("node 2 came back and the probe was not told of a change")
+	}
+	if seen := time.Unix(0, p.tracker.node(2).lastSeen.Load()); !seen.After(lost) {
+		t.Errorf("node 2 came back and was last seen at %v, when it was lost", seen)
+	}
 }

@@ -1,8 +1,15 @@
 package clusterpool
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // runBackoff drives the session probe's back-off as the loop does, ticking
@@ -212,5 +219,23 @@ func TestSessionsDue(t *testing.T) {
 	q.settings.identity = NodeIdentityQuery
 	if q.sessionsDue(&refused, t0) {
 		t.Error("sessionsDue with the query identity: true, want false")
+	}
+}
+
+// A sessions read that the server refused or that ran out of time waits
+// before the next; one whose connection broke under it does not.
+func TestSlowFanOut(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{&pgconn.PgError{Code: "XX000", Message: "rpc error"}, true},
+		{fmt.Errorf("read: %w", context.DeadlineExceeded), true},
+		{io.ErrUnexpectedEOF, false},
+		{&net.OpError{Op: "read", Err: errors.New("connection reset by peer")}, false},
+	} {
+		if got := slowFanOut(tc.err); got != tc.want {
+			t.Errorf("slowFanOut(%v) = %v, want %v", tc.err, got, tc.want)
+		}
 	}
 }

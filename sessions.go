@@ -2,9 +2,11 @@ package clusterpool
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // sessionsQuery lists the nodes that hold sessions the reader may see.
@@ -12,7 +14,20 @@ import (
 // cluster, in crdb_internal.cluster_sessions, with no privilege (one with
 // VIEWACTIVITY sees everybody's). Service replicas share a SQL user, so
 // this is the fleet's footprint: a node where any replica holds a session.
-const sessionsQuery = `SELECT DISTINCT node_id FROM crdb_internal.cluster_sessions`
+// A node the fan-out could not reach (down, or cut off from the gateway) is
+// listed too, as one row with its node_id, a NULL session_id and the error
+// in active_queries: it holds no session, so it is left out. With each
+// node comes how long ago its oldest session started, in milliseconds, by
+// the gateway's clock (session_start is a TIMESTAMP in UTC): a node whose
+// sessions all started after the pool lost it has been back since
+// (readSessions).
+const sessionsQuery = `SELECT node_id, (EXTRACT(EPOCH FROM timezone('UTC', now()) - min(session_start)) * 1000)::INT8
+FROM crdb_internal.cluster_sessions WHERE session_id IS NOT NULL GROUP BY node_id`
+
+// sessionsClockSlack is how far apart two CockroachDB nodes' clocks may be
+// (the default --max-offset): session_start is the session's node's clock,
+// the age is reckoned by the gateway's.
+const sessionsClockSlack = 500 * time.Millisecond
 
 // sessionsShare is how often the sessions are read at rest, as a share of
 // the session probe's wait: twice per wait, over an idle connection, no new
@@ -39,7 +54,7 @@ func (p *Pool) sessionsIdle(ctx context.Context, st *probeState, now time.Time) 
 	switch {
 	case err != nil && !isTransient(err):
 		st.sessionsAfter = now.Add(gossipBackoff)
-	case err != nil:
+	case err != nil && slowFanOut(err):
 		// A slow or failing fan-out (CockroachDB asks every node): wait
 		// as long as the probe waits at rest before asking again.
 		st.sessionsAfter = now.Add(p.settings.probeMaxInterval)
@@ -49,48 +64,115 @@ func (p *Pool) sessionsIdle(ctx context.Context, st *probeState, now time.Time) 
 	return ok
 }
 
-// readSessions learns the nodes that hold sessions of the fleet and that
-// the pool has never reached (or has forgotten): they are live, since the
-// cluster just listed their sessions, so the probe aims at them
-// (missingNodes) as at nodes gossip lists. Behind one load balancer a pool
-// at rest thus finds a new node soon after any replica of its fleet does,
-// not after its own backed-off probes happen to land there. A node the
-// pool knows is left to its connections and probes: a listed session says
-// nothing about whether this client reaches it.
+// slowFanOut reports whether a failed sessions read was the cluster's
+// doing (the server answered with an error, or the read ran out of time)
+// rather than the connection's: a connection that broke under the read (a
+// node that just went away, as the reads are most wanted then) says nothing
+// about the next read, which another connection makes at the next tick.
+func slowFanOut(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// readSessions learns from the nodes that hold sessions of the fleet:
 //
-// Nor does it say that this client can reach a node it has not: replicas
-// behind another region's load balancer share the user and list their
-// nodes too. So the probe aims at a node heard of only until its aimed
-// draws have missed it as often as coverLandings says a reachable node
-// would have been met (missedHeard); then the pool stops aiming there for
-// as long as the node stays listed, and its back-off resumes.
+//   - Nodes the pool has never reached (or has forgotten): they are live,
+//     since the cluster just listed their sessions, so the probe aims at
+//     them (missingNodes) as at nodes gossip lists. Behind one load balancer
+//     a pool at rest thus finds a new node soon after any replica of its
+//     fleet does, not after its own backed-off probes happen to land there.
+//     But a listed session does not say that this client can reach the
+//     node: replicas behind another region's load balancer share the user
+//     and list their nodes too. So the probe aims at a node heard of only
+//     until its aimed draws have missed it as often as coverLandings says a
+//     reachable node would have been met (missedHeard); then the pool stops
+//     aiming there for as long as the node stays listed, and its back-off
+//     resumes.
+//   - Nodes the pool knows and misses (evicted, or holding none of its
+//     connections: backAgain) whose oldest session of the fleet started
+//     after the pool lost them (its eviction, or the last sign of life it
+//     had: lostAt), by more than the clocks may differ: every session the
+//     node held then is gone and it took new ones since, as a restarted
+//     node does, so it is back and accepts sessions. That is proof enough
+//     to end an eviction, as a gossip read that shows a node well again
+//     is: the balance rounds move connections there at once, without
+//     waiting for one of the pool's own probes to land there (one draw in
+//     N behind a random load balancer), and without the pool having read
+//     the list while the node was away. A node that kept older sessions
+//     says nothing about this client's own trouble with it, and is left to
+//     the pool's connections and probes.
 func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
+	sent := time.Now()
 	rows, err := conn.Query(ctx, sessionsQuery)
 	if err != nil {
 		return err
 	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	type listing struct {
+		id  int64
+		age *int64 // ms since the oldest session started; nil: unknown
+	}
+	list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (listing, error) {
+		var l listing
+		err := row.Scan(&l.id, &l.age)
+		return l, err
+	})
 	if err != nil {
 		return err
 	}
 	heard := make(map[NodeID]int)
+	var back []NodeID
 	p.pace.mu.Lock()
 	news := false
-	for _, raw := range ids {
-		id := NodeID(raw)
-		if raw <= 0 || p.tracker.node(id) != nil {
+	for _, l := range list {
+		id := NodeID(l.id)
+		if l.id <= 0 {
 			continue
 		}
-		missed, known := p.pace.heard[id]
-		news = news || !known
-		heard[id] = missed
+		n := p.tracker.node(id)
+		if n == nil {
+			missed, known := p.pace.heard[id]
+			news = news || !known
+			heard[id] = missed
+			continue
+		}
+		if l.age != nil && backAgain(n) {
+			oldest := sent.Add(-time.Duration(*l.age) * time.Millisecond)
+			if oldest.After(lostAt(n).Add(sessionsClockSlack)) {
+				back = append(back, id)
+			}
+		}
 	}
 	p.pace.heard = heard
 	p.pace.mu.Unlock()
-	if news {
+	now := time.Now()
+	for _, id := range back {
+		p.tracker.seen(id, now)
+		p.tracker.markHealthy(id, now)
+	}
+	if news || len(back) > 0 {
 		p.clusterChanged()
 	}
 	return nil
+}
+
+// backAgain reports whether a sign that node n is back ends what the pool
+// misses there: n is evicted, or holds none of the pool's connections (a
+// drain closes idle ones without an eviction, and the balance rounds leave
+// alone a node nothing has seen lately). A node draining by gossip is left
+// to gossip.
+func backAgain(n *node) bool {
+	return !n.draining.Load() && (n.evicted.Load() || n.conns.Load() == 0)
+}
+
+// lostAt is when the pool lost node n: its eviction, or the last sign of
+// life it had from it (a balance round counts the pool's open connections
+// as one), whichever came later.
+func lostAt(n *node) time.Time {
+	at := n.lastSeen.Load()
+	if n.evicted.Load() {
+		at = max(at, n.evictedAt.Load())
+	}
+	return time.Unix(0, at)
 }
 
 // missedHeard counts, for each node in missing that the pool has only
