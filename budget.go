@@ -121,14 +121,14 @@ func refillReserve(poolSize, nodes int) int {
 // dialsPerMove is how many dials a move is expected to take: its
 // replacement's first dial and the redials that steer it. Behind one
 // load-balancer address each dial reaches one of takers nodes of nodes with
-// probability takers/nodes, and the connect dials at most maxRedials+1
+// probability takers/nodes, and the connect dials at most moveRedials+1
 // times; with the nodes' own hosts listed (placed) the first dial goes where
 // it should.
 func dialsPerMove(placed bool, takers, nodes int) int {
 	if placed || takers <= 0 || nodes <= takers {
 		return 1
 	}
-	return min(maxRedials+1, (nodes+takers-1)/takers)
+	return min(moveRedials+1, (nodes+takers-1)/takers)
 }
 
 // movesAffordable is how many of want moves, each costing dials tokens (its

@@ -31,10 +31,10 @@ func TestDialsPerMove(t *testing.T) {
 		takers, nodes int
 		want          int
 	}{
-		{true, 1, 4, 1},                // hosts listed: the first dial goes there
-		{false, 1, 3, 3},               // one node of three takes it
-		{false, 1, 4, 4},               // one of four: N dials on average
-		{false, 1, 10, maxRedials + 1}, // never more than the connect dials
+		{true, 1, 4, 1},                 // hosts listed: the first dial goes there
+		{false, 1, 3, 3},                // one node of three takes it
+		{false, 1, 4, 4},                // one of four: N dials on average
+		{false, 1, 10, moveRedials + 1}, // never more than the move's replacement dials
 		{false, 2, 3, 2},
 		{false, 3, 3, 1},
 		{false, 0, 3, 1}, // no taker: no redial, one dial

@@ -28,6 +28,14 @@ const (
 	// maxRedials bounds how often a connection that landed on an over-target
 	// node behind a single load-balancer address is refused and dialled again.
 	maxRedials = 3
+	// moveRedials bounds the redials of a move's replacement opened in the
+	// background: no caller waits for it, and a move whose replacement
+	// lands on a node at its target moved nothing (the next round moves
+	// another connection, a round later, at the same expected cost in
+	// dials). With one node of four to reach, 8 dials land there nine
+	// times in ten, 4 dials two times in three. Each dial still needs its
+	// token (redialPays, takeForRedial).
+	moveRedials = 7
 	// callerMoveRedials bounds the redials of a move's replacement that a
 	// caller waits for (see redialPays).
 	callerMoveRedials = 1

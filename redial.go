@@ -21,12 +21,12 @@ import (
 // always accepted.
 var errOverTarget = errors.New("clusterpool: node is above its connection target; dialling again")
 
-// installRedial adds maxRedials copies of the address's attempts as fallbacks
+// installRedial adds redialsFor copies of the address's attempts as fallbacks
 // and returns a check that refuses a connection when redialPays says so: it
 // landed on a node in avoid (the nodes a retry already failed on), on a
 // draining node, or on a node that overTarget says should not take it, and
 // a token for the redial is at hand. The last copy is always accepted, so
-// the load balancer's choice stands after maxRedials refusals. caller and
+// the load balancer's choice stands after that many refusals. caller and
 // move are place's.
 // Behind a random balancer each dial is a fresh draw: this reaches the
 // under-filled node in fewer balancing rounds for the same number of
@@ -43,9 +43,10 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 	// sslmode=prefer it is a TLS attempt and then a plain one, and against a
 	// server without TLS copies of the first alone would be dials that fail.
 	all := attempts(cc)
-	fallbacks := make([]*pgconn.FallbackConfig, 0, len(all)*(maxRedials+1))
+	limit := redialsFor(caller, move)
+	fallbacks := make([]*pgconn.FallbackConfig, 0, len(all)*(limit+1))
 	fallbacks = append(fallbacks, cc.Fallbacks...)
-	for range maxRedials {
+	for range limit {
 		for _, fb := range all {
 			c := *fb
 			fallbacks = append(fallbacks, &c)
@@ -76,7 +77,7 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 			pl.redials.Add(1)
 			return errNodeAtCap
 		}
-		if id == 0 || attempt > maxRedials {
+		if id == 0 || attempt > limit {
 			return nil
 		}
 		c.Avoid = slices.Contains(avoid, id)
@@ -143,8 +144,18 @@ type redialCase struct {
 	Round time.Duration
 }
 
+// redialsFor is how many times a connect may refuse the connection it
+// landed and dial again: moveRedials for a move's replacement that no
+// caller waits for, maxRedials otherwise.
+func redialsFor(caller, move bool) int {
+	if move && !caller {
+		return moveRedials
+	}
+	return maxRedials
+}
+
 // redialPays decides whether to refuse a connection and dial the address
-// again. The last of maxRedials+1 dials is always kept.
+// again. The last of redialsFor+1 dials is always kept.
 //
 // A connection that a retry must not use (Avoid), or that a draining node
 // will close, is worth a dial whoever waits for it. Otherwise a redial only
@@ -175,7 +186,7 @@ type redialCase struct {
 //     be slow too.
 func redialPays(c redialCase) bool {
 	switch {
-	case c.Attempt > maxRedials:
+	case c.Attempt > redialsFor(c.Caller, c.Move):
 		return false
 	case c.Avoid || c.Draining:
 		return true
@@ -184,7 +195,7 @@ func redialPays(c redialCase) bool {
 	case c.Caller && (!c.Move || c.Attempt > callerMoveRedials):
 		return false
 	}
-	left := maxRedials + 1 - c.Attempt
+	left := redialsFor(c.Caller, c.Move) + 1 - c.Attempt
 	expected := min(left, (max(c.Nodes, c.Takers)+c.Takers-1)/c.Takers)
 	return time.Duration(expected)*c.DialTime < c.Round
 }
