@@ -337,6 +337,9 @@ func TestSessionsBack(t *testing.T) {
 	for id := NodeID(2); id <= 4; id++ {
 		p.tracker.evict(id, lost)
 	}
+	// Node 1 is not evicted, holds none of the pool's connections, and its
+	// connects have failed once.
+	p.tracker.recordFailure(1, time.Now())
 	evicted := func() []NodeID {
 		var ids []NodeID
 		for _, n := range p.tracker.nodeList() {
@@ -367,14 +370,23 @@ func TestSessionsBack(t *testing.T) {
 		t.Fatalf("nodes 3 and 4 with sessions that started within the clocks' slack of their eviction: evicted %v, want [2 3 4]", got)
 	}
 	changes := p.pace.changes.Load()
-	read(session(1, old), session(2, after), session(2, after.Add(time.Second)), errorRow)
+	read(session(1, after), session(2, after), session(2, after.Add(time.Second)), errorRow)
 	if got := evicted(); !slices.Equal(got, []NodeID{3, 4}) {
 		t.Errorf("every session on node 2 started after its eviction: evicted %v, want [3 4]", got)
 	}
 	if p.pace.changes.Load() == changes {
 		t.Error("node 2 came back and the probe was not told of a change")
 	}
-	if seen := time.Unix(0, p.tracker.node(2).lastSeen.Load()); !seen.After(lost) {
-		t.Errorf("node 2 came back and was last seen at %v, when it was lost", seen)
+	for _, id := range []NodeID{1, 2} {
+		if seen := time.Unix(0, p.tracker.node(id).lastSeen.Load()); !seen.After(lost) {
+			t.Errorf("node %d came back and was last seen at %v, when it was lost", id, seen)
+		}
+	}
+	n1 := p.tracker.node(1)
+	n1.failMu.Lock()
+	failures := n1.failures
+	n1.failMu.Unlock()
+	if failures != 1 {
+		t.Errorf("node 1, not evicted, has %d failures after the read, want the 1 its connect counted: only an eviction ends", failures)
 	}
 }

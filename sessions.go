@@ -147,7 +147,11 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 	now := time.Now()
 	for _, id := range back {
 		p.tracker.seen(id, now)
-		p.tracker.markHealthy(id, now)
+		if n := p.tracker.node(id); n != nil && n.evicted.Load() {
+			// Only an eviction ends: a node the pool holds no connection
+			// on keeps the failures its connects counted there.
+			p.tracker.markHealthy(id, now)
+		}
 	}
 	if news || len(back) > 0 {
 		p.clusterChanged()
