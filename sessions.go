@@ -17,11 +17,12 @@ import (
 // A node the fan-out could not reach (down, or cut off from the gateway) is
 // listed too, as one row with its node_id, a NULL session_id and the error
 // in active_queries: it holds no session, so it is left out. With each
-// node comes how long ago its oldest session started, in milliseconds, by
-// the gateway's clock (session_start is a TIMESTAMP in UTC): a node whose
+// node come when its oldest session started (session_start is a TIMESTAMP
+// in UTC) and the gateway's time now, in UTC too, so that the pool reckons
+// the session's age by the cluster's clock, not its own: a node whose
 // sessions all started after the pool lost it has been back since
 // (readSessions).
-const sessionsQuery = `SELECT node_id, (EXTRACT(EPOCH FROM timezone('UTC', now()) - min(session_start)) * 1000)::INT8
+const sessionsQuery = `SELECT node_id, min(session_start), timezone('UTC', now())
 FROM crdb_internal.cluster_sessions WHERE session_id IS NOT NULL GROUP BY node_id`
 
 // sessionsClockSlack is how far apart two CockroachDB nodes' clocks may be
@@ -108,12 +109,13 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		return err
 	}
 	type listing struct {
-		id  int64
-		age *int64 // ms since the oldest session started; nil: unknown
+		id     int64
+		oldest *time.Time // the oldest session's start; nil: unknown
+		now    time.Time  // the gateway's clock
 	}
 	list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (listing, error) {
 		var l listing
-		err := row.Scan(&l.id, &l.age)
+		err := row.Scan(&l.id, &l.oldest, &l.now)
 		return l, err
 	})
 	if err != nil {
@@ -135,8 +137,10 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 			heard[id] = missed
 			continue
 		}
-		if l.age != nil && backAgain(n) {
-			oldest := sent.Add(-time.Duration(*l.age) * time.Millisecond)
+		if l.oldest != nil && backAgain(n) {
+			// Its age by the gateway's clock, taken back from when the
+			// query was sent: never later than the session started.
+			oldest := sent.Add(-l.now.Sub(*l.oldest))
 			if oldest.After(lostAt(n).Add(sessionsClockSlack)) {
 				back = append(back, id)
 			}
