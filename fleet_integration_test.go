@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 	"strings"
 	"testing"
@@ -56,7 +57,7 @@ func fleetAtTargets(c *clustertest.Cluster, pools []*Pool, nodes []int) func() s
 		}
 		for i, p := range pools {
 			want := make(map[int]int)
-			for id, k := range balanceTargets(fleetConns, ids, p.seed) {
+			for id, k := range balanceTargets(fleetConns, ids, p.seed, p.remainderSwaps()...) {
 				want[int(id)] = k
 			}
 			got := maps.Clone(byApp[fleetApp(i)])
@@ -389,4 +390,104 @@ func TestSessionsBack(t *testing.T) {
 	if failures != 1 {
 		t.Errorf("node 1, not evicted, has %d failures after the read, want the 1 its connect counted: only an eviction ends", failures)
 	}
+}
+
+// Pools that read the fleet's sessions per node even out the cluster
+// beyond what their hashes give: here four pools of 6 on 4 nodes are made
+// to put their two extra connections on nodes 1 and 2 (8 / 8 / 4 / 4 on
+// the servers); they move extras to nodes 3 and 4 a pool at a time
+// (fleetSwap) until the cluster's spread is at most 2, every pool within ±1
+// and at its targets, and then stop: no connection opened for two seconds.
+func TestFleetSwapEvensOut(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 4})
+	ctx := testCtx(t)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { // the sessions table as CockroachDB would show it
+		defer close(done)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			_ = c.SetSessions(ctx)
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	const pools, conns = 4, fleetConns
+	var ps []*Pool
+	for i := range pools {
+		ps = append(ps, startPool(t, c.DSN()+"&application_name="+fleetApp(i), func(cfg *Config) {
+			cfg.MinConns, cfg.MaxConns = conns, conns
+			cfg.BalanceInterval = fleetBalanceEvery
+			cfg.ProbeInterval = fleetProbeEvery
+			cfg.ConnectRate = -1
+		}))
+	}
+	nodes := []NodeID{1, 2, 3, 4}
+	for _, p := range ps {
+		var swaps []remainderSwap
+		hashed := balanceTargets(conns, nodes, p.seed)
+		free := []NodeID{1, 2}
+		free = slices.DeleteFunc(free, func(id NodeID) bool { return hashed[id] == 2 })
+		for _, id := range []NodeID{3, 4} {
+			if hashed[id] == 2 {
+				swaps = append(swaps, remainderSwap{From: id, To: free[0]})
+				free = free[1:]
+			}
+		}
+		p.swaps.Store(&swaps)
+	}
+	atTargets := func() string {
+		byApp := c.OpenConnsByApp()
+		for i, p := range ps {
+			want := make(map[int]int)
+			for id, k := range balanceTargets(conns, nodes, p.seed, p.remainderSwaps()...) {
+				want[int(id)] = k
+			}
+			if got := byApp[fleetApp(i)]; !maps.Equal(got, want) {
+				return fmt.Sprintf("pool %d: servers see %v, its targets are %v (swaps %v); cluster %v", i, got, want, p.remainderSwaps(), c.OpenConns())
+			}
+		}
+		return ""
+	}
+	waitCond(t, func() string {
+		if msg := atTargets(); msg != "" {
+			return msg
+		}
+		if got := c.OpenConns(); got[1] != 8 || got[2] != 8 {
+			return fmt.Sprintf("cluster %v, want nodes 1 and 2 at 8 (every pool's extras) before the pools may even it out", got)
+		}
+		return ""
+	})
+	t.Logf("every extra on nodes 1 and 2: cluster %v", c.OpenConns())
+	waitCond(t, func() string {
+		if msg := atTargets(); msg != "" {
+			return msg
+		}
+		got := c.OpenConns()
+		lo, hi := math.MaxInt, 0
+		for _, id := range nodes {
+			lo, hi = min(lo, got[int(id)]), max(hi, got[int(id)])
+		}
+		if hi-lo > 2 {
+			return fmt.Sprintf("cluster %v: spread %d, want at most 2", got, hi-lo)
+		}
+		return ""
+	})
+	swapped := 0
+	for _, p := range ps {
+		if p.lastSwap.Load() != 0 {
+			swapped++
+		}
+	}
+	if swapped == 0 {
+		t.Error("the cluster evened out with no pool swapping")
+	}
+	t.Logf("evened out: cluster %v, %d pools swapped", c.OpenConns(), swapped)
+	assertFleetQuiet(t, c, ps, []int{1, 2, 3, 4}, 2*time.Second, true)
 }

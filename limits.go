@@ -482,7 +482,7 @@ func (p *Pool) notReady(now time.Time) string {
 			eligible = append(eligible, v.ID)
 		}
 	}
-	targets := cappedTargets(want, eligible, p.seed, viewCaps(views))
+	targets := cappedTargets(want, eligible, p.seed, viewCaps(views), p.remainderSwaps()...)
 	for _, v := range views {
 		if t := targets[v.ID]; v.Eligible && v.Conns < t {
 			return fmt.Sprintf("node %d holds %d of its %d", v.ID, v.Conns, t)

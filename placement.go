@@ -281,7 +281,7 @@ func (pl *placement) liveNodes(now time.Time, extra, unmappedHosts int) (map[Nod
 			setCap(NodeID(-1-i), perNode)
 		}
 	}
-	targets := cappedTargets(total, eligible, pl.p.seed, caps)
+	targets := cappedTargets(total, eligible, pl.p.seed, caps, pl.p.remainderSwaps()...)
 	for id, t := range targets {
 		n, ok := info[id]
 		if !ok {

@@ -149,6 +149,10 @@ type Pool struct {
 	config   *Config // the caller's config, copied; returned by ClusterConfig
 	settings settings
 	seed     uint64 // chosen once per pool; see balanceTargets
+	// swaps are the pool's corrections to where its seed puts its
+	// remainder, made to even out the cluster (fleetSwap); nil: none.
+	swaps    atomic.Pointer[[]remainderSwap]
+	lastSwap atomic.Int64 // unix nanoseconds of the last swap
 	obs      *observer
 
 	tracker   *tracker       // which connection is on which node

@@ -70,6 +70,11 @@ type probePace struct {
 	// each with the draws of the probes aimed at it that missed it since it
 	// was first heard of (see readSessions).
 	heard map[NodeID]int
+	// fleet is the sessions of the fleet per node at the last read of
+	// crdb_internal.cluster_sessions, sent at fleetRead, and held still
+	// (fleetStill) over the reads since fleetSince (fleetSwap).
+	fleet                 map[NodeID]int
+	fleetRead, fleetSince time.Time
 }
 
 // clusterChanged tells the probe that something changed (a node seen for

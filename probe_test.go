@@ -239,3 +239,27 @@ func TestSlowFanOut(t *testing.T) {
 		}
 	}
 }
+
+// The fleet holds still when the same nodes hold the same sessions, give
+// or take one (a probe's).
+func TestFleetStill(t *testing.T) {
+	was := map[NodeID]int{1: 40, 2: 41, 3: 39}
+	for _, tc := range []struct {
+		now  map[NodeID]int
+		want bool
+	}{
+		{map[NodeID]int{1: 40, 2: 41, 3: 39}, true},
+		{map[NodeID]int{1: 41, 2: 40, 3: 39}, true},
+		{map[NodeID]int{1: 42, 2: 41, 3: 39}, false},
+		{map[NodeID]int{1: 40, 2: 41}, false},
+		{map[NodeID]int{1: 40, 2: 41, 4: 39}, false},
+		{map[NodeID]int{1: 40, 2: 41, 3: 39, 4: 1}, false},
+	} {
+		if got := fleetStill(was, tc.now); got != tc.want {
+			t.Errorf("fleetStill(%v, %v) = %v, want %v", was, tc.now, got, tc.want)
+		}
+	}
+	if fleetStill(nil, was) {
+		t.Error("a first read holds still")
+	}
+}

@@ -86,10 +86,13 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	settling := p.settling(now)
 	exact := p.balance.observe(views, int(p.config.MinConns), settling, now, p.settings.balanceInterval/2)
 	p.balance.spreadJoins(views, exact, now, time.Duration(rand.Float64()*float64(p.settings.balanceInterval)))
-	plan := planBalance(views, p.seed, exact)
+	plan := planBalance(views, p.seed, exact, p.remainderSwaps()...)
 	if exact && len(plan.Prune) == 0 {
 		// Steady at its targets: what the start allowance was for is done.
 		p.budget.endStart()
+		if !settling && p.swapRemainder(plan, views, now) {
+			plan = planBalance(views, p.seed, exact, p.remainderSwaps()...)
+		}
 	}
 	if settling {
 		// Connections are being opened (a refill after the last round): their
@@ -105,6 +108,69 @@ func (p *Pool) balanceRound(ctx context.Context, now time.Time) balancePlan {
 	p.obs.pruned(ctx, nodes, views)
 	p.keep() // the replacements, and whatever an earlier refill missed
 	return plan
+}
+
+// remainderSwaps returns the pool's corrections to its remainder.
+func (p *Pool) remainderSwaps() []remainderSwap {
+	if s := p.swaps.Load(); s != nil {
+		return *s
+	}
+	return nil
+}
+
+// swapRemainder asks fleetSwap, for a pool steady at its targets (plan),
+// whether to move one of its remainder connections to even out the
+// cluster, and records the swap when so; it reports whether it did. It
+// needs the fleet's sessions per node read after the pool's own last
+// prune or swap had time to land (a balance interval), and held still over
+// reads two balance intervals apart: while the fleet moves (a node joined
+// or came back, and every pool is moving its share there) the counts say
+// where connections were, not where they will settle, and pools swapping
+// on them would overshoot together. Nor may a per-node cap or runtime
+// limit be set (their targets are the limits' to set). A swap that
+// undoes an earlier one drops it, back to the hash's choice; the pool keeps
+// at most one swap per node.
+func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) bool {
+	if p.limits.on() {
+		return false
+	}
+	size := 0
+	for _, v := range views {
+		if v.Cap > 0 || v.Full {
+			return false
+		}
+		size += v.Conns
+	}
+	settled := time.Unix(0, max(p.lastPrune.Load(), p.lastSwap.Load())).Add(p.settings.balanceInterval)
+	p.pace.mu.Lock()
+	fleet, read, since := p.pace.fleet, p.pace.fleetRead, p.pace.fleetSince
+	p.pace.mu.Unlock()
+	if len(fleet) == 0 || !read.After(settled) || read.Sub(since) < 2*p.settings.balanceInterval {
+		return false
+	}
+	s, ok := fleetSwap(plan.Targets, fleet, size, rand.Float64())
+	if !ok {
+		return false
+	}
+	old := p.remainderSwaps()
+	swaps := make([]remainderSwap, 0, len(old)+1)
+	undone := false
+	for _, o := range old {
+		if !undone && o.From == s.To && o.To == s.From {
+			undone = true
+			continue
+		}
+		swaps = append(swaps, o)
+	}
+	if !undone {
+		swaps = append(swaps, s)
+	}
+	if len(swaps) > len(plan.Targets) {
+		swaps = swaps[len(swaps)-len(plan.Targets):]
+	}
+	p.swaps.Store(&swaps)
+	p.lastSwap.Store(now.UnixNano())
+	return true
 }
 
 // payMoves takes from the connect budget the tokens for the replacements of

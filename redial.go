@@ -246,7 +246,7 @@ func (pl *placement) moveLanding(id NodeID, now time.Time) (over bool, takers, n
 			eligible = append(eligible, nid)
 		}
 	}
-	targets := balanceTargets(total, eligible, pl.p.seed)
+	targets := balanceTargets(total, eligible, pl.p.seed, pl.p.remainderSwaps()...)
 	for _, nid := range eligible {
 		if nid != id && conns[nid] < targets[nid] {
 			takers++

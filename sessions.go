@@ -17,12 +17,13 @@ import (
 // A node the fan-out could not reach (down, or cut off from the gateway) is
 // listed too, as one row with its node_id, a NULL session_id and the error
 // in active_queries: it holds no session, so it is left out. With each
-// node come when its oldest session started (session_start is a TIMESTAMP
+// node come its sessions (the fleet's footprint there, for fleetSwap), when
+// its oldest session started (session_start is a TIMESTAMP
 // in UTC) and the gateway's time now, in UTC too, so that the pool reckons
 // the session's age by the cluster's clock, not its own: a node whose
 // sessions all started after the pool lost it has been back since
 // (readSessions).
-const sessionsQuery = `SELECT node_id, min(session_start), timezone('UTC', now())
+const sessionsQuery = `SELECT node_id, count(*), min(session_start), timezone('UTC', now())
 FROM crdb_internal.cluster_sessions WHERE session_id IS NOT NULL GROUP BY node_id`
 
 // sessionsClockSlack is how far apart two CockroachDB nodes' clocks may be
@@ -109,19 +110,21 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		return err
 	}
 	type listing struct {
-		id     int64
-		oldest *time.Time // the oldest session's start; nil: unknown
-		now    time.Time  // the gateway's clock
+		id       int64
+		sessions int64
+		oldest   *time.Time // the oldest session's start; nil: unknown
+		now      time.Time  // the gateway's clock
 	}
 	list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (listing, error) {
 		var l listing
-		err := row.Scan(&l.id, &l.oldest, &l.now)
+		err := row.Scan(&l.id, &l.sessions, &l.oldest, &l.now)
 		return l, err
 	})
 	if err != nil {
 		return err
 	}
 	heard := make(map[NodeID]int)
+	fleet := make(map[NodeID]int, len(list))
 	var back []NodeID
 	p.pace.mu.Lock()
 	news := false
@@ -130,6 +133,7 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		if l.id <= 0 {
 			continue
 		}
+		fleet[id] = int(l.sessions)
 		n := p.tracker.node(id)
 		if n == nil {
 			missed, known := p.pace.heard[id]
@@ -147,6 +151,10 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		}
 	}
 	p.pace.heard = heard
+	if !fleetStill(p.pace.fleet, fleet) {
+		p.pace.fleetSince = sent
+	}
+	p.pace.fleet, p.pace.fleetRead = fleet, sent
 	p.pace.mu.Unlock()
 	now := time.Now()
 	for _, id := range back {
@@ -161,6 +169,22 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		p.clusterChanged()
 	}
 	return nil
+}
+
+// fleetStill reports whether the fleet's sessions per node held still
+// from one read (was) to the next (now): the same nodes, none up or down by
+// more than one (a probe's session comes and goes).
+func fleetStill(was, now map[NodeID]int) bool {
+	if len(was) != len(now) {
+		return false
+	}
+	for id, c := range now {
+		w, ok := was[id]
+		if !ok || c-w > 1 || w-c > 1 {
+			return false
+		}
+	}
+	return true
 }
 
 // backAgain reports whether a sign that node n is back ends what the pool
