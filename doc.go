@@ -17,7 +17,9 @@
 // nodes and retires idle connections of over-target nodes, each move paying
 // for its replacement's connect first; once its size holds still its
 // remainder connections go where a per-pool hash says, so that many pools
-// add up to an even cluster. Connections lost to a drain or crash are
+// add up to an even cluster; a pool that reads the fleet's sessions per
+// node (below) moves a remainder connection now and then to even out what
+// independent hashes leave. Connections lost to a drain or crash are
 // replaced in the background, never on a caller's connect limit
 // (Config.ConnectRate). A probe, every Config.ProbeInterval and backing off
 // to Config.ProbeMaxInterval at rest, finds new, drained and returning nodes,
