@@ -402,22 +402,9 @@ func TestFleetSwapEvensOut(t *testing.T) {
 	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 4})
 	ctx := testCtx(t)
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() { // the sessions table as CockroachDB would show it
-		defer close(done)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			_ = c.SetSessions(ctx)
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	defer func() { close(stop); <-done }()
+	// The table lists nothing until the pools hold the uneven start: they
+	// read it, and see no fleet to even out.
+	writeSessions(t, c, "")
 	const pools, conns = 4, fleetConns
 	var ps []*Pool
 	for i := range pools {
@@ -465,6 +452,22 @@ func TestFleetSwapEvensOut(t *testing.T) {
 		return ""
 	})
 	t.Logf("every extra on nodes 1 and 2: cluster %v", c.OpenConns())
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { // the sessions table as CockroachDB would show it
+		defer close(done)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			_ = c.SetSessions(ctx)
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	defer func() { close(stop); <-done }()
 	waitCond(t, func() string {
 		if msg := atTargets(); msg != "" {
 			return msg

@@ -123,10 +123,12 @@ func (p *Pool) remainderSwaps() []remainderSwap {
 // cluster, and records the swap when so; it reports whether it did. It
 // needs the fleet's sessions per node read after the pool's own last
 // prune or swap had time to land (a balance interval), and held still over
-// reads two balance intervals apart: while the fleet moves (a node joined
-// or came back, and every pool is moving its share there) the counts say
-// where connections were, not where they will settle, and pools swapping
-// on them would overshoot together. Nor may a per-node cap or runtime
+// reads two balance intervals and fleetCountAge apart: while the fleet
+// moves (a node joined or came back, and every pool is moving its share
+// there) the counts say where connections were, not where they will
+// settle, and pools swapping on them would overshoot together; and a
+// connection that moved leaves its old node's count at once but shows on
+// its new node's only fleetCountAge later. Nor may a per-node cap or runtime
 // limit be set (their targets are the limits' to set). A swap that
 // undoes an earlier one drops it, back to the hash's choice; the pool keeps
 // at most one swap per node.
@@ -141,11 +143,11 @@ func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) 
 		}
 		size += v.Conns
 	}
-	settled := time.Unix(0, max(p.lastPrune.Load(), p.lastSwap.Load())).Add(p.settings.balanceInterval)
+	settled := time.Unix(0, max(p.lastPrune.Load(), p.lastSwap.Load())).Add(p.settings.balanceInterval + fleetCountAge)
 	p.pace.mu.Lock()
 	fleet, read, since := p.pace.fleet, p.pace.fleetRead, p.pace.fleetSince
 	p.pace.mu.Unlock()
-	if len(fleet) == 0 || !read.After(settled) || read.Sub(since) < 2*p.settings.balanceInterval {
+	if len(fleet) == 0 || !read.After(settled) || read.Sub(since) < 2*p.settings.balanceInterval+fleetCountAge {
 		return false
 	}
 	s, ok := fleetSwap(plan.Targets, fleet, size, rand.Float64())

@@ -3,6 +3,7 @@ package clusterpool
 import (
 	"context"
 	"errors"
+	"maps"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -17,14 +18,21 @@ import (
 // A node the fan-out could not reach (down, or cut off from the gateway) is
 // listed too, as one row with its node_id, a NULL session_id and the error
 // in active_queries: it holds no session, so it is left out. With each
-// node come its sessions (the fleet's footprint there, for fleetSwap), when
+// node come its sessions older than fleetCountAge (the fleet's footprint
+// there, for fleetSwap: a probe's session lives a moment and would only
+// make the counts flicker), when
 // its oldest session started (session_start is a TIMESTAMP
 // in UTC) and the gateway's time now, in UTC too, so that the pool reckons
 // the session's age by the cluster's clock, not its own: a node whose
 // sessions all started after the pool lost it has been back since
 // (readSessions).
-const sessionsQuery = `SELECT node_id, count(*), min(session_start), timezone('UTC', now())
+const sessionsQuery = `SELECT node_id, count(CASE WHEN session_start < timezone('UTC', now()) - INTERVAL '1 second' THEN 1 END), min(session_start), timezone('UTC', now())
 FROM crdb_internal.cluster_sessions WHERE session_id IS NOT NULL GROUP BY node_id`
+
+// fleetCountAge is how old a session must be to count in the fleet's
+// sessions per node (the INTERVAL in sessionsQuery): a new connection
+// shows there this long after it opened.
+const fleetCountAge = time.Second
 
 // sessionsClockSlack is how far apart two CockroachDB nodes' clocks may be
 // (the default --max-offset): session_start is the session's node's clock,
@@ -172,19 +180,12 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 }
 
 // fleetStill reports whether the fleet's sessions per node held still
-// from one read (was) to the next (now): the same nodes, none up or down by
-// more than one (a probe's session comes and goes).
+// from one read (was) to the next (now): the same nodes with the same
+// counts. One connection moved is a change (its old node one less, its new
+// one more fleetCountAge later), and the sessions too young to count (a
+// probe's) never make one.
 func fleetStill(was, now map[NodeID]int) bool {
-	if len(was) != len(now) {
-		return false
-	}
-	for id, c := range now {
-		w, ok := was[id]
-		if !ok || c-w > 1 || w-c > 1 {
-			return false
-		}
-	}
-	return true
+	return len(was) > 0 && maps.Equal(was, now)
 }
 
 // backAgain reports whether a sign that node n is back ends what the pool
