@@ -153,6 +153,7 @@ type Pool struct {
 	// remainder, made to even out the cluster (fleetSwap); nil: none.
 	swaps    atomic.Pointer[[]remainderSwap]
 	lastSwap atomic.Int64 // unix nanoseconds of the last swap
+	swapRead atomic.Int64 // unix nanoseconds of the fleet read last decided on
 	obs      *observer
 
 	tracker   *tracker       // which connection is on which node

@@ -129,7 +129,8 @@ func (p *Pool) remainderSwaps() []remainderSwap {
 // settle, and pools swapping on them would overshoot together; and a
 // connection that moved leaves its old node's count at once but shows on
 // its new node's only fleetCountAge later. Nor may a per-node cap or runtime
-// limit be set (their targets are the limits' to set). A swap that
+// limit be set (their targets are the limits' to set). The pool draws once
+// per read. A swap that
 // undoes an earlier one drops it, back to the hash's choice; the pool keeps
 // at most one swap per node.
 func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) bool {
@@ -148,6 +149,12 @@ func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) 
 	fleet, read, since := p.pace.fleet, p.pace.fleetRead, p.pace.fleetSince
 	p.pace.mu.Unlock()
 	if len(fleet) == 0 || !read.After(settled) || read.Sub(since) < 2*p.settings.balanceInterval+fleetCountAge {
+		return false
+	}
+	// One draw per read: every pool draws once on what it read, as
+	// fleetSwap's odds assume; drawing again each round on the same read
+	// would multiply them.
+	if p.swapRead.Swap(read.UnixNano()) == read.UnixNano() {
 		return false
 	}
 	s, ok := fleetSwap(plan.Targets, fleet, size, rand.Float64())
