@@ -390,6 +390,15 @@ func TestSessionsBack(t *testing.T) {
 	if failures != 1 {
 		t.Errorf("node 1, not evicted, has %d failures after the read, want the 1 its connect counted: only an eviction ends", failures)
 	}
+	// The fleet's sessions per node count only those older than
+	// fleetCountAge: a probe's session lives a moment.
+	read(session(1, old), session(1, time.Now()), session(2, old))
+	p.pace.mu.Lock()
+	fleet := maps.Clone(p.pace.fleet)
+	p.pace.mu.Unlock()
+	if want := map[NodeID]int{1: 1, 2: 1}; !maps.Equal(fleet, want) {
+		t.Errorf("sessions per node %v, want %v (node 1's new session too young to count)", fleet, want)
+	}
 }
 
 // Pools that read the fleet's sessions per node even out the cluster
@@ -429,19 +438,7 @@ func TestFleetSwapEvensOut(t *testing.T) {
 		}
 		p.swaps.Store(&swaps)
 	}
-	atTargets := func() string {
-		byApp := c.OpenConnsByApp()
-		for i, p := range ps {
-			want := make(map[int]int)
-			for id, k := range balanceTargets(conns, nodes, p.seed, p.remainderSwaps()...) {
-				want[int(id)] = k
-			}
-			if got := byApp[fleetApp(i)]; !maps.Equal(got, want) {
-				return fmt.Sprintf("pool %d: servers see %v, its targets are %v (swaps %v); cluster %v", i, got, want, p.remainderSwaps(), c.OpenConns())
-			}
-		}
-		return ""
-	}
+	atTargets := fleetAtTargets(c, ps, []int{1, 2, 3, 4})
 	waitCond(t, func() string {
 		if msg := atTargets(); msg != "" {
 			return msg

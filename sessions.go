@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -26,12 +27,13 @@ import (
 // the session's age by the cluster's clock, not its own: a node whose
 // sessions all started after the pool lost it has been back since
 // (readSessions).
-const sessionsQuery = `SELECT node_id, count(CASE WHEN session_start < timezone('UTC', now()) - INTERVAL '1 second' THEN 1 END), min(session_start), timezone('UTC', now())
+var sessionsQuery = `SELECT node_id, count(CASE WHEN session_start < timezone('UTC', now()) - INTERVAL '` +
+	strconv.FormatInt(fleetCountAge.Milliseconds(), 10) + ` milliseconds' THEN 1 END), min(session_start), timezone('UTC', now())
 FROM crdb_internal.cluster_sessions WHERE session_id IS NOT NULL GROUP BY node_id`
 
 // fleetCountAge is how old a session must be to count in the fleet's
-// sessions per node (the INTERVAL in sessionsQuery): a new connection
-// shows there this long after it opened.
+// sessions per node (sessionsQuery): a new connection shows there this
+// long after it opened.
 const fleetCountAge = time.Second
 
 // sessionsClockSlack is how far apart two CockroachDB nodes' clocks may be
