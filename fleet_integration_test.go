@@ -225,6 +225,65 @@ func TestFleetGossip(t *testing.T) {
 		n1.OpenConns(), fleetPools*fleetConns/4, sessions5-sessions4, n1.PeakAcceptRate(back, time.Now(), time.Second))
 }
 
+// Behind one address every connection the pool opens is a draw of the load
+// balancer, as a session probe's dial is, and names the node it reached: a
+// probe tick that finds some opened since the last tick opens no session.
+// With nothing opened since, a due tick probes; with hosts listed the
+// pool's connections go where it places them, so they stand in for nothing
+// and a due tick probes.
+func TestProbeOwnConnectsStandIn(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 3, InProcess: true})
+	byHand := func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 3, 3
+		// The test runs the ticks; the pool's own loops wait an hour.
+		cfg.ProbeInterval, cfg.BalanceInterval = time.Hour, time.Hour
+	}
+	for _, tc := range []struct {
+		name     string
+		dsn      string
+		standsIn bool
+	}{
+		{"one address", c.DSN(), true},
+		{"hosts listed", c.HostsDSN(), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := startPool(t, tc.dsn, byHand)
+			waitCond(t, func() string {
+				if n := p.tracker.landings.Load(); n < 3 {
+					return fmt.Sprintf("%d connections landed, want the pool's 3", n)
+				}
+				return ""
+			})
+			ctx := testCtx(t)
+			now := time.Now()
+			var st probeState // no probe yet: one is due, and three connections landed since
+			before := p.probeConns()
+			if !p.probeTick(ctx, &st, now) {
+				t.Fatal("probeTick stopped probing")
+			}
+			opened := p.probeConns() - before
+			if tc.standsIn && opened != 0 {
+				t.Errorf("the pool's own connections landed since the last tick, yet the probe opened %d sessions", opened)
+			}
+			if !tc.standsIn && opened == 0 {
+				t.Error("with hosts listed a due probe opened no session")
+			}
+			if !st.backoff.lastProbe.Equal(now) {
+				t.Errorf("the tick's probe time is %v, want %v: the landings count as the tick's probe", st.backoff.lastProbe, now)
+			}
+			// Nothing landed since: the next due tick opens a session.
+			before = p.probeConns()
+			if !p.probeTick(ctx, &st, now.Add(3*time.Hour)) {
+				t.Fatal("probeTick stopped probing")
+			}
+			if p.probeConns() == before {
+				t.Error("nothing landed since the last tick, yet a due tick opened no probe session")
+			}
+		})
+	}
+}
+
 // Without gossip a pool reads which nodes hold the fleet's sessions
 // (crdb_internal.cluster_sessions, readable by every user) over an idle
 // connection, and aims its probes at a node listed there that it has never

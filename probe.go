@@ -50,6 +50,9 @@ type probeState struct {
 	sessionsAfter time.Time    // do not read the sessions before this
 	sessionsRead  time.Time    // when the sessions were last read
 	backoff       probeBackoff // when the next session probe is due
+	// landings is the tracker's landings at the end of the last tick: more
+	// at this tick means connections of the pool's own landed since.
+	landings uint64
 }
 
 // probePace is what the probe loop learns from the rest of the pool: that
@@ -215,8 +218,10 @@ func (p *Pool) runProbe(ctx context.Context) {
 // is due or a node is missed that gossip cannot vouch for. It reports
 // whether probing should go on.
 func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) bool {
-	known, landed := p.tracker.coverage()
-	st.backoff = st.backoff.observe(p.pace.changes.Load(), known, landed, now)
+	landed := p.tracker.landings.Load() != st.landings
+	defer func() { st.landings = p.tracker.landings.Load() }()
+	known, covered := p.tracker.coverage()
+	st.backoff = st.backoff.observe(p.pace.changes.Load(), known, covered, now)
 	gossiped := p.gossipIdle(ctx, st, now)
 	if ctx.Err() != nil {
 		return false
@@ -225,7 +230,7 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		st.gossipRead = now
 	} else if p.sessionsDue(st, now) && p.sessionsIdle(ctx, st, now) {
 		// A node heard of is a change: the session probe snaps back.
-		st.backoff = st.backoff.observe(p.pace.changes.Load(), known, landed, now)
+		st.backoff = st.backoff.observe(p.pace.changes.Load(), known, covered, now)
 	}
 	if ctx.Err() != nil {
 		return false
@@ -237,6 +242,16 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		return true
 	}
 	if !st.backoff.due(now, p.settings.probeInterval, p.settings.probeMaxInterval, len(missing) > 0) {
+		return true
+	}
+	if landed && p.placement.mode == connectRedial {
+		// Behind one address every connect the pool made since the last
+		// tick (a refill, a move's replacement or redial) was a draw of
+		// the load balancer, as a probe's dial is, and told the pool
+		// which node it reached, a missed one included: it stands for
+		// this tick's session probe, which would cost the cluster one
+		// more session for the same news.
+		st.backoff = st.backoff.probed(now)
 		return true
 	}
 	st.backoff = st.backoff.probed(now)
