@@ -214,10 +214,18 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	if plan.script != nil {
 		script = func(ctx context.Context) error { return plan.script(ctx, t.c, ev.mark) }
 	}
+	var churned func() int64
 	work := func(until context.Context) {
+		if kind == pgxpoolKind && h.opts.pgxpoolChurn > 0 {
+			churned = startChurn(until, t.dsn, h.opts.pgxpoolChurn)
+		}
 		runLoad(ctx, until, pool, plan.workload, h.opts.workers, h.opts.seed, rec)
 	}
 	elapsed, err := h.load(ctx, s.name, kind, h.opts.duration, script, work, rec)
+	var churn int64
+	if churned != nil {
+		churn = churned()
+	}
 	if err != nil {
 		return res, err
 	}
@@ -228,7 +236,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	opened := t.counter.opened() - opened0
 	probes := int64(0)
 	if t.counter.seesProbes() {
-		probes = probeConns(pool)
+		probes = probeConns(pool) + churn
 	}
 	lib := libraryStats(pool)
 	pool.Close()

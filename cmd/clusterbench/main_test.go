@@ -179,7 +179,7 @@ func TestRealPostgres(t *testing.T) {
 	out := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	res, stderr, code := runJSON(t, ctx, "-backend", "postgres", "-scenario", "balance", "-duration", "1500ms", "-out", out)
+	res, stderr, code := runJSON(t, ctx, "-backend", "postgres", "-scenario", "balance", "-duration", "1500ms", "-pgxpool-churn", "100ms", "-out", out)
 	if code != 0 {
 		t.Fatalf("exit code %d\n%s", code, stderr)
 	}
@@ -188,6 +188,17 @@ func TestRealPostgres(t *testing.T) {
 	}
 	checkSane(t, res, []string{"balance"})
 	checkReport(t, res, out)
+	// -pgxpool-churn: pgxpool's turn opened short-lived connections
+	// beside the pool (one every 100 ms for 1.5 s), counted apart from the
+	// pool's own, which stay its 24.
+	for _, p := range res.Scenarios[0].Pools {
+		if p.Pool != pgxpoolKind {
+			continue
+		}
+		if p.ProbeConns < 3 || p.ConnsOpened != int64(p.PoolSize) {
+			t.Errorf("pgxpool with -pgxpool-churn 100ms: %d short-lived connections, %d opened by the pool of %d; want at least 3, and the pool's own", p.ProbeConns, p.ConnsOpened, p.PoolSize)
+		}
+	}
 }
 
 func TestDSNRunsOnlyNonDestructiveScenarios(t *testing.T) {
@@ -273,6 +284,8 @@ func TestBadInput(t *testing.T) {
 		{"-pools", "0"},
 		{"-pool-conns", "0"},
 		{"-fleet-phase", "100ms"},
+		{"-pgxpool-churn", "-1s"},
+		{"-pgxpool-churn", "10us"},
 		{"-cluster", "pool_max_conns=3"},
 		{"-cluster", "cluster_bogus=1"},
 		{"-cluster", "cluster_connect_rate=-1"},

@@ -108,7 +108,7 @@ func reportHTML(res *Results) string {
 		if hasPlot(s) {
 			b.WriteString(plotSVG(s, false))
 		}
-		b.WriteString("\n<table><tr><th>latency (ms)</th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>ops</th><th>errors</th><th>conns opened</th><th>probe conns</th></tr>\n")
+		b.WriteString("\n<table><tr><th>latency (ms)</th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>ops</th><th>errors</th><th>conns opened</th><th>short-lived conns (probes, churn)</th></tr>\n")
 		for _, p := range s.Pools {
 			l := p.Latency
 			fmt.Fprintf(&b, "<tr><td>%s</td><td>%.2f</td><td>%.2f</td><td>%.2f</td><td>%.1f</td><td>%d</td><td>%d</td><td>%d</td><td>%d</td></tr>\n",

@@ -76,9 +76,10 @@ type PoolResult struct {
 	FinalPoolConns int         `json:"final_pool_conns"`
 	// ConnsOpened is how many connections the pool opened during the run
 	// (those it refused after connecting included): the servers' count of
-	// accepted connections, less clusterpool's ProbeConns.
+	// accepted connections, less ProbeConns.
 	ConnsOpened int64 `json:"conns_opened"`
-	// ProbeConns are clusterpool's short-lived probe connections.
+	// ProbeConns are the short-lived connections opened beside the pool:
+	// clusterpool's probes, pgxpool's churn (-pgxpool-churn).
 	ProbeConns int64 `json:"probe_conns"`
 	// Library holds clusterpool's own counters (ClusterStat) at the end.
 	Library map[string]float64 `json:"clusterpool_stats,omitempty"`

@@ -35,6 +35,9 @@ type options struct {
 	pools, poolConns int
 	fleetPhase       time.Duration
 	fleetGossip      bool
+	// pgxpoolChurn: pgxpool's turn also opens and closes a connection this
+	// often (0: never), see startChurn.
+	pgxpoolChurn time.Duration
 }
 
 const (
@@ -222,6 +225,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
 	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead: only the non-destructive scenarios (balance, overhead) run, and table kv is created if missing")
 	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
+	fs.DurationVar(&o.pgxpoolChurn, "pgxpool-churn", 0, "pgxpool's turn also opens and closes one connection through the cluster's address this often (0: never), to price connection set-ups on this machine against clusterpool's probes and moves; not in overhead, fleet or limits")
 	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -252,6 +256,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 		return usageErr("-pool-conns must be between 1 and 1000")
 	case o.fleetPhase < time.Second:
 		return usageErr("-fleet-phase must be at least 1s")
+	case o.pgxpoolChurn < 0 || (o.pgxpoolChurn > 0 && o.pgxpoolChurn < time.Millisecond):
+		return usageErr("-pgxpool-churn must be 0 (off) or at least 1ms, not %v", o.pgxpoolChurn)
 	}
 	for _, n := range strings.Split(*scenarioFlag, ",") {
 		n = strings.TrimSpace(n)
