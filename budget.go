@@ -296,6 +296,46 @@ func (b *connectBudget) takeForRedial(now time.Time, reserve int) bool {
 	return movesAffordable(b.spareLocked(now, reserve, b.start), 0, 1, 1, 0) == 1 && b.spendLocked(now, 1, b.start)
 }
 
+// awaitRedial waits, until deadline at most, for a token takeForRedial
+// would give, and takes it; it reports whether it did. It is for a move's
+// replacement that no caller waits for and that landed on the wrong node
+// when the bucket held no token above reserve: kept there, the connection
+// costs another move (a connection retired and its replacement's dials,
+// about as many as nodes behind the address), where waiting costs the
+// redial alone, at the limiter's rate, while the pool is one connection
+// short. It books no token ahead, as waitBehindCallers does not, so a
+// refill waiting for the reserve is never passed.
+func (b *connectBudget) awaitRedial(ctx context.Context, reserve int, deadline time.Time) bool {
+	if b.limiter == nil {
+		return true
+	}
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	<-timer.C
+	for {
+		now := time.Now()
+		if b.takeForRedial(now, reserve) {
+			return true
+		}
+		// Until the bucket holds a whole token above the reserve; at
+		// least a millisecond, so the loop never spins.
+		missing := float64(reserve) + 1 - b.limiter.TokensAt(now)
+		wait := max(time.Duration(missing/float64(b.limiter.Limit())*float64(time.Second)), time.Millisecond)
+		if now.Add(wait).After(deadline) {
+			return false
+		}
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-timer.C:
+		}
+	}
+}
+
 // replacementsOwed is how many moves' replacements no connect has started
 // yet.
 func (b *connectBudget) replacementsOwed(now time.Time) int {

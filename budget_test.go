@@ -280,3 +280,47 @@ func TestRefillCount(t *testing.T) {
 		}
 	}
 }
+
+// A move's replacement that landed on the wrong node may wait for the next
+// token above the refill reserve instead of staying there: it gets one as
+// soon as the limiter has it, never one of the reserve, and gives up at its
+// deadline or when its connect is cancelled.
+func TestBudgetAwaitRedial(t *testing.T) {
+	ctx := context.Background()
+	if !(&connectBudget{}).awaitRedial(ctx, 5, time.Now()) {
+		t.Fatal("no limit: a redial waited in vain")
+	}
+
+	// Empty bucket, a token every millisecond: one comes well before the
+	// deadline.
+	fast := &connectBudget{limiter: rate.NewLimiter(1000, 10)}
+	fast.limiter.AllowN(time.Now(), 10)
+	if !fast.awaitRedial(ctx, 2, time.Now().Add(time.Minute)) {
+		t.Fatal("tokens come every millisecond, yet the redial got none within a minute")
+	}
+
+	// A token every ten seconds and the bucket at the reserve: nothing
+	// before a deadline 10 ms away, and the reserve is left alone.
+	slow := &connectBudget{limiter: rate.NewLimiter(0.1, 10)}
+	now := time.Now()
+	slow.limiter.AllowN(now, 7) // 3 left: the reserve
+	if slow.awaitRedial(ctx, 3, time.Now().Add(10*time.Millisecond)) {
+		t.Fatal("a redial took a token of the refill reserve")
+	}
+	if got := slow.limiter.TokensAt(time.Now()); got < 3 {
+		t.Fatalf("%.2f tokens left, want the reserve of 3", got)
+	}
+
+	// Cancelled: the wait ends at once, without a token.
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if slow.awaitRedial(cancelled, 3, time.Now().Add(time.Hour)) {
+		t.Fatal("a cancelled connect got a redial token")
+	}
+	// The connect's own deadline bounds the wait too.
+	short, cancel2 := context.WithTimeout(ctx, 10*time.Millisecond)
+	defer cancel2()
+	if slow.awaitRedial(short, 3, time.Now().Add(time.Hour)) {
+		t.Fatal("a redial got a token after its connect's deadline")
+	}
+}

@@ -64,7 +64,8 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 	}
 	attempt := 0 // pgconn tries the fallbacks one after another
 	dialStart := time.Now()
-	return func(_ context.Context, pgConn *pgconn.PgConn) error {
+	moveStart := dialStart
+	return func(ctx context.Context, pgConn *pgconn.PgConn) error {
 		pl.reached.Store(true)
 		attempt++
 		now := time.Now()
@@ -109,7 +110,13 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 			reserve = refillReserve(int(pl.p.config.MaxConns), eligible)
 		}
 		if !pl.p.budget.takeForRedial(now, reserve) {
-			return nil
+			// A move's replacement no caller waits for may wait for the
+			// next token, within the round in which the move would
+			// otherwise be made again (awaitRedial).
+			if !move || caller || !pl.p.budget.awaitRedial(ctx, reserve, moveStart.Add(pl.p.settings.balanceInterval)) {
+				return nil
+			}
+			dialStart = time.Now() // the next dial's time starts after the wait
 		}
 		releaseCapSlot(pgConn)
 		pl.redials.Add(1)
