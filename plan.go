@@ -104,8 +104,10 @@ type remainderSwap struct{ From, To NodeID }
 // movers about what closes the gap, (gap-1)/2, among the pools that could:
 // those with an extra on H and none on L, at least gap of them, about
 // P × r/N × (N-r)/(N-1) for P pools of this size. Nothing moves for a gap
-// under 3: one move would only turn it around. Pure.
-func fleetSwap(targets, fleet map[NodeID]int, size int, draw float64) (remainderSwap, bool) {
+// under 3: one move would only turn it around. landsBack says the pool is
+// behind one random load-balancer address, where half the swaps end where
+// they began (cancelSwap): it draws with twice the odds. Pure.
+func fleetSwap(targets, fleet map[NodeID]int, size int, draw float64, landsBack bool) (remainderSwap, bool) {
 	n := len(targets)
 	if n < 2 || size <= 0 || size%n == 0 {
 		return remainderSwap{}, false
@@ -136,7 +138,11 @@ func fleetSwap(targets, fleet map[NodeID]int, size int, draw float64) (remainder
 	}
 	pools := max(1, float64(total)/float64(size))
 	movers := max(float64(gap), pools*float64(r)/float64(n)*float64(n-r)/float64(n-1))
-	if draw >= float64((gap-1)/2)/movers {
+	odds := float64((gap-1)/2) / movers
+	if landsBack {
+		odds *= 2
+	}
+	if draw >= odds {
 		return remainderSwap{}, false
 	}
 	return remainderSwap{From: heavy, To: light}, true

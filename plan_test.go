@@ -320,7 +320,7 @@ func TestSpreadJoins(t *testing.T) {
 // counts as they were at the round's start (reads are asynchronous and
 // stale) and apply fleetSwap. It returns the cluster spread at the end, the
 // swaps made, and the last round that made one.
-func fleetSwapSim(r *rand.Rand, pools, conns, n, rounds int) (spread, swaps, last int) {
+func fleetSwapSim(r *rand.Rand, pools, conns, n, rounds int, landsBack bool) (spread, swaps, cancelled, last int) {
 	var nodes []NodeID
 	for i := 1; i <= n; i++ {
 		nodes = append(nodes, NodeID(i))
@@ -347,12 +347,16 @@ func fleetSwapSim(r *rand.Rand, pools, conns, n, rounds int) (spread, swaps, las
 			if r.IntN(2) == 0 {
 				continue
 			}
-			s, ok := fleetSwap(targets[i], fleet, conns, r.Float64())
+			s, ok := fleetSwap(targets[i], fleet, conns, r.Float64(), landsBack)
 			if !ok {
 				continue
 			}
-			swaps++
 			last = round
+			if landsBack && r.IntN(2) == 0 {
+				cancelled++ // the replacement landed back on From first: cancelSwap
+				continue
+			}
+			swaps++
 			own[i] = append(own[i], s)
 			targets[i] = balanceTargets(conns, nodes, seeds[i], own[i]...)
 		}
@@ -362,7 +366,7 @@ func fleetSwapSim(r *rand.Rand, pools, conns, n, rounds int) (spread, swaps, las
 	for _, id := range nodes {
 		lo, hi = min(lo, c[id]), max(hi, c[id])
 	}
-	return hi - lo, swaps, last
+	return hi - lo, swaps, cancelled, last
 }
 
 // Pools that read the fleet's sessions per node and move a remainder
@@ -376,20 +380,26 @@ func TestFleetSwapSimulation(t *testing.T) {
 		pools, conns, nodes int
 		maxP90              int
 		fleets              int
+		landsBack           bool // behind one address: half the swaps end where they began
 	}{
-		{16, 10, 4, 2, 200},
-		{16, 10, 3, 2, 200},
-		{200, 10, 4, 2, 50},
-		{1000, 10, 4, 2, 20},
+		{16, 10, 4, 2, 200, false},
+		{16, 10, 3, 2, 200, false},
+		{200, 10, 4, 2, 50, false},
+		{1000, 10, 4, 2, 20, false},
+		{16, 10, 4, 2, 200, true},
+		{16, 10, 3, 2, 200, true},
+		{200, 10, 4, 2, 50, true},
+		{1000, 10, 4, 2, 20, true},
 	} {
 		fleets := tc.fleets
 		var spreads []int
-		swaps, late := 0, 0
+		swaps, cancelled, late := 0, 0, 0
 		for s := range fleets {
 			r := rand.New(rand.NewPCG(uint64(s), 3))
-			spread, n, last := fleetSwapSim(r, tc.pools, tc.conns, tc.nodes, rounds)
+			spread, n, c, last := fleetSwapSim(r, tc.pools, tc.conns, tc.nodes, rounds, tc.landsBack)
 			spreads = append(spreads, spread)
 			swaps += n
+			cancelled += c
 			if last > rounds/2 {
 				late++
 			}
@@ -397,8 +407,8 @@ func TestFleetSwapSimulation(t *testing.T) {
 		slices.Sort(spreads)
 		p90 := spreads[fleets*9/10]
 		perPool := float64(swaps) / float64(fleets*tc.pools)
-		t.Logf("%d pools × %d on %d nodes: spread p50 %d p90 %d max %d; %.2f swaps per pool; %d fleets still swapping after round %d",
-			tc.pools, tc.conns, tc.nodes, spreads[fleets/2], p90, spreads[fleets-1], perPool, late, rounds/2)
+		t.Logf("%d pools × %d on %d nodes (lands back %v): spread p50 %d p90 %d max %d; %.2f swaps per pool (%.2f more ended where they began); %d fleets still swapping after round %d",
+			tc.pools, tc.conns, tc.nodes, tc.landsBack, spreads[fleets/2], p90, spreads[fleets-1], perPool, float64(cancelled)/float64(fleets*tc.pools), late, rounds/2)
 		if p90 > tc.maxP90 {
 			t.Errorf("%d pools: cluster spread p90 %d, want ≤ %d", tc.pools, p90, tc.maxP90)
 		}
@@ -443,11 +453,19 @@ func TestFleetSwap(t *testing.T) {
 	// pool's extras, node 4 the quietest of the others: gap 8, 3 movers
 	// wanted among max(8, 16 × 2/4 × 2/3) = 8 candidates: q = 3/8.
 	fleet := map[NodeID]int{1: 44, 2: 41, 3: 39, 4: 36}
-	if s, ok := fleetSwap(targets, fleet, 10, 0.37); !ok || s != (remainderSwap{From: 1, To: 4}) {
+	if s, ok := fleetSwap(targets, fleet, 10, 0.37, false); !ok || s != (remainderSwap{From: 1, To: 4}) {
 		t.Errorf("gap 8, draw 0.37 < 3/8: %v %v, want a swap from node 1 to node 4", s, ok)
 	}
-	if _, ok := fleetSwap(targets, fleet, 10, 0.38); ok {
+	if _, ok := fleetSwap(targets, fleet, 10, 0.38, false); ok {
 		t.Error("gap 8, draw 0.38 ≥ 3/8: a swap")
+	}
+	// Behind one random address half the swaps land back where they
+	// began (cancelSwap): twice the odds, 3/4.
+	if _, ok := fleetSwap(targets, fleet, 10, 0.74, true); !ok {
+		t.Error("behind one address, gap 8, draw 0.74 < 3/4: no swap")
+	}
+	if _, ok := fleetSwap(targets, fleet, 10, 0.76, true); ok {
+		t.Error("behind one address, gap 8, draw 0.76 ≥ 3/4: a swap")
 	}
 	for _, tc := range []struct {
 		name  string
@@ -458,8 +476,52 @@ func TestFleetSwap(t *testing.T) {
 		{"the busiest node is not one of the pool's extras", map[NodeID]int{1: 38, 2: 38, 3: 44, 4: 40}, 10},
 		{"no remainder", map[NodeID]int{1: 50, 2: 30, 3: 40, 4: 40}, 8},
 	} {
-		if s, ok := fleetSwap(balanceTargets(tc.size, nodes, seed), tc.fleet, tc.size, 0); ok {
+		if s, ok := fleetSwap(balanceTargets(tc.size, nodes, seed), tc.fleet, tc.size, 0, true); ok {
 			t.Errorf("%s: swap %v, want none", tc.name, s)
 		}
+	}
+}
+
+// A swap's replacement that lands back on the node the swap took it from
+// ends the swap there: the pool's swaps are what they were before it. Only
+// the last swap, only its From node, only within a balance interval of it.
+func TestCancelSwap(t *testing.T) {
+	p := &Pool{settings: settings{balanceInterval: time.Second}}
+	now := time.Now()
+	if p.cancelSwap(1, now) {
+		t.Fatal("no swap made, yet one was cancelled")
+	}
+	before := []remainderSwap{{From: 3, To: 4}}
+	after := []remainderSwap{{From: 3, To: 4}, {From: 1, To: 2}}
+	p.swaps.Store(&before)
+	swapAt := func() {
+		p.swaps.Store(&after)
+		p.swapMove.Store(&swapMove{swap: remainderSwap{From: 1, To: 2}, before: &before, after: &after, at: now})
+	}
+	swapAt()
+	if p.cancelSwap(2, now) || p.cancelSwap(3, now) {
+		t.Fatal("a landing on another node than the swap's From cancelled it")
+	}
+	if p.cancelSwap(1, now.Add(2*time.Second)) {
+		t.Fatal("a landing two balance intervals after the swap cancelled it")
+	}
+	if !p.cancelSwap(1, now.Add(time.Second/2)) {
+		t.Fatal("the swap's replacement landed back on node 1 within the interval, yet the swap stands")
+	}
+	if got := p.remainderSwaps(); !slices.Equal(got, before) {
+		t.Fatalf("swaps after the cancel: %v, want %v", got, before)
+	}
+	if p.cancelSwap(1, now.Add(time.Second/2)) {
+		t.Fatal("one swap cancelled twice")
+	}
+	// A swap made since (the list changed) is not undone by a late landing.
+	swapAt()
+	newer := []remainderSwap{{From: 2, To: 1}}
+	p.swaps.Store(&newer)
+	if p.cancelSwap(1, now) {
+		t.Fatal("a landing cancelled a swap list that changed since")
+	}
+	if got := p.remainderSwaps(); !slices.Equal(got, newer) {
+		t.Fatalf("swaps: %v, want %v", got, newer)
 	}
 }

@@ -154,6 +154,9 @@ type Pool struct {
 	swaps    atomic.Pointer[[]remainderSwap]
 	lastSwap atomic.Int64 // unix nanoseconds of the last swap
 	swapRead atomic.Int64 // unix nanoseconds of the fleet read last decided on
+	// swapMove is the last swap while its move may be under way
+	// (cancelSwap); nil: none.
+	swapMove atomic.Pointer[swapMove]
 	obs      *observer
 
 	tracker   *tracker       // which connection is on which node

@@ -157,7 +157,7 @@ func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) 
 	if p.swapRead.Swap(read.UnixNano()) == read.UnixNano() {
 		return false
 	}
-	s, ok := fleetSwap(plan.Targets, fleet, size, rand.Float64())
+	s, ok := fleetSwap(plan.Targets, fleet, size, rand.Float64(), p.placement.mode == connectRedial)
 	if !ok {
 		return false
 	}
@@ -177,9 +177,38 @@ func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) 
 	if len(swaps) > len(plan.Targets) {
 		swaps = swaps[len(swaps)-len(plan.Targets):]
 	}
-	p.swaps.Store(&swaps)
+	prev := p.swaps.Swap(&swaps)
+	p.swapMove.Store(&swapMove{swap: s, before: prev, after: &swaps, at: now})
 	p.lastSwap.Store(now.UnixNano())
 	return true
+}
+
+// swapMove is a swap whose move may be under way: its connection retired
+// from From, the replacement dialling until it lands on To.
+type swapMove struct {
+	swap          remainderSwap
+	before, after *[]remainderSwap // the pool's swaps without it, with it
+	at            time.Time
+}
+
+// cancelSwap is asked where a move's replacement landed on node id, over
+// its target: when id is where the last swap, made within a balance
+// interval, took its connection from, the replacement landed back where it
+// came from first (one dial in two of those that reach either node, behind
+// a random load balancer), and the swap is dropped rather than dialled on:
+// a swap is a correction no pool needs, and the pool is back at its hash's
+// targets at once, where dialling on would leave it a connection short (or
+// at a spread of two) for as long. fleetSwap's odds count on half the swaps
+// ending so. It reports whether it dropped one.
+func (p *Pool) cancelSwap(id NodeID, now time.Time) bool {
+	m := p.swapMove.Load()
+	if m == nil || m.swap.From != id || now.Sub(m.at) > p.settings.balanceInterval {
+		return false
+	}
+	if !p.swapMove.CompareAndSwap(m, nil) {
+		return false
+	}
+	return p.swaps.CompareAndSwap(m.after, m.before)
 }
 
 // payMoves takes from the connect budget the tokens for the replacements of

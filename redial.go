@@ -259,7 +259,13 @@ func (pl *placement) moveLanding(id NodeID, now time.Time) (over bool, takers, n
 			takers++
 		}
 	}
-	return conns[id] >= targets[id], takers, len(info)
+	over = conns[id] >= targets[id]
+	if over && pl.p.cancelSwap(id, now) {
+		// Back where a swap took it from: the swap is dropped, and the
+		// connection is at the hash's target there.
+		return false, takers, len(info)
+	}
+	return over, takers, len(info)
 }
 
 // overTarget reports whether a new connection on node id should be refused:
