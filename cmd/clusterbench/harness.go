@@ -52,13 +52,20 @@ func (h *harness) runScenario(ctx context.Context, s scenario) (ScenarioResult, 
 		if s.run != nil {
 			runPool = func(ctx context.Context, s scenario, kind string) (PoolResult, error) { return s.run(ctx, h, kind) }
 		}
-		for _, kind := range poolKinds {
-			r, err := runPool(ctx, s, kind)
-			if err != nil {
-				return res, fmt.Errorf("%s with %s: %w", s.name, kind, err)
+		var pairs [][2]PoolResult
+		for range h.opts.repeat {
+			var pair [2]PoolResult
+			for i, kind := range poolKinds {
+				r, err := runPool(ctx, s, kind)
+				if err != nil {
+					return res, fmt.Errorf("%s with %s: %w", s.name, kind, err)
+				}
+				pair[i] = r
 			}
-			res.Pools = append(res.Pools, r)
+			pairs = append(pairs, pair)
 		}
+		res.Pools = pairs[0][:]
+		res.Repeats = repeats(pairs)
 	}
 	res.computeRatios()
 	return res, nil

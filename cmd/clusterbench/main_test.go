@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -285,6 +286,8 @@ func TestBadInput(t *testing.T) {
 		{"-pool-conns", "0"},
 		{"-fleet-phase", "100ms"},
 		{"-pgxpool-churn", "-1s"},
+		{"-repeat", "0"},
+		{"-repeat", "21"},
 		{"-pgxpool-churn", "10us"},
 		{"-cluster", "pool_max_conns=3"},
 		{"-cluster", "cluster_bogus=1"},
@@ -398,4 +401,37 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// -repeat runs each scenario's pair again and gives the spread of the
+// ratios; the first pair is the one the table shows. overhead alternates its
+// pools already and is run once.
+func TestRepeatInProcess(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	res, stderr, code := runJSON(t, ctx, "-backend", "inprocess", "-scenario", "balance,overhead", "-duration", "600ms", "-repeat", "3", "-seed", "7", "-out", t.TempDir())
+	if code != 0 {
+		t.Fatalf("exit code %d\n%s", code, stderr)
+	}
+	for _, s := range res.Scenarios {
+		r := s.Repeats
+		switch s.Name {
+		case "balance":
+			if r == nil || r.Runs != 3 || r.P99 == nil || r.Max == nil || r.Throughput == nil {
+				t.Fatalf("balance with -repeat 3: repeats %+v, want three pairs' ratios", r)
+			}
+			for name, sp := range map[string]*Spread{"p99": r.P99, "max": r.Max, "throughput": r.Throughput} {
+				if len(sp.Values) != 3 || sp.Min > sp.Median || sp.Median > sp.Max {
+					t.Errorf("%s ratios %+v: want 3 values, min ≤ median ≤ max", name, sp)
+				}
+			}
+			if want := s.Pools[1].Latency.P99 / s.Pools[0].Latency.P99; math.Abs(r.P99.Values[0]-want) > 1e-9 {
+				t.Errorf("first pair's p99 ratio %v, want the table's %v", r.P99.Values[0], want)
+			}
+		case "overhead":
+			if r != nil {
+				t.Errorf("overhead with -repeat: repeats %+v, want none (its turns alternate)", r)
+			}
+		}
+	}
 }

@@ -105,6 +105,9 @@ func reportHTML(res *Results) string {
 			fmt.Fprintf(&b, "<p>Throughput ratio (clusterpool ÷ pgxpool) per pair of turns: %s — median %s, range %s–%s. The range is how far the machine's speed drifts between turns: a ratio inside it tells the pools apart no better than chance.</p>\n",
 				e(joinRatios(tr.Values)), e(formatRatio(&tr.Median)), e(formatRatio(&tr.Min)), e(formatRatio(&tr.Max)))
 		}
+		if r := s.Repeats; r != nil {
+			fmt.Fprintf(&b, "<p>Over %d pairs of runs (clusterpool ÷ pgxpool, median and range; the figures above are the first pair's): %s.</p>\n", r.Runs, e(r.summary()))
+		}
 		if hasPlot(s) {
 			b.WriteString(plotSVG(s, false))
 		}

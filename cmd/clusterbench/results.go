@@ -44,6 +44,10 @@ type ScenarioResult struct {
 	// turns of an alternating scenario (overhead): their spread shows how
 	// far the overall ratio can be trusted.
 	TurnRatios *Spread `json:"turn_ratios,omitempty"`
+	// Repeats are, with -repeat, clusterpool ÷ pgxpool over every pair of
+	// runs (the first is Pools): one run's latency ratio moves by a third
+	// on a busy machine, their median much less.
+	Repeats *Repeats `json:"repeats,omitempty"`
 	// Settings are clusterpool's settings when the scenario uses its own
 	// (fleet); null means the run's.
 	Settings map[string]string `json:"settings,omitempty"`
@@ -167,6 +171,36 @@ func (s *ScenarioResult) computeRatios() {
 	}
 }
 
+// Repeats are the spreads of clusterpool ÷ pgxpool over repeated pairs of
+// runs of one scenario.
+type Repeats struct {
+	Runs       int     `json:"runs"`
+	P99        *Spread `json:"p99"`
+	Max        *Spread `json:"max"`
+	Throughput *Spread `json:"throughput"`
+}
+
+// repeats returns the spreads of the pairs' ratios; nil for a single pair.
+func repeats(pairs [][2]PoolResult) *Repeats {
+	if len(pairs) < 2 {
+		return nil
+	}
+	var base, other [3][]float64
+	for _, p := range pairs {
+		for i, r := range []*PoolResult{&p[0], &p[1]} {
+			vals := []float64{r.Latency.P99, r.Latency.Max, r.OpsPerSec}
+			for k, v := range vals {
+				if i == 0 {
+					base[k] = append(base[k], v)
+				} else {
+					other[k] = append(other[k], v)
+				}
+			}
+		}
+	}
+	return &Repeats{Runs: len(pairs), P99: turnRatios(base[0], other[0]), Max: turnRatios(base[1], other[1]), Throughput: turnRatios(base[2], other[2])}
+}
+
 // turnRatios pairs the two pools' turns in order (the k-th turn of one with
 // the k-th of the other) and returns the spread of their throughput ratios.
 func turnRatios(base, other []float64) *Spread {
@@ -263,6 +297,9 @@ func writeTable(w io.Writer, res *Results) {
 		if tr := s.TurnRatios; tr != nil {
 			fmt.Fprintf(tw, "\tthroughput ratio per pair of turns (median, range)\t\t\t%s (%s–%s)\t\n", formatRatio(&tr.Median), formatRatio(&tr.Min), formatRatio(&tr.Max))
 		}
+		if r := s.Repeats; r != nil {
+			fmt.Fprintf(tw, "\tover %d pairs of runs (median, range)\t\t\t%s\t\n", r.Runs, r.summary())
+		}
 	}
 	tw.Flush()
 }
@@ -327,4 +364,15 @@ func nodeIDs(from, to int) []int {
 		ids = append(ids, id)
 	}
 	return ids
+}
+
+// summary is the repeats' ratios in one line.
+func (r *Repeats) summary() string {
+	part := func(name string, sp *Spread) string {
+		if sp == nil {
+			return name + " –"
+		}
+		return fmt.Sprintf("%s %s (%s–%s)", name, formatRatio(&sp.Median), formatRatio(&sp.Min), formatRatio(&sp.Max))
+	}
+	return part("p99", r.P99) + ", " + part("max", r.Max) + ", " + part("throughput", r.Throughput)
 }

@@ -38,6 +38,9 @@ type options struct {
 	// pgxpoolChurn: pgxpool's turn also opens and closes a connection this
 	// often (0: never), see startChurn.
 	pgxpoolChurn time.Duration
+	// repeat is how many times each scenario's pair of runs is made (see
+	// Repeats).
+	repeat int
 }
 
 const (
@@ -139,13 +142,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var loadTime time.Duration
 	for _, name := range o.scenarios {
 		if name == fleetName {
-			loadTime += 2 * newFleetTimeline(o.fleetPhase).end
+			loadTime += 2 * time.Duration(o.repeat) * newFleetTimeline(o.fleetPhase).end
 			_, fs, _ := clusterpoolSettings(mergeParams(fleetClusterDefaults, o.userCluster))
 			fmt.Fprintf(log, "clusterbench: fleet: %d pools × %d conns (MinConns = MaxConns), each its own application_name, %d callers each, phase %v; clusterpool with balance interval %s and probe interval %s (as issue 13's harness)\n",
 				o.pools, o.poolConns, fleetWorkersPerPool, o.fleetPhase, fs["cluster_balance_interval"], fs["cluster_probe_interval"])
 			continue
 		}
-		loadTime += 2 * o.duration
+		if s, _ := scenarioByName(name); s.alternate {
+			loadTime += 2 * o.duration
+			continue
+		}
+		loadTime += 2 * time.Duration(o.repeat) * o.duration
 	}
 	if slices.ContainsFunc(o.scenarios, func(n string) bool { return n != fleetName }) {
 		fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool; clusterpool with %s\n",
@@ -225,6 +232,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 	fs.BoolVar(&o.json, "json", false, "print results as JSON on stdout; progress goes to stderr")
 	fs.StringVar(&o.dsn, "dsn", "", "run against a real cluster at this connection string instead: only the non-destructive scenarios (balance, overhead) run, and table kv is created if missing")
 	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
+	fs.IntVar(&o.repeat, "repeat", 1, "run each scenario's pair (pgxpool, then clusterpool, each on a fresh cluster with the same seed) this many times, and give the median and range of their p99, max and throughput ratios; the first pair's figures are the table's and the report's (not overhead, whose turns alternate already)")
 	fs.DurationVar(&o.pgxpoolChurn, "pgxpool-churn", 0, "pgxpool's turn also opens and closes one connection through the cluster's address this often (0: never), to price connection set-ups on this machine against clusterpool's probes and moves; not in overhead, fleet or limits")
 	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
 	if err := fs.Parse(args); err != nil {
@@ -256,6 +264,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 		return usageErr("-pool-conns must be between 1 and 1000")
 	case o.fleetPhase < time.Second:
 		return usageErr("-fleet-phase must be at least 1s")
+	case o.repeat < 1 || o.repeat > 20:
+		return usageErr("-repeat must be between 1 and 20, not %d", o.repeat)
 	case o.pgxpoolChurn < 0 || (o.pgxpoolChurn > 0 && o.pgxpoolChurn < time.Millisecond):
 		return usageErr("-pgxpool-churn must be 0 (off) or at least 1ms, not %v", o.pgxpoolChurn)
 	}
