@@ -403,6 +403,7 @@ func fleetMetrics(r *PoolResult, fd *FleetDetail) []Metric {
 		phaseMetrics(p, "end", "at the end")
 		ms = append(ms,
 			Metric{Name: "even_restart", Label: fmt.Sprintf("time until even after node %d is back", p.Rejoin), Unit: "s", Value: p.EvenAfter, Better: "lower", Ideal: value(0), Noise: timeNoise},
+			Metric{Name: "first_even_restart", Label: fmt.Sprintf("time until first even for %gs after node %d is back", evenHold, p.Rejoin), Unit: "s", Value: p.FirstEven, Better: "lower", Ideal: value(0), Noise: timeNoise},
 			Metric{Name: "peak_restart", Label: fmt.Sprintf("peak new sessions/s at node %d after restart", p.Rejoin), Unit: "/s", Value: value(float64(p.PeakAcceptsPerSec)), Better: "lower", Noise: 1},
 		)
 	}

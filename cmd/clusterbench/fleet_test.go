@@ -131,6 +131,42 @@ func TestHoldsFrom(t *testing.T) {
 	}
 }
 
+// firstHeld finds the first run of samples that holds for hold seconds,
+// whatever comes after it.
+func TestFirstHeld(t *testing.T) {
+	mk := func(vals ...bool) []fleetSample {
+		var s []fleetSample
+		for i, v := range vals {
+			var apps map[string]map[int]int
+			if v {
+				apps = map[string]map[int]int{"ok": {1: 1}}
+			}
+			s = append(s, appsAt(float64(i)/2, apps)) // a sample every 0.5 s
+		}
+		return s
+	}
+	cond := func(s fleetSample) bool { return s.Apps["ok"][1] == 1 }
+	for _, tc := range []struct {
+		name     string
+		samples  []fleetSample
+		from, to float64
+		want     float64 // -1: never
+	}{
+		{"from the start", mk(true, true, true), 0, 10, 0},
+		{"later", mk(false, true, true, true, false), 0, 10, 0.5},
+		{"a break after it counts not", mk(true, true, true, false, true), 0, 10, 0},
+		{"too short, then held", mk(true, true, false, true, true, true), 0, 10, 1.5},
+		{"never long enough", mk(true, true, false, true, true), 0, 10, -1},
+		{"counted from from", mk(false, false, true, true, true), 0.5, 10, 0.5},
+		{"cut at to", mk(true, true, true), 0, 0.5, -1},
+	} {
+		got := firstHeld(tc.samples, tc.from, tc.to, 1, cond)
+		if (got == nil) != (tc.want < 0) || (got != nil && *got != tc.want) {
+			t.Errorf("%s: got %v, want %v", tc.name, deref(got), tc.want)
+		}
+	}
+}
+
 func deref(v *float64) any {
 	if v == nil {
 		return nil

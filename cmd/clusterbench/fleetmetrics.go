@@ -83,6 +83,11 @@ type FleetPhase struct {
 	// EvenAfter is the time (s) from From until the cluster was even and
 	// stayed so to the phase's end (see fleetEven); null if never.
 	EvenAfter *float64 `json:"even_after_s"`
+	// FirstEven is the time (s) from From until the cluster was first even
+	// for evenHold without a break; null if never. A later move (a fleet
+	// swap, a pool's last move landing) can break the evenness for a
+	// sample, which restarts EvenAfter's clock and not this one.
+	FirstEven *float64 `json:"first_even_s"`
 	// PeakAcceptsPerSec is the largest number of sessions the rejoining
 	// node accepted within one second of the phase.
 	PeakAcceptsPerSec int `json:"peak_accepts_per_sec,omitempty"`
@@ -199,6 +204,32 @@ func holdsFrom(samples []fleetSample, from, to float64, cond func(fleetSample) b
 	return at
 }
 
+// evenHold is how long the fleet must stay even for FirstEven.
+const evenHold = 1.0
+
+// firstHeld returns how long after from cond first held on every sample of
+// at least hold seconds (all within [from, to]); nil if it never did.
+func firstHeld(samples []fleetSample, from, to, hold float64, cond func(fleetSample) bool) *float64 {
+	start := -1.0
+	for _, s := range samples {
+		if s.T < from || s.T > to {
+			continue
+		}
+		switch {
+		case !cond(s):
+			start = -1
+		case start < 0:
+			start = s.T
+			fallthrough
+		default:
+			if s.T-start >= hold {
+				return value(start - from)
+			}
+		}
+	}
+	return nil
+}
+
 // lastIn returns the last sample in [from, to], false if there is none.
 func lastIn(samples []fleetSample, from, to float64) (fleetSample, bool) {
 	for i := len(samples) - 1; i >= 0; i-- {
@@ -243,9 +274,9 @@ func fleetPhaseResult(name string, samples []fleetSample, accepts map[int][]floa
 		p.PoolSpreads, p.WorstPoolSpread, p.PoolsWithinOne = poolSpreads(last, apps, nodes)
 		p.RejoinConns = counts[rejoin]
 	}
-	p.EvenAfter = holdsFrom(samples, from, to, func(s fleetSample) bool {
-		return fleetEven(s, apps, conns, nodes, rejoin, fair)
-	})
+	even := func(s fleetSample) bool { return fleetEven(s, apps, conns, nodes, rejoin, fair) }
+	p.EvenAfter = holdsFrom(samples, from, to, even)
+	p.FirstEven = firstHeld(samples, from, to, evenHold, even)
 	if rejoin != 0 {
 		p.PeakAcceptsPerSec = peakIn(accepts[rejoin], from, to, 1)
 	}
