@@ -201,22 +201,32 @@ var errTokenPastDeadline = errors.New("no token before the context's deadline")
 // waitBehindCallers waits for a token for a background connect. Unlike
 // Wait, it books no future token: it takes one only when one is there, so a
 // caller's connect, which books its token as it starts waiting, is served
-// first, and a background refill waits behind every caller.
+// first, and a background refill waits behind every caller. Like Wait, it
+// gives up at once when the token would come past the context's deadline.
 func (b *connectBudget) waitBehindCallers(ctx context.Context) error {
+	return b.waitForToken(ctx, 0, time.Time{}, func(now time.Time) bool { return b.limiter.AllowN(now, 1) })
+}
+
+// waitForToken calls take whenever the bucket may hold a whole token above
+// reserve, until it succeeds, booking none ahead. It gives up with
+// errTokenPastDeadline when that would be after deadline (zero: none) or
+// the context's deadline.
+func (b *connectBudget) waitForToken(ctx context.Context, reserve int, deadline time.Time, take func(now time.Time) bool) error {
+	if d, ok := ctx.Deadline(); ok && (deadline.IsZero() || d.Before(deadline)) {
+		deadline = d
+	}
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	<-timer.C
 	for {
 		now := time.Now()
-		if b.limiter.AllowN(now, 1) {
+		if take(now) {
 			return nil
 		}
-		// Until the bucket holds a whole token again; at least a
-		// millisecond, so the loop never spins. Like Wait, give up at once
-		// when that is past the context's deadline.
-		missing := 1 - b.limiter.TokensAt(now)
+		// Until then; at least a millisecond, so the loop never spins.
+		missing := float64(reserve) + 1 - b.limiter.TokensAt(now)
 		wait := max(time.Duration(missing/float64(b.limiter.Limit())*float64(time.Second)), time.Millisecond)
-		if deadline, ok := ctx.Deadline(); ok && now.Add(wait).After(deadline) {
+		if !deadline.IsZero() && now.Add(wait).After(deadline) {
 			return errTokenPastDeadline
 		}
 		timer.Reset(wait)
@@ -309,31 +319,7 @@ func (b *connectBudget) awaitRedial(ctx context.Context, reserve int, deadline t
 	if b.limiter == nil {
 		return true
 	}
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	timer := time.NewTimer(0)
-	defer timer.Stop()
-	<-timer.C
-	for {
-		now := time.Now()
-		if b.takeForRedial(now, reserve) {
-			return true
-		}
-		// Until the bucket holds a whole token above the reserve; at
-		// least a millisecond, so the loop never spins.
-		missing := float64(reserve) + 1 - b.limiter.TokensAt(now)
-		wait := max(time.Duration(missing/float64(b.limiter.Limit())*float64(time.Second)), time.Millisecond)
-		if now.Add(wait).After(deadline) {
-			return false
-		}
-		timer.Reset(wait)
-		select {
-		case <-ctx.Done():
-			return false
-		case <-timer.C:
-		}
-	}
+	return b.waitForToken(ctx, reserve, deadline, func(now time.Time) bool { return b.takeForRedial(now, reserve) }) == nil
 }
 
 // replacementsOwed is how many moves' replacements no connect has started

@@ -152,7 +152,6 @@ type Pool struct {
 	// swaps are the pool's corrections to where its seed puts its
 	// remainder, made to even out the cluster (fleetSwap); nil: none.
 	swaps    atomic.Pointer[[]remainderSwap]
-	lastSwap atomic.Int64 // unix nanoseconds of the last swap
 	swapRead atomic.Int64 // unix nanoseconds of the fleet read last decided on
 	// swapMove is the last swap while its move may be under way
 	// (cancelSwap); nil: none.

@@ -244,6 +244,7 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	if !st.backoff.due(now, p.settings.probeInterval, p.settings.probeMaxInterval, len(missing) > 0) {
 		return true
 	}
+	st.backoff = st.backoff.probed(now)
 	if landed && p.placement.mode == connectRedial {
 		// Behind one address every connect the pool made since the last
 		// tick (a refill, a move's replacement or redial) was a draw of
@@ -251,10 +252,8 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		// which node it reached, a missed one included: it stands for
 		// this tick's session probe, which would cost the cluster one
 		// more session for the same news.
-		st.backoff = st.backoff.probed(now)
 		return true
 	}
-	st.backoff = st.backoff.probed(now)
 	st.reached, st.draws = 0, 0
 	goOn := p.probe(ctx, st, missing, !gossiped)
 	p.missedHeard(missing, st.reached, st.draws)

@@ -122,7 +122,7 @@ func (p *Pool) remainderSwaps() []remainderSwap {
 // whether to move one of its remainder connections to even out the
 // cluster, and records the swap when so; it reports whether it did. It
 // needs the fleet's sessions per node read after the pool's own last
-// prune or swap had time to land (a balance interval), and held still over
+// prune (a swap's move among them) had time to land (a balance interval), and held still over
 // reads two balance intervals and fleetCountAge apart: while the fleet
 // moves (a node joined or came back, and every pool is moving its share
 // there) the counts say where connections were, not where they will
@@ -144,7 +144,9 @@ func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) 
 		}
 		size += v.Conns
 	}
-	settled := time.Unix(0, max(p.lastPrune.Load(), p.lastSwap.Load())).Add(p.settings.balanceInterval + fleetCountAge)
+	// A swap's move is a prune too: a swap whose move is not paid yet
+	// leaves the plan with prunes, and no swap is asked for then.
+	settled := time.Unix(0, p.lastPrune.Load()).Add(p.settings.balanceInterval + fleetCountAge)
 	p.pace.mu.Lock()
 	fleet, read, since := p.pace.fleet, p.pace.fleetRead, p.pace.fleetSince
 	p.pace.mu.Unlock()
@@ -179,7 +181,6 @@ func (p *Pool) swapRemainder(plan balancePlan, views []nodeView, now time.Time) 
 	}
 	prev := p.swaps.Swap(&swaps)
 	p.swapMove.Store(&swapMove{swap: s, before: prev, after: &swaps, at: now})
-	p.lastSwap.Store(now.UnixNano())
 	return true
 }
 

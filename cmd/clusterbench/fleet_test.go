@@ -95,21 +95,25 @@ func TestFleetEven(t *testing.T) {
 	}
 }
 
-func TestHoldsFrom(t *testing.T) {
-	ok := func(v bool) map[string]map[int]int {
+// okSamples returns a sample every step seconds from 0, on which okCond
+// holds where vals says so.
+func okSamples(step float64, vals ...bool) []fleetSample {
+	var s []fleetSample
+	for i, v := range vals {
+		var apps map[string]map[int]int
 		if v {
-			return map[string]map[int]int{"ok": {1: 1}}
+			apps = map[string]map[int]int{"ok": {1: 1}}
 		}
-		return nil
+		s = append(s, appsAt(float64(i)*step, apps))
 	}
-	mk := func(vals ...bool) []fleetSample {
-		var s []fleetSample
-		for i, v := range vals {
-			s = append(s, appsAt(float64(i), ok(v)))
-		}
-		return s
-	}
-	cond := func(s fleetSample) bool { return s.Apps["ok"][1] == 1 }
+	return s
+}
+
+func okCond(s fleetSample) bool { return s.Apps["ok"][1] == 1 }
+
+func TestHoldsFrom(t *testing.T) {
+	mk := func(vals ...bool) []fleetSample { return okSamples(1, vals...) }
+	cond := okCond
 	for _, tc := range []struct {
 		name     string
 		samples  []fleetSample
@@ -134,18 +138,8 @@ func TestHoldsFrom(t *testing.T) {
 // firstHeld finds the first run of samples that holds for hold seconds,
 // whatever comes after it.
 func TestFirstHeld(t *testing.T) {
-	mk := func(vals ...bool) []fleetSample {
-		var s []fleetSample
-		for i, v := range vals {
-			var apps map[string]map[int]int
-			if v {
-				apps = map[string]map[int]int{"ok": {1: 1}}
-			}
-			s = append(s, appsAt(float64(i)/2, apps)) // a sample every 0.5 s
-		}
-		return s
-	}
-	cond := func(s fleetSample) bool { return s.Apps["ok"][1] == 1 }
+	mk := func(vals ...bool) []fleetSample { return okSamples(0.5, vals...) }
+	cond := okCond
 	for _, tc := range []struct {
 		name     string
 		samples  []fleetSample

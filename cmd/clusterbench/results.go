@@ -185,20 +185,19 @@ func repeats(pairs [][2]PoolResult) *Repeats {
 	if len(pairs) < 2 {
 		return nil
 	}
-	var base, other [3][]float64
-	for _, p := range pairs {
-		for i, r := range []*PoolResult{&p[0], &p[1]} {
-			vals := []float64{r.Latency.P99, r.Latency.Max, r.OpsPerSec}
-			for k, v := range vals {
-				if i == 0 {
-					base[k] = append(base[k], v)
-				} else {
-					other[k] = append(other[k], v)
-				}
-			}
+	ratios := func(of func(PoolResult) float64) *Spread {
+		var base, other []float64
+		for _, p := range pairs {
+			base, other = append(base, of(p[0])), append(other, of(p[1]))
 		}
+		return turnRatios(base, other)
 	}
-	return &Repeats{Runs: len(pairs), P99: turnRatios(base[0], other[0]), Max: turnRatios(base[1], other[1]), Throughput: turnRatios(base[2], other[2])}
+	return &Repeats{
+		Runs:       len(pairs),
+		P99:        ratios(func(r PoolResult) float64 { return r.Latency.P99 }),
+		Max:        ratios(func(r PoolResult) float64 { return r.Latency.Max }),
+		Throughput: ratios(func(r PoolResult) float64 { return r.OpsPerSec }),
+	}
 }
 
 // turnRatios pairs the two pools' turns in order (the k-th turn of one with
