@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -207,18 +208,19 @@ func TestCallerYieldsToRefill(t *testing.T) {
 		minConns int32
 		want     error
 	}{
-		{2, errNoToken},
+		{3, errNoToken},
 		{0, nil}, // the limiter's wait
 	} {
 		p := startPool(t, "postgres://u@127.0.0.1:1/db?sslmode=disable", func(cfg *Config) {
 			cfg.MinConns, cfg.MaxConns = tc.minConns, 3
 			cfg.ConnectRate = 1 / (1000 * time.Hour).Seconds()
 		})
-		// The burst spent, whatever pgxpool's first connects to MinConns
-		// took before (they fail: nothing listens). Those still waiting
-		// for a token are at most MinConns; the hook, called here outside
-		// an acquire, takes one of them for the caller's own connect, and
-		// the pool still counts below MinConns.
+		// The burst spent, whatever the pool's first connects to MinConns
+		// took before (they fail: nothing listens). However many of them
+		// are still under way (at most MaxConns), the hook takes one for
+		// the caller's own connect, and the pool counts at most
+		// MaxConns-1 = MinConns-1 connections open or opening: below
+		// MinConns whatever the timing.
 		emptyBucket(p.budget.limiter)
 		cfg := p.PgxPool().Config()
 		// An acquire's connect: puddle's context has no deadline. The
@@ -264,16 +266,44 @@ func (*cancelAtAcquireEnd) TraceAcquireEnd(ctx context.Context, _ *pgxpool.Pool,
 // token now..." from a caller whose 0-30 ms deadline fell there.
 func TestOwnRefusalNeverReturned(t *testing.T) {
 	for _, limited := range []bool{false, true} {
+		var dials atomic.Int64
 		p := startPool(t, "postgres://u@127.0.0.1:1/db?sslmode=disable", func(cfg *Config) {
 			cfg.MinConns, cfg.MaxConns = 2, 3
 			cfg.ConnectRate = 1 / (1000 * time.Hour).Seconds()
 			cfg.ConnConfig.Tracer = &cancelAtAcquireEnd{}
+			// No balance round, probe or health check to start connects.
+			cfg.BalanceInterval, cfg.ProbeInterval = time.Hour, time.Hour
+			cfg.HealthCheckPeriod = time.Hour
+			dial := cfg.ConnConfig.DialFunc
+			cfg.ConnConfig.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				dials.Add(1)
+				return dial(ctx, network, addr)
+			}
+		})
+		// The refusal is for a caller that finds the pool below MinConns
+		// before its refills have started. Once started, they wait for
+		// tokens that never come here, in the pool's slots, and count
+		// towards MinConns: the caller's connect then rightly waits for
+		// the limiter, and only the refusal cancels ctx. So the keeper is
+		// held off (as if one were running), before anything asked it,
+		// and pgxpool's first connects to MinConns have ended: each
+		// either dialled (and was refused) or found no token before its
+		// one-minute deadline.
+		p.keeper.running.Store(true)
+		waitCond(t, func() string {
+			started := dials.Load() + p.ClusterStat().ThrottledConnects()
+			if n := p.PgxPool().Stat().ConstructingConns(); started < 2 || n > 0 {
+				return fmt.Sprintf("%d of pgxpool's 2 first connects started, %d under way", started, n)
+			}
+			return ""
 		})
 		if limited {
 			p.SetAcquireTimeout(time.Hour)
 		}
 		emptyBucket(p.budget.limiter)
-		ctx, cancel := context.WithCancel(context.Background())
+		// A deadline far off, so that a connect that waits for the
+		// limiter after all fails the test rather than hanging it.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		ctx = context.WithValue(ctx, cancelKey{}, cancel)
 		_, err := p.Acquire(ctx)
 		cancel()
