@@ -111,15 +111,28 @@ func okSamples(step float64, vals ...bool) []fleetSample {
 
 func okCond(s fleetSample) bool { return s.Apps["ok"][1] == 1 }
 
+// whenCase is a case of a function that finds, in samples between from and
+// to, when okCond starts to hold: want is that time, -1 for never.
+type whenCase struct {
+	name     string
+	samples  []fleetSample
+	from, to float64
+	want     float64
+}
+
+func checkWhen(t *testing.T, cases []whenCase, when func(s []fleetSample, from, to float64) *float64) {
+	t.Helper()
+	for _, tc := range cases {
+		got := when(tc.samples, tc.from, tc.to)
+		if (got == nil) != (tc.want < 0) || (got != nil && *got != tc.want) {
+			t.Errorf("%s: got %v, want %v", tc.name, deref(got), tc.want)
+		}
+	}
+}
+
 func TestHoldsFrom(t *testing.T) {
 	mk := func(vals ...bool) []fleetSample { return okSamples(1, vals...) }
-	cond := okCond
-	for _, tc := range []struct {
-		name     string
-		samples  []fleetSample
-		from, to float64
-		want     float64 // -1: never
-	}{
+	checkWhen(t, []whenCase{
 		{"from the start", mk(true, true, true), 0, 10, 0},
 		{"later", mk(false, false, true, true), 0, 10, 2},
 		{"counted from from", mk(false, false, true, true), 1, 10, 1},
@@ -127,25 +140,14 @@ func TestHoldsFrom(t *testing.T) {
 		{"a dip resets", mk(true, false, true, true), 0, 10, 2},
 		{"only until to", mk(false, true, true, false), 0, 2, 1},
 		{"nothing in the window", mk(true, true), 5, 10, -1},
-	} {
-		got := holdsFrom(tc.samples, tc.from, tc.to, cond)
-		if (got == nil) != (tc.want < 0) || (got != nil && *got != tc.want) {
-			t.Errorf("%s: got %v, want %v", tc.name, deref(got), tc.want)
-		}
-	}
+	}, func(s []fleetSample, from, to float64) *float64 { return holdsFrom(s, from, to, okCond) })
 }
 
 // firstHeld finds the first run of samples that holds for hold seconds,
 // whatever comes after it.
 func TestFirstHeld(t *testing.T) {
 	mk := func(vals ...bool) []fleetSample { return okSamples(0.5, vals...) }
-	cond := okCond
-	for _, tc := range []struct {
-		name     string
-		samples  []fleetSample
-		from, to float64
-		want     float64 // -1: never
-	}{
+	checkWhen(t, []whenCase{
 		{"from the start", mk(true, true, true), 0, 10, 0},
 		{"later", mk(false, true, true, true, false), 0, 10, 0.5},
 		{"a break after it counts not", mk(true, true, true, false, true), 0, 10, 0},
@@ -153,12 +155,7 @@ func TestFirstHeld(t *testing.T) {
 		{"never long enough", mk(true, true, false, true, true), 0, 10, -1},
 		{"counted from from", mk(false, false, true, true, true), 0.5, 10, 0.5},
 		{"cut at to", mk(true, true, true), 0, 0.5, -1},
-	} {
-		got := firstHeld(tc.samples, tc.from, tc.to, 1, cond)
-		if (got == nil) != (tc.want < 0) || (got != nil && *got != tc.want) {
-			t.Errorf("%s: got %v, want %v", tc.name, deref(got), tc.want)
-		}
-	}
+	}, func(s []fleetSample, from, to float64) *float64 { return firstHeld(s, from, to, 1, okCond) })
 }
 
 func deref(v *float64) any {
