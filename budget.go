@@ -107,15 +107,19 @@ func newConnectLimiter(perSecond float64, burst int) *rate.Limiter {
 }
 
 // refillReserve is how many tokens balancing leaves in the bucket for
-// refills: the connections one node holds when poolSize connections are
-// spread over nodes, i.e. what losing one node of a balanced pool costs.
-// With one node nothing can move, and the whole bucket is the refills'.
-func refillReserve(poolSize, nodes int) int {
+// refills: what losing any one node costs, i.e. the connections the
+// busiest of the nodes holds now (busiest), and never less than one node's
+// share when poolSize connections are spread over nodes. A pool that is
+// uneven (refills land at random behind one address) keeps more back until
+// its moves have evened it out, so the next drain or crash of its busiest
+// node finds its refills paid. With one node nothing can move, and the
+// whole bucket is the refills'.
+func refillReserve(poolSize, nodes, busiest int) int {
 	poolSize = max(poolSize, 0)
 	if nodes <= 1 {
 		return poolSize
 	}
-	return (poolSize + nodes - 1) / nodes
+	return min(max((poolSize+nodes-1)/nodes, busiest), poolSize)
 }
 
 // dialsPerMove is how many dials a move is expected to take: its

@@ -7,21 +7,57 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/time/rate"
 )
 
 func TestRefillReserve(t *testing.T) {
-	for _, tc := range []struct{ size, nodes, want int }{
-		{24, 3, 8},  // one node of a balanced pool
-		{30, 4, 8},  // 8/8/7/7: the largest share
-		{10, 1, 10}, // nothing can move: all of it
-		{10, 0, 10},
-		{0, 3, 0},
-		{-1, 3, 0},
+	for _, tc := range []struct{ size, nodes, busiest, want int }{
+		{24, 3, 8, 8},   // one node of a balanced pool
+		{30, 4, 8, 8},   // 8/8/7/7: the largest share
+		{24, 3, 0, 8},   // nothing counted yet: one node's share
+		{24, 3, 15, 15}, // 15/5/4: losing the busiest node costs 15
+		{24, 3, 30, 24}, // never more than the pool
+		{10, 1, 3, 10},  // nothing can move: all of it
+		{10, 0, 0, 10},
+		{0, 3, 0, 0},
+		{-1, 3, 2, 0},
 	} {
-		if got := refillReserve(tc.size, tc.nodes); got != tc.want {
-			t.Errorf("refillReserve(%d, %d) = %d, want %d", tc.size, tc.nodes, got, tc.want)
+		if got := refillReserve(tc.size, tc.nodes, tc.busiest); got != tc.want {
+			t.Errorf("refillReserve(%d, %d, %d) = %d, want %d", tc.size, tc.nodes, tc.busiest, got, tc.want)
 		}
+	}
+}
+
+// A balance round leaves the busiest node's connections to refills: in a
+// pool at 15/5/4 the next loss of node 1 costs 15 refills, not a third of
+// the pool, so 12 tokens pay for no move (a reserve of 8 would pay 4).
+func TestPayMovesReservesBusiestNode(t *testing.T) {
+	now := time.Now()
+	round := func(prune int, conns ...int) map[NodeID]int {
+		p := &Pool{
+			config:    &Config{Config: &pgxpool.Config{MaxConns: 24}},
+			tracker:   newTracker(),
+			placement: &placement{mode: connectPlaced},
+			budget:    newConnectBudget(10, 24, nil),
+		}
+		p.budget.endStart()
+		p.budget.limiter.AllowN(now, 12) // 12 tokens left
+		plan := balancePlan{Prune: map[NodeID]int{1: prune}, Targets: map[NodeID]int{}}
+		var views []nodeView
+		for i, k := range conns {
+			id := NodeID(i + 1)
+			p.tracker.seen(id, now)
+			plan.Targets[id] = 8
+			views = append(views, nodeView{ID: id, Conns: k, Eligible: true, Refillable: true})
+		}
+		return p.payMoves(plan, views, now)
+	}
+	if got := round(7, 15, 5, 4); got[1] != 0 {
+		t.Errorf("15/5/4, 12 tokens: paid %d moves off node 1, want 0 (reserve 15)", got[1])
+	}
+	if got := round(1, 9, 8, 7); got[1] != 1 {
+		t.Errorf("9/8/7, 12 tokens: paid %d moves off node 1, want 1 (reserve 9)", got[1])
 	}
 }
 

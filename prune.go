@@ -224,7 +224,7 @@ func (p *Pool) payMoves(plan balancePlan, views []nodeView, now time.Time) map[N
 		return plan.Prune
 	}
 	moving := make(map[NodeID]bool, len(views))
-	nodes, reachable, takers := 0, 0, 0
+	nodes, reachable, takers, busiest := 0, 0, 0, 0
 	for _, v := range views {
 		if v.Outside {
 			moving[v.ID] = true
@@ -232,6 +232,7 @@ func (p *Pool) payMoves(plan balancePlan, views []nodeView, now time.Time) map[N
 		if v.Eligible {
 			moving[v.ID] = true
 			nodes++
+			busiest = max(busiest, v.Conns)
 			if t, ok := plan.Targets[v.ID]; ok && v.Refillable && v.Conns < t {
 				takers++
 			}
@@ -252,7 +253,7 @@ func (p *Pool) payMoves(plan balancePlan, views []nodeView, now time.Time) map[N
 	// failed, or a refill is under way), and its refills are placed where
 	// the pool is short, which may need no move at all.
 	start := p.openConns() >= p.minConnsNow(now)
-	paid := p.budget.prepay(now, want, dials, refillReserve(int(p.config.MaxConns), nodes), start)
+	paid := p.budget.prepay(now, want, dials, refillReserve(int(p.config.MaxConns), nodes, busiest), start)
 	return paidPrune(plan.Prune, moving, paid)
 }
 

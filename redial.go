@@ -101,13 +101,14 @@ func (pl *placement) installRedial(cc *pgx.ConnConfig, avoid []NodeID, caller, m
 		reserve := 0
 		if !c.Avoid && !c.Draining {
 			info, _ := pl.liveNodes(now, 0, 0)
-			eligible := 0
+			eligible, busiest := 0, 0
 			for _, n := range info {
 				if n.Eligible {
 					eligible++
+					busiest = max(busiest, n.Conns)
 				}
 			}
-			reserve = refillReserve(int(pl.p.config.MaxConns), eligible)
+			reserve = refillReserve(int(pl.p.config.MaxConns), eligible, busiest)
 		}
 		if !pl.p.budget.takeForRedial(now, reserve) {
 			// A move's replacement no caller waits for may wait for the
