@@ -205,6 +205,21 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	ev.mu.Lock()
 	ev.pool = pool
 	ev.mu.Unlock()
+	var warmUp time.Duration
+	if plan.warm {
+		// A running service: the pool holds its size and has been up for
+		// -warmup. Its samples, events and latencies count from here; its
+		// connects and ClusterStat still count from its creation.
+		waitFor(ctx, 20*time.Second, func() bool { return established(pool) >= plan.poolSize })
+		if !sleepUntil(ctx, h.opts.warmup-time.Since(start)) {
+			return res, ctx.Err()
+		}
+		warmUp = time.Since(start)
+		start = time.Now()
+		ev.mu.Lock()
+		ev.start = start
+		ev.mu.Unlock()
+	}
 	smp := startSampler(ctx, t.counter, start, 0)
 	defer smp.finish()
 
@@ -262,6 +277,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 
 	res = poolResult(kind, rec, elapsed, samples, evs, final, poolTotal, opened-probes)
 	res.PoolSize, res.ProbeConns, res.Library = plan.poolSize, probes, lib
+	res.WarmUp = warmUp.Seconds()
 	res.Metrics = commonMetrics(&res, s.metrics(h, &res, info))
 	return res, nil
 }

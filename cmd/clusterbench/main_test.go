@@ -138,9 +138,19 @@ func TestEveryScenarioInProcess(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "report")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	res, stderr, code := runJSON(t, ctx, "-backend", "inprocess", "-duration", "1500ms", "-seed", "7", "-out", out)
+	res, stderr, code := runJSON(t, ctx, "-backend", "inprocess", "-duration", "1500ms", "-warmup", "400ms", "-seed", "7", "-out", out)
 	if code != 0 {
 		t.Fatalf("exit code %d\n%s", code, stderr)
+	}
+	// The warm scenarios' load starts once the pool has been up for
+	// -warmup; the others' at once.
+	for _, s := range res.Scenarios {
+		warm := s.Name == "rolling-restart" || s.Name == "crash"
+		for _, p := range s.Pools {
+			if warm != (p.WarmUp >= 0.4) || !warm && p.WarmUp != 0 {
+				t.Errorf("%s/%s: the load started %.2fs after the pool was made (-warmup 400ms)", s.Name, p.Pool, p.WarmUp)
+			}
+		}
 	}
 	if first, _, _ := strings.Cut(stderr, "\n"); !strings.Contains(first, "in-process") {
 		t.Errorf("first line does not say the backend is in-process: %q", first)
@@ -289,6 +299,8 @@ func TestBadInput(t *testing.T) {
 		{"-repeat", "0"},
 		{"-repeat", "21"},
 		{"-pgxpool-churn", "10us"},
+		{"-warmup", "-1s"},
+		{"-warmup", "11m"},
 		{"-cluster", "pool_max_conns=3"},
 		{"-cluster", "cluster_bogus=1"},
 		{"-cluster", "cluster_connect_rate=-1"},

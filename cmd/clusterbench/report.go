@@ -53,7 +53,7 @@ func reportHTML(res *Results) string {
 	single := ""
 	for _, s := range res.Scenarios {
 		if len(s.Settings) == 0 { // not a scenario with settings of its own
-			single = fmt.Sprintf(" · %d workers, pool size %d (MinConns = MaxConns) · %s per scenario per pool", res.Workers, res.Workers, res.Duration)
+			single = fmt.Sprintf(" · %d workers, pool size %d (MinConns = MaxConns) · %s per scenario per pool (rolling-restart and crash after a warm-up of %s)", res.Workers, res.Workers, res.Duration, res.Warmup)
 			break
 		}
 	}

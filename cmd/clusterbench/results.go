@@ -18,6 +18,7 @@ type Results struct {
 	Nodes    int               `json:"nodes"`
 	Workers  int               `json:"workers"`
 	Duration string            `json:"duration"` // per scenario per pool
+	Warmup   string            `json:"warmup"`   // -warmup, for the warm scenarios
 	Settings map[string]string `json:"settings"` // clusterpool settings used
 	// Features lists what the clusterpool build under test does, so numbers
 	// from different stages of the library can be told apart.
@@ -87,6 +88,10 @@ type PoolResult struct {
 	ProbeConns int64 `json:"probe_conns"`
 	// Library holds clusterpool's own counters (ClusterStat) at the end.
 	Library map[string]float64 `json:"clusterpool_stats,omitempty"`
+	// WarmUp is how long the pool had been up when the load started, in a
+	// warm scenario (-warmup); the samples, events and latencies count
+	// from then, ConnsOpened and Library from the pool's creation.
+	WarmUp float64 `json:"warm_up_s,omitempty"`
 	// LastErrorAt is when the last caller error happened (s); 0 if none.
 	LastErrorAt float64 `json:"last_error_s"`
 	// ErrorExamples are a few distinct error messages callers saw.

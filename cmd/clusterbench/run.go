@@ -41,6 +41,9 @@ type options struct {
 	// repeat is how many times each scenario's pair of runs is made (see
 	// Repeats).
 	repeat int
+	// warmup is how long a warm scenario's pool (runPlan.warm) has been up
+	// before its load and its faults start.
+	warmup time.Duration
 }
 
 const (
@@ -90,6 +93,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Nodes:    o.nodes,
 		Workers:  o.workers,
 		Duration: o.duration.String(),
+		Warmup:   o.warmup.String(),
 		Settings: settings,
 	}
 	h := &harness{opts: *o, cluster: o.cluster, balanceInterval: ccfg.BalanceInterval, userCluster: o.userCluster}
@@ -155,8 +159,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		loadTime += 2 * time.Duration(o.repeat) * o.duration
 	}
 	if slices.ContainsFunc(o.scenarios, func(n string) bool { return n != fleetName }) {
-		fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool; clusterpool with %s\n",
-			o.workers, o.workers, o.duration, settingsLine(res.Settings))
+		fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool (rolling-restart and crash on a pool up for %v); clusterpool with %s\n",
+			o.workers, o.workers, o.duration, o.warmup, settingsLine(res.Settings))
 	}
 
 	h.prog = newProgress(log, loadTime)
@@ -234,6 +238,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
 	fs.IntVar(&o.repeat, "repeat", 1, "run each scenario's pair (pgxpool, then clusterpool, each on a fresh cluster with the same seed) this many times, and give the median and range of their p99, max and throughput ratios; the first pair's figures are the table's and the report's (not overhead, whose turns alternate already)")
 	fs.DurationVar(&o.pgxpoolChurn, "pgxpool-churn", 0, "pgxpool's turn also opens and closes one connection through the cluster's address this often (0: never), to price connection set-ups on this machine against clusterpool's probes and moves; not in overhead, fleet or limits")
+	fs.DurationVar(&o.warmup, "warmup", 3*time.Second, "rolling-restart and crash: the load and the faults start once the pool holds its size and has been up this long, as for a service that was running before the fault (0: as soon as it holds its size)")
 	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -268,6 +273,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 		return usageErr("-repeat must be between 1 and 20, not %d", o.repeat)
 	case o.pgxpoolChurn < 0 || (o.pgxpoolChurn > 0 && o.pgxpoolChurn < time.Millisecond):
 		return usageErr("-pgxpool-churn must be 0 (off) or at least 1ms, not %v", o.pgxpoolChurn)
+	case o.warmup < 0 || o.warmup > 10*time.Minute:
+		return usageErr("-warmup must be between 0 and 10m, not %v", o.warmup)
 	}
 	for _, n := range strings.Split(*scenarioFlag, ",") {
 		n = strings.TrimSpace(n)

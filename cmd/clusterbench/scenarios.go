@@ -62,6 +62,10 @@ type runPlan struct {
 	// localities are the nodes' localities (clustertest.Options); cluster
 	// are cluster_* settings added to the run's for clusterpool.
 	localities, cluster []string
+	// warm: the scenario's faults strike a running service, not one still
+	// starting, so the load and the script start once the pool holds its
+	// size and -warmup has passed since it was made (see runPool).
+	warm bool
 }
 
 // runInfo is what the metric functions need to know about a finished run.
@@ -156,14 +160,14 @@ var scenarios = []scenario{
 	{
 		name:        "rolling-restart",
 		headline:    "errors",
-		description: "Each node in turn is drained (new connections refused with 57P01, existing ones closed after a connection wait) and restarted, under load. Errors seen by callers and latency.",
+		description: "Each node in turn is drained (new connections refused with 57P01, existing ones closed after a connection wait) and restarted, under load. Errors seen by callers and latency. The load starts on a warm pool: it holds its size and has been up for -warmup.",
 		destructive: true,
 		plan: func(h *harness) runPlan {
 			d, nodes := h.opts.duration, h.opts.nodes
 			slot := d / time.Duration(nodes+1)
 			wait := slot / 3
 			return runPlan{
-				nodes: nodes, poolSize: h.opts.workers, workload: kvMix,
+				nodes: nodes, poolSize: h.opts.workers, workload: kvMix, warm: true,
 				script: func(ctx context.Context, c *clustertest.Cluster, mark func(string)) error {
 					start := time.Now()
 					for i, n := range c.Nodes() {
@@ -196,13 +200,13 @@ var scenarios = []scenario{
 	{
 		name:        "crash",
 		headline:    "errors",
-		description: "One node is killed (sockets closed, no message) a quarter into the run and restarted at half time, under load. Errors, p99, time until callers stop seeing errors, and time until the restarted node has its share again.",
+		description: "One node is killed (sockets closed, no message) a quarter into the run and restarted at half time, under load. Errors, p99, time until callers stop seeing errors, and time until the restarted node has its share again. The load starts on a warm pool: it holds its size and has been up for -warmup.",
 		destructive: true,
 		plan: func(h *harness) runPlan {
 			d := h.opts.duration
 			victim := h.opts.nodes/2 + 1
 			return runPlan{
-				nodes: h.opts.nodes, poolSize: h.opts.workers, workload: kvMix,
+				nodes: h.opts.nodes, poolSize: h.opts.workers, workload: kvMix, warm: true,
 				script: func(ctx context.Context, c *clustertest.Cluster, mark func(string)) error {
 					start := time.Now()
 					if !sleepUntil(ctx, d/4) {
