@@ -173,12 +173,14 @@ var errNoToken = errors.New("clusterpool: no connect token now, and the pool is 
 // waits for the first connection released rather than for the limiter. A
 // token that is there at once costs one limiter call, as Wait alone would.
 func (b *connectBudget) take(ctx context.Context, caller bool, yield func() bool) (move bool, err error) {
+	if b.takePrepaid(time.Now(), &b.replacements) {
+		if b.limiter != nil {
+			b.obs.connectPrepaid()
+		}
+		return true, nil
+	}
 	if b.limiter == nil {
 		return false, nil
-	}
-	if b.takePrepaid(time.Now(), &b.replacements) {
-		b.obs.connectPrepaid()
-		return true, nil
 	}
 	if b.limiter.Allow() {
 		return false, nil
@@ -262,13 +264,23 @@ func (b *connectBudget) takePrepaid(now time.Time, pool *[]time.Time) bool {
 // round retires that many connections, no more, so it asks only for moves
 // it can make.
 func (b *connectBudget) prepay(now time.Time, want, dials, reserve int, start bool) int {
-	if b.limiter == nil || want <= 0 {
-		return max(want, 0)
+	if want <= 0 {
+		return 0
 	}
-	dials = max(dials, 1)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.expireLocked(now)
+	if b.limiter == nil {
+		// No limit: every move is paid for, and its replacement is still
+		// marked, so its connect is known as a move's (moveRedials,
+		// moveLanding) and is opened even in a pool above MinConns.
+		until := now.Add(prepaidTTL)
+		for range want {
+			b.replacements = append(b.replacements, until)
+		}
+		return want
+	}
+	dials = max(dials, 1)
 	// The start allowance is balancing's own; the reserve is limiter
 	// tokens that refills need.
 	allowance := 0

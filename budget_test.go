@@ -219,16 +219,29 @@ func TestBudgetPrepaidExpire(t *testing.T) {
 }
 
 // Without a limit every move is paid and every redial allowed.
+// Without a limit every move is paid for, and its replacement's connect is
+// still known as a move's: it gets a move's redials and is judged by
+// moveLanding, as with a limit.
 func TestBudgetNoLimit(t *testing.T) {
 	b := &connectBudget{}
-	if got := b.prepay(time.Now(), 7, 4, 100, true); got != 7 {
+	now := time.Now()
+	if got := b.prepay(now, 7, 4, 100, true); got != 7 {
 		t.Fatalf("no limit: paid %d of 7", got)
 	}
-	if !b.takeForRedial(time.Now(), 100) {
+	if got := b.replacementsOwed(now); got != 7 {
+		t.Fatalf("no limit: %d replacements owed, want 7", got)
+	}
+	if !b.takeForRedial(now, 100) {
 		t.Fatal("no limit: redial refused")
 	}
-	if move, err := b.take(context.Background(), true, nil); move || err != nil {
-		t.Fatalf("no limit: take = %v, %v", move, err)
+	for i := range 8 {
+		move, err := b.take(context.Background(), true, nil)
+		if want := i < 7; move != want || err != nil {
+			t.Fatalf("no limit: take %d = %v, %v; want move %v", i+1, move, err, want)
+		}
+	}
+	if got := b.prepay(now, 0, 4, 100, true); got != 0 || b.replacementsOwed(now) != 0 {
+		t.Fatalf("no limit: prepay of 0 paid %d, owes %d", got, b.replacementsOwed(now))
 	}
 }
 
