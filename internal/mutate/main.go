@@ -147,8 +147,8 @@ func mutantNoEvict(class ErrorClass, err error) ErrorClass {
 	},
 	{
 		name:    "connect-limiter-bypassed",
-		snippet: `func (b *connectBudget) take(ctx context.Context, caller bool, yield func() bool) (move bool, err error) { if b.limiter == nil {`,
-		replace: `func (b *connectBudget) take(ctx context.Context, caller bool, yield func() bool) (move bool, err error) { if true {`,
+		snippet: `return true, nil } if b.limiter == nil { return false, nil } if b.limiter.Allow() {`,
+		replace: `return true, nil }; if true { return false, nil }; if b.limiter.Allow() {`,
 		tests: []killer{
 			{"TestBeforeConnectTakesALimiterToken", unit},
 			// TestBalanceConnectRateAfterRestart also kills it when the
