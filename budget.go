@@ -270,30 +270,26 @@ func (b *connectBudget) prepay(now time.Time, want, dials, reserve int, start bo
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.expireLocked(now)
-	if b.limiter == nil {
-		// No limit: every move is paid for, and its replacement is still
-		// marked, so its connect is known as a move's (moveRedials,
-		// moveLanding) and is opened even in a pool above MinConns.
-		until := now.Add(prepaidTTL)
-		for range want {
-			b.replacements = append(b.replacements, until)
+	// No limit: every move is paid for, and its replacement is still
+	// marked, so its connect is known as a move's (moveRedials,
+	// moveLanding) and is opened even in a pool above MinConns.
+	k, cost := want, want
+	if b.limiter != nil {
+		dials = max(dials, 1)
+		// The start allowance is balancing's own; the reserve is limiter
+		// tokens that refills need.
+		allowance := 0
+		if start {
+			allowance = b.start
 		}
-		return want
-	}
-	dials = max(dials, 1)
-	// The start allowance is balancing's own; the reserve is limiter
-	// tokens that refills need.
-	allowance := 0
-	if start {
-		allowance = b.start
-	}
-	k := movesAffordable(b.spareLocked(now, reserve, allowance), 0, want, dials, len(b.redials))
-	if k == 0 {
-		return 0
-	}
-	cost := movesCost(k, dials, len(b.redials))
-	if !b.spendLocked(now, cost, allowance) {
-		return 0 // a refill took tokens meanwhile: next round
+		k = movesAffordable(b.spareLocked(now, reserve, allowance), 0, want, dials, len(b.redials))
+		if k == 0 {
+			return 0
+		}
+		cost = movesCost(k, dials, len(b.redials))
+		if !b.spendLocked(now, cost, allowance) {
+			return 0 // a refill took tokens meanwhile: next round
+		}
 	}
 	until := now.Add(prepaidTTL)
 	for range k {
