@@ -206,7 +206,7 @@ func (h *harness) runPool(ctx context.Context, s scenario, kind string) (res Poo
 	ev.pool = pool
 	ev.mu.Unlock()
 	var warmUp time.Duration
-	if plan.warm {
+	if s.warm {
 		// A running service: the pool holds its size and has been up for
 		// -warmup. Its samples, events and latencies count from here; its
 		// connects and ClusterStat still count from its creation.

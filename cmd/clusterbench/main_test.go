@@ -145,7 +145,8 @@ func TestEveryScenarioInProcess(t *testing.T) {
 	// The warm scenarios' load starts once the pool has been up for
 	// -warmup; the others' at once.
 	for _, s := range res.Scenarios {
-		warm := s.Name == "rolling-restart" || s.Name == "crash"
+		sc, _ := scenarioByName(s.Name)
+		warm := sc.warm
 		for _, p := range s.Pools {
 			if warm && p.WarmUp < 0.4 || !warm && p.WarmUp != 0 {
 				t.Errorf("%s/%s: the load started %.2fs after the pool was made (-warmup 400ms)", s.Name, p.Pool, p.WarmUp)

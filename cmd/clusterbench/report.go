@@ -53,7 +53,14 @@ func reportHTML(res *Results) string {
 	single := ""
 	for _, s := range res.Scenarios {
 		if len(s.Settings) == 0 { // not a scenario with settings of its own
-			single = fmt.Sprintf(" · %d workers, pool size %d (MinConns = MaxConns) · %s per scenario per pool (rolling-restart and crash after a warm-up of %s)", res.Workers, res.Workers, res.Duration, res.Warmup)
+			single = fmt.Sprintf(" · %d workers, pool size %d (MinConns = MaxConns) · %s per scenario per pool", res.Workers, res.Workers, res.Duration)
+			var names []string
+			for _, sc := range res.Scenarios {
+				names = append(names, sc.Name)
+			}
+			if warm := warmNames(names); len(warm) > 0 {
+				single += fmt.Sprintf(" (%s on a pool up for %s)", strings.Join(warm, ", "), res.Warmup)
+			}
 			break
 		}
 	}

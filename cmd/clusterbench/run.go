@@ -159,8 +159,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		loadTime += 2 * time.Duration(o.repeat) * o.duration
 	}
 	if slices.ContainsFunc(o.scenarios, func(n string) bool { return n != fleetName }) {
-		fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool (rolling-restart and crash on a pool up for %v); clusterpool with %s\n",
-			o.workers, o.workers, o.duration, o.warmup, settingsLine(res.Settings))
+		warm := ""
+		if names := warmNames(o.scenarios); len(names) > 0 {
+			warm = fmt.Sprintf(" (%s on a pool up for %v)", strings.Join(names, ", "), o.warmup)
+		}
+		fmt.Fprintf(log, "clusterbench: %d workers, pool size %d, %v per scenario per pool%s; clusterpool with %s\n",
+			o.workers, o.workers, o.duration, warm, settingsLine(res.Settings))
 	}
 
 	h.prog = newProgress(log, loadTime)
@@ -238,7 +242,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, int) {
 	clusterFlag := fs.String("cluster", "", "clusterpool settings as comma-separated cluster_* connection-string parameters, e.g. cluster_connect_rate=0,cluster_balance_interval=1s (default: balance and probe intervals 250ms, the rest the library's defaults)")
 	fs.IntVar(&o.repeat, "repeat", 1, "run each scenario's pair (pgxpool, then clusterpool, each on a fresh cluster with the same seed) this many times, and give the median and range of their p99, max and throughput ratios; the first pair's figures are the table's and the report's (not overhead, whose turns alternate already)")
 	fs.DurationVar(&o.pgxpoolChurn, "pgxpool-churn", 0, "pgxpool's turn also opens and closes one connection through the cluster's address this often (0: never), to price connection set-ups on this machine against clusterpool's probes and moves; not in overhead, fleet or limits")
-	fs.DurationVar(&o.warmup, "warmup", 3*time.Second, "rolling-restart and crash: the load and the faults start once the pool holds its size and has been up this long, as for a service that was running before the fault (0: as soon as it holds its size)")
+	fs.DurationVar(&o.warmup, "warmup", 3*time.Second, strings.Join(warmNames(names), ", ")+": the load and the faults start once the pool holds its size and has been up this long, as for a service that was running before the fault (0: as soon as it holds its size)")
 	fs.StringVar(&o.backend, "backend", backendAuto, "embedded cluster backend: auto (PostgreSQL if installed, else in-process), postgres, or inprocess")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

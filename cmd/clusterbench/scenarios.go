@@ -22,6 +22,10 @@ type scenario struct {
 	// destructive scenarios change the cluster (kill, drain, add nodes):
 	// they run only on the embedded cluster, never on -dsn.
 	destructive bool
+	// warm: the scenario's faults strike a running service, not one still
+	// starting, so the load and the script start once the pool holds its
+	// size and -warmup has passed since it was made (see runPool).
+	warm bool
 	// alternate runs the pools in turns on one cluster (A B B A A B), so
 	// that a machine whose speed drifts (other processes) favours neither;
 	// for throughput comparisons.
@@ -62,10 +66,17 @@ type runPlan struct {
 	// localities are the nodes' localities (clustertest.Options); cluster
 	// are cluster_* settings added to the run's for clusterpool.
 	localities, cluster []string
-	// warm: the scenario's faults strike a running service, not one still
-	// starting, so the load and the script start once the pool holds its
-	// size and -warmup has passed since it was made (see runPool).
-	warm bool
+}
+
+// warmNames returns the names among names of the warm scenarios.
+func warmNames(names []string) []string {
+	var warm []string
+	for _, n := range names {
+		if s, ok := scenarioByName(n); ok && s.warm {
+			warm = append(warm, n)
+		}
+	}
+	return warm
 }
 
 // runInfo is what the metric functions need to know about a finished run.
@@ -162,12 +173,13 @@ var scenarios = []scenario{
 		headline:    "errors",
 		description: "Each node in turn is drained (new connections refused with 57P01, existing ones closed after a connection wait) and restarted, under load. Errors seen by callers and latency. The load starts on a warm pool: it holds its size and has been up for -warmup.",
 		destructive: true,
+		warm:        true,
 		plan: func(h *harness) runPlan {
 			d, nodes := h.opts.duration, h.opts.nodes
 			slot := d / time.Duration(nodes+1)
 			wait := slot / 3
 			return runPlan{
-				nodes: nodes, poolSize: h.opts.workers, workload: kvMix, warm: true,
+				nodes: nodes, poolSize: h.opts.workers, workload: kvMix,
 				script: func(ctx context.Context, c *clustertest.Cluster, mark func(string)) error {
 					start := time.Now()
 					for i, n := range c.Nodes() {
@@ -202,11 +214,12 @@ var scenarios = []scenario{
 		headline:    "errors",
 		description: "One node is killed (sockets closed, no message) a quarter into the run and restarted at half time, under load. Errors, p99, time until callers stop seeing errors, and time until the restarted node has its share again. The load starts on a warm pool: it holds its size and has been up for -warmup.",
 		destructive: true,
+		warm:        true,
 		plan: func(h *harness) runPlan {
 			d := h.opts.duration
 			victim := h.opts.nodes/2 + 1
 			return runPlan{
-				nodes: h.opts.nodes, poolSize: h.opts.workers, workload: kvMix, warm: true,
+				nodes: h.opts.nodes, poolSize: h.opts.workers, workload: kvMix,
 				script: func(ctx context.Context, c *clustertest.Cluster, mark func(string)) error {
 					start := time.Now()
 					if !sleepUntil(ctx, d/4) {
