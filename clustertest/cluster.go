@@ -49,6 +49,13 @@ type Cluster struct {
 	// balancer has its own, so its sequence does not depend on connects).
 	rng *rand.Rand
 
+	// gossipMu serializes SetGossip with AddNode's copy of the gossip
+	// tables, so a node added meanwhile gets the latest rows or is listed.
+	gossipMu sync.Mutex
+	// gossip is the SQL of the last SetGossip, "" before the first; held
+	// under gossipMu.
+	gossip string
+
 	mu     sync.Mutex // protects the fields below
 	nodes  map[int]*Node
 	nextID int
@@ -354,6 +361,18 @@ func (c *Cluster) AddNodeWith(ctx context.Context, opts NodeOptions) (*Node, err
 	n, err := c.startNode(ctx, id, opts.Locality)
 	if err != nil {
 		return nil, err
+	}
+	// On CockroachDB crdb_internal is on every node from its start: a
+	// client reading gossip from a node just added finds the tables, never
+	// an error that says the cluster has none. The rows are the last
+	// SetGossip's, which do not list the new node yet.
+	c.gossipMu.Lock()
+	defer c.gossipMu.Unlock()
+	if c.gossip != "" {
+		if err := n.ExecDirect(ctx, c.gossip); err != nil {
+			n.remove()
+			return nil, fmt.Errorf("clustertest: AddNode: copying the gossip tables to node %d: %w", id, err)
+		}
 	}
 	c.mu.Lock()
 	if c.closed {

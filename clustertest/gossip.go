@@ -17,13 +17,17 @@ import (
 // needed and replaces their rows in one transaction per server.
 //
 // The tables do not follow the cluster: call SetGossip again after AddNode,
-// RemoveNode or a change of draining. Nodes stopped or partitioned still
+// RemoveNode or a change of draining. A node AddNode starts after the first
+// SetGossip has the tables from its start, with the last SetGossip's rows
+// (which do not list it), as crdb_internal is on every CockroachDB node. Nodes stopped or partitioned still
 // get their rows, since it writes straight to the servers, not through the
 // proxies. It needs PostgreSQL servers, so it fails with Options.InProcess.
 func (c *Cluster) SetGossip(ctx context.Context, draining map[int]bool) error {
 	if c.opts.InProcess {
 		return errors.New("clustertest: SetGossip needs PostgreSQL servers, not Options.InProcess")
 	}
+	c.gossipMu.Lock()
+	defer c.gossipMu.Unlock()
 	nodes := c.Nodes()
 	var liveness, addrs []string
 	for _, n := range nodes {
@@ -39,6 +43,7 @@ DELETE FROM crdb_internal.gossip_nodes;
 INSERT INTO crdb_internal.gossip_liveness VALUES ` + strings.Join(liveness, ", ") + `;
 INSERT INTO crdb_internal.gossip_nodes VALUES ` + strings.Join(addrs, ", ") + `;
 COMMIT;`
+	c.gossip = sql
 	for _, n := range nodes {
 		if err := n.ExecDirect(ctx, sql); err != nil {
 			return err
@@ -90,6 +95,7 @@ CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, session
 BEGIN;
 DELETE FROM crdb_internal.cluster_sessions;
 ` + insert + `COMMIT;`
+	c.gossip = sql
 	for _, n := range nodes {
 		if err := n.ExecDirect(ctx, sql); err != nil {
 			return err

@@ -8,8 +8,9 @@ import (
 )
 
 // SetGossip writes one row per node on every server, readable through the
-// proxies as a client's probe reads it, and a second call replaces the rows
-// with the cluster as it is now.
+// proxies as a client's probe reads it; a node added later has the last
+// rows from its start; and a second call replaces the rows with the cluster
+// as it is now.
 func TestSetGossip(t *testing.T) {
 	c := New(t, Options{Nodes: 2})
 	ctx := testCtx(t)
@@ -54,9 +55,15 @@ FROM crdb_internal.gossip_liveness l JOIN crdb_internal.gossip_nodes n USING (no
 		}
 	}
 
+	before := want(nil)
 	n3, err := c.AddNode(ctx)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// A node added after SetGossip has the tables from its start, with the
+	// rows as they were, until the next SetGossip lists it.
+	if got := view(n3.ID()); got != before {
+		t.Errorf("node 3's gossip before the next SetGossip:\n%s\nwant the last rows:\n%s", got, before)
 	}
 	draining := map[int]bool{1: true}
 	if err := c.SetGossip(ctx, draining); err != nil {
