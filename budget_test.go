@@ -151,6 +151,33 @@ func TestBudgetMovesPayFirst(t *testing.T) {
 	}
 }
 
+// A round whose spare tokens pay for one replacement but not for its
+// expected redials pays for that replacement alone, and the reserve stays
+// whole: the redials then find no token until more come.
+func TestBudgetReplacementAlone(t *testing.T) {
+	now := time.Now()
+	b := &connectBudget{limiter: rate.NewLimiter(rate.Limit(10), 24)}
+	b.limiter.AllowN(now, 15) // 9 left: one above a reserve of 8
+	if got := b.prepay(now, 2, 3, 8, false); got != 1 {
+		t.Fatalf("prepay with one token above the reserve, 3 dials per move: paid %d, want 1 (the replacement alone)", got)
+	}
+	if tokens := b.limiter.TokensAt(now); tokens != 8 {
+		t.Fatalf("tokens after paying one replacement: %v, want the reserve, 8", tokens)
+	}
+	if !b.takePrepaid(now, &b.replacements) {
+		t.Fatal("the replacement found no prepaid token")
+	}
+	if b.takeForRedial(now, 8) {
+		t.Fatal("a redial found a token: none was paid, and the rest is the reserve")
+	}
+	// Less than one token above the reserve: nothing.
+	c := &connectBudget{limiter: rate.NewLimiter(rate.Limit(10), 24)}
+	c.limiter.AllowN(now, 16)
+	if got := c.prepay(now, 2, 3, 8, false); got != 0 {
+		t.Fatalf("prepay with no token above the reserve: paid %d, want 0", got)
+	}
+}
+
 // The start allowance pays the moves that even out a cold start while the
 // limiter's bucket is empty, and only them: it never lends to refills, the
 // refill reserve stays the limiter's, and it lapses when the pool is found
