@@ -245,10 +245,9 @@ func TestBudgetPrepaidExpire(t *testing.T) {
 	}
 }
 
-// Without a limit every move is paid and every redial allowed.
-// Without a limit every move is paid for, and its replacement's connect is
-// still known as a move's: it gets a move's redials and is judged by
-// moveLanding, as with a limit.
+// Without a limit every move is paid for and every redial allowed, and a
+// replacement's connect is still known as a move's: it gets a move's
+// redials and is judged by moveLanding, as with a limit.
 func TestBudgetNoLimit(t *testing.T) {
 	b := &connectBudget{}
 	now := time.Now()

@@ -49,12 +49,13 @@ type Cluster struct {
 	// balancer has its own, so its sequence does not depend on connects).
 	rng *rand.Rand
 
-	// gossipMu serializes SetGossip with AddNode's copy of the gossip
-	// tables, so a node added meanwhile gets the latest rows or is listed.
-	gossipMu sync.Mutex
-	// gossip is the SQL of the last SetGossip, "" before the first; held
-	// under gossipMu.
-	gossip string
+	// internalMu serializes SetGossip and SetSessions with AddNode's copy
+	// of the crdb_internal tables they write, so a node added meanwhile
+	// gets the latest rows or is listed in them.
+	internalMu sync.Mutex
+	// gossip and sessions are the SQL of the last SetGossip and
+	// SetSessions, "" before the first; under internalMu.
+	gossip, sessions string
 
 	mu     sync.Mutex // protects the fields below
 	nodes  map[int]*Node
@@ -363,15 +364,19 @@ func (c *Cluster) AddNodeWith(ctx context.Context, opts NodeOptions) (*Node, err
 		return nil, err
 	}
 	// On CockroachDB crdb_internal is on every node from its start: a
-	// client reading gossip from a node just added finds the tables, never
-	// an error that says the cluster has none. The rows are the last
-	// SetGossip's, which do not list the new node yet.
-	c.gossipMu.Lock()
-	defer c.gossipMu.Unlock()
-	if c.gossip != "" {
-		if err := n.ExecDirect(ctx, c.gossip); err != nil {
+	// client reading gossip or sessions from a node just added finds the
+	// tables, never an error that says the cluster has none. The rows are
+	// the last SetGossip's and SetSessions', which do not list the new
+	// node yet.
+	c.internalMu.Lock()
+	defer c.internalMu.Unlock()
+	for _, sql := range []string{c.gossip, c.sessions} {
+		if sql == "" {
+			continue
+		}
+		if err := n.ExecDirect(ctx, sql); err != nil {
 			n.remove()
-			return nil, fmt.Errorf("clustertest: AddNode: copying the gossip tables to node %d: %w", id, err)
+			return nil, fmt.Errorf("clustertest: AddNode: copying the crdb_internal tables to node %d: %w", id, err)
 		}
 	}
 	c.mu.Lock()

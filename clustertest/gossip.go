@@ -19,15 +19,15 @@ import (
 // The tables do not follow the cluster: call SetGossip again after AddNode,
 // RemoveNode or a change of draining. A node AddNode starts after the first
 // SetGossip has the tables from its start, with the last SetGossip's rows
-// (which do not list it), as crdb_internal is on every CockroachDB node. Nodes stopped or partitioned still
-// get their rows, since it writes straight to the servers, not through the
-// proxies. It needs PostgreSQL servers, so it fails with Options.InProcess.
+// (which do not list it), as crdb_internal is on every CockroachDB node.
+// Nodes stopped or partitioned still get their rows, since it writes
+// straight to the servers, not through the proxies. It needs PostgreSQL servers, so it fails with Options.InProcess.
 func (c *Cluster) SetGossip(ctx context.Context, draining map[int]bool) error {
 	if c.opts.InProcess {
 		return errors.New("clustertest: SetGossip needs PostgreSQL servers, not Options.InProcess")
 	}
-	c.gossipMu.Lock()
-	defer c.gossipMu.Unlock()
+	c.internalMu.Lock()
+	defer c.internalMu.Unlock()
 	nodes := c.Nodes()
 	var liveness, addrs []string
 	for _, n := range nodes {
@@ -66,12 +66,15 @@ COMMIT;`
 // session_id and the error in active_queries: so does SetSessions.
 //
 // As with SetGossip the table is a snapshot: call SetSessions as often as
-// the test needs it current. It needs PostgreSQL servers, so it fails with
+// the test needs it current (a node added after it has the table from its
+// start, with the last rows). It needs PostgreSQL servers, so it fails with
 // Options.InProcess.
 func (c *Cluster) SetSessions(ctx context.Context) error {
 	if c.opts.InProcess {
 		return errors.New("clustertest: SetSessions needs PostgreSQL servers, not Options.InProcess")
 	}
+	c.internalMu.Lock()
+	defer c.internalMu.Unlock()
 	nodes := c.Nodes()
 	var rows []string
 	for _, n := range nodes {
@@ -95,7 +98,7 @@ CREATE TABLE IF NOT EXISTS crdb_internal.cluster_sessions (node_id INT8, session
 BEGIN;
 DELETE FROM crdb_internal.cluster_sessions;
 ` + insert + `COMMIT;`
-	c.gossip = sql
+	c.sessions = sql
 	for _, n := range nodes {
 		if err := n.ExecDirect(ctx, sql); err != nil {
 			return err

@@ -157,6 +157,14 @@ WHERE node_id = 2 AND session_start BETWEEN $1::timestamp AND $2::timestamp`, ut
 	if got, want := view(1), "1 reader 3\n2 error 1"; got != want {
 		t.Errorf("node 1's sessions with node 2 down:\n%s\nwant:\n%s", got, want)
 	}
+	// A node added now has the table from its start, with the last rows.
+	n3, err := c.AddNode(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := view(n3.ID()), "1 reader 3\n2 error 1"; got != want {
+		t.Errorf("node 3's sessions before the next snapshot:\n%s\nwant the last rows:\n%s", got, want)
+	}
 	if err := New(t, Options{Nodes: 1, InProcess: true}).SetSessions(ctx); err == nil || !strings.Contains(err.Error(), "InProcess") {
 		t.Errorf("SetSessions on an in-process cluster: %v, want an error naming Options.InProcess", err)
 	}
