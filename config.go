@@ -227,9 +227,10 @@ type Config struct {
 	WorkloadLimits map[string]int
 
 	// Tracer receives the pool's own events (nodes added, removed, evicted
-	// or draining, pruning, retries, probes, connect throttling). It is
+	// or draining, pruning, retries, probes, connect throttling, ...). It is
 	// inspected once, by NewWithConfig, for NodeTracer, PruneTracer,
-	// RetryTracer, ProbeTracer, ConnectTracer, HookTracer and LimitTracer;
+	// RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer,
+	// LimitTracer and DiscoveryTracer;
 	// CombineTracers joins several. Nil means no tracing, at no cost. A
 	// value that implements none of them is an error. It is not installed as ConnConfig.Tracer:
 	// to trace queries too, set the same value there.

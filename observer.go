@@ -14,15 +14,16 @@ import (
 // an atomic add when no tracer is set: event data is built only for a
 // tracer that will receive it.
 type observer struct {
-	pool     *Pool
-	node     NodeTracer
-	prune    PruneTracer
-	retry    RetryTracer
-	probe    ProbeTracer
-	connect  ConnectTracer
-	hook     HookTracer
-	locality LocalityTracer
-	limit    LimitTracer
+	pool      *Pool
+	node      NodeTracer
+	prune     PruneTracer
+	retry     RetryTracer
+	probe     ProbeTracer
+	connect   ConnectTracer
+	hook      HookTracer
+	locality  LocalityTracer
+	limit     LimitTracer
+	discovery DiscoveryTracer
 
 	counters clusterCounters
 
@@ -90,6 +91,9 @@ func newObserver(p *Pool, tracer any) *observer {
 		if len(m.limit) > 0 {
 			o.limit = m
 		}
+		if len(m.discovery) > 0 {
+			o.discovery = m
+		}
 		return o
 	}
 	o.node, _ = tracer.(NodeTracer)
@@ -100,6 +104,7 @@ func newObserver(p *Pool, tracer any) *observer {
 	o.hook, _ = tracer.(HookTracer)
 	o.locality, _ = tracer.(LocalityTracer)
 	o.limit, _ = tracer.(LimitTracer)
+	o.discovery, _ = tracer.(DiscoveryTracer)
 	return o
 }
 
@@ -293,6 +298,13 @@ func (o *observer) probed(ctx context.Context, id NodeID, err error) {
 	}
 	if o.probe != nil {
 		o.probe.TraceProbe(ctx, o.pool, TraceProbeData{Node: id, Err: err})
+	}
+}
+
+// discoveryPaused reports that reads of table stop until until after err.
+func (o *observer) discoveryPaused(ctx context.Context, table string, err error, until time.Time) {
+	if o != nil && o.discovery != nil {
+		o.discovery.TraceDiscoveryPaused(ctx, o.pool, TraceDiscoveryPausedData{Table: table, Err: err, Until: until})
 	}
 }
 

@@ -313,10 +313,17 @@ func (p *Pool) gossipIdle(ctx context.Context, st *probeState, now time.Time) bo
 	ok, err := p.overIdle(ctx, func(ctx context.Context, conn *pgx.Conn) error {
 		return p.readGossip(ctx, conn, now)
 	})
+	p.gossipFailed(ctx, st, now, err)
+	return ok
+}
+
+// gossipFailed stops gossip reads for gossipBackoff when err, a gossip
+// read's error, does not go away by itself, and says so to the tracer.
+func (p *Pool) gossipFailed(ctx context.Context, st *probeState, now time.Time, err error) {
 	if err != nil && !isTransient(err) {
 		st.gossipAfter = now.Add(gossipBackoff)
+		p.obs.discoveryPaused(ctx, "gossip", err, st.gossipAfter)
 	}
-	return ok
 }
 
 // overIdle runs read over one of the pool's idle connections and reports
@@ -432,9 +439,7 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 	}
 	p.tracker.markHealthy(id, now)
 	if gossip && now.After(st.gossipAfter) {
-		if err := p.readGossip(ctx, conn, now); err != nil && !isTransient(err) {
-			st.gossipAfter = now.Add(gossipBackoff)
-		}
+		p.gossipFailed(ctx, st, now, p.readGossip(ctx, conn, now))
 	}
 	if err := p.learnLocality(ctx, conn, p.tracker.node(id)); err != nil {
 		return id, err

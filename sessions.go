@@ -66,6 +66,7 @@ func (p *Pool) sessionsIdle(ctx context.Context, st *probeState, now time.Time) 
 	switch {
 	case err != nil && !isTransient(err):
 		st.sessionsAfter = now.Add(gossipBackoff)
+		p.obs.discoveryPaused(ctx, "sessions", err, st.sessionsAfter)
 	case err != nil && slowFanOut(err):
 		// A slow or failing fan-out (CockroachDB asks every node): wait
 		// as long as the probe waits at rest before asking again.

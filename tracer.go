@@ -7,8 +7,8 @@ import (
 
 // Tracers report what the pool does on its own, away from any query: nodes
 // coming and going, evictions, pruning, retries, probes, connect
-// throttling, panics in the caller's hooks, locality levels and changes of
-// the runtime limits. Config.Tracer is inspected once, when the pool is
+// throttling, panics in the caller's hooks, locality levels, changes of
+// the runtime limits and discovery reads that stopped. Config.Tracer is inspected once, when the pool is
 // created, for each of the interfaces below, as pgx inspects
 // ConnConfig.Tracer; a value may implement any of them, and CombineTracers
 // joins several values.
@@ -19,7 +19,7 @@ import (
 // must not block and must not call back into the pool except for read-only
 // methods such as NodeStats and ClusterStat. ctx is the caller's context for
 // retry and connect events, the context of the pool's background work for
-// prune and probe events (it ends when the pool closes, or the probe times
+// prune, probe and discovery events (it ends when the pool closes, or the probe times
 // out), the hook's context for hook panics (context.Background() for
 // BeforeClose, which has none), and context.Background() for node events.
 // The data values may be retained; slices in them are not reused by the
@@ -297,6 +297,31 @@ type TraceHookPanicData struct {
 	Stack []byte
 }
 
+// DiscoveryTracer traces the reads of CockroachDB's own tables that
+// discovery uses besides the pool's connections and probes: the gossip
+// tables and, without them, crdb_internal.cluster_sessions.
+type DiscoveryTracer interface {
+	// TraceDiscoveryPaused is called when reading one of those tables
+	// failed with an error that does not go away by itself (no privilege,
+	// no such table or column): the pool stops reading it until data.Until
+	// and finds nodes by the other means meanwhile.
+	TraceDiscoveryPaused(ctx context.Context, pool *Pool, data TraceDiscoveryPausedData)
+}
+
+// TraceDiscoveryPausedData is passed to DiscoveryTracer.TraceDiscoveryPaused.
+type TraceDiscoveryPausedData struct {
+	// Table is "gossip" (crdb_internal.gossip_liveness and gossip_nodes)
+	// or "sessions" (crdb_internal.cluster_sessions).
+	Table string
+	// Err is the server's error, a *pgconn.PgError: 42501
+	// (insufficient_privilege) on gossip means the user lacks
+	// VIEWCLUSTERMETADATA; 42P01 or 3F000 (no such table or schema), that
+	// the server is not CockroachDB.
+	Err error
+	// Until is when the pool reads the table again.
+	Until time.Time
+}
+
 // LimitTracer traces the runtime limits (SetMaxConns and the other
 // setters, workload waits).
 type LimitTracer interface {
@@ -382,6 +407,9 @@ func CombineTracers(tracers ...any) any {
 		if t, ok := t.(LimitTracer); ok {
 			m.limit = append(m.limit, t)
 		}
+		if t, ok := t.(DiscoveryTracer); ok {
+			m.discovery = append(m.discovery, t)
+		}
 	}
 	return m
 }
@@ -389,27 +417,34 @@ func CombineTracers(tracers ...any) any {
 // implementsTracer reports whether t implements at least one tracer interface.
 func implementsTracer(t any) bool {
 	switch t.(type) {
-	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, LimitTracer, *multiTracer:
+	case NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, LimitTracer, DiscoveryTracer, *multiTracer:
 		return true
 	}
 	return false
 }
 
 // tracerInterfaces lists the tracer interfaces, for errors.
-const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, LimitTracer"
+const tracerInterfaces = "NodeTracer, PruneTracer, RetryTracer, ProbeTracer, ConnectTracer, HookTracer, LocalityTracer, LimitTracer, DiscoveryTracer"
 
 // multiTracer is what CombineTracers returns. It implements every tracer
 // interface; the pool asks it which ones have members (see newObserver).
 type multiTracer struct {
-	all      []any
-	node     []NodeTracer
-	prune    []PruneTracer
-	retry    []RetryTracer
-	probe    []ProbeTracer
-	connect  []ConnectTracer
-	hook     []HookTracer
-	locality []LocalityTracer
-	limit    []LimitTracer
+	all       []any
+	node      []NodeTracer
+	prune     []PruneTracer
+	retry     []RetryTracer
+	probe     []ProbeTracer
+	connect   []ConnectTracer
+	hook      []HookTracer
+	locality  []LocalityTracer
+	limit     []LimitTracer
+	discovery []DiscoveryTracer
+}
+
+func (m *multiTracer) TraceDiscoveryPaused(ctx context.Context, pool *Pool, data TraceDiscoveryPausedData) {
+	for _, t := range m.discovery {
+		t.TraceDiscoveryPaused(ctx, pool, data)
+	}
 }
 
 func (m *multiTracer) TraceLimits(ctx context.Context, pool *Pool, data TraceLimitsData) {

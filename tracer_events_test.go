@@ -2,13 +2,16 @@ package clusterpool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/clusterpool/clusterpool/clustertest"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -268,4 +271,85 @@ func TestTracerMayUseThePool(t *testing.T) {
 	case <-time.After(condTimeout):
 		t.Fatalf("a query from TraceNodeAdded did not return within %v: the pool called the tracer under a lock", condTimeout)
 	}
+}
+
+// A discovery table the server does not have (plain PostgreSQL: neither
+// the gossip tables nor cluster_sessions), or refuses (a user without
+// VIEWCLUSTERMETADATA), is reported with the server's error and when the
+// pool reads it again, ten minutes on, and is not read again meanwhile.
+func TestTraceDiscoveryPaused(t *testing.T) {
+	t.Parallel()
+	check := func(t *testing.T, r *recorder, table string, codes ...string) {
+		t.Helper()
+		ev := waitEvent(t, r, table+" paused", func(e TraceDiscoveryPausedData) bool { return e.Table == table })
+		var pgErr *pgconn.PgError
+		if !errors.As(ev.Err, &pgErr) || !slices.Contains(codes, pgErr.Code) {
+			t.Errorf("%s paused with %v, want a server error with SQLSTATE in %v", table, ev.Err, codes)
+		}
+		if left := time.Until(ev.Until); left < gossipBackoff-time.Minute || left > gossipBackoff {
+			t.Errorf("%s paused until %v from now, want about %v", table, left, gossipBackoff)
+		}
+	}
+	// Probe ticks at traceProbeInterval: after several more, each table
+	// was reported once.
+	once := func(t *testing.T, r *recorder, p *Pool) {
+		t.Helper()
+		probes := p.ClusterStat().Probes()
+		waitCond(t, func() string {
+			if n := p.ClusterStat().Probes(); n < probes+5 {
+				return fmt.Sprintf("%d probes since the events, want 5", n-probes)
+			}
+			return ""
+		})
+		tables := map[string]int{}
+		for _, e := range eventsOf[TraceDiscoveryPausedData](r) {
+			tables[e.Table]++
+		}
+		for table, n := range tables {
+			if n != 1 {
+				t.Errorf("%s paused %d times, want once: %+v", table, n, eventsOf[TraceDiscoveryPausedData](r))
+			}
+		}
+	}
+	start := func(t *testing.T, dsn string) (*recorder, *Pool) {
+		r := &recorder{}
+		p := startPool(t, dsn, func(cfg *Config) {
+			cfg.MinConns, cfg.MaxConns = 2, 2
+			cfg.BalanceInterval = time.Hour
+			cfg.ProbeInterval = traceProbeInterval
+			cfg.ProbeMaxInterval = -1 // every tick
+			cfg.ConnectRate = -1      // no limit
+			cfg.Tracer = r
+		})
+		return r, p
+	}
+
+	t.Run("Missing", func(t *testing.T) {
+		t.Parallel()
+		c := clustertest.New(t, clustertest.Options{Nodes: 2, Balancing: clustertest.RoundRobin})
+		r, p := start(t, c.DSN())
+		check(t, r, "gossip", "42P01", "3F000")
+		check(t, r, "sessions", "42P01", "3F000")
+		once(t, r, p)
+	})
+	t.Run("Refused", func(t *testing.T) {
+		t.Parallel()
+		c := clustertest.New(t, clustertest.Options{Nodes: 2, Balancing: clustertest.RoundRobin})
+		ctx := testCtx(t)
+		if err := c.SetGossip(ctx, nil); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range c.Nodes() {
+			if err := n.ExecDirect(ctx, "CREATE ROLE app LOGIN"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		dsn := strings.Replace(c.DSN(), "postgres://postgres@", "postgres://app@", 1)
+		if dsn == c.DSN() {
+			t.Fatalf("unexpected DSN form %q", c.DSN())
+		}
+		r, p := start(t, dsn)
+		check(t, r, "gossip", "42501")
+		once(t, r, p)
+	})
 }

@@ -57,6 +57,9 @@ func (r *recorder) TraceConnectThrottled(_ context.Context, p *Pool, d TraceConn
 	r.record(p, d)
 }
 func (r *recorder) TraceHookPanic(_ context.Context, p *Pool, d TraceHookPanicData) { r.record(p, d) }
+func (r *recorder) TraceDiscoveryPaused(_ context.Context, p *Pool, d TraceDiscoveryPausedData) {
+	r.record(p, d)
+}
 
 // eventsOf returns the recorded events of type T.
 func eventsOf[T any](r *recorder) []T {
@@ -125,7 +128,7 @@ func TestObserverFindsInterfacesOnce(t *testing.T) {
 		t.Errorf("observer of a RetryTracer: %+v", o)
 	}
 	o = newObserver(nil, &recorder{})
-	if o.retry == nil || o.node == nil || o.prune == nil || o.probe == nil || o.connect == nil || o.hook == nil {
+	if o.retry == nil || o.node == nil || o.prune == nil || o.probe == nil || o.connect == nil || o.hook == nil || o.discovery == nil {
 		t.Errorf("observer of a full tracer misses interfaces: %+v", o)
 	}
 }
@@ -143,6 +146,7 @@ func TestObserverNoTracerNoAllocs(t *testing.T) {
 		o.retrying(ctx, RetryParams{Attempt: 1, Err: err}, time.Millisecond)
 		o.retryEnded(ctx, TraceRetryEndData{Outcome: RetryGaveUp, Attempts: 2, Nodes: nodes, Err: err, Class: ClassPermanent})
 		o.probed(ctx, 1, err)
+		o.discoveryPaused(ctx, "gossip", err, time.Time{})
 	})
 	if allocs != 0 {
 		t.Errorf("%v allocations per event batch without a tracer, want 0", allocs)
@@ -157,6 +161,7 @@ func TestObserverNoTracerNoAllocs(t *testing.T) {
 	nilObs.retryEnded(ctx, TraceRetryEndData{Outcome: RetrySucceeded, Attempts: 2})
 	nilObs.probed(ctx, 0, nil)
 	nilObs.hookPanicked(ctx, hookBeforeClose, "boom", nil)
+	nilObs.discoveryPaused(ctx, "sessions", nil, time.Time{})
 }
 
 // The wrappers around the caller's hooks cost no allocation when the hook

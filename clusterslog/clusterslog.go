@@ -10,8 +10,9 @@
 // see them:
 //
 //   - Debug: balancing (connections pruned to rebalance, throttled
-//     connects), probes, each retried attempt, and a call that waited for
-//     its workload's limit.
+//     connects), probes, each retried attempt, a call that waited for
+//     its workload's limit, and a discovery table the server does not
+//     have (plain PostgreSQL).
 //   - Info: nodes added, removed, healthy again, draining; a node's
 //     locality learned; connections pruned from an unavailable node or
 //     outside the locality level in use; the pool back on a more
@@ -20,7 +21,8 @@
 //   - Warn: a node evicted (unhealthy), the pool falling back to a less
 //     preferred locality level, a call that gave up after retries, and one
 //     not retried because its outcome is unknown, and a call that gave up
-//     waiting for its workload's limit.
+//     waiting for its workload's limit, and a discovery table the server
+//     refused for lack of a privilege (grant VIEWCLUSTERMETADATA).
 //   - Error: a panic in one of the caller's hooks, which the pool recovered;
 //     the record carries the hook, the panic value and the stack.
 //
@@ -36,8 +38,11 @@ package clusterslog
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/clusterpool/clusterpool"
 )
@@ -63,8 +68,9 @@ var (
 	_ clusterpool.ConnectTracer = (*Tracer)(nil)
 	_ clusterpool.HookTracer    = (*Tracer)(nil)
 
-	_ clusterpool.LocalityTracer = (*Tracer)(nil)
-	_ clusterpool.LimitTracer    = (*Tracer)(nil)
+	_ clusterpool.LocalityTracer  = (*Tracer)(nil)
+	_ clusterpool.LimitTracer     = (*Tracer)(nil)
+	_ clusterpool.DiscoveryTracer = (*Tracer)(nil)
 )
 
 // Attribute keys.
@@ -96,6 +102,9 @@ const (
 	keyLocality = "locality"
 	keyLevel    = "locality_level"
 	keyPrevious = "previous_level"
+
+	keyTable = "table"
+	keyUntil = "until"
 )
 
 func (t *Tracer) log(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) {
@@ -298,6 +307,25 @@ func (t *Tracer) TraceWorkloadWait(ctx context.Context, _ *clusterpool.Pool, dat
 		return
 	}
 	attrs := []slog.Attr{slog.String(keyWorkload, data.Workload), slog.Duration(keyWaited, data.Waited)}
+	if data.Err != nil {
+		attrs = append(attrs, errAttr(data.Err))
+	}
+	t.log(ctx, level, msg, attrs...)
+}
+
+// TraceDiscoveryPaused logs at Warn when the server refused the read for
+// lack of a privilege (SQLSTATE 42501), and at Debug otherwise (no such
+// table: the server is not CockroachDB).
+func (t *Tracer) TraceDiscoveryPaused(ctx context.Context, _ *clusterpool.Pool, data clusterpool.TraceDiscoveryPausedData) {
+	level, msg := slog.LevelDebug, "clusterpool: discovery table not readable, paused"
+	var pgErr *pgconn.PgError
+	if errors.As(data.Err, &pgErr) && pgErr.Code == "42501" {
+		level, msg = slog.LevelWarn, "clusterpool: discovery table refused (insufficient privilege), paused"
+	}
+	if !t.enabled(ctx, level) {
+		return
+	}
+	attrs := []slog.Attr{slog.String(keyTable, data.Table), slog.Time(keyUntil, data.Until)}
 	if data.Err != nil {
 		attrs = append(attrs, errAttr(data.Err))
 	}

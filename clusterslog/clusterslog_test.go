@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/clusterpool/clusterpool"
 	"github.com/clusterpool/clusterpool/clusterslog"
 	"github.com/clusterpool/clusterpool/clustertest"
@@ -60,6 +62,7 @@ func newLogger(level slog.Level) (*slog.Logger, *syncBuffer) {
 func TestLevelsAndAttributes(t *testing.T) {
 	ctx := context.Background()
 	boom := errors.New("boom")
+	until := time.Date(2026, 12, 4, 5, 0, 0, 0, time.UTC)
 	tests := []struct {
 		name  string
 		emit  func(*clusterslog.Tracer)
@@ -127,6 +130,12 @@ func TestLevelsAndAttributes(t *testing.T) {
 		{"limits", func(tr *clusterslog.Tracer) {
 			tr.TraceLimits(ctx, nil, clusterpool.TraceLimitsData{MaxConns: 10, MinConns: 4, MaxConnsPerNode: 5, AcquireTimeout: time.Second, WorkloadLimits: map[string]int{"batch": 2}})
 		}, "INFO", "clusterpool: limits changed", map[string]any{"max_conns": 10.0, "min_conns": 4.0, "max_conns_per_node": 5.0, "acquire_timeout": float64(time.Second), "workload_limits": map[string]any{"batch": 2.0}}},
+		{"discovery refused", func(tr *clusterslog.Tracer) {
+			tr.TraceDiscoveryPaused(ctx, nil, clusterpool.TraceDiscoveryPausedData{Table: "gossip", Until: until, Err: &pgconn.PgError{Severity: "ERROR", Code: "42501", Message: "no VIEWCLUSTERMETADATA"}})
+		}, "WARN", "clusterpool: discovery table refused (insufficient privilege), paused", map[string]any{"table": "gossip", "until": until.Format(time.RFC3339Nano), "err": "ERROR: no VIEWCLUSTERMETADATA (SQLSTATE 42501)"}},
+		{"discovery table missing", func(tr *clusterslog.Tracer) {
+			tr.TraceDiscoveryPaused(ctx, nil, clusterpool.TraceDiscoveryPausedData{Table: "sessions", Until: until, Err: fmt.Errorf("read: %w", &pgconn.PgError{Code: "42P01"})})
+		}, "DEBUG", "clusterpool: discovery table not readable, paused", map[string]any{"table": "sessions"}},
 		{"workload wait", func(tr *clusterslog.Tracer) {
 			tr.TraceWorkloadWait(ctx, nil, clusterpool.TraceWorkloadWaitData{Workload: "batch", Waited: 3 * time.Millisecond})
 		}, "DEBUG", "clusterpool: waited for the workload's limit", map[string]any{"workload": "batch", "waited": float64(3 * time.Millisecond)}},
