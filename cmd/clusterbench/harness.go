@@ -53,9 +53,10 @@ func (h *harness) runScenario(ctx context.Context, s scenario) (ScenarioResult, 
 			runPool = func(ctx context.Context, s scenario, kind string) (PoolResult, error) { return s.run(ctx, h, kind) }
 		}
 		var pairs [][2]PoolResult
-		for range h.opts.repeat {
+		for j := range h.opts.repeat {
 			var pair [2]PoolResult
-			for i, kind := range poolKinds {
+			for _, i := range pairOrder(j) {
+				kind := poolKinds[i]
 				r, err := runPool(ctx, s, kind)
 				if err != nil {
 					return res, fmt.Errorf("%s with %s: %w", s.name, kind, err)
@@ -448,4 +449,19 @@ func waitFor(ctx context.Context, timeout time.Duration, cond func() bool) bool 
 		}
 		sleepCtx(ctx, 20*time.Millisecond)
 	}
+}
+
+// pairOrder is the order in which pair j of a scenario's repeated pairs
+// runs its pools, as indexes into poolKinds: pgxpool first in the first
+// pair (the table's and the report's), clusterpool first in the next, and
+// so on, so that whatever the machine carries from one turn to the next
+// (the last cluster's files written back, a warmer cache, a busier
+// neighbour) weighs on each pool in half the pairs. Run by run, the same
+// pool run twice gives a p99 ratio anywhere from 0.5 to 2 on the machine
+// of docs/benchmarks.md.
+func pairOrder(j int) [2]int {
+	if j%2 == 1 {
+		return [2]int{1, 0}
+	}
+	return [2]int{0, 1}
 }

@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -417,14 +418,24 @@ func (b *syncBuffer) String() string {
 }
 
 // -repeat runs each scenario's pair again and gives the spread of the
-// ratios; the first pair is the one the table shows. overhead alternates its
-// pools already and is run once.
+// ratios; the first pair is the one the table shows, and the pairs take
+// turns at which pool runs first. overhead alternates its pools already and
+// is run once.
 func TestRepeatInProcess(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	res, stderr, code := runJSON(t, ctx, "-backend", "inprocess", "-scenario", "balance,overhead", "-duration", "600ms", "-repeat", "3", "-seed", "7", "-out", t.TempDir())
 	if code != 0 {
 		t.Fatalf("exit code %d\n%s", code, stderr)
+	}
+	var order []string
+	for _, line := range strings.Split(stderr, "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[0] == "balance" && strings.HasSuffix(f[1], ":") && f[2] == "running" {
+			order = append(order, strings.TrimSuffix(f[1], ":"))
+		}
+	}
+	if want := []string{"pgxpool", "clusterpool", "clusterpool", "pgxpool", "pgxpool", "clusterpool"}; !slices.Equal(order, want) {
+		t.Errorf("balance's runs in the order %v, want %v\n%s", order, want, stderr)
 	}
 	for _, s := range res.Scenarios {
 		r := s.Repeats
