@@ -53,6 +53,45 @@ type probeState struct {
 	// landings is the tracker's landings at the end of the last tick: more
 	// at this tick means connections of the pool's own landed since.
 	landings uint64
+	// aimMissed counts the aimed probes in a row that reached none of the
+	// nodes they aimed at, aimedAt, and sinceAim the session probes since
+	// the last aimed one (aimNow).
+	aimMissed, sinceAim int
+	aimedAt             []NodeID
+}
+
+// aim returns the nodes a session probe about to run aims at, the pool
+// missing missing: missing, or, when spaced (behind one address, with
+// every node in missing one the pool lost: lostOnly), none while aimed
+// probes are spaced out (aimNow). A node missed that the last aimed probe did not aim
+// at starts the spacing over. Hosts listed, the probe tries the missing
+// nodes' hosts first, which costs no dial.
+func (st *probeState) aim(missing []NodeID, spaced bool) []NodeID {
+	if !spaced || len(missing) == 0 {
+		st.aimMissed, st.aimedAt = 0, nil
+		return missing
+	}
+	for _, id := range missing {
+		if !slices.Contains(st.aimedAt, id) {
+			st.aimMissed = 0
+			break
+		}
+	}
+	if !aimNow(st.aimMissed, st.sinceAim) {
+		st.sinceAim++
+		return nil
+	}
+	return missing
+}
+
+// aimed records a session probe that aimed at aim and reached reached.
+func (st *probeState) aimed(aim []NodeID, reached NodeID) {
+	st.sinceAim, st.aimedAt = 0, aim
+	if slices.Contains(aim, reached) {
+		st.aimMissed = 0
+	} else {
+		st.aimMissed++
+	}
 }
 
 // probePace is what the probe loop learns from the rest of the pool: that
@@ -98,7 +137,24 @@ const (
 	// aimedDials bounds the dials of a probe aimed, behind one address, at a
 	// node the pool misses: each dial reaches it with probability 1/N.
 	aimedDials = 4
+	// maxAimEvery bounds how far apart aimed probes come while the nodes
+	// they aim at stay out of reach: every maxAimEvery-th session probe
+	// (aimNow).
+	maxAimEvery = 8
 )
+
+// aimNow reports whether a session probe behind one address aims at nodes
+// the pool lost (aimProbe), after missed aimed probes in a row reached none
+// of them and since session probes since the last aimed one: every probe at
+// first, then every second, fourth and eighth. A lost node may be down,
+// out of every dial's reach: a health-checked load balancer then sends all
+// of an aimed probe's dials to the nodes that are up, which refuse
+// aimedDials-1 of them after a full connection set-up, for as long as the
+// node is down. Once it is back, the plain probes in between reach it one
+// dial in N, and the next aimed one with aimedDials.
+func aimNow(missed, since int) bool {
+	return since+1 >= min(1<<min(missed, 3), maxAimEvery)
+}
 
 // probeBackoff paces the session probes: every ProbeInterval while the pool
 // changes, and further apart while nothing does. It is a pure value; the
@@ -190,7 +246,8 @@ func probeWaitCap(base time.Duration) time.Duration {
 // runs on its own back-off: every ProbeInterval while the pool changes, up
 // to ProbeMaxInterval apart while nothing does. When the pool misses a node
 // (evicted, or listed by gossip or the sessions and never reached), the
-// session probe aims at it. A new node joins the targets as soon as a probe
+// session probe aims at it; at a node it lost, less often while the aimed
+// probes miss it (aimNow). A new node joins the targets as soon as a probe
 // reaches it, and a node no probe reaches for the expiry window leaves them.
 func (p *Pool) runProbe(ctx context.Context) {
 	// The loop's start counts as a probe: the first comes an interval later.
@@ -255,9 +312,34 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		return true
 	}
 	st.reached, st.draws = 0, 0
-	goOn := p.probe(ctx, st, missing, !gossiped)
+	spaced := p.placement.mode == connectRedial && p.lostOnly(missing)
+	aim := st.aim(missing, spaced)
+	goOn := p.probe(ctx, st, missing, aim, !gossiped)
+	if spaced && len(aim) > 0 {
+		st.aimed(aim, st.reached)
+	}
 	p.missedHeard(missing, st.reached, st.draws)
 	return goOn
+}
+
+// lostOnly reports whether every node in missing is one the pool knows and
+// lost (evicted, or unseen) with nothing saying it is up again: gossip does
+// not list it live and well. Such a node may be down, and aimed probes at
+// it are spaced out (aimNow). A node gossip or the fleet's sessions name
+// and the pool never reached is up as far as they know: every probe aims
+// at it, until the draws give up on it (missedHeard).
+func (p *Pool) lostOnly(missing []NodeID) bool {
+	p.pace.mu.Lock()
+	defer p.pace.mu.Unlock()
+	for _, id := range missing {
+		if p.tracker.node(id) == nil {
+			return false
+		}
+		if well, known := p.pace.gossipWell[id]; known && well {
+			return false
+		}
+	}
+	return true
 }
 
 // missingNodes returns the nodes the pool misses, sorted: evicted ones it
@@ -371,16 +453,18 @@ func (p *Pool) overIdle(ctx context.Context, read func(context.Context, *pgx.Con
 // listed, the node behind the host tried first is checked (health.go),
 // which evicts it only if it does not answer the check either.
 //
-// missing are the nodes the pool misses (missingNodes); the probe aims at
-// them. gossip says whether to read gossip on the probe's connection.
+// missing are the nodes the pool misses (missingNodes); the probe tries
+// their hosts first, and behind one address dials again until it reaches
+// one of aim (a subset: probeState.aim). gossip says whether to read gossip
+// on the probe's connection.
 //
 // Every step (the user's BeforeConnect aside) runs under one context with
 // the probe's timeout, closing the connection included, so a node that
 // accepts TCP and never answers holds the probe no longer than that.
-func (p *Pool) probe(parent context.Context, st *probeState, missing []NodeID, gossip bool) bool {
+func (p *Pool) probe(parent context.Context, st *probeState, missing, aim []NodeID, gossip bool) bool {
 	ctx, cancel := context.WithTimeout(parent, min(p.settings.probeInterval, maxProbeTimeout))
 	defer cancel()
-	id, err := p.probeOnce(ctx, st, missing, gossip)
+	id, err := p.probeOnce(ctx, st, missing, aim, gossip)
 	if parent.Err() != nil {
 		return false // the pool is closing: not a probe failure
 	}
@@ -404,7 +488,7 @@ func (p *Pool) probe(parent context.Context, st *probeState, missing []NodeID, g
 // probes however connections are placed. Behind one address, when the pool
 // misses a node, it refuses connections that reach another node and dials
 // again, up to aimedDials in all (the last connection is kept).
-func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, gossip bool) (NodeID, error) {
+func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing, aim []NodeID, gossip bool) (NodeID, error) {
 	cc, err := p.sideConfig(ctx, func(groups []*hostGroup) []int {
 		return p.placement.probeOrder(groups, missing, st.n)
 	})
@@ -412,7 +496,7 @@ func (p *Pool) probeOnce(ctx context.Context, st *probeState, missing []NodeID, 
 	if err != nil {
 		return 0, fmt.Errorf("clusterpool: probe: BeforeConnect: %w", err)
 	}
-	p.aimProbe(cc, missing, &st.draws)
+	p.aimProbe(cc, aim, &st.draws)
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		if !errors.Is(ctx.Err(), context.Canceled) { // not the pool closing

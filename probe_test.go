@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -260,5 +261,62 @@ func TestFleetStill(t *testing.T) {
 	}
 	if fleetStill(nil, was) {
 		t.Error("a first read holds still")
+	}
+}
+
+// Aimed probes at nodes the pool lost come every probe at first, then every
+// second, fourth and eighth while each misses; a probe that reaches one, or
+// a node newly missed, starts over; a node only heard of is aimed at by
+// every probe.
+func TestProbeAimSpacing(t *testing.T) {
+	var st probeState
+	lost := []NodeID{3}
+	var pattern []bool
+	for range 20 {
+		aim := st.aim(lost, true)
+		pattern = append(pattern, aim != nil)
+		if aim != nil {
+			st.aimed(aim, 1) // reached node 1, not node 3
+		}
+	}
+	// Aimed at probes 1, 3, 7 and 15: each aimed miss doubles the spacing,
+	// up to 8.
+	want := []int{0, 2, 6, 14}
+	var got []int
+	for i, a := range pattern {
+		if a {
+			got = append(got, i)
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("aimed at probes %v, want %v", got, want)
+	}
+	// Spaced at 8: probe 23, the eighth after probe 15, aims again.
+	for i := range 8 {
+		if aim := st.aim(lost, true); (aim != nil) != (i == 2) {
+			t.Fatalf("probe %d after probe 20: aimed %v", i+21, aim != nil)
+		} else if aim != nil {
+			st.aimed(aim, 2)
+		}
+	}
+
+	// Another node lost: every probe aims again.
+	if aim := st.aim([]NodeID{2, 3}, true); !slices.Equal(aim, []NodeID{2, 3}) {
+		t.Fatalf("a newly lost node: aim %v, want [2 3]", aim)
+	}
+	st.aimed([]NodeID{2, 3}, 2) // reached node 2
+	if aim := st.aim([]NodeID{3}, true); aim == nil {
+		t.Fatal("after an aimed probe that reached a lost node, the next probe does not aim")
+	}
+
+	// Not spaced (hosts listed, or a node only heard of): always aimed.
+	st = probeState{aimMissed: 3, sinceAim: 0, aimedAt: lost}
+	if aim := st.aim(lost, false); !slices.Equal(aim, lost) || st.aimMissed != 0 {
+		t.Fatalf("unspaced: aim %v, missed %d", aim, st.aimMissed)
+	}
+	// Nothing missing: nothing aimed, the spacing forgotten.
+	st = probeState{aimMissed: 3, aimedAt: lost}
+	if aim := st.aim(nil, true); aim != nil || st.aimMissed != 0 || st.aimedAt != nil {
+		t.Fatalf("nothing missing: aim %v, state %+v", aim, st)
 	}
 }

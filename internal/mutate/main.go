@@ -175,6 +175,15 @@ func mutantNoEvict(class ErrorClass, err error) ErrorClass {
 			{"TestLocalityGossipHostsStayInRegion", integration},
 		},
 	},
+	{
+		name:    "probe-aims-every-tick",
+		snippet: `return since+1 >= min(1<<min(missed, 3), maxAimEvery)`,
+		replace: `return since+1 >= 0*min(1<<min(missed, 3), maxAimEvery)`,
+		tests: []killer{
+			{"TestProbeAimSpacing", unit},
+			{"TestProbeSpacesAimsAtDownNode", integration},
+		},
+	},
 }
 
 func main() {
