@@ -8,10 +8,10 @@ import (
 // Tracers report what the pool does on its own, away from any query: nodes
 // coming and going, evictions, pruning, retries, probes, connect
 // throttling, panics in the caller's hooks, locality levels, changes of
-// the runtime limits and discovery reads that stopped. Config.Tracer is inspected once, when the pool is
-// created, for each of the interfaces below, as pgx inspects
-// ConnConfig.Tracer; a value may implement any of them, and CombineTracers
-// joins several values.
+// the runtime limits and discovery reads that stopped. Config.Tracer is
+// inspected once, when the pool is created, for each of the interfaces
+// below, as pgx inspects ConnConfig.Tracer; a value may implement any of
+// them, and CombineTracers joins several values.
 //
 // Methods are called synchronously from the goroutine where the event
 // happens (a caller's query for retries and connect throttling, the pool's
@@ -19,9 +19,10 @@ import (
 // must not block and must not call back into the pool except for read-only
 // methods such as NodeStats and ClusterStat. ctx is the caller's context for
 // retry and connect events, the context of the pool's background work for
-// prune, probe and discovery events (it ends when the pool closes, or the probe times
-// out), the hook's context for hook panics (context.Background() for
-// BeforeClose, which has none), and context.Background() for node events.
+// prune, probe and discovery events (it ends when the pool closes, or the
+// probe times out), the hook's context for hook panics
+// (context.Background() for BeforeClose, which has none), and
+// context.Background() for node events.
 // The data values may be retained; slices in them are not reused by the
 // pool.
 

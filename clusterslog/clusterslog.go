@@ -19,10 +19,10 @@
 //     preferred locality level; a call that succeeded after retries or
 //     whose context ended between attempts; runtime limits changed.
 //   - Warn: a node evicted (unhealthy), the pool falling back to a less
-//     preferred locality level, a call that gave up after retries, and one
-//     not retried because its outcome is unknown, and a call that gave up
-//     waiting for its workload's limit, and a discovery table the server
-//     refused for lack of a privilege (grant VIEWCLUSTERMETADATA).
+//     preferred locality level, a call that gave up after retries, one not
+//     retried because its outcome is unknown, a call that gave up waiting
+//     for its workload's limit, and a discovery table the server refused
+//     for lack of a privilege (grant VIEWCLUSTERMETADATA).
 //   - Error: a panic in one of the caller's hooks, which the pool recovered;
 //     the record carries the hook, the panic value and the stack.
 //
