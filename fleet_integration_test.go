@@ -113,7 +113,7 @@ func assertFleetQuiet(t *testing.T, c *clustertest.Cluster, pools []*Pool, nodes
 			if !sessionProbes {
 				break
 			}
-			if known, landed := p.tracker.coverage(); landed < uint64(coverLandings(known)) {
+			if known, landed := p.fleetCoverage(); landed < uint64(coverLandings(known)) {
 				return fmt.Sprintf("pool %d still meeting the nodes: %d landings on %d, want %d", i, landed, known, coverLandings(known))
 			}
 		}
@@ -457,6 +457,58 @@ func TestSessionsBack(t *testing.T) {
 	p.pace.mu.Unlock()
 	if want := map[NodeID]int{1: 1, 2: 1}; !maps.Equal(fleet, want) {
 		t.Errorf("sessions per node %v, want %v (node 1's new session too young to count)", fleet, want)
+	}
+}
+
+// The fleet's sessions that started after the number of nodes the pool
+// knows last changed, by more than the clocks' slack, on nodes it knows,
+// count as draws toward meeting every node (fleetCoverage), read from a
+// real server: older ones, ones within the slack and ones on a node only
+// heard of do not; after the next change, no session counts until one
+// starts after it.
+func TestSessionsDraws(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 1})
+	p := startPool(t, c.DSN(), func(cfg *Config) {
+		cfg.MinConns, cfg.MaxConns = 0, 4
+		cfg.BalanceInterval = time.Hour
+		cfg.ProbeInterval = time.Hour
+	})
+	conn, err := pgx.Connect(testCtx(t), c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	met := time.Now().Add(-time.Minute)
+	for id := NodeID(1); id <= 3; id++ {
+		p.tracker.seen(id, met) // the third makes the last change
+	}
+	var rows []string
+	add := func(id, n int, start time.Time) {
+		for i := range n {
+			rows = append(rows, fmt.Sprintf("(%d, 's%d-%d-%d', 'other', '', '%s')", id, id, start.UnixNano(), i, start.UTC().Format("2006-01-02 15:04:05.999999")))
+		}
+	}
+	add(1, 5, met.Add(-time.Minute))         // before the change
+	add(1, 7, met.Add(30*time.Second))       // after
+	add(2, 4, met.Add(50*time.Second))       // after
+	add(3, 2, met.Add(sessionsClockSlack/2)) // within the clocks' slack
+	add(9, 6, met.Add(40*time.Second))       // a node only heard of
+	read := func() {
+		t.Helper()
+		writeSessions(t, c, "INSERT INTO crdb_internal.cluster_sessions VALUES "+strings.Join(rows, ", ")+";")
+		if err := p.readSessions(testCtx(t), conn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	read()
+	if known, landed := p.fleetCoverage(); known != 3 || landed != 11 {
+		t.Errorf("coverage %d nodes, %d draws; want 3 nodes, 11 draws (7 on node 1, 4 on node 2)", known, landed)
+	}
+	p.tracker.seen(4, time.Now())
+	read()
+	if known, landed := p.fleetCoverage(); known != 4 || landed != 0 {
+		t.Errorf("just after node 4 was met: coverage %d nodes, %d draws; want 4, 0", known, landed)
 	}
 }
 

@@ -117,6 +117,12 @@ type probePace struct {
 	// (fleetStill) over the reads since fleetSince (fleetSwap).
 	fleet                 map[NodeID]int
 	fleetRead, fleetSince time.Time
+	// fleetDraws is how many of the fleet's sessions on the nodes the
+	// pool knows started after the number of nodes it knows last changed,
+	// by the last read; drawsMark is when that change was (tracker.met). Each is a draw of the load balancer the pool's own
+	// landings do not count (fleetCoverage).
+	fleetDraws int
+	drawsMark  time.Time
 }
 
 // clusterChanged tells the probe that something changed (a node seen for
@@ -277,7 +283,7 @@ func (p *Pool) runProbe(ctx context.Context) {
 func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) bool {
 	landed := p.tracker.landings.Load() != st.landings
 	defer func() { st.landings = p.tracker.landings.Load() }()
-	known, covered := p.tracker.coverage()
+	known, covered := p.fleetCoverage()
 	st.backoff = st.backoff.observe(p.pace.changes.Load(), known, covered, now)
 	gossiped := p.gossipIdle(ctx, st, now)
 	if ctx.Err() != nil {
@@ -286,7 +292,9 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	if gossiped {
 		st.gossipRead = now
 	} else if p.sessionsDue(st, now) && p.sessionsIdle(ctx, st, now) {
-		// A node heard of is a change: the session probe snaps back.
+		// A node heard of is a change: the session probe snaps back. The
+		// fleet's sessions may have covered the nodes.
+		known, covered = p.fleetCoverage()
 		st.backoff = st.backoff.observe(p.pace.changes.Load(), known, covered, now)
 	}
 	if ctx.Err() != nil {

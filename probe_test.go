@@ -320,3 +320,40 @@ func TestProbeAimSpacing(t *testing.T) {
 		t.Fatalf("nothing missing: aim %v, state %+v", aim, st)
 	}
 }
+
+// The fleet's sessions that started after the number of nodes the pool
+// knows last changed count as draws toward meeting every node: the larger
+// of them and the pool's own landings. Draws read before the last change
+// do not count.
+func TestFleetCoverage(t *testing.T) {
+	p := &Pool{tracker: newTracker()}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for id := range NodeID(3) {
+		p.tracker.seen(id+1, t0)
+	}
+	p.tracker.landings.Add(5)
+	_, met := p.tracker.met()
+	if !met.Equal(t0) {
+		t.Fatalf("met at %v, want %v", met, t0)
+	}
+	check := func(what string, wantKnown int, wantLanded uint64) {
+		t.Helper()
+		if known, landed := p.fleetCoverage(); known != wantKnown || landed != wantLanded {
+			t.Errorf("%s: coverage %d nodes, %d draws; want %d, %d", what, known, landed, wantKnown, wantLanded)
+		}
+	}
+	check("no read", 3, 5)
+	p.pace.fleetDraws, p.pace.drawsMark = 30, met
+	check("30 of the fleet's sessions since", 3, 30)
+	p.pace.fleetDraws = 2
+	check("fewer than its own landings", 3, 5)
+
+	// A fourth node: the read counted sessions since the last change, not
+	// this one.
+	p.pace.fleetDraws = 30
+	p.tracker.seen(4, t0.Add(time.Second))
+	check("read before the node count changed", 4, 0)
+	_, met = p.tracker.met()
+	p.pace.drawsMark = met
+	check("read after", 4, 30)
+}

@@ -26,9 +26,12 @@ import (
 // in UTC) and the gateway's time now, in UTC too, so that the pool reckons
 // the session's age by the cluster's clock, not its own: a node whose
 // sessions all started after the pool lost it has been back since
-// (readSessions).
+// (readSessions). Last, its sessions younger than $1 milliseconds: those
+// that started after the number of nodes the pool knows last changed, each
+// a draw of the load balancer (fleetCoverage).
 var sessionsQuery = `SELECT node_id, count(CASE WHEN session_start < timezone('UTC', now()) - INTERVAL '` +
-	strconv.FormatInt(fleetCountAge.Milliseconds(), 10) + ` milliseconds' THEN 1 END), min(session_start), timezone('UTC', now())
+	strconv.FormatInt(fleetCountAge.Milliseconds(), 10) + ` milliseconds' THEN 1 END), min(session_start), timezone('UTC', now()),
+count(CASE WHEN session_start > timezone('UTC', now()) - INTERVAL '1 millisecond' * $1::FLOAT8 THEN 1 END)
 FROM crdb_internal.cluster_sessions WHERE session_id IS NOT NULL GROUP BY node_id`
 
 // fleetCountAge is how old a session must be to count in the fleet's
@@ -115,8 +118,15 @@ func slowFanOut(err error) bool {
 //     says nothing about this client's own trouble with it, and is left to
 //     the pool's connections and probes.
 func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
+	_, met := p.tracker.met()
 	sent := time.Now()
-	rows, err := conn.Query(ctx, sessionsQuery)
+	// The sessions that started after met, by the cluster's clocks, which
+	// may be that far apart: none when met is more recent than that.
+	window := sent.Sub(met) - sessionsClockSlack
+	if window <= 0 {
+		window = -time.Hour
+	}
+	rows, err := conn.Query(ctx, sessionsQuery, window.Milliseconds())
 	if err != nil {
 		return err
 	}
@@ -125,10 +135,11 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		sessions int64
 		oldest   *time.Time // the oldest session's start; nil: unknown
 		now      time.Time  // the gateway's clock
+		newer    int64      // sessions that started within window
 	}
 	list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (listing, error) {
 		var l listing
-		err := row.Scan(&l.id, &l.sessions, &l.oldest, &l.now)
+		err := row.Scan(&l.id, &l.sessions, &l.oldest, &l.now, &l.newer)
 		return l, err
 	})
 	if err != nil {
@@ -137,6 +148,7 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 	heard := make(map[NodeID]int)
 	fleet := make(map[NodeID]int, len(list))
 	var back []NodeID
+	draws := 0
 	p.pace.mu.Lock()
 	news := false
 	for _, l := range list {
@@ -152,6 +164,7 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 			heard[id] = missed
 			continue
 		}
+		draws += int(l.newer)
 		if l.oldest != nil && backAgain(n) {
 			// Its age by the gateway's clock, taken back from when the
 			// query was sent: never later than the session started.
@@ -166,6 +179,7 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		p.pace.fleetSince = sent
 	}
 	p.pace.fleet, p.pace.fleetRead = fleet, sent
+	p.pace.fleetDraws, p.pace.drawsMark = draws, met
 	p.pace.mu.Unlock()
 	now := time.Now()
 	for _, id := range back {
@@ -227,4 +241,25 @@ func (p *Pool) missedHeard(missing []NodeID, reached NodeID, draws int) {
 			p.pace.heard[id] = missed + draws
 		}
 	}
+}
+
+// fleetCoverage is tracker.coverage with the fleet's sessions among the
+// draws: how many nodes the pool knows, and the larger of its own landings
+// and the fleet's sessions on those nodes that started since that number
+// last changed (readSessions). Service replicas dial through the same load
+// balancer, so a node the pool has not met would hold its share of those
+// sessions, as of its own landings; a pool that reads the list is spared
+// most of the probes that would otherwise make the draws (probeBackoff's
+// exploring). The list holds the pool's own open connections too, hence
+// the larger of the two, not their sum.
+func (p *Pool) fleetCoverage() (int, uint64) {
+	known, landed := p.tracker.coverage()
+	_, met := p.tracker.met()
+	p.pace.mu.Lock()
+	draws, mark := p.pace.fleetDraws, p.pace.drawsMark
+	p.pace.mu.Unlock()
+	if mark.Equal(met) && draws > 0 {
+		landed = max(landed, uint64(draws))
+	}
+	return known, landed
 }

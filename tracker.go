@@ -54,8 +54,10 @@ type tracker struct {
 	landings atomic.Uint64
 
 	mu sync.Mutex // protects the fields below
-	// metAt is landings when the number of nodes last changed.
-	metAt uint64
+	// metAt is landings when the number of nodes last changed, and metTime
+	// the time.
+	metAt   uint64
+	metTime time.Time
 	// nodes holds every node with connections or seen recently.
 	nodes map[NodeID]*node
 	// localIDs maps a server address to the local NodeID assigned to it in
@@ -149,7 +151,7 @@ func (t *tracker) nodeLocked(id NodeID, now time.Time) *node {
 		n = &node{id: id, connSet: make(map[*connState]struct{})}
 		n.lastSeen.Store(now.UnixNano())
 		t.nodes[id] = n
-		t.metAt = t.landings.Load()
+		t.metAt, t.metTime = t.landings.Load(), now
 	}
 	return n
 }
@@ -331,7 +333,7 @@ func (t *tracker) expire(now time.Time, window time.Duration) []NodeID {
 		}
 	}
 	if len(gone) > 0 {
-		t.metAt = t.landings.Load()
+		t.metAt, t.metTime = t.landings.Load(), now
 		for addr, id := range t.localIDs {
 			if _, ok := t.nodes[id]; !ok {
 				delete(t.localIDs, addr)
@@ -375,6 +377,14 @@ func (t *tracker) coverage() (known int, landed uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return len(t.nodes), t.landings.Load() - t.metAt
+}
+
+// met returns when the number of nodes the tracker knows last changed: the
+// landings then (a mark that tells one change from the next) and the time.
+func (t *tracker) met() (mark uint64, at time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.metAt, t.metTime
 }
 
 func compareIDs(a, b NodeID) int {
