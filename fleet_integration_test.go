@@ -369,16 +369,11 @@ DELETE FROM crdb_internal.cluster_sessions;`+insert); err != nil {
 	}
 }
 
-// A node the pool misses whose sessions of the fleet all started after the
-// pool lost it (more than the clocks' slack after) is back: the read ends
-// its eviction and counts it as seen, without one of the pool's own probes
-// landing there, and without the pool having read the list while the node
-// was away. A node that kept an older session, one listed only by an error
-// row, one whose sessions started within the slack, and one not listed are
-// left as they are. The pool's loops are too slow here to interfere: the
-// test drives the reads.
-func TestSessionsBack(t *testing.T) {
-	t.Parallel()
+// sessionsReader starts a one-node cluster, a pool whose own loops are too
+// slow to interfere (the test drives the sessions reads) and a connection
+// to read over.
+func sessionsReader(t *testing.T) (*clustertest.Cluster, *Pool, *pgx.Conn) {
+	t.Helper()
 	c := clustertest.New(t, clustertest.Options{Nodes: 1})
 	p := startPool(t, c.DSN(), func(cfg *Config) {
 		cfg.MinConns, cfg.MaxConns = 0, 4
@@ -389,7 +384,21 @@ func TestSessionsBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close(context.Background())
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return c, p, conn
+}
+
+// A node the pool misses whose sessions of the fleet all started after the
+// pool lost it (more than the clocks' slack after) is back: the read ends
+// its eviction and counts it as seen, without one of the pool's own probes
+// landing there, and without the pool having read the list while the node
+// was away. A node that kept an older session, one listed only by an error
+// row, one whose sessions started within the slack, and one not listed are
+// left as they are. The pool's loops are too slow here to interfere: the
+// test drives the reads.
+func TestSessionsBack(t *testing.T) {
+	t.Parallel()
+	c, p, conn := sessionsReader(t)
 	lost := time.Now().Add(-time.Minute)
 	for id := NodeID(1); id <= 4; id++ {
 		p.tracker.seen(id, lost)
@@ -468,17 +477,7 @@ func TestSessionsBack(t *testing.T) {
 // starts after it.
 func TestSessionsDraws(t *testing.T) {
 	t.Parallel()
-	c := clustertest.New(t, clustertest.Options{Nodes: 1})
-	p := startPool(t, c.DSN(), func(cfg *Config) {
-		cfg.MinConns, cfg.MaxConns = 0, 4
-		cfg.BalanceInterval = time.Hour
-		cfg.ProbeInterval = time.Hour
-	})
-	conn, err := pgx.Connect(testCtx(t), c.DSN())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
+	c, p, conn := sessionsReader(t)
 	met := time.Now().Add(-time.Minute)
 	for id := NodeID(1); id <= 3; id++ {
 		p.tracker.seen(id, met) // the third makes the last change
