@@ -122,7 +122,13 @@ func assertFleetQuiet(t *testing.T, c *clustertest.Cluster, pools []*Pool, nodes
 	pool, servers := fleetOpened(c, pools)
 	time.Sleep(d) // a quiet period, not a wait for a condition
 	pool2, servers2 := fleetOpened(c, pools)
-	if pool2 != pool || servers2-servers > 1 { // a probe may straddle the window
+	// The servers' count less the probes' is off by the probes in flight
+	// at the first read: a pool counts a probe's session when its dial
+	// reaches the load balancer, the node a moment later. Each pool has at
+	// most one probe dial in flight, and its probes still come every
+	// interval or two here: the explore draws ended with the fleet's
+	// sessions (fleetCoverage), before the back-off had grown.
+	if pool2 != pool || servers2-servers > int64(len(pools)) {
 		t.Errorf("fleet at its targets opened %d connections (servers: %d) in %v: %v", pool2-pool, servers2-servers, d, c.OpenConnsByApp())
 	}
 }
@@ -473,8 +479,8 @@ func TestSessionsBack(t *testing.T) {
 // knows last changed, by more than the clocks' slack, on nodes it knows,
 // count as draws toward meeting every node (fleetCoverage), read from a
 // real server: older ones, ones within the slack and ones on a node only
-// heard of do not; after the next change, no session counts until one
-// starts after it.
+// heard of do not; the count holds when those sessions close; after the
+// next change, no session counts until one starts after it.
 func TestSessionsDraws(t *testing.T) {
 	t.Parallel()
 	c, p, conn := sessionsReader(t)
@@ -503,6 +509,12 @@ func TestSessionsDraws(t *testing.T) {
 	read()
 	if known, landed := p.fleetCoverage(); known != 3 || landed != 11 {
 		t.Errorf("coverage %d nodes, %d draws; want 3 nodes, 11 draws (7 on node 1, 4 on node 2)", known, landed)
+	}
+	// Sessions that close were draws all the same: the count holds.
+	rows = rows[:5]
+	read()
+	if known, landed := p.fleetCoverage(); known != 3 || landed != 11 {
+		t.Errorf("after the sessions since the change closed: coverage %d nodes, %d draws; want 3, 11", known, landed)
 	}
 	p.tracker.seen(4, time.Now())
 	read()

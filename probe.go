@@ -119,7 +119,8 @@ type probePace struct {
 	fleetRead, fleetSince time.Time
 	// fleetDraws is how many of the fleet's sessions on the nodes the
 	// pool knows started after the number of nodes it knows last changed,
-	// by the last read; drawsMark is when that change was (tracker.met). Each is a draw of the load balancer the pool's own
+	// the most any read since has listed; drawsMark is when that change
+	// was (tracker.met). Each is a draw of the load balancer the pool's own
 	// landings do not count (fleetCoverage).
 	fleetDraws int
 	drawsMark  time.Time

@@ -179,6 +179,11 @@ func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
 		p.pace.fleetSince = sent
 	}
 	p.pace.fleet, p.pace.fleetRead = fleet, sent
+	if p.pace.drawsMark.Equal(met) {
+		// A session since closed (a move's retired connection) was a draw
+		// all the same: the count never falls between two changes.
+		draws = max(draws, p.pace.fleetDraws)
+	}
 	p.pace.fleetDraws, p.pace.drawsMark = draws, met
 	p.pace.mu.Unlock()
 	now := time.Now()
