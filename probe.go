@@ -120,8 +120,8 @@ type probePace struct {
 	// fleetDraws is how many of the fleet's sessions on the nodes the
 	// pool knows started after the number of nodes it knows last changed,
 	// the most any read since has listed; drawsMark is when that change
-	// was (tracker.met). Each is a draw of the load balancer the pool's own
-	// landings do not count (fleetCoverage).
+	// was (tracker.met). Each is a draw of the load balancer, as the pool's
+	// own landings are (fleetCoverage).
 	fleetDraws int
 	drawsMark  time.Time
 }

@@ -253,10 +253,13 @@ func (p *Pool) missedHeard(missing []NodeID, reached NodeID, draws int) {
 // and the fleet's sessions on those nodes that started since that number
 // last changed (readSessions). Service replicas dial through the same load
 // balancer, so a node the pool has not met would hold its share of those
-// sessions, as of its own landings; a pool that reads the list is spared
-// most of the probes that would otherwise make the draws (probeBackoff's
-// exploring). The list holds the pool's own open connections too, hence
-// the larger of the two, not their sum.
+// sessions, as it would of the pool's own landings; a pool that reads the
+// list is spared most of the probes that would otherwise make the draws
+// (probeBackoff's exploring). The list holds the pool's own open
+// connections too, hence the larger of the two, not their sum. (Replicas
+// behind another load balancer that share the user add draws of theirs on
+// the nodes this pool knows; a node any replica reached is named by the
+// list and aimed at all the same.)
 func (p *Pool) fleetCoverage() (int, uint64) {
 	known, landed := p.tracker.coverage()
 	_, met := p.tracker.met()
