@@ -62,7 +62,7 @@ type probeState struct {
 
 // aim returns the nodes a session probe about to run aims at, the pool
 // missing missing: missing, or, when spaced (behind one address, with
-// every node in missing one the pool lost: lostOnly), none while aimed
+// every node in missing one the pool lost: Pool.missing), none while aimed
 // probes are spaced out (aimNow). A node missed that the last aimed probe did not aim
 // at starts the spacing over. Hosts listed, the probe tries the missing
 // nodes' hosts first, which costs no dial.
@@ -301,7 +301,7 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	if ctx.Err() != nil {
 		return false
 	}
-	missing := p.missingNodes()
+	missing, lostOnly := p.missing()
 	if now.Sub(st.gossipRead) < p.settings.probeMaxInterval && len(missing) == 0 {
 		// Gossip vouches for every node: no session needed, also at a
 		// tick that found no idle connection to read it over.
@@ -321,7 +321,7 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		return true
 	}
 	st.reached, st.draws = 0, 0
-	spaced := p.placement.mode == connectRedial && p.lostOnly(missing)
+	spaced := p.placement.mode == connectRedial && lostOnly
 	aim := st.aim(missing, spaced)
 	goOn := p.probe(ctx, st, missing, aim, !gossiped)
 	if spaced && len(aim) > 0 {
@@ -329,26 +329,6 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 	}
 	p.missedHeard(missing, st.reached, st.draws)
 	return goOn
-}
-
-// lostOnly reports whether every node in missing is one the pool knows and
-// lost (evicted, or unseen) with nothing saying it is up again: gossip does
-// not list it live and well. Such a node may be down, and aimed probes at
-// it are spaced out (aimNow). A node gossip or the fleet's sessions name
-// and the pool never reached is up as far as they know: every probe aims
-// at it, until the draws give up on it (missedHeard).
-func (p *Pool) lostOnly(missing []NodeID) bool {
-	p.pace.mu.Lock()
-	defer p.pace.mu.Unlock()
-	for _, id := range missing {
-		if p.tracker.node(id) == nil {
-			return false
-		}
-		if well, known := p.pace.gossipWell[id]; known && well {
-			return false
-		}
-	}
-	return true
 }
 
 // missingNodes returns the nodes the pool misses, sorted: evicted ones it
@@ -361,6 +341,17 @@ func (p *Pool) lostOnly(missing []NodeID) bool {
 // a drain closes do: the balance rounds cannot move connections there until
 // something sees the node again).
 func (p *Pool) missingNodes() []NodeID {
+	ids, _ := p.missing()
+	return ids
+}
+
+// missing is missingNodes, and whether every one of them is a node the
+// pool lost (evicted or unseen) that gossip does not say is live and well.
+// Such a node may be down, and aimed probes at it are spaced out (aimNow).
+// A node gossip says is well, or that gossip or the fleet's sessions name
+// and the pool never reached, is up as far as they know: every probe aims
+// at it, until the draws give up on one only heard of (missedHeard).
+func (p *Pool) missing() (ids []NodeID, lostOnly bool) {
 	nodes := p.tracker.nodeList()
 	now := time.Now()
 	full := p.pool != nil && int(p.pool.Stat().TotalConns()) >= len(nodes)
@@ -371,27 +362,30 @@ func (p *Pool) missingNodes() []NodeID {
 			evicted = append(evicted, n.id)
 		}
 	}
-	var ids []NodeID
+	lostOnly = true
 	p.pace.mu.Lock()
 	for _, id := range evicted {
 		if well, known := p.pace.gossipWell[id]; !known || well {
 			ids = append(ids, id)
+			lostOnly = lostOnly && !known
 		}
 	}
 	for id := range p.pace.wanted {
 		if !slices.Contains(ids, id) && p.tracker.node(id) == nil {
 			ids = append(ids, id)
+			lostOnly = false
 		}
 	}
 	giveUp := coverLandings(len(nodes))
 	for id, missed := range p.pace.heard {
 		if missed < giveUp && !slices.Contains(ids, id) && p.tracker.node(id) == nil {
 			ids = append(ids, id)
+			lostOnly = false
 		}
 	}
 	p.pace.mu.Unlock()
 	slices.Sort(ids)
-	return ids
+	return ids, lostOnly
 }
 
 // gossipIdle reads gossip over one of the pool's idle connections

@@ -332,7 +332,7 @@ func TestFleetCoverage(t *testing.T) {
 		p.tracker.seen(id+1, t0)
 	}
 	p.tracker.landings.Add(5)
-	_, met := p.tracker.met()
+	met := p.tracker.met()
 	if !met.Equal(t0) {
 		t.Fatalf("met at %v, want %v", met, t0)
 	}
@@ -353,7 +353,7 @@ func TestFleetCoverage(t *testing.T) {
 	p.pace.fleetDraws = 30
 	p.tracker.seen(4, t0.Add(time.Second))
 	check("read before the node count changed", 4, 0)
-	_, met = p.tracker.met()
+	met = p.tracker.met()
 	p.pace.drawsMark = met
 	check("read after", 4, 30)
 }

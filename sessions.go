@@ -118,7 +118,7 @@ func slowFanOut(err error) bool {
 //     says nothing about this client's own trouble with it, and is left to
 //     the pool's connections and probes.
 func (p *Pool) readSessions(ctx context.Context, conn *pgx.Conn) error {
-	_, met := p.tracker.met()
+	met := p.tracker.met()
 	sent := time.Now()
 	// The sessions that started after met, by the cluster's clocks, which
 	// may be that far apart: none when met is more recent than that.
@@ -262,7 +262,7 @@ func (p *Pool) missedHeard(missing []NodeID, reached NodeID, draws int) {
 // list and aimed at all the same.)
 func (p *Pool) fleetCoverage() (int, uint64) {
 	known, landed := p.tracker.coverage()
-	_, met := p.tracker.met()
+	met := p.tracker.met()
 	p.pace.mu.Lock()
 	draws, mark := p.pace.fleetDraws, p.pace.drawsMark
 	p.pace.mu.Unlock()

@@ -379,12 +379,11 @@ func (t *tracker) coverage() (known int, landed uint64) {
 	return len(t.nodes), t.landings.Load() - t.metAt
 }
 
-// met returns when the number of nodes the tracker knows last changed: the
-// landings then (a mark that tells one change from the next) and the time.
-func (t *tracker) met() (mark uint64, at time.Time) {
+// met returns when the number of nodes the tracker knows last changed.
+func (t *tracker) met() time.Time {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.metAt, t.metTime
+	return t.metTime
 }
 
 func compareIDs(a, b NodeID) int {

@@ -21,7 +21,8 @@ import (
 // SetGossip has the tables from its start, with the last SetGossip's rows
 // (which do not list it), as crdb_internal is on every CockroachDB node.
 // Nodes stopped or partitioned still get their rows, since it writes
-// straight to the servers, not through the proxies. It needs PostgreSQL servers, so it fails with Options.InProcess.
+// straight to the servers, not through the proxies. It needs PostgreSQL
+// servers, so it fails with Options.InProcess.
 func (c *Cluster) SetGossip(ctx context.Context, draining map[int]bool) error {
 	if c.opts.InProcess {
 		return errors.New("clustertest: SetGossip needs PostgreSQL servers, not Options.InProcess")
