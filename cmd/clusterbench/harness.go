@@ -322,11 +322,13 @@ func (h *harness) load(ctx context.Context, scenario, label string, d time.Durat
 func poolResult(kind string, rec *recorder, elapsed time.Duration, samples []Sample, evs []Event, final map[int]int, poolTotal int, opened int64) PoolResult {
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
+	phases := phaseLatencies(rec.lat, rec.at, evs, elapsed.Seconds()) // before percentiles sorts rec.lat
 	r := PoolResult{
 		Pool:           kind,
 		Ops:            rec.ops.Load(),
 		Errors:         rec.errs.Load(),
 		OpsPerSec:      float64(rec.ops.Load()) / elapsed.Seconds(),
+		Phases:         phases,
 		Latency:        percentiles(rec.lat),
 		Samples:        samples,
 		Events:         evs,

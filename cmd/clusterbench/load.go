@@ -65,14 +65,17 @@ type recorder struct {
 
 	mu       sync.Mutex // protects the fields below
 	lat      []time.Duration
+	at       []time.Duration // when each of lat's operations started, after start
 	examples []string
 }
 
 func newRecorder(start time.Time) *recorder { return &recorder{start: start} }
 
-func (r *recorder) add(lat []time.Duration) {
+// add records operations: their latencies and when each started.
+func (r *recorder) add(lat, at []time.Duration) {
 	r.mu.Lock()
 	r.lat = append(r.lat, lat...)
+	r.at = append(r.at, at...)
 	r.mu.Unlock()
 }
 
@@ -109,7 +112,7 @@ func runLoad(ctx, until context.Context, d db, w workload, workers int, seed int
 		go func() {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(seed), uint64(i)))
-			lat := make([]time.Duration, 0, 4096)
+			lat, at := make([]time.Duration, 0, 4096), make([]time.Duration, 0, 4096)
 			for until.Err() == nil {
 				t0 := time.Now()
 				err := doOp(ctx, d, w, rng)
@@ -117,7 +120,7 @@ func runLoad(ctx, until context.Context, d db, w workload, workers int, seed int
 				if until.Err() != nil {
 					break // the run ended during this op: neither success nor failure
 				}
-				lat = append(lat, el)
+				lat, at = append(lat, el), append(at, t0.Sub(rec.start))
 				rec.ops.Add(1)
 				if err != nil {
 					rec.fail(err)
@@ -126,7 +129,7 @@ func runLoad(ctx, until context.Context, d db, w workload, workers int, seed int
 					sleepCtx(until, 2*time.Millisecond)
 				}
 			}
-			rec.add(lat)
+			rec.add(lat, at)
 		}()
 	}
 	wg.Wait()

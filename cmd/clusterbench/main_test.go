@@ -56,6 +56,22 @@ func checkSane(t *testing.T, res *Results, want []string) {
 			if len(p.Samples) == 0 {
 				t.Errorf("%s: no samples", where)
 			}
+			// The phases between the events hold every operation, in order.
+			if len(p.Events) > 0 {
+				n, last := int64(0), math.Inf(-1)
+				for _, ph := range p.Phases {
+					n += int64(ph.Ops)
+					if ph.From < last || ph.To < ph.From || ph.P99 <= 0 || ph.P99 > l.Max {
+						t.Errorf("%s: phase %+v after %.2fs, max %.1f ms", where, ph, last, l.Max)
+					}
+					last = ph.To
+				}
+				if n != p.Ops {
+					t.Errorf("%s: phases %+v hold %d operations of %d", where, p.Phases, n, p.Ops)
+				}
+			} else if p.Phases != nil {
+				t.Errorf("%s: phases %+v without events", where, p.Phases)
+			}
 			for _, sm := range p.Samples {
 				for id, n := range sm.Conns {
 					if n < 0 {
@@ -424,7 +440,7 @@ func (b *syncBuffer) String() string {
 func TestRepeatInProcess(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	res, stderr, code := runJSON(t, ctx, "-backend", "inprocess", "-scenario", "balance,overhead", "-duration", "600ms", "-repeat", "3", "-seed", "7", "-out", t.TempDir())
+	res, stderr, code := runJSON(t, ctx, "-backend", "inprocess", "-scenario", "balance,overhead,crash", "-duration", "600ms", "-warmup", "200ms", "-repeat", "3", "-seed", "7", "-out", t.TempDir())
 	if code != 0 {
 		t.Fatalf("exit code %d\n%s", code, stderr)
 	}
@@ -456,6 +472,99 @@ func TestRepeatInProcess(t *testing.T) {
 			if r != nil {
 				t.Errorf("overhead with -repeat: repeats %+v, want none (its turns alternate)", r)
 			}
+		case "crash":
+			// The kill and the restart cut each run in three.
+			var labels []string
+			for _, ph := range r.Phases {
+				labels = append(labels, ph.Label)
+				if len(ph.P99.Values) != 3 {
+					t.Errorf("crash phase %q: ratios %v, want 3", ph.Label, ph.P99.Values)
+				}
+			}
+			if want := []string{"start → kill 2", "kill 2 → restart 2", "restart 2 → end"}; !slices.Equal(labels, want) {
+				t.Errorf("crash phases %q, want %q", labels, want)
+			}
 		}
+	}
+}
+
+// The phases cut the operations at the events' times, by when each started.
+func TestPhaseLatencies(t *testing.T) {
+	ms := func(v ...int) []time.Duration {
+		var d []time.Duration
+		for _, x := range v {
+			d = append(d, time.Duration(x)*time.Millisecond)
+		}
+		return d
+	}
+	// Started at 0.1, 0.2, 1.2, 1.5 (the kill's own instant: after it), 3.5
+	// and 5.1 s (after the end: the last phase); latencies in ms.
+	at := ms(100, 200, 1200, 1500, 3500, 5100)
+	lat := ms(1, 3, 50, 7, 2, 4)
+	evs := []Event{{T: 3, Label: "restart 2"}, {T: 1.5, Label: "kill 2"}, {T: 1.6, Label: "nothing started"}}
+	got := phaseLatencies(lat, at, evs, 5)
+	want := []PhaseLatency{
+		{Label: "start → kill 2", From: 0, To: 1.5, Ops: 3, P99: 50},
+		{Label: "kill 2 → nothing started", From: 1.5, To: 1.6, Ops: 1, P99: 7},
+		{Label: "restart 2 → end", From: 3, To: 5, Ops: 2, P99: 4},
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("phases\n got %+v\nwant %+v", got, want)
+	}
+	if !slices.Equal(lat, ms(1, 3, 50, 7, 2, 4)) {
+		t.Errorf("latencies reordered: %v", lat)
+	}
+	if phaseLatencies(lat, at, nil, 5) != nil {
+		t.Error("phases without events")
+	}
+}
+
+// A phase's p99 ratios are taken over the pairs that have it on both sides.
+func TestPhaseRatios(t *testing.T) {
+	run := func(p99 ...float64) PoolResult {
+		var r PoolResult
+		for i, v := range p99 {
+			if v > 0 {
+				r.Phases = append(r.Phases, PhaseLatency{Label: []string{"a", "b"}[i], P99: v})
+			}
+		}
+		r.Latency.P99, r.Latency.Max, r.OpsPerSec = 1, 1, 1
+		return r
+	}
+	r := repeats([][2]PoolResult{{run(2, 4), run(3, 4)}, {run(2, 0), run(2, 8)}, {run(1, 2), run(1, 6)}})
+	if len(r.Phases) != 2 || r.Phases[0].Label != "a" || r.Phases[1].Label != "b" {
+		t.Fatalf("phases %+v, want a then b", r.Phases)
+	}
+	if a := r.Phases[0].P99; !slices.Equal(a.Values, []float64{1.5, 1, 1}) || a.Median != 1 {
+		t.Errorf("a: %+v, want 1.5, 1, 1 with median 1", a)
+	}
+	if b := r.Phases[1].P99; !slices.Equal(b.Values, []float64{1, 3}) || b.Median != 2 {
+		t.Errorf("b: %+v, want 1 and 3 (the second pair's pgxpool lacks b), median 2", b)
+	}
+	if s := r.phaseSummary(); s != "a ×1.00 (×1.00–×1.50); b ×2.00 (×1.00–×3.00)" {
+		t.Errorf("phase summary %q", s)
+	}
+}
+
+// The phases' ratios come below the table, a line each.
+func TestWriteTablePhases(t *testing.T) {
+	pool := func(kind string) PoolResult {
+		return PoolResult{Pool: kind, Metrics: []Metric{{Name: "p99", Label: "p99 latency", Unit: "ms", Value: value(2)}}}
+	}
+	res := &Results{Scenarios: []ScenarioResult{{
+		Name:  "crash",
+		Pools: []PoolResult{pool(pgxpoolKind), pool(clusterpoolKind)},
+		Repeats: &Repeats{Runs: 2, Phases: []PhaseSpread{
+			{Label: "start → kill 2", P99: &Spread{Median: 1, Min: 0.9, Max: 1.1}},
+			{Label: "kill 2 → end", P99: &Spread{Median: 1.5, Min: 1.2, Max: 1.8}},
+		}},
+	}}}
+	var b bytes.Buffer
+	writeTable(&b, res)
+	want := "\ncrash, p99 between events over the 2 pairs (clusterpool ÷ pgxpool, median and range):\n" +
+		"  start → kill 2  ×1.00 (×0.90–×1.10)\n" +
+		"  kill 2 → end  ×1.50 (×1.20–×1.80)\n"
+	if !strings.HasSuffix(b.String(), want) {
+		t.Errorf("table ends\n%s\nwant it to end\n%s", b.String(), want)
 	}
 }

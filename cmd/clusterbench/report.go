@@ -114,6 +114,9 @@ func reportHTML(res *Results) string {
 		}
 		if r := s.Repeats; r != nil {
 			fmt.Fprintf(&b, "<p>Over %d pairs of runs (clusterpool ÷ pgxpool, median and range; the figures above are the first pair's): %s.</p>\n", r.Runs, e(r.summary()))
+			if ps := r.phaseSummary(); ps != "" {
+				fmt.Fprintf(&b, "<p>p99 between the events, the same pairs: %s.</p>\n", e(ps))
+			}
 		}
 		if hasPlot(s) {
 			b.WriteString(plotSVG(s, false))
@@ -125,6 +128,7 @@ func reportHTML(res *Results) string {
 				e(p.Pool), l.P50, l.P90, l.P99, l.Max, p.Ops, p.Errors, p.ConnsOpened, p.ProbeConns)
 		}
 		b.WriteString("</table>\n")
+		b.WriteString(phaseTable(s.Pools))
 		for _, p := range s.Pools {
 			if len(p.Library) == 0 {
 				continue
@@ -377,4 +381,34 @@ func niceStep(span float64, n int) float64 {
 		}
 	}
 	return math.Max(1, 10*mag)
+}
+
+// phaseTable is the pools' p99 between the events, a column per phase of the
+// first pool's run; "" when it has none.
+func phaseTable(pools []PoolResult) string {
+	if len(pools) == 0 || len(pools[0].Phases) == 0 {
+		return ""
+	}
+	e := html.EscapeString
+	var b strings.Builder
+	b.WriteString("\n<table><tr><th>p99 (ms) between events</th>")
+	for _, ph := range pools[0].Phases {
+		fmt.Fprintf(&b, "<th>%s</th>", e(ph.Label))
+	}
+	b.WriteString("</tr>\n")
+	for _, p := range pools {
+		fmt.Fprintf(&b, "<tr><td>%s</td>", e(p.Pool))
+		for _, ph := range pools[0].Phases {
+			cell := "–"
+			for _, q := range p.Phases {
+				if q.Label == ph.Label {
+					cell = fmt.Sprintf("%.2f", q.P99)
+				}
+			}
+			fmt.Fprintf(&b, "<td>%s</td>", cell)
+		}
+		b.WriteString("</tr>\n")
+	}
+	b.WriteString("</table>\n")
+	return b.String()
 }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"math"
 	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 )
@@ -74,6 +75,9 @@ type PoolResult struct {
 	// Samples are the servers' open connections per node over time.
 	Samples []Sample `json:"samples"`
 	Events  []Event  `json:"events,omitempty"`
+	// Phases are the latencies between the events (a kill, a restart): where
+	// in the run a pool's tail is. None without events.
+	Phases []PhaseLatency `json:"between_events,omitempty"`
 	// FinalNodeConns are the servers' per-node counts after the load stopped,
 	// and FinalPoolConns the pool's own total at the same moment: the two
 	// agree unless a connection was opening or closing.
@@ -109,6 +113,51 @@ type Latency struct {
 	P90 float64 `json:"p90"`
 	P99 float64 `json:"p99"`
 	Max float64 `json:"max"`
+}
+
+// PhaseLatency is the latency of the operations that started between two
+// of a run's events, or between the start or the end and the nearest.
+type PhaseLatency struct {
+	Label string  `json:"label"` // "start → kill 2", "kill 2 → restart 2", "restart 2 → end"
+	From  float64 `json:"from_s"`
+	To    float64 `json:"to_s"`
+	Ops   int     `json:"ops"`
+	P99   float64 `json:"p99_ms"`
+}
+
+// phaseLatencies splits operations (their latencies, and when each started)
+// at the events' times and returns each phase's p99, in order; phases in
+// which no operation started are left out, and so is everything without
+// events. lat and at are not changed.
+func phaseLatencies(lat, at []time.Duration, evs []Event, end float64) []PhaseLatency {
+	if len(evs) == 0 {
+		return nil
+	}
+	evs = append([]Event(nil), evs...)
+	sort.SliceStable(evs, func(i, j int) bool { return evs[i].T < evs[j].T })
+	cuts := append([]Event{{Label: "start"}}, evs...)
+	cuts = append(cuts, Event{T: max(end, evs[len(evs)-1].T), Label: "end"})
+	phases := make([][]time.Duration, len(cuts)-1)
+	for i, a := range at {
+		t := a.Seconds()
+		k := sort.Search(len(cuts)-1, func(k int) bool { return cuts[k+1].T > t })
+		k = min(k, len(phases)-1) // at or after the end: the last phase
+		phases[k] = append(phases[k], lat[i])
+	}
+	var out []PhaseLatency
+	for k, d := range phases {
+		if len(d) == 0 {
+			continue
+		}
+		out = append(out, PhaseLatency{
+			Label: cuts[k].Label + " → " + cuts[k+1].Label,
+			From:  cuts[k].T,
+			To:    cuts[k+1].T,
+			Ops:   len(d),
+			P99:   percentiles(d).P99,
+		})
+	}
+	return out
 }
 
 // Metric is one figure of a scenario. Value is null when the event never
@@ -183,6 +232,15 @@ type Repeats struct {
 	P99        *Spread `json:"p99"`
 	Max        *Spread `json:"max"`
 	Throughput *Spread `json:"throughput"`
+	// Phases are the p99 ratios of each phase between the run's events
+	// (PoolResult.Phases), over the pairs that have it on both sides.
+	Phases []PhaseSpread `json:"between_events,omitempty"`
+}
+
+// PhaseSpread is the spread of one phase's p99 ratios over repeated pairs.
+type PhaseSpread struct {
+	Label string  `json:"label"`
+	P99   *Spread `json:"p99"`
 }
 
 // repeats returns the spreads of the pairs' ratios; nil for a single pair.
@@ -202,7 +260,36 @@ func repeats(pairs [][2]PoolResult) *Repeats {
 		P99:        ratios(func(r PoolResult) float64 { return r.Latency.P99 }),
 		Max:        ratios(func(r PoolResult) float64 { return r.Latency.Max }),
 		Throughput: ratios(func(r PoolResult) float64 { return r.OpsPerSec }),
+		Phases:     phaseRatios(pairs),
 	}
+}
+
+// phaseRatios returns, for each phase of the first pair's pgxpool run in
+// order, the spread of its p99 ratios over the pairs in which both runs
+// have that phase.
+func phaseRatios(pairs [][2]PoolResult) []PhaseSpread {
+	p99 := func(r PoolResult, label string) float64 {
+		for _, ph := range r.Phases {
+			if ph.Label == label {
+				return ph.P99
+			}
+		}
+		return 0
+	}
+	var out []PhaseSpread
+	for _, ph := range pairs[0][0].Phases {
+		var base, other []float64
+		for _, p := range pairs {
+			b, o := p99(p[0], ph.Label), p99(p[1], ph.Label)
+			if b > 0 && o > 0 {
+				base, other = append(base, b), append(other, o)
+			}
+		}
+		if sp := turnRatios(base, other); sp != nil {
+			out = append(out, PhaseSpread{Label: ph.Label, P99: sp})
+		}
+	}
+	return out
 }
 
 // turnRatios pairs the two pools' turns in order (the k-th turn of one with
@@ -306,6 +393,15 @@ func writeTable(w io.Writer, res *Results) {
 		}
 	}
 	tw.Flush()
+	// The phases' ratios are too long for the table's column: below it.
+	for _, s := range res.Scenarios {
+		if r := s.Repeats; r != nil && len(r.Phases) > 0 {
+			fmt.Fprintf(w, "\n%s, p99 between events over the %d pairs (clusterpool ÷ pgxpool, median and range):\n", s.Name, r.Runs)
+			for _, ph := range r.Phases {
+				fmt.Fprintf(w, "  %s  %s\n", ph.Label, spreadText(ph.P99))
+			}
+		}
+	}
 }
 
 // percentiles returns the latency percentiles of d (which it sorts).
@@ -376,7 +472,21 @@ func (r *Repeats) summary() string {
 		if sp == nil {
 			return name + " –"
 		}
-		return fmt.Sprintf("%s %s (%s–%s)", name, formatRatio(&sp.Median), formatRatio(&sp.Min), formatRatio(&sp.Max))
+		return name + " " + spreadText(sp)
 	}
 	return part("p99", r.P99) + ", " + part("max", r.Max) + ", " + part("throughput", r.Throughput)
+}
+
+// phaseSummary is the phases' p99 ratios in one line; "" without phases.
+func (r *Repeats) phaseSummary() string {
+	var parts []string
+	for _, ph := range r.Phases {
+		parts = append(parts, ph.Label+" "+spreadText(ph.P99))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// spreadText is a spread of ratios as "×1.20 (×0.90–×1.50)".
+func spreadText(sp *Spread) string {
+	return fmt.Sprintf("%s (%s–%s)", formatRatio(&sp.Median), formatRatio(&sp.Min), formatRatio(&sp.Max))
 }
