@@ -523,6 +523,27 @@ func TestSessionsDraws(t *testing.T) {
 	}
 }
 
+// keepSessions rewrites the sessions table every 100 ms, as CockroachDB
+// would show it, until the returned stop is called.
+func keepSessions(c *clustertest.Cluster) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			_ = c.SetSessions(ctx)
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
 // Pools that read the fleet's sessions per node even out the cluster
 // beyond what their hashes give: here four pools of 6 on 4 nodes are made
 // to put their two extra connections on nodes 1 and 2 (8 / 8 / 4 / 4 on
@@ -532,7 +553,6 @@ func TestSessionsDraws(t *testing.T) {
 func TestFleetSwapEvensOut(t *testing.T) {
 	t.Parallel()
 	c := clustertest.New(t, clustertest.Options{Nodes: 4})
-	ctx := testCtx(t)
 	// The table lists nothing until the pools hold the uneven start: they
 	// read it, and see no fleet to even out.
 	writeSessions(t, c, "")
@@ -571,22 +591,7 @@ func TestFleetSwapEvensOut(t *testing.T) {
 		return ""
 	})
 	t.Logf("every extra on nodes 1 and 2: cluster %v", c.OpenConns())
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() { // the sessions table as CockroachDB would show it
-		defer close(done)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			_ = c.SetSessions(ctx)
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	defer func() { close(stop); <-done }()
+	defer keepSessions(c)()
 	waitCond(t, func() string {
 		if msg := atTargets(); msg != "" {
 			return msg
@@ -612,4 +617,86 @@ func TestFleetSwapEvensOut(t *testing.T) {
 	}
 	t.Logf("evened out: cluster %v, %d pools swapped", c.OpenConns(), swapped)
 	assertFleetQuiet(t, c, ps, []int{1, 2, 3, 4}, 2*time.Second, true)
+}
+
+// While a node is away, the pools of a fleet that read each other's
+// sessions look for it together (fleetTurn): eight equal pools each probe
+// with probability √(1/8), so they open far fewer probe sessions than the
+// same pools do when the sessions list is empty and each probes alone; and
+// every pool still moves its share back once the node returns. The same
+// outage twice, with the list and without, on one cluster.
+func TestFleetProbesForLostNodeTogether(t *testing.T) {
+	t.Parallel()
+	c := clustertest.New(t, clustertest.Options{Nodes: 3})
+	ctx := testCtx(t)
+	writeSessions(t, c, "")
+	const pools = 8
+	var ps []*Pool
+	for i := range pools {
+		ps = append(ps, startPool(t, c.DSN()+"&application_name="+fleetApp(i), func(cfg *Config) {
+			cfg.MinConns, cfg.MaxConns = fleetConns, fleetConns
+			cfg.BalanceInterval = fleetBalanceEvery
+			// A pool forgets a node it has not seen for about 29 probe
+			// intervals (expiryWindow, 3 nodes), and then explores
+			// instead: 7 s at this interval, longer than the stretch of
+			// the outage measured below.
+			cfg.ProbeInterval = 250 * time.Millisecond
+			cfg.ConnectRate = -1
+		}))
+	}
+	all := []int{1, 2, 3}
+	waitCondWithin(t, fleetWait, fleetAtTargets(c, ps, all))
+	victim := c.Node(3)
+	probeSessions := func() (n int64) {
+		for _, p := range ps {
+			n += p.ClusterStat().ProbeSessions()
+		}
+		return n
+	}
+	// outage kills node 3, waits until every pool misses it and holds its
+	// size again, and returns the probe sessions the fleet opened over the
+	// next two seconds; then it restarts node 3 and waits until every pool
+	// holds connections there again.
+	outage := func(what string) int64 {
+		t.Helper()
+		victim.Kill()
+		waitCondWithin(t, fleetWait, func() string {
+			for i, p := range ps {
+				_, _ = p.Exec(ctx, "SELECT 1") // meet a broken connection
+				if !slices.Contains(p.missingNodes(), 3) || p.Stat().TotalConns() != fleetConns {
+					return fmt.Sprintf("pool %d misses %v, holds %d", i, p.missingNodes(), p.Stat().TotalConns())
+				}
+			}
+			return ""
+		})
+		before := probeSessions()
+		time.Sleep(2 * time.Second) // a stretch of the outage, not a wait for a condition
+		n := probeSessions() - before
+		if err := victim.Restart(ctx); err != nil {
+			t.Fatal(err)
+		}
+		back := time.Now()
+		waitCondWithin(t, fleetWait, func() string {
+			byApp := c.OpenConnsByApp()
+			for i := range ps {
+				if byApp[fleetApp(i)][3] == 0 {
+					return fmt.Sprintf("pool %d holds none on the restarted node 3: %v", i, byApp)
+				}
+			}
+			return ""
+		})
+		t.Logf("%s: %d probe sessions in 2 s of the outage; every pool back on node 3 %v after the restart",
+			what, n, time.Since(back).Round(time.Millisecond))
+		return n
+	}
+	stop := keepSessions(c)
+	together := outage("sessions listed")
+	stop()
+	writeSessions(t, c, "")
+	alone := outage("sessions not listed")
+	// Each pool probes one due tick in √8 ≈ 2.8: well under three quarters
+	// of what the pools open alone.
+	if together*4 > alone*3 {
+		t.Errorf("the fleet opened %d probe sessions while its pools read each other's sessions, %d while they did not: want under three quarters", together, alone)
+	}
 }

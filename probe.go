@@ -254,7 +254,8 @@ func probeWaitCap(base time.Duration) time.Duration {
 // to ProbeMaxInterval apart while nothing does. When the pool misses a node
 // (evicted, or listed by gossip or the sessions and never reached), the
 // session probe aims at it; at a node it lost, less often while the aimed
-// probes miss it (aimNow). A new node joins the targets as soon as a probe
+// probes miss it (aimNow), and, in a fleet whose sessions it reads, only
+// in its turn (fleetTurn). A new node joins the targets as soon as a probe
 // reaches it, and a node no probe reaches for the expiry window leaves them.
 func (p *Pool) runProbe(ctx context.Context) {
 	// The loop's start counts as a probe: the first comes an interval later.
@@ -320,8 +321,14 @@ func (p *Pool) probeTick(ctx context.Context, st *probeState, now time.Time) boo
 		// more session for the same news.
 		return true
 	}
-	st.reached, st.draws = 0, 0
 	spaced := p.placement.mode == connectRedial && lostOnly
+	// The fleet's sessions are read at least twice per longest wait
+	// (sessionsDue); a fleet's size changes slowly.
+	if spaced && !fleetTurn(p.fleetShare(now.Add(-2*p.settings.probeMaxInterval)), rand.Float64()) {
+		// The rest of the fleet looks out for the lost nodes as well.
+		return true
+	}
+	st.reached, st.draws = 0, 0
 	aim := st.aim(missing, spaced)
 	goOn := p.probe(ctx, st, missing, aim, !gossiped)
 	if spaced && len(aim) > 0 {

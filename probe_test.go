@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"slices"
 	"testing"
@@ -356,4 +357,51 @@ func TestFleetCoverage(t *testing.T) {
 	met = p.tracker.met()
 	p.pace.drawsMark = met
 	check("read after", 4, 30)
+}
+
+// A pool probes for a node it lost with probability √(its share of the
+// fleet's sessions), and never less often than one time in maxAimEvery.
+func TestFleetTurn(t *testing.T) {
+	for _, c := range []struct {
+		share, u float64
+		want     bool
+	}{
+		{1, 0.999, true},       // a lone pool: every due probe
+		{1.0 / 16, 0.24, true}, // one of sixteen equal pools: a quarter
+		{1.0 / 16, 0.26, false},
+		{1.0 / 1000, 0.12, true}, // the floor, 1/8
+		{1.0 / 1000, 0.13, false},
+	} {
+		if got := fleetTurn(c.share, c.u); got != c.want {
+			t.Errorf("fleetTurn(%v, %v) = %v, want %v", c.share, c.u, got, c.want)
+		}
+	}
+}
+
+// The pool's share counts the fleet's sessions on the nodes it knows, from
+// a read sent after since; without one it is 1.
+func TestFleetShare(t *testing.T) {
+	p := &Pool{tracker: newTracker()}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for id := range NodeID(3) {
+		p.tracker.seen(id+1, t0)
+	}
+	p.tracker.node(1).conns.Add(5)
+	p.tracker.node(3).conns.Add(5) // node 2 lost: none there
+	check := func(what string, since time.Time, want float64) {
+		t.Helper()
+		if got := p.fleetShare(since); math.Abs(got-want) > 1e-9 {
+			t.Errorf("%s: share %v, want %v", what, got, want)
+		}
+	}
+	check("no read", t0, 1)
+	// Sixteen pools of ten on nodes 1 and 3, and a region away the same
+	// user's sessions on nodes 7 and 8, which this pool does not know.
+	p.pace.fleet, p.pace.fleetRead = map[NodeID]int{1: 80, 3: 80, 7: 500, 8: 500}, t0.Add(time.Second)
+	check("sixteen pools", t0, 10.0/160)
+	check("a read from before since", t0.Add(time.Second), 1)
+	p.pace.fleet = map[NodeID]int{1: 5, 3: 5}
+	check("the pool alone", t0, 1)
+	p.pace.fleet = map[NodeID]int{1: 4}
+	check("fewer listed than the pool holds (a read racing its connects)", t0, 1)
 }

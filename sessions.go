@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"math"
 	"strconv"
 	"time"
 
@@ -246,6 +247,45 @@ func (p *Pool) missedHeard(missing []NodeID, reached NodeID, draws int) {
 			p.pace.heard[id] = missed + draws
 		}
 	}
+}
+
+// fleetShare is the pool's share of its fleet's sessions on the nodes it
+// knows, by the last read of the fleet's sessions if it was sent after
+// since: the pool's open connections over the fleet's there (the list
+// holds the pool's own too), at most 1. It is 1 without such a read:
+// gossip readable instead, the sessions not readable, or a lone pool.
+// Replicas behind another load balancer hold their sessions on nodes this
+// pool does not know and do not count.
+func (p *Pool) fleetShare(since time.Time) float64 {
+	p.pace.mu.Lock()
+	fleet, read := p.pace.fleet, p.pace.fleetRead
+	total := 0
+	for id, n := range fleet {
+		if p.tracker.node(id) != nil {
+			total += n
+		}
+	}
+	p.pace.mu.Unlock()
+	own := p.openConns()
+	if !read.After(since) || total <= own || own <= 0 {
+		return 1
+	}
+	return float64(own) / float64(total)
+}
+
+// fleetTurn reports whether a session probe for nodes the pool lost runs,
+// for a pool holding share of its fleet's sessions (fleetShare) and u drawn
+// uniformly from [0, 1): with probability √share, at least
+// 1/maxAimEvery. Every pool of a fleet probes for a node that went away,
+// and once one of them reaches it back the others read so from the
+// sessions list (readSessions: backAgain) without a probe of their own. A
+// fleet of M equal pools then opens about √M session probes per interval
+// while the node is away instead of M: enough for one of them to land on
+// it within an interval or two of its return behind a random load
+// balancer (each lands there one time in N), for a √M-th of the sessions
+// on the nodes that carry the load meanwhile.
+func fleetTurn(share, u float64) bool {
+	return u < max(math.Sqrt(share), 1.0/maxAimEvery)
 }
 
 // fleetCoverage is tracker.coverage with the fleet's sessions among the

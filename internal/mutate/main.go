@@ -184,6 +184,15 @@ func mutantNoEvict(class ErrorClass, err error) ErrorClass {
 			{"TestProbeSpacesAimsAtDownNode", integration},
 		},
 	},
+	{
+		name:    "fleet-probes-alone",
+		snippet: `return u < max(math.Sqrt(share), 1.0/maxAimEvery)`,
+		replace: `return u < 1+0*max(math.Sqrt(share), 1.0/maxAimEvery)`,
+		tests: []killer{
+			{"TestFleetTurn", unit},
+			{"TestFleetProbesForLostNodeTogether", integration},
+		},
+	},
 }
 
 func main() {
