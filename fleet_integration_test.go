@@ -602,7 +602,17 @@ func TestFleetSwapEvensOut(t *testing.T) {
 			lo, hi = min(lo, got[int(id)]), max(hi, got[int(id)])
 		}
 		if hi-lo > 2 {
-			return fmt.Sprintf("cluster %v: spread %d, want at most 2", got, hi-lo)
+			// What gates the next swap (swapRemainder), for a failure under load.
+			var gates []string
+			for i, p := range ps {
+				p.pace.mu.Lock()
+				read, since := p.pace.fleetRead, p.pace.fleetSince
+				p.pace.mu.Unlock()
+				gates = append(gates, fmt.Sprintf("pool %d: swaps %v, evictions %d, last prune %v ago, fleet read %v ago and still for %v",
+					i, p.remainderSwaps(), p.ClusterStat().Evictions(), time.Since(time.Unix(0, p.lastPrune.Load())).Round(time.Millisecond),
+					time.Since(read).Round(time.Millisecond), read.Sub(since).Round(time.Millisecond)))
+			}
+			return fmt.Sprintf("cluster %v: spread %d, want at most 2; %s", got, hi-lo, strings.Join(gates, "; "))
 		}
 		return ""
 	})
