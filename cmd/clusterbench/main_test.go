@@ -122,6 +122,16 @@ func checkReport(t *testing.T, res *Results, dir string) {
 	if got := strings.Count(string(html), "<svg"); got != plotted {
 		t.Errorf("report has %d plots, want one per scenario but overhead (%d)", got, plotted)
 	}
+	// A table of p99 between the events for each scenario that has events.
+	phased := 0
+	for _, s := range res.Scenarios {
+		if len(s.Pools) > 0 && len(s.Pools[0].Phases) > 0 {
+			phased++
+		}
+	}
+	if got := strings.Count(string(html), "p99 (ms) between events"); got != phased {
+		t.Errorf("report has %d tables of p99 between events, want one per scenario with events (%d)", got, phased)
+	}
 	summary, _, _ := strings.Cut(string(html)[max(0, strings.Index(string(html), `id="summary"`)):], "</table>")
 	for _, s := range res.Scenarios {
 		if s.Verdict == "" || !strings.Contains(summary, `<a href="#`+s.Name+`">`) {

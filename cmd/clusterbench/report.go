@@ -400,10 +400,8 @@ func phaseTable(pools []PoolResult) string {
 		fmt.Fprintf(&b, "<tr><td>%s</td>", e(p.Pool))
 		for _, ph := range pools[0].Phases {
 			cell := "–"
-			for _, q := range p.Phases {
-				if q.Label == ph.Label {
-					cell = fmt.Sprintf("%.2f", q.P99)
-				}
+			if q := p.phase(ph.Label); q != nil {
+				cell = fmt.Sprintf("%.2f", q.P99)
 			}
 			fmt.Fprintf(&b, "<td>%s</td>", cell)
 		}

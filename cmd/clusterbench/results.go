@@ -203,6 +203,16 @@ func (r *PoolResult) metric(name string) *Metric {
 	return nil
 }
 
+// phase returns the run's phase labelled label, or nil.
+func (r *PoolResult) phase(label string) *PhaseLatency {
+	for i := range r.Phases {
+		if r.Phases[i].Label == label {
+			return &r.Phases[i]
+		}
+	}
+	return nil
+}
+
 // computeRatios fills s.Ratios (clusterpool ÷ pgxpool for every metric),
 // the turn ratios of an alternating scenario and the headline's verdict.
 func (s *ScenarioResult) computeRatios() {
@@ -268,21 +278,12 @@ func repeats(pairs [][2]PoolResult) *Repeats {
 // order, the spread of its p99 ratios over the pairs in which both runs
 // have that phase.
 func phaseRatios(pairs [][2]PoolResult) []PhaseSpread {
-	p99 := func(r PoolResult, label string) float64 {
-		for _, ph := range r.Phases {
-			if ph.Label == label {
-				return ph.P99
-			}
-		}
-		return 0
-	}
 	var out []PhaseSpread
 	for _, ph := range pairs[0][0].Phases {
 		var base, other []float64
 		for _, p := range pairs {
-			b, o := p99(p[0], ph.Label), p99(p[1], ph.Label)
-			if b > 0 && o > 0 {
-				base, other = append(base, b), append(other, o)
+			if b, o := p[0].phase(ph.Label), p[1].phase(ph.Label); b != nil && o != nil {
+				base, other = append(base, b.P99), append(other, o.P99)
 			}
 		}
 		if sp := turnRatios(base, other); sp != nil {
